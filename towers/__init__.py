@@ -1,0 +1,6 @@
+"""towers: does AlexNet's tower split make its first-layer kernels bisect by colour?"""
+
+from towers.model import TowerAlexNet
+from towers.module import TowerClassifier
+
+__all__ = ["TowerAlexNet", "TowerClassifier"]

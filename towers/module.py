@@ -1,0 +1,110 @@
+"""The LightningModule: TowerAlexNet trained as in §5 of the paper."""
+
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from towers.model import TowerAlexNet
+
+
+class TowerClassifier(L.LightningModule):
+    """Cross-entropy training of a :class:`TowerAlexNet` with the paper's SGD.
+
+    Args:
+        num_towers, num_classes: passed to :class:`TowerAlexNet`, like every
+            other architecture argument (``model_kwargs``: ``width_policy``,
+            ``width_multiplier``, the LRN and initialisation switches, ...).
+        lr: initial learning rate (§5: 0.01).
+        momentum, weight_decay: §5: 0.9 and 0.0005.
+        bias_weight_decay: the paper's update rule decays every weight; the 2012
+            code and Caffe decay only the weights, not the biases (the default).
+        lr_schedule: ``"plateau"`` divides the rate by 10 when validation accuracy
+            stops improving for ``lr_patience`` epochs, at most ``max_lr_drops``
+            times (§5); ``"step"`` divides it by 10 at the epochs in
+            ``lr_milestones`` (the 2012 run: 25 and 51); ``"constant"`` never does.
+    """
+
+    def __init__(
+        self,
+        num_towers: int = 2,
+        num_classes: int = 2,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        bias_weight_decay: bool = False,
+        lr_schedule: Literal["plateau", "step", "constant"] = "plateau",
+        lr_patience: int = 5,
+        max_lr_drops: int = 3,
+        lr_milestones: tuple[int, ...] = (25, 51),
+        **model_kwargs,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = TowerAlexNet(num_towers=num_towers, num_classes=num_classes, **model_kwargs)
+        self.train_acc = MulticlassAccuracy(num_classes)
+        self.val_acc = MulticlassAccuracy(num_classes)
+        self.test_acc = MulticlassAccuracy(num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def conv1_kernels(self) -> torch.Tensor:
+        return self.model.conv1_kernels()
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        self.train_acc(logits, labels)
+        # Tensors are logged without .item(): Lightning reduces them at the logging interval,
+        # so there is no host-device sync per step.
+        self.log("train/loss", loss, on_step=True, on_epoch=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _eval_step(self, batch, stage: str, accuracy: MulticlassAccuracy):
+        images, labels = batch
+        if images.dim() == 5:  # ten-patch test: (batch, patches, 3, h, w), softmax averaged over patches
+            b, p = images.shape[:2]
+            probs = self(images.flatten(0, 1)).softmax(-1).view(b, p, -1).mean(1)
+            logits = probs.clamp_min(1e-12).log()
+        else:
+            logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        accuracy(logits, labels)
+        self.log(f"{stage}/loss", loss, sync_dist=True)
+        self.log(f"{stage}/acc", accuracy, prog_bar=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch, batch_idx):
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).softmax(-1)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decayed = [p for n, p in self.model.named_parameters() if n.endswith("weight") or hp.bias_weight_decay]
+        undecayed = [p for n, p in self.model.named_parameters() if not (n.endswith("weight") or hp.bias_weight_decay)]
+        optimizer = torch.optim.SGD(
+            [{"params": decayed, "weight_decay": hp.weight_decay}, {"params": undecayed, "weight_decay": 0.0}],
+            lr=hp.lr, momentum=hp.momentum)
+        if hp.lr_schedule == "constant":
+            return optimizer
+        if hp.lr_schedule == "step":
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.lr_milestones), gamma=0.1)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        # min_lr stops the plateau schedule after max_lr_drops divisions by 10 (the paper: three);
+        # the small margin keeps floating-point rounding from allowing a fourth.
+        min_lr = hp.lr * 0.1 ** hp.max_lr_drops * (1 - 1e-6)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=0.1, patience=hp.lr_patience, min_lr=min_lr)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": "val/acc", "interval": "epoch", "strict": True}}
+
