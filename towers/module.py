@@ -5,6 +5,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torchmetrics.classification import MulticlassAccuracy
 
 from towers.model import TowerAlexNet
@@ -87,6 +88,15 @@ class TowerClassifier(L.LightningModule):
     def predict_step(self, batch, batch_idx):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(images).softmax(-1)
+
+    # Dropout draws from the global RNGs, which Lightning does not put in checkpoints; saving them
+    # makes a killed-and-resumed run end with the same weights as one that was never interrupted.
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["rng_states"] = _collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint):
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
 
     def configure_optimizers(self):
         hp = self.hparams
