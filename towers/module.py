@@ -1,11 +1,13 @@
 """The LightningModule: TowerAlexNet trained as in §5 of the paper."""
 
+import random
+
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torchmetrics.classification import MulticlassAccuracy
 
 from towers.model import TowerAlexNet
@@ -91,12 +93,26 @@ class TowerClassifier(L.LightningModule):
 
     # Dropout draws from the global RNGs, which Lightning does not put in checkpoints; saving them
     # makes a killed-and-resumed run end with the same weights as one that was never interrupted.
+    # Stored as tensors and plain Python values so that torch.load(weights_only=True) accepts them.
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["rng_states"] = _collect_rng_states()
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+            "python": random.getstate(),
+        }
 
     def on_load_checkpoint(self, checkpoint):
-        if "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
+        states = checkpoint.get("rng_states")
+        if states is None:
+            return
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(states["python"])
 
     def configure_optimizers(self):
         hp = self.hparams

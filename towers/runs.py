@@ -11,9 +11,10 @@ def run_dir(trainer: Trainer) -> Path:
 
     W&B: the run's ``files/`` folder, which ``wandb sync`` uploads with the run. Loggers with a
     versioned ``log_dir`` (CSV, TensorBoard): that folder. No logger: ``trainer.default_root_dir``.
+    Under DDP only rank 0 has the W&B run; other ranks get ``default_root_dir``.
     """
     logger = trainer.logger
-    if isinstance(logger, WandbLogger):
+    if isinstance(logger, WandbLogger) and trainer.is_global_zero:
         path = Path(logger.experiment.dir)
     elif logger is not None and getattr(logger, "log_dir", None):
         path = Path(logger.log_dir)
