@@ -97,7 +97,8 @@ def score_plot(scores, towers, stats: Bisection | None = None, init_scores=None,
     width = max(4.4, 2.2 + 1.1 * len(ticks))
     fig = Figure(figsize=(width, 4.0), dpi=100)
     FigureCanvasAgg(fig)
-    fig.subplots_adjust(left=0.8 / width, right=0.97, bottom=0.2, top=0.83)  # fixed: tight_layout costs more than the rest
+    # fixed margins: tight_layout would cost more than all the rest of the plot
+    fig.subplots_adjust(left=0.8 / width, right=0.97, bottom=0.2, top=0.83)
     ax = fig.add_subplot()
     ax.axhline(RANDOM_KERNEL_SCORE, color="0.6", ls="--", lw=0.8, label="random kernels (2/3)")
     if init_scores is not None:
@@ -209,9 +210,10 @@ class KernelBisectionCallback(Callback):
     """Measures how the first-layer kernels split by colour across the towers, during training.
 
     Args:
-        every_n_epochs: measure after every N-th training epoch (None: never by epoch). The default 5
-            keeps the cost (about 0.1-0.3 s a measurement on a CPU core, printed at the end of every fit
-            and kept in bisection.json) far below 1% of a paper-scale run: 19 measurements in 90 epochs.
+        every_n_epochs: measure after every N-th training epoch (None: never by epoch). A measurement
+            costs a fraction of a second of CPU time, mostly drawing (0.3-1 s on a busy two-core
+            machine); the default 5 gives 19 measurements in the paper's 90 epochs. Every fit prints
+            the total cost and its share of the fit, and keeps both in bisection.json.
         every_n_steps: measure after every N-th optimizer step (None: never by step).
             Initialisation (before the first step) and the end of training are always measured.
         permutations, bootstrap, seed: of :func:`towers.color.bisection`.
@@ -272,6 +274,9 @@ class KernelBisectionCallback(Callback):
 
     # --- hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not callable(getattr(pl_module, "conv1_kernels", None)):
+            raise TypeError(f"KernelBisectionCallback needs a LightningModule with conv1_kernels() returning "
+                            f"(towers, kernels per tower, 3, h, w); {type(pl_module).__name__} has none")
         if not trainer.is_global_zero:
             return
         self._fit_start, self._cost, self._fit_seconds = time.perf_counter(), 0.0, None
@@ -336,7 +341,7 @@ class KernelBisectionCallback(Callback):
         if record["error"]:
             rank_zero_warn(f"KernelBisectionCallback at step {record['step']}: {record['error']}")
 
-        suffix = "_init" if stage == "init" else ""
+        suffixes = ("", "_init") if stage == "init" else ("",)  # the latest files, and the baseline's own
         images = {}
         if record["score"] is not None:
             order = (torch.tensor(record["score"]).view(kernels.shape[:2]).argsort(1)
@@ -347,11 +352,13 @@ class KernelBisectionCallback(Callback):
                                           f"{stage} · step {record['step']} · epoch {record['epoch']}")
             pngs = {name: png_bytes(image) for name, image in images.items()}
             for name, data in pngs.items():
-                write_png(self._dir / f"{name}{suffix}.png", data)
+                for suffix in suffixes:
+                    write_png(self._dir / f"{name}{suffix}.png", data)
             if self.keep_history_images:
                 (self._dir / "kernels").mkdir(exist_ok=True)
                 write_png(self._dir / "kernels" / f"step_{record['step']:07d}.png", pngs["kernels"])
-        write_atomic(self._dir / f"kernels{suffix}.npy", lambda f: np.save(f, kernels.numpy()))
+        for suffix in suffixes:
+            write_atomic(self._dir / f"kernels{suffix}.npy", lambda f: np.save(f, kernels.numpy()))
 
         record["seconds"] = round(time.perf_counter() - start, 4)
         if stage == "init":
