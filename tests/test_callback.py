@@ -194,6 +194,12 @@ def test_analysis_script_gives_the_callbacks_numbers(run, tmp_path, capsys):
         analysis.main([str(flat)])
     bgr = analysis.main([str(flat), "--towers", "2", "--bgr", "--permutations", "999", "--out", str(tmp_path)])
     assert bgr["score"] == pytest.approx(last["score"], abs=1e-12)
+    as_pt = tmp_path / "conv1.pt"
+    torch.save(torch.from_numpy(np.load(run["dir"] / "kernels.npy")).reshape(12, 3, 11, 11), as_pt)
+    from_pt = analysis.main([str(as_pt), "--towers", "2", "--permutations", "999", "--out", str(tmp_path)])
+    assert from_pt["statistics"]["eta2"] == last["statistics"]["eta2"]
+    with pytest.raises(SystemExit, match="cannot be split"):
+        analysis.main([str(as_pt), "--towers", "5"])
     with pytest.raises(SystemExit, match="no such file"):
         analysis.main([str(tmp_path / "missing.ckpt")])
 
