@@ -2,5 +2,6 @@
 
 from towers.model import TowerAlexNet
 from towers.module import TowerClassifier
+from towers.parallel import TowerParallelStrategy
 
-__all__ = ["TowerAlexNet", "TowerClassifier"]
+__all__ = ["TowerAlexNet", "TowerClassifier", "TowerParallelStrategy"]
