@@ -234,6 +234,17 @@ def test_cli_takes_the_strategy_by_class_path_and_by_name():
     assert cli.trainer.strategy.parallel_devices == [torch.device("cpu")] * 3
 
 
+def test_gpu_check_says_skipped_and_exits_0_without_a_gpu(monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main([]) == 0
+    assert capsys.readouterr().out.startswith("no GPU, skipped")
+
+
 # --- DDP: two gloo processes in a subprocess -------------------------------------------------------
 
 @pytest.fixture(scope="module")
