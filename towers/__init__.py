@@ -3,5 +3,6 @@
 from towers.callbacks import KernelBisectionCallback
 from towers.model import TowerAlexNet
 from towers.module import TowerClassifier
+from towers.parallel import TowerParallelStrategy
 
-__all__ = ["KernelBisectionCallback", "TowerAlexNet", "TowerClassifier"]
+__all__ = ["KernelBisectionCallback", "TowerAlexNet", "TowerClassifier", "TowerParallelStrategy"]

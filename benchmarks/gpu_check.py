@@ -1,0 +1,226 @@
+"""GPU check: tower-parallel equals the single-device model, and training throughput of each strategy.
+
+    python benchmarks/gpu_check.py                 # paper-size net, batch 128, bf16 where supported
+    python benchmarks/gpu_check.py --num-towers 4  # round-robin when towers > GPUs
+    python benchmarks/gpu_check.py --cpu-dry-run   # the same machinery on the CPU, tiny net (no timings worth reading)
+
+Without a GPU it prints "no GPU, skipped" and exits 0. Otherwise it
+
+1. checks on up to two GPUs, in fp32 with TF32 off, that TowerParallelAlexNet gives the
+   single-device TowerAlexNet's outputs and gradients (exit 1 if not), and puts each tower's
+   layers on its GPU;
+2. trains ``--steps`` timed steps (after ``--warmup``) through Lightning, one subprocess per run:
+   single device (NCHW and channels_last), DDP over all GPUs (if there are two or more), and
+   tower-parallel on 1 and 2 GPUs; and prints images/s, ms/step and peak memory per GPU.
+
+Batches are made once on each process's GPU, so the numbers are the model's and the strategy's,
+not the data loader's. The device is synchronised only at the two ends of the timed window.
+Under DDP every process trains ``--batch-size`` images a step (global batch = batch size x GPUs);
+tower-parallel trains ``--batch-size`` images a step in all.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--num-towers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128, help="per process (the paper: 128)")
+    p.add_argument("--image-size", type=int, default=227)
+    p.add_argument("--width-multiplier", type=float, default=1.0)
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps (cudnn.benchmark tries algorithms here)")
+    p.add_argument("--steps", type=int, default=40, help="timed steps")
+    p.add_argument("--cpu-dry-run", action="store_true", help="run every mode on the CPU with a tiny net")
+    p.add_argument("--mode", choices=["single", "single_channels_last", "ddp", "tower"], help=argparse.SUPPRESS)
+    p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.cpu_dry_run:
+        args.batch_size, args.image_size, args.width_multiplier = 4, 67, 0.125
+        args.warmup, args.steps = 1, 2
+    return args
+
+
+def precision(args) -> str:
+    if args.cpu_dry_run:
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def model_kwargs(args) -> dict:
+    return dict(num_towers=args.num_towers, num_classes=2, width_multiplier=args.width_multiplier,
+                image_size=args.image_size)
+
+
+# --- 1. equivalence ---------------------------------------------------------------------------------
+
+def check_equivalence(args) -> bool:
+    from towers.model import TowerAlexNet
+    from towers.parallel import TowerParallelAlexNet
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    devices = [f"cuda:{i}" for i in range(min(2, torch.cuda.device_count()))] if not args.cpu_dry_run else ["cpu", "cpu"]
+    torch.manual_seed(0)
+    model = TowerAlexNet(**model_kwargs(args), init_std=0.03, dropout=0.0).to(devices[0])
+    placed = TowerParallelAlexNet(model, devices)
+    wrong = [(d, name, p.device) for d, device in enumerate(placed.devices)
+             for part in (placed.conv1_to_pool2[d], placed.conv3_to_pool5[d])
+             for name, p in part.named_parameters() if p.device != device]
+    x = torch.randn(8, 3, args.image_size, args.image_size, device=devices[0]) * 50
+    y = torch.arange(8, device=devices[0]) % 2
+    outs = []
+    for net in (model, placed):
+        out = net(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        outs.append(out.detach())
+    out_err = ((outs[1] - outs[0]).abs().max() / outs[0].abs().max()).item()
+    want = {n: p.grad for n, p in model.named_parameters()}
+    got = placed.grouped_state({n: p.grad for n, p in placed.named_parameters()})
+    grad_err = max(((got[k] - want[k]).abs().max() / want[k].abs().max().clamp_min(1e-30)).item() for k in want)
+    half = torch.bfloat16 if args.cpu_dry_run or torch.cuda.is_bf16_supported() else torch.float16
+    with torch.no_grad(), torch.autocast(torch.device(devices[0]).type, dtype=half):
+        half_err = ((placed(x).float() - outs[0]).abs().max() / outs[0].abs().max()).item()
+    ok = not wrong and out_err < 1e-4 and grad_err < 1e-3
+    print(f"towers on {devices} (tower k on device k % {len(placed.devices)}: {placed.towers_on_device}); "
+          f"parameters on the wrong device: {wrong or 'none'}")
+    print(f"fp32, TF32 off: max relative difference to the single-device model: outputs {out_err:.1e}, "
+          f"gradients {grad_err:.1e} -> {'OK' if ok else 'FAILED'}")
+    print(f"{half} autocast vs fp32 single-device outputs: {half_err:.1e} (rounding, for information)")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return ok
+
+
+# --- 2. throughput, one subprocess per run --------------------------------------------------------
+
+def train_one(args) -> None:
+    """Child process: train warmup + steps with one strategy, print one RESULT line (rank 0)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from towers.module import TowerClassifier
+    from towers.parallel import TowerParallelAlexNet, TowerParallelStrategy
+
+    class Synthetic(L.LightningDataModule):
+        """A few fixed batches made on this process's device, cycled: no loader in the timings."""
+
+        def setup(self, stage):
+            device, n = self.trainer.strategy.root_device, args.batch_size
+            g = torch.Generator(device=device).manual_seed(self.trainer.global_rank)
+            self.batches = [(torch.randn(n, 3, args.image_size, args.image_size, device=device, generator=g),
+                             torch.randint(0, 2, (n,), device=device, generator=g)) for _ in range(4)]
+
+        def train_dataloader(self):  # batch_size=None: the items are whole batches already
+            return DataLoader([self.batches[i % 4] for i in range(args.warmup + args.steps)], batch_size=None)
+
+    class Classifier(TowerClassifier):
+        def on_fit_start(self):
+            if args.mode == "single_channels_last":
+                self.to(memory_format=torch.channels_last)
+
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            images, labels = batch
+            if args.mode == "single_channels_last":
+                images = images.contiguous(memory_format=torch.channels_last)
+            return images, labels
+
+    def devices_of(trainer) -> list[torch.device]:
+        """The GPUs this process computes on (touching others would create CUDA contexts there)."""
+        if args.cpu_dry_run:
+            return []
+        if isinstance(trainer.strategy, TowerParallelStrategy):
+            return trainer.lightning_module.model.devices
+        return [trainer.strategy.root_device]
+
+    def synchronize(trainer):
+        for device in devices_of(trainer):
+            torch.cuda.synchronize(device)
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == args.warmup:
+                synchronize(trainer)
+                self.start = time.perf_counter()
+
+        def on_train_end(self, trainer, pl_module):
+            synchronize(trainer)
+            seconds = time.perf_counter() - self.start
+            if not trainer.is_global_zero:
+                return
+            images = args.steps * args.batch_size * trainer.world_size
+            memory = [round(torch.cuda.max_memory_allocated(d) / 2**30, 2) for d in devices_of(trainer)]
+            if isinstance(trainer.strategy, TowerParallelStrategy):  # the towers really are where they should be
+                placed = pl_module.model
+                assert isinstance(placed, TowerParallelAlexNet)
+                for d, device in enumerate(placed.devices):
+                    assert all(p.device == device for p in placed.conv1_to_pool2[d].parameters())
+                    assert all(p.device == device for p in placed.conv3_to_pool5[d].parameters())
+            print("RESULT " + json.dumps(dict(
+                mode=args.mode, gpus=args.devices, precision=trainer.precision, images_per_s=images / seconds,
+                ms_per_step=1000 * seconds / args.steps, peak_gib=memory)), flush=True)
+
+    strategy = {"single": "auto", "single_channels_last": "auto", "ddp": "ddp", "tower": TowerParallelStrategy()}[args.mode]
+    trainer = L.Trainer(
+        accelerator="cpu" if args.cpu_dry_run else "gpu", devices=args.devices, strategy=strategy,
+        precision=precision(args), benchmark=not args.cpu_dry_run, max_steps=args.warmup + args.steps,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False, callbacks=[Timer()])
+    module = Classifier(**model_kwargs(args), lr_schedule="constant")
+    trainer.fit(module, Synthetic())
+
+
+def run_all(args) -> int:
+    gpus = 2 if args.cpu_dry_run else torch.cuda.device_count()
+    if not args.cpu_dry_run:
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(gpus))
+        print(f"{gpus} GPU(s): {names}; torch {torch.__version__}; precision {precision(args)}")
+    ok = check_equivalence(args)
+
+    runs = [("single", 1), ("single_channels_last", 1), ("tower", 1)]
+    if gpus >= 2:
+        runs += [("tower", 2), ("ddp", gpus)]
+    common = [f"--num-towers={args.num_towers}", f"--batch-size={args.batch_size}", f"--image-size={args.image_size}",
+              f"--width-multiplier={args.width_multiplier}", f"--warmup={args.warmup}", f"--steps={args.steps}"]
+    if args.cpu_dry_run:
+        common.append("--cpu-dry-run")
+    results = []
+    for mode, devices in runs:
+        cmd = [sys.executable, str(Path(__file__).resolve()), f"--mode={mode}", f"--devices={devices}", *common]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not found:
+            print(f"{mode} on {devices} device(s) FAILED (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            ok = False
+            continue
+        results.append(json.loads(found[0][len("RESULT "):]))
+
+    print(f"\nAlexNet, {args.num_towers} towers, {args.image_size}px, width x{args.width_multiplier}, "
+          f"batch {args.batch_size} per process, {args.steps} timed steps after {args.warmup}"
+          + (" (CPU dry run: timings meaningless)" if args.cpu_dry_run else ""))
+    print(f"{'mode':<22}{'GPUs':>5}{'precision':>12}{'images/s':>11}{'ms/step':>9}  peak GiB per GPU (rank 0's)")
+    for r in results:
+        print(f"{r['mode']:<22}{r['gpus']:>5}{r['precision']:>12}{r['images_per_s']:>11.0f}{r['ms_per_step']:>9.1f}  {r['peak_gib']}")
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.cpu_dry_run and not torch.cuda.is_available():
+        print("no GPU, skipped: torch.cuda.is_available() is False (use --cpu-dry-run to exercise the script on the CPU)")
+        return 0
+    if args.mode:
+        train_one(args)
+        return 0
+    return run_all(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
