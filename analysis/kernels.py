@@ -88,10 +88,9 @@ def load(path: Path, towers: int | None = None, record: str = "last") -> dict:
         out.update(kernels=_split_towers(weights, towers, str(path)), source=f"{path} (weight array)")
         return out
 
-    # A Lightning checkpoint is a pickle (it keeps NumPy RNG states): load only checkpoints you trust, as
-    # with TowerClassifier.load_from_checkpoint. Other .pt files are read as tensors only.
+    # weights_only: checkpoints and .pt files are read as tensors and plain values, never arbitrary pickles.
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=path.suffix != ".ckpt")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"{path}: cannot be read as a PyTorch file ({type(e).__name__}: {str(e)[:300]})") from None
     if isinstance(obj, torch.Tensor):

@@ -208,8 +208,7 @@ def test_resumed_run_keeps_its_initialisation_baseline(run, tmp_path):
     init = json.loads((run["dir"] / "bisection.json").read_text())["init"]
     callback = KernelBisectionCallback(every_n_epochs=None, every_n_steps=3, permutations=999)
     resumed = trainer(tmp_path, callback, CSVLogger(tmp_path), max_steps=9)
-    # weights_only=False: the module keeps NumPy RNG states in its checkpoints, which torch's safe loader refuses
-    resumed.fit(tiny_model(), loader(), ckpt_path=run["ckpt"], weights_only=False)
+    resumed.fit(tiny_model(), loader(), ckpt_path=run["ckpt"])
     data = json.loads((tmp_path / "lightning_logs" / "version_0" / "bisection.json").read_text())
     assert data["init"]["score"] == init["score"] and data["init"]["step"] == 0
     assert data["last"]["step"] == 9

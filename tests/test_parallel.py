@@ -144,7 +144,7 @@ def fit(strategy, devices, ckpt_path=None, max_steps=3, **trainer_kwargs):
     L.seed_everything(0)
     module = TowerClassifier(num_towers=4, **TINY)
     trainer = quiet_trainer(strategy=strategy, devices=devices, max_steps=max_steps, **trainer_kwargs)
-    trainer.fit(module, RandomData(), ckpt_path=ckpt_path, weights_only=False)
+    trainer.fit(module, RandomData(), ckpt_path=ckpt_path)
     return module, trainer
 
 
@@ -186,7 +186,7 @@ def test_the_same_checkpoint_loads_single_device_and_tower_parallel(single_and_t
     run = single_and_tower_parallel
     tmp = run["tmp"]
     for name in ("single", "parallel"):
-        state = torch.load(tmp / f"{name}.ckpt", weights_only=False)["state_dict"]
+        state = torch.load(tmp / f"{name}.ckpt")["state_dict"]
         want = run["single"].state_dict()
         assert [(k, v.shape) for k, v in state.items()] == [(k, v.shape) for k, v in want.items()]
         assert state["model.features.conv1.weight"].shape == (4 * 3, 3, 11, 11)  # T*K, RGB, 11x11
@@ -196,15 +196,13 @@ def test_the_same_checkpoint_loads_single_device_and_tower_parallel(single_and_t
     with torch.no_grad():
         reference = run["parallel"](x)
         # tower-parallel checkpoint -> single-device model
-        # weights_only=False: the checkpoint holds numpy RNG states (TowerClassifier.on_save_checkpoint)
-        loaded = TowerClassifier.load_from_checkpoint(tmp / "parallel.ckpt", weights_only=False).eval()
+        loaded = TowerClassifier.load_from_checkpoint(tmp / "parallel.ckpt").eval()
         assert isinstance(loaded.model, TowerAlexNet)
         torch.testing.assert_close(loaded(x), reference, rtol=1e-5, atol=1e-6)
     # single-device checkpoint -> tower-parallel, through the Trainer (validate places the towers)
     module = TowerClassifier(num_towers=4, **TINY)
     trainer = quiet_trainer(strategy="tower_parallel", devices=2)
-    metrics = trainer.validate(module, RandomData(), ckpt_path=tmp / "single.ckpt", verbose=False,
-                               weights_only=False)[0]
+    metrics = trainer.validate(module, RandomData(), ckpt_path=tmp / "single.ckpt", verbose=False)[0]
     want = quiet_trainer(devices=1).validate(run["single"], RandomData(), verbose=False)[0]
     assert metrics == pytest.approx(want, rel=1e-5)
 
@@ -294,7 +292,7 @@ def test_ddp_checkpoint_loads_single_device_and_tower_parallel(ddp_run):
     out, _ = ddp_run
     [ckpt] = (out / "checkpoints").glob("*.ckpt")
     x = RandomImages(4, seed=5).images
-    single = TowerClassifier.load_from_checkpoint(ckpt, weights_only=False).eval()
+    single = TowerClassifier.load_from_checkpoint(ckpt).eval()
     parallel = copy.deepcopy(single)
     parallel.model = TowerParallelAlexNet(parallel.model, ["cpu", "cpu"])
     with torch.no_grad():
