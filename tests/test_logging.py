@@ -140,6 +140,15 @@ def test_a_diverging_run_stops_and_is_recorded_as_diverged(tmp_path):
     assert train.exit_status(cli) == EXIT_DIVERGED == 3
 
 
+def test_a_resumed_run_reports_the_history_of_all_its_epochs(tmp_path):
+    fit(TINY + [f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.max_epochs=1"])
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    cli = train.main(TINY + [f"--trainer.default_root_dir={tmp_path / 'resumed'}", "--trainer.logger=false"], run=False)
+    cli.trainer.fit(cli.model, *loaders(), ckpt_path=ckpt)
+    status = json.loads((tmp_path / "resumed" / "status.json").read_text())
+    assert status["status"] == "finished" and [h["epoch"] for h in status["history"]] == [0, 1]
+
+
 def test_csv_logger_and_disabled_wandb_work(tmp_path, monkeypatch):
     cli = fit(TINY + [f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
                       f"--trainer.logger.init_args.save_dir={tmp_path}"])
