@@ -194,3 +194,12 @@ def test_under_ddp_one_wandb_run_and_every_rank_gets_the_values(tmp_path):
     assert json.loads((run_folder / "files" / "status.json").read_text())["status"] == "finished"
     assert (run_folder / "files" / "config.yaml").exists()
     assert len(list(tmp_path.rglob("status.json"))) == 1
+
+
+def test_run_name_from_the_config():
+    from jsonargparse import Namespace
+
+    config = Namespace(model=Namespace(num_towers=3, lr=0.001), seed_everything=4, data=Namespace(batch_size=500))
+    assert train.run_name(config) == "t3-s4-lr0.001-b500"
+    config.data = None  # no data module in the config
+    assert train.run_name(config) == "t3-s4-lr0.001"
