@@ -1,6 +1,7 @@
 """Logging through train.py's CLI: W&B offline runs (name, full config, summary, per-run folder),
 two runs in one folder, CSV and disabled W&B, the offline fallback line, and the divergence stop."""
 
+import importlib.util
 import json
 import struct
 import sys
@@ -14,7 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import train
 from towers.runs import EXIT_DIVERGED, run_dir
 
-TINY = ["--model.width_multiplier=0.0625", "--model.image_size=67", "--trainer.max_epochs=2",
+# Once the data module is merged, train.py takes the crop size once, as data.image_size (linked to the model's).
+HAS_DATA = importlib.util.find_spec("towers.data") is not None
+TINY = ["--model.width_multiplier=0.0625", f"--{'data' if HAS_DATA else 'model'}.image_size=67", "--trainer.max_epochs=2",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.log_every_n_steps=1", "--run_status.check_every_n_steps=2"]
 WANDB = ["--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.init_args.project=towers",
@@ -113,7 +116,7 @@ def test_two_wandb_runs_in_one_folder_each_keep_their_config_and_metrics(tmp_pat
         # the resolved config, in the run's own folder and in the W&B run
         assert f"seed_everything: {seed}" in (files / "config.yaml").read_text()
         config, summary, name = wandb_run_contents(run_folder)
-        assert name == f"t2-s{seed}-lr0.01"
+        assert name == f"t2-s{seed}-lr0.01" + ("-b128" if HAS_DATA else "")  # the data module's default batch
         assert config["seed_everything"] == seed
         assert config["model"]["num_towers"] == 2 and config["model"]["width_multiplier"] == 0.0625
         assert config["trainer"]["max_epochs"] == 2
