@@ -7,11 +7,18 @@
 
 from lightning.pytorch.cli import LightningCLI
 
+from towers.data import CatsDogsDataModule
 from towers.module import TowerClassifier
 
 
+class TowersCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        # The crop size is stated once, as data.image_size; the model's fc6 input follows from it.
+        parser.link_arguments("data.image_size", "model.image_size")
+
+
 def main(args=None):
-    return LightningCLI(TowerClassifier, args=args)
+    return TowersCLI(TowerClassifier, CatsDogsDataModule, args=args)
 
 
 if __name__ == "__main__":
