@@ -33,7 +33,7 @@ def demo_image(rng: np.random.Generator, name: str) -> np.ndarray:
     height, width = rng.integers(96, 161, size=2)
     color = np.asarray(CLASS_COLORS[name]) + rng.normal(0.0, COLOR_JITTER, 3)
     angle = np.deg2rad(CLASS_ORIENTATIONS[name] + rng.uniform(-ORIENTATION_SPREAD, ORIENTATION_SPREAD))
-    wavelength, contrast, phase = rng.uniform(6, 14), rng.uniform(0.2, 0.45), rng.uniform(0, 2 * np.pi)
+    wavelength, contrast, phase = rng.uniform(8, 16), rng.uniform(0.3, 0.6), rng.uniform(0, 2 * np.pi)
     y, x = np.mgrid[0:height, 0:width]
     grating = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / wavelength + phase)
     image = color * (1.0 + contrast * grating)[..., None]  # luminance only: every channel scaled alike
