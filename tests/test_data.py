@@ -400,3 +400,33 @@ def test_the_cli_links_the_crop_size_to_the_model(tmp_path, monkeypatch):
                 "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
                 f"--trainer.default_root_dir={tmp_path}"])
     assert cli.model.hparams.image_size == 67 == cli.datamodule.image_size
+
+
+def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_run(tmp_path):
+    """Through Lightning itself: set_epoch on the sampler, the epoch in the draws, checkpoint resume."""
+    kaggle_tree(tmp_path / "data", 12)
+
+    class Record(L.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append((trainer.current_epoch, batch[0].sum().item(), batch[1].tolist()))
+
+    def fit(max_epochs, ckpt_path=None, global_seed=0):
+        torch.manual_seed(global_seed)  # the data must not depend on it
+        record = Record()
+        dm = CatsDogsDataModule(root=str(tmp_path / "data"), **dict(SMALL, resize_size=76, image_size=67), seed=3,
+                                test_size=4, val_size=4, train_size="rest")
+        trainer = L.Trainer(max_epochs=max_epochs, limit_val_batches=0, logger=False, callbacks=[record],
+                            default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False)
+        model = TowerClassifier(width_multiplier=0.125, image_size=67, lr_schedule="constant")
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return record.seen, trainer
+
+    whole, _ = fit(2)
+    first, trainer = fit(1, global_seed=1)
+    resumed, _ = fit(2, ckpt_path=trainer.checkpoint_callback.best_model_path, global_seed=2)
+    assert len(whole) == 4 and {e for e, _, _ in whole} == {0, 1}
+    assert first + resumed == whole
+    assert whole[:2] != whole[2:]  # a new order and new crops each epoch
