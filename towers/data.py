@@ -264,7 +264,8 @@ def crop(images: torch.Tensor, source: torch.Tensor, top: torch.Tensor, left: to
     """``size``-square crops of ``images`` (B, C, R, R): crop m is taken from image ``source[m]`` at
     (``top[m]``, ``left[m]``), mirrored left-right where ``flip[m]``. One gather, no loop.
 
-    ``source`` may be None for one crop per image. Returns (M, C, size, size).
+    With ``source`` None, ``images`` is a single (C, R, R) image (the mean image) cropped M times.
+    Returns (M, C, size, size).
     """
     steps = torch.arange(size, device=images.device)
     rows = top[:, None] + steps                                                   # (M, size)
