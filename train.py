@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from towers.data import CatsDogsDataModule
 from towers.module import TowerClassifier
 from towers.runs import EXIT_DIVERGED, RunStatus, SaveRunConfig
 
@@ -41,6 +42,8 @@ class TowersCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         # Always present, configurable as --run_status.check_every_n_steps=...
         parser.add_lightning_class_args(RunStatus, "run_status")
+        # The crop size is stated once, as data.image_size; the model's fc6 input follows from it.
+        parser.link_arguments("data.image_size", "model.image_size")
 
     def before_instantiate_classes(self):
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -71,7 +74,7 @@ def run_name(config) -> str | None:
 
 
 def main(args=None, run=True):
-    return TowersCLI(TowerClassifier, args=args, run=run, save_config_callback=SaveRunConfig)
+    return TowersCLI(TowerClassifier, CatsDogsDataModule, args=args, run=run, save_config_callback=SaveRunConfig)
 
 
 def exit_status(cli) -> int:
