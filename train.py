@@ -12,6 +12,7 @@ anything else a failure. Under DDP every rank runs this same command line, so va
 import os
 import socket
 import sys
+from pathlib import Path
 from urllib.parse import urlparse
 
 from lightning.pytorch.cli import LightningCLI
@@ -63,6 +64,18 @@ class TowersCLI(LightningCLI):
             os.environ["WANDB_MODE"] = "offline"
             rank_zero_info("W&B: no API key or no connection to the server, so this run logs offline "
                            "(the folder is printed below); upload it later with `wandb sync <that folder>`.")
+
+    def before_fit(self):
+        # Lightning resolves `--ckpt_path last` inside the checkpoint folder of the *new* run, which a
+        # fresh W&B run id or logger version makes empty; look for the newest last.ckpt under
+        # default_root_dir instead, so `fit --ckpt_path last` continues the interrupted run.
+        kwargs = self.config_init["fit"]
+        if kwargs.get("ckpt_path") == "last":
+            root = Path(self.trainer.default_root_dir)
+            found = sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+            kwargs["ckpt_path"] = str(found[-1]) if found else None
+            rank_zero_info(f"Resuming from {found[-1]}" if found else
+                           f"--ckpt_path last: no last.ckpt under {root.resolve()}, so training starts from the beginning")
 
 
 def run_name(config) -> str | None:

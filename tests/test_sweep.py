@@ -98,11 +98,6 @@ def parse_train_args(argv):
     """Parse a train.py command line with train.py's CLI, without building the model or the trainer."""
     import train
 
-    try:
-        from towers.data import CatsDogsDataModule as data_class
-    except ImportError:  # until the data module is merged: a stand-in with the same batch_size argument
-        from tests.fixtures.tiny_data import TinyDataModule as data_class
-
     class ParseOnly(train.TowersCLI):
         def instantiate_classes(self):
             pass
@@ -111,7 +106,7 @@ def parse_train_args(argv):
             pass
 
     assert argv[0] == "fit"
-    cli = ParseOnly(train.TowerClassifier, data_class, args=argv, save_config_callback=train.SaveRunConfig)
+    cli = ParseOnly(train.TowerClassifier, train.CatsDogsDataModule, args=argv, save_config_callback=train.SaveRunConfig)
     return cli.config["fit"]
 
 
@@ -119,8 +114,7 @@ def parse_train_args(argv):
 def test_rendered_command_parses_to_the_swept_values(path, tmp_path, monkeypatch):
     config = yaml.safe_load(path.read_text())
     config_file = config["command"][config["command"].index("--config") + 1]
-    if not (ROOT / config_file).exists():
-        pytest.skip(f"{config_file} arrives with the data branch")
+    assert (ROOT / config_file).exists(), config_file
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setattr(sys, "argv", ["train.py"])
@@ -271,7 +265,6 @@ def test_demo_sweep_end_to_end_through_train_py(tmp_path):
     Needs the data module and configs/demo.yaml (the data branch); a second config after demo.yaml
     makes the data and the network tiny and keeps the generated images in tmp_path.
     """
-    pytest.importorskip("towers.data", reason="the data module arrives with the data branch")
     from tests.test_logging import wandb_run_contents
 
     config = yaml.safe_load((ROOT / "sweeps/demo.yaml").read_text())
@@ -301,6 +294,6 @@ def test_demo_sweep_end_to_end_through_train_py(tmp_path):
         assert name.startswith(f"t{run['params']['model.num_towers']}-s{run['params']['seed_everything']}-")
         assert 0 <= summary["val/acc"] <= 1
         assert (folder / "files" / "config.yaml").exists()
-        if (folder / "files" / "bisection.json").exists():  # once the kernel callback is in demo.yaml
-            assert run["bisection"]["eta2"] is not None
-            assert list((folder / "files").rglob("*.png")), "kernel images belong in the W&B run folder"
+        assert (folder / "files" / "bisection.json").exists()
+        assert 0 <= run["bisection"]["eta2"] <= 1 and 0 < run["bisection"]["p_value"] <= 1
+        assert (folder / "files" / "kernels.png").exists(), "kernel images belong in the W&B run folder"

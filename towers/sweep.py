@@ -257,11 +257,10 @@ class Agent:
         run["message"] = status.get("message", "")
         run["reported"] = status.get("status")
         bisection = folder / "bisection.json"
-        if bisection.exists():
-            try:
-                run["bisection"] = json.loads(bisection.read_text())
-            except json.JSONDecodeError:
-                pass
+        if bisection.exists():  # written atomically by KernelBisectionCallback; keep its final statistic only
+            last = json.loads(bisection.read_text()).get("last") or {}
+            statistics = last.get("statistics") or {}
+            run["bisection"] = {"eta2": statistics.get("eta2"), "p_value": statistics.get("p_value")}
         # a W&B run folder is .../wandb/offline-run-<time>-<id>/ and status.json sits in its files/
         is_wandb = folder.name == "files" and folder.parent.name.startswith("offline-run-")
         run["wandb_dir"] = attempt["wandb_dir"] = str(folder.parent) if is_wandb else None

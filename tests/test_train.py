@@ -1,0 +1,93 @@
+"""Training through train.py on the CPU: a short fit, reproducibility, and kill-and-resume."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from towers.demo_data import make_demo_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "demo"
+    make_demo_dataset(root, images_per_class=16, seed=0)
+    return root
+
+
+def tiny(demo_root, out, *extra):
+    """configs/demo.yaml made tiny: 24 training images in batches of 8 (3 steps an epoch), a narrow
+    network on 67-pixel crops, a CSV logger in `out`."""
+    return ["--config", str(ROOT / "configs/demo.yaml"), f"--data.root={demo_root}", "--data.test_size=4",
+            "--data.val_size=4", "--data.batch_size=8", "--data.num_workers=0", "--data.resize_size=76",
+            "--data.image_size=67", "--model.width_multiplier=0.125", f"--trainer.default_root_dir={out}",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={out}",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra]
+
+
+def run_train(args, **kwargs):
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def last_checkpoint(out: Path) -> Path:
+    found = sorted(out.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
+    assert found, f"no last.ckpt under {out}"
+    return found[-1]
+
+
+def weights(ckpt: Path) -> dict:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_one_batch_fit_through_train_py(demo_root, tmp_path):
+    result = run_train(["fit", *tiny(demo_root, tmp_path, "--trainer.max_steps=1", "--trainer.limit_val_batches=1")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(last_checkpoint(tmp_path), map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 1
+    assert checkpoint["hyper_parameters"]["image_size"] == 67  # linked from data.image_size
+    assert (tmp_path / "lightning_logs" / "version_0" / "bisection.json").exists()
+
+
+def fit_in_process(args) -> torch.Tensor:
+    cli = train.main(["fit", *args])
+    return cli.model.conv1_kernels().detach().clone()
+
+
+def test_same_seed_same_kernels_bit_for_bit(demo_root, tmp_path):
+    steps = ["--trainer.max_steps=4", "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false"]
+    first = fit_in_process(tiny(demo_root, tmp_path / "a", *steps))
+    again = fit_in_process(tiny(demo_root, tmp_path / "b", *steps))
+    other = fit_in_process(tiny(demo_root, tmp_path / "c", *steps, "--seed_everything=1"))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(demo_root, tmp_path):
+    epochs = ["--trainer.max_epochs=2"]
+    whole = run_train(["fit", *tiny(demo_root, tmp_path / "whole", *epochs)])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    # Killed with SIGKILL at step 4, in the second epoch: only the end-of-epoch-1 checkpoint survives.
+    broken = tmp_path / "broken"
+    killed = run_train(["fit", *tiny(demo_root, broken, *epochs, "--trainer.callbacks+=tests.fixtures.kill_switch.KillAtStep",
+                                     "--trainer.callbacks.init_args.step=4")])
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert torch.load(last_checkpoint(broken), map_location="cpu", weights_only=True)["global_step"] == 3
+
+    resumed = run_train(["fit", *tiny(demo_root, broken, *epochs, "--ckpt_path=last")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout + resumed.stderr
+
+    expected, got = weights(last_checkpoint(tmp_path / "whole")), weights(last_checkpoint(broken))
+    assert expected.keys() == got.keys()
+    different = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not different, f"resumed run differs in {different}"
+    assert torch.load(last_checkpoint(broken), map_location="cpu", weights_only=True)["global_step"] == 6
