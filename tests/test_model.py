@@ -185,3 +185,15 @@ def test_lrn_placement_switches():
     assert code2012[:4] == ["conv1", "norm1", "relu1", "pool1"]
     assert TowerAlexNet(lrn_across_towers=True).features.norm1.groups == 1
     assert TowerAlexNet().features.norm1.groups == 2
+
+
+def test_lrn_under_bf16_autocast_keeps_the_input_dtype():
+    torch.manual_seed(0)
+    a = torch.randn(2, 8, 4, 4) * 30
+    x = a.to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = local_response_norm(x, 2)
+    out.float().sum().backward()
+    assert out.dtype == x.grad.dtype == torch.bfloat16
+    exact = torch.cat([lrn_by_the_formula(t, 5, 1e-4, 0.75, 2.0) for t in x.detach().double().chunk(2, 1)], 1)
+    torch.testing.assert_close(out.double(), exact, rtol=2e-2, atol=1e-2)

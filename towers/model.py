@@ -41,28 +41,28 @@ POSITIVE_BIAS_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
 
 
-def _padded(x: torch.Tensor, before: int, after: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A buffer ``x.shape`` plus ``before``/``after`` zero channels (dim 2), and a view of its interior.
-
-    Laid out like ``x`` (channels last if ``x`` is), so writing the interior is a plain copy.
-    """
-    b, g, c, h, w = x.shape
-    if x.dim() == 5 and x.stride(2) == 1 and c > 1:  # channels_last: channels innermost
-        buffer = x.new_empty(b, h, w, g, before + c + after).permute(0, 3, 4, 1, 2)
-    else:
-        buffer = x.new_empty(b, g, before + c + after, h, w)
-    buffer[:, :, :before].zero_()
-    buffer[:, :, before + c:].zero_()
-    return buffer, buffer[:, :, before:before + c]
+def _window_matrix(channels: int, size: int, scale: float, like: torch.Tensor) -> torch.Tensor:
+    """(channels, channels) band matrix: ``scale`` where j - c is in nn.LocalResponseNorm's window
+    [-(size // 2), (size - 1) // 2], else 0; ``matrix @ a`` sums ``a`` over every channel's window."""
+    c = torch.arange(channels, device=like.device)
+    offset = c[None, :] - c[:, None]
+    return ((offset >= -(size // 2)) & (offset <= (size - 1) // 2)).to(like.dtype) * scale
 
 
-def _window_sum(padded: torch.Tensor, channels: int, size: int) -> torch.Tensor:
-    """``sum(padded[:, :, i + o] for o in range(size))`` for every channel i, as ``size - 1`` adds
-    of shifted slices (not a loop over towers or pixels)."""
-    total = padded[:, :, 0:channels] + padded[:, :, 1:1 + channels] if size > 1 else padded[:, :, 0:channels].clone()
-    for offset in range(2, size):
-        total += padded[:, :, offset:offset + channels]
-    return total
+def _over_channels(matrix: torch.Tensor, a: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``matrix`` applied along the channel dim of ``a`` (one batched matmul, no loop):
+    ``a`` is (batch * groups, channels, h * w), or (batch * h * w, groups, channels) if channels last."""
+    return a @ matrix.T if channels_last else matrix @ a
+
+
+def _tower_view(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, bool]:
+    """A view of (b, c, h, w) with each tower's channels along one dim (see _over_channels)."""
+    b, c, h, w = x.shape
+    if x.is_contiguous():
+        return x.view(b * groups, c // groups, h * w), False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).view(b * h * w, groups, c // groups), True
+    return x.contiguous().view(b * groups, c // groups, h * w), False
 
 
 class _LocalResponseNorm(torch.autograd.Function):
@@ -71,39 +71,41 @@ class _LocalResponseNorm(torch.autograd.Function):
 
         dL/da_c = g_c d_c^-beta - (2 alpha beta / n) a_c sum_{j: c in W(j)} g_j a_j d_j^(-beta-1)
 
-    It saves only the input (kept alive anyway by the in-place ReLU before it) and d^-beta,
-    where autograd through the formula keeps half a dozen tensors the size of the activation.
+    The window sums are one matmul with a band matrix (its transpose in the backward): fewer passes
+    over the activation than shifted adds, and none of the padded copies. It saves only the input
+    (kept alive anyway by the ReLU before it) and d^-beta, where autograd through the formula
+    keeps half a dozen activation-sized tensors.
     """
 
     @staticmethod
     def forward(ctx, x, groups, size, alpha, beta, k):
-        b, c, h, w = x.shape
-        x5 = x.view(b, groups, c // groups, h, w)
-        before, after = size // 2, (size - 1) // 2  # nn.LocalResponseNorm's window
-        squares, interior = _padded(x5, before, after)
-        torch.mul(x5, x5, out=interior)
-        scale = _window_sum(squares, c // groups, size).mul_(alpha / size).add_(k).pow_(-beta)  # d^-beta
-        del squares, interior
-        ctx.save_for_backward(x, scale)
-        ctx.lrn = groups, size, alpha, beta
-        out = torch.empty_like(x)  # not a view of a 5-d result: the code2012 order runs an in-place ReLU on it
-        torch.mul(x5, scale, out=out.view(x5.shape))
+        with torch.autocast(x.device.type, enabled=False):  # in x's dtype, as the layers around it
+            a, channels_last = _tower_view(x, groups)
+            window = _window_matrix(a.shape[-2] if not channels_last else a.shape[-1], size, alpha / size, a)
+            scale = _over_channels(window, a * a, channels_last).add_(k).pow_(-beta)  # d^-beta
+            # a fresh tensor, not a view of a reshaped result: code2012's in-place ReLU follows it
+            out = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            torch.mul(a, scale, out=_tower_view(out, groups)[0])
+        ctx.save_for_backward(x, scale, window)
+        ctx.lrn = groups, beta, channels_last
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, scale = ctx.saved_tensors
-        groups, size, alpha, beta = ctx.lrn
+        x, scale, window = ctx.saved_tensors
+        groups, beta, channels_last = ctx.lrn
+        with torch.autocast(x.device.type, enabled=False):
+            a = _tower_view(x, groups)[0]
+            g = _tower_view(grad_out.contiguous(memory_format=torch.channels_last if channels_last
+                                                 else torch.contiguous_format), groups)[0]
+            spread = scale.pow((beta + 1) / beta).mul_(g).mul_(a)  # g a d^(-beta-1)
+            spread = _over_channels(window.T, spread, channels_last)  # the transposed window, times alpha/n
+            grad = torch.mul(g, scale).addcmul_(a, spread, value=-2 * beta)
         b, c, h, w = x.shape
-        x5, g5 = x.view(b, groups, c // groups, h, w), grad_out.reshape(b, groups, c // groups, h, w)
-        # the transposed window: channel c receives from every j whose window holds c
-        padded, interior = _padded(x5, (size - 1) // 2, size // 2)
-        torch.mul(scale.pow((beta + 1) / beta).mul_(g5), x5, out=interior)  # g a d^(-beta-1)
-        window = _window_sum(padded, c // groups, size)
-        del padded, interior
-        grad_in = torch.mul(g5, scale).addcmul_(x5, window, value=-2 * alpha * beta / size)
-        return grad_in.reshape(b, c, h, w), None, None, None, None, None
+        if channels_last:
+            return grad.view(b, h, w, c).permute(0, 3, 1, 2), None, None, None, None, None
+        return grad.view(b, c, h, w), None, None, None, None, None
 
 
 def local_response_norm(x: torch.Tensor, groups: int, size: int = LRN_SIZE, alpha: float = LRN_ALPHA,
@@ -113,7 +115,7 @@ def local_response_norm(x: torch.Tensor, groups: int, size: int = LRN_SIZE, alph
     Same formula as ``nn.LocalResponseNorm`` (channels past an edge count as zero;
     the window of channel c is c - size//2 ... c + (size-1)//2), but ``groups``
     keeps each tower's normalisation inside that tower, as the 2012 code did (one
-    GPU each), and it is computed as shifted adds with a hand-written backward
+    GPU each), and it is computed with a band matrix and a hand-written backward
     instead of an ``avg_pool3d`` and autograd: several times faster on the CPU
     (BENCHMARKS.md).
     """
