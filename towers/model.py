@@ -41,22 +41,88 @@ POSITIVE_BIAS_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
 
 
+def _window_matrix(channels: int, size: int, scale: float, like: torch.Tensor) -> torch.Tensor:
+    """(channels, channels) band matrix: ``scale`` where j - c is in nn.LocalResponseNorm's window
+    [-(size // 2), (size - 1) // 2], else 0; ``matrix @ a`` sums ``a`` over every channel's window."""
+    c = torch.arange(channels, device=like.device)
+    offset = c[None, :] - c[:, None]
+    return ((offset >= -(size // 2)) & (offset <= (size - 1) // 2)).to(like.dtype) * scale
+
+
+def _over_channels(matrix: torch.Tensor, a: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``matrix`` applied along the channel dim of ``a`` (one batched matmul, no loop):
+    ``a`` is (batch * groups, channels, h * w), or (batch * h * w, groups, channels) if channels last."""
+    return a @ matrix.T if channels_last else matrix @ a
+
+
+def _tower_view(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, bool]:
+    """A view of (b, c, h, w) with each tower's channels along one dim (see _over_channels)."""
+    b, c, h, w = x.shape
+    if x.is_contiguous():
+        return x.view(b * groups, c // groups, h * w), False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).view(b * h * w, groups, c // groups), True
+    return x.contiguous().view(b * groups, c // groups, h * w), False
+
+
+class _LocalResponseNorm(torch.autograd.Function):
+    """LRN with a hand-derived backward. With d_c = k + (alpha/n) sum_{j in W(c)} a_j^2 and
+    b_c = a_c d_c^-beta:
+
+        dL/da_c = g_c d_c^-beta - (2 alpha beta / n) a_c sum_{j: c in W(j)} g_j a_j d_j^(-beta-1)
+
+    The window sums are one matmul with a band matrix (its transpose in the backward): fewer passes
+    over the activation than shifted adds, and none of the padded copies. It saves only the input
+    (kept alive anyway by the ReLU before it) and d^-beta, where autograd through the formula
+    keeps half a dozen activation-sized tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, x, groups, size, alpha, beta, k):
+        with torch.autocast(x.device.type, enabled=False):  # in x's dtype, as the layers around it
+            a, channels_last = _tower_view(x, groups)
+            window = _window_matrix(a.shape[-2] if not channels_last else a.shape[-1], size, alpha / size, a)
+            scale = _over_channels(window, a * a, channels_last).add_(k).pow_(-beta)  # d^-beta
+            # a fresh tensor, not a view of a reshaped result: code2012's in-place ReLU follows it
+            out = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            torch.mul(a, scale, out=_tower_view(out, groups)[0])
+        ctx.save_for_backward(x, scale, window)
+        ctx.lrn = groups, beta, channels_last
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, scale, window = ctx.saved_tensors
+        groups, beta, channels_last = ctx.lrn
+        with torch.autocast(x.device.type, enabled=False):
+            a = _tower_view(x, groups)[0]
+            g = _tower_view(grad_out.contiguous(memory_format=torch.channels_last if channels_last
+                                                 else torch.contiguous_format), groups)[0]
+            spread = scale.pow((beta + 1) / beta).mul_(g).mul_(a)  # g a d^(-beta-1)
+            spread = _over_channels(window.T, spread, channels_last)  # the transposed window, times alpha/n
+            grad = torch.mul(g, scale).addcmul_(a, spread, value=-2 * beta)
+        b, c, h, w = x.shape
+        if channels_last:
+            return grad.view(b, h, w, c).permute(0, 3, 1, 2), None, None, None, None, None
+        return grad.view(b, c, h, w), None, None, None, None, None
+
+
 def local_response_norm(x: torch.Tensor, groups: int, size: int = LRN_SIZE, alpha: float = LRN_ALPHA,
                         beta: float = LRN_BETA, k: float = LRN_K) -> torch.Tensor:
     """Cross-channel LRN whose window never leaves its group of channels.
 
-    Same formula as ``nn.LocalResponseNorm`` (channels past an edge count as
-    zero), but the windowed sum of squares is ``size`` shifted adds instead of
-    an ``avg_pool3d``, several times faster on the CPU, and ``groups`` keeps each
-    tower's normalisation inside that tower as the 2012 code did (one GPU each).
+    Same formula as ``nn.LocalResponseNorm`` (channels past an edge count as zero;
+    the window of channel c is c - size//2 ... c + (size-1)//2), but ``groups``
+    keeps each tower's normalisation inside that tower, as the 2012 code did (one
+    GPU each), and it is computed with a band matrix and a hand-written backward
+    instead of an ``avg_pool3d`` and autograd: several times faster on the CPU
+    (BENCHMARKS.md).
     """
-    b, c, h, w = x.shape
-    squares = x.square().view(b, groups, c // groups, h, w)
-    squares = F.pad(squares, (0, 0, 0, 0, size // 2, (size - 1) // 2))
-    window_sum = squares[:, :, 0 : c // groups]
-    for offset in range(1, size):  # `size` shifted slices, not a loop over towers or pixels
-        window_sum = window_sum + squares[:, :, offset : offset + c // groups]
-    return x / (k + (alpha / size) * window_sum.view(b, c, h, w)).pow(beta)
+    if x.dim() != 4 or x.shape[1] % groups:
+        raise ValueError(f"local_response_norm needs (batch, channels, height, width) with channels divisible by "
+                         f"groups={groups}; got shape {tuple(x.shape)}")
+    return _LocalResponseNorm.apply(x, groups, size, alpha, beta, k)
 
 
 class LocalResponseNorm(nn.Module):

@@ -1,0 +1,355 @@
+"""Training-step throughput and peak memory of TowerAlexNet against the usual implementations.
+
+One training step is forward + cross-entropy + backward + SGD step (momentum 0.9, weight decay 5e-4)
+on a batch already in memory. All models are timed in the same process, round-robin: every round
+runs one timed step of each model in turn, so a load spike from another process hits all of them
+alike, and each model's ratio to torchvision's alexnet is the median over rounds of
+(alexnet's step time / the model's step time) in the same round.
+
+    python benchmarks/bench_step.py                      # CPU fp32, batch 32 and 128 (CUDA: bf16, 128 and 256)
+    python benchmarks/bench_step.py --batch-sizes 32     # only batch 32
+    python benchmarks/bench_step.py --quick              # tiny models, seconds: checks that it runs
+
+Models (1000 classes, as torchvision's alexnet):
+    towers-1/2/4        this project's TowerAlexNet (grouped convolutions, towers.model's LRN), 227 px
+    towers-2 nn.LRN     the same 2-tower network with torch.nn.LocalResponseNorm applied to each
+                        tower's channel block (a reshape to (batch * towers, channels per tower, H, W))
+    towers-2 no LRN     the 2-tower network with both LRN layers replaced by identity: the LRN share
+                        of a model's step is 1 - step(no LRN) / step(model), median over rounds
+    naive-2             one Python branch per tower joined by torch.cat, nn.LocalResponseNorm per
+                        tower: how the demul/AlexNet TensorFlow replication built the network
+    torchvision alexnet torchvision.models.alexnet (the "one weird trick" variant, 64/192/384/256/256
+                        kernels, no LRN, no towers), 224 px, its documented input
+
+Peak memory is the memory one training step adds above the resting state (parameters, momentum
+buffers, the input batch): on CUDA torch.cuda.max_memory_allocated() minus memory_allocated() before
+the step; on the CPU the peak resident set size (VmHWM, reset through /proc/self/clear_refs) minus the
+resident size before the step, after malloc_trim(0) has handed freed heap memory back. The CPU figure
+counts pages the process touched, including allocator slack; it is None where /proc or glibc is missing.
+"""
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from towers.model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, TowerAlexNet, conv_output_size, tower_widths  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BASELINE = "torchvision alexnet"
+
+
+class TowerwiseTorchLRN(nn.Module):
+    """torch.nn.LocalResponseNorm inside each tower: the channel blocks become batch entries."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.lrn = nn.LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return self.lrn(x.reshape(b * self.groups, c // self.groups, h, w)).reshape(b, c, h, w)
+
+
+class NaiveTowerAlexNet(nn.Module):
+    """The same network as TowerAlexNet (split widths), written with one Python branch per tower.
+
+    Each tower runs conv1-pool2 on its own; every tower's conv3 reads the concatenation of all towers;
+    conv4-pool5 again per tower; the towers are concatenated for the fully-connected layers. This is
+    how the demul/AlexNet replication (TensorFlow 1) built the two towers. Reference for the benchmark
+    only: the package's model runs the towers as grouped convolutions.
+    """
+
+    def __init__(self, num_towers: int = 2, num_classes: int = 1000, width_multiplier: float = 1.0,
+                 image_size: int = 227, dropout: float = 0.5):
+        super().__init__()
+        w, T = tower_widths(num_towers, "split", width_multiplier), num_towers
+
+        def lrn():
+            return nn.LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
+
+        self.lower = nn.ModuleList(nn.Sequential(OrderedDict([
+            ("conv1", nn.Conv2d(3, w["conv1"], 11, stride=4)), ("relu1", nn.ReLU(inplace=True)), ("norm1", lrn()),
+            ("pool1", nn.MaxPool2d(3, stride=2)),
+            ("conv2", nn.Conv2d(w["conv1"], w["conv2"], 5, padding=2)), ("relu2", nn.ReLU(inplace=True)),
+            ("norm2", lrn()), ("pool2", nn.MaxPool2d(3, stride=2)),
+        ])) for _ in range(T))
+        self.upper = nn.ModuleList(nn.Sequential(OrderedDict([
+            ("conv3", nn.Conv2d(T * w["conv2"], w["conv3"], 3, padding=1)), ("relu3", nn.ReLU(inplace=True)),
+            ("conv4", nn.Conv2d(w["conv3"], w["conv4"], 3, padding=1)), ("relu4", nn.ReLU(inplace=True)),
+            ("conv5", nn.Conv2d(w["conv4"], w["conv5"], 3, padding=1)), ("relu5", nn.ReLU(inplace=True)),
+            ("pool5", nn.MaxPool2d(3, stride=2)),
+        ])) for _ in range(T))
+        side = conv_output_size(image_size)
+        self.classifier = nn.Sequential(
+            nn.Linear(T * w["conv5"] * side * side, T * w["fc6"]), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(T * w["fc6"], T * w["fc7"]), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(T * w["fc7"], num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lower = torch.cat([tower(x) for tower in self.lower], 1)
+        upper = torch.cat([tower(lower) for tower in self.upper], 1)
+        return self.classifier(torch.flatten(upper, 1))
+
+    @torch.no_grad()
+    def load_from(self, model: TowerAlexNet) -> "NaiveTowerAlexNet":
+        """Copy a TowerAlexNet's weights, tower k taking the k-th block of every convolution."""
+        layers = model.named_layers()
+        for k, (lower, upper) in enumerate(zip(self.lower, self.upper)):
+            for name in ("conv1", "conv2", "conv3", "conv4", "conv5"):
+                mine = getattr(lower if name in ("conv1", "conv2") else upper, name)
+                n = mine.out_channels
+                mine.weight.copy_(layers[name].weight[k * n:(k + 1) * n])
+                mine.bias.copy_(layers[name].bias[k * n:(k + 1) * n])
+        for mine, theirs in zip([m for m in self.classifier if isinstance(m, nn.Linear)],
+                                [layers["fc6"], layers["fc7"], layers["fc8"]]):
+            mine.load_state_dict(theirs.state_dict())
+        return self
+
+
+def build_models(quick: bool) -> dict[str, tuple[nn.Module, int]]:
+    """name -> (model, image side). --quick: width 1/4 and 67 px (torchvision's alexnet keeps its width)."""
+    width, side = (0.25, 67) if quick else (1.0, 227)
+
+    def towers(num_towers, lrn="towers"):
+        model = TowerAlexNet(num_towers, num_classes=1000, width_multiplier=width, image_size=side)
+        if lrn != "towers":
+            for name in ("norm1", "norm2"):
+                setattr(model.features, name, TowerwiseTorchLRN(num_towers) if lrn == "nn" else nn.Identity())
+        return model
+
+    return {
+        BASELINE: (torchvision.models.alexnet(num_classes=1000), 224 if not quick else side),
+        "towers-1": (towers(1), side),
+        "towers-2": (towers(2), side),
+        "towers-4": (towers(4), side),
+        "towers-2 nn.LRN": (towers(2, "nn"), side),
+        "towers-2 no LRN": (towers(2, "none"), side),
+        "naive-2": (NaiveTowerAlexNet(2, 1000, width, side), side),
+    }
+
+
+MODEL_NAMES = [BASELINE, "towers-1", "towers-2", "towers-4", "towers-2 nn.LRN", "towers-2 no LRN", "naive-2"]
+
+# what the LRN share of a model is measured against
+NO_LRN = {"towers-2": "towers-2 no LRN", "towers-2 nn.LRN": "towers-2 no LRN"}
+
+
+def rss_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_cpu_peak() -> int | None:
+    """Hand freed heap memory back, reset the peak RSS; return the RSS now (None if unsupported)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return rss_bytes("VmRSS")
+
+
+class Runner:
+    """A model with its optimizer, batch and step function on one device, in one mode."""
+
+    def __init__(self, model, side, batch_size, device, bf16, compile_, channels_last):
+        self.device, self.bf16 = device, bf16
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(device, memory_format=memory_format).train()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(batch_size, 3, side, side, generator=generator).to(device, memory_format=memory_format)
+        self.y = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
+        self.forward = torch.compile(self.model) if compile_ else self.model
+
+    def step(self) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = F.cross_entropy(self.forward(self.x), self.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def timed(self, steps: int) -> float:
+        """Seconds per step over `steps` steps (one device sync at the end, none between steps)."""
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        self.sync()
+        return (time.perf_counter() - start) / steps
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def peak_memory(self) -> int | None:
+        """Bytes one step adds above the resting state (see the module docstring)."""
+        if self.device.type == "cuda":
+            self.sync()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            self.step()
+            self.sync()
+            return torch.cuda.max_memory_allocated(self.device) - before
+        before = reset_cpu_peak()
+        if before is None:
+            return None
+        self.step()
+        peak = rss_bytes("VmHWM")
+        return None if peak is None else peak - before
+
+
+def modes(device: torch.device) -> list[dict]:
+    if device.type == "cuda":
+        return [dict(name=f"cuda bf16{' compile' if c else ''}{' channels_last' if cl else ''}",
+                     bf16=True, compile_=c, channels_last=cl) for c in (False, True) for cl in (False, True)]
+    return [dict(name="cpu fp32", bf16=False, compile_=False, channels_last=False)]
+
+
+def measure(batch_size: int, device: torch.device, mode: dict, quick: bool, warmup: int, rounds: int,
+            steps_per_round: int, only: list[str] | None) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    built = build_models(quick)
+    names = [n for n in built if only is None or n in only or n == BASELINE]
+    mode_args = {k: v for k, v in mode.items() if k != "name"}
+    runners = {}
+    for name in names:
+        model, side = built.pop(name)
+        runners[name] = Runner(model, side, batch_size, device, **mode_args)
+    del built
+    desc = f"{mode['name']} batch {batch_size}"
+    for runner in tqdm(runners.values(), desc=f"{desc} warm-up", leave=False):
+        for _ in range(warmup):
+            runner.step()
+        runner.sync()
+    times = {name: [] for name in runners}
+    for _ in tqdm(range(rounds), desc=f"{desc} rounds", leave=False):
+        for name, runner in runners.items():
+            times[name].append(runner.timed(steps_per_round))
+    rows = []
+    for name, runner in runners.items():
+        t = times[name]
+        row = dict(
+            model=name, mode=mode["name"], batch_size=batch_size, image_size=runner.x.shape[-1],
+            parameters=sum(p.numel() for p in runner.model.parameters()),
+            images_per_s=batch_size / statistics.median(t),
+            step_ms=1000 * statistics.median(t), step_ms_min=1000 * min(t), step_ms_max=1000 * max(t),
+            ratio_to_alexnet=statistics.median(b / m for b, m in zip(times[BASELINE], t)),
+            lrn_share=None, peak_memory_mb=None,
+        )
+        if NO_LRN.get(name) in times:
+            row["lrn_share"] = statistics.median(1 - n / m for n, m in zip(times[NO_LRN[name]], t))
+        rows.append(row)
+    for row in rows:  # after the timing, so the peak-memory resets do not perturb it
+        peak = runners[row["model"]].peak_memory()
+        row["peak_memory_mb"] = None if peak is None else peak / 2**20
+    return rows
+
+
+def machine() -> dict:
+    info = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
+                threads=torch.get_num_threads(), cpu=platform.processor(), cpu_count=os.cpu_count(),
+                mkldnn=torch.backends.mkldnn.is_available())
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        info["loadavg_at_start"] = os.getloadavg()  # other processes on the machine perturb timings
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def table(rows: list[dict]) -> str:
+    def fmt(v, spec):
+        return "–" if v is None else format(v, spec)
+
+    lines = ["| mode | batch | model | px | images/s | × alexnet | step ms (min–max) | peak MB | LRN share |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['batch_size']} | {r['model']} | {r['image_size']} | "
+                     f"{r['images_per_s']:.1f} | {r['ratio_to_alexnet']:.2f} | "
+                     f"{r['step_ms']:.0f} ({r['step_ms_min']:.0f}–{r['step_ms_max']:.0f}) | "
+                     f"{fmt(r['peak_memory_mb'], '.0f')} | {fmt(r['lrn_share'], '.1%')} |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)  # never a half-written file
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: 32 128 on CPU, 128 256 on CUDA")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny models (width 1/4, 67 px), batch 4, 2 rounds")
+    parser.add_argument("--warmup", type=int, help="untimed steps per model (default 2; quick 1)")
+    parser.add_argument("--rounds", type=int, help="timed rounds (default 7; quick 2)")
+    parser.add_argument("--steps-per-round", type=int, help="steps per model per round (default 1 on CPU, 10 on CUDA)")
+    parser.add_argument("--models", nargs="+", help="only these (torchvision alexnet is always run)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, all cores)")
+    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_step-<time>.json)")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch_sizes = args.batch_sizes or ([4] if args.quick else [128, 256] if device.type == "cuda" else [32, 128])
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    rounds = args.rounds or (2 if args.quick else 7)
+    steps = args.steps_per_round or (10 if device.type == "cuda" else 1)
+    if args.models:
+        unknown = set(args.models) - set(MODEL_NAMES)
+        if unknown:
+            parser.error(f"unknown models {sorted(unknown)}; choose from {MODEL_NAMES}")
+
+    started, info = datetime.datetime.now(datetime.timezone.utc), machine()
+    rows = []
+    for mode in modes(device):
+        for batch_size in batch_sizes:
+            rows += measure(batch_size, device, mode, args.quick, warmup, rounds, steps, args.models)
+            print(table([r for r in rows if r["mode"] == mode["name"] and r["batch_size"] == batch_size]), flush=True)
+    payload = dict(benchmark="bench_step", started=started.isoformat(), command=["benchmarks/bench_step.py", *(argv if argv is not None else sys.argv[1:])],
+                   machine=info, warmup=warmup, rounds=rounds, steps_per_round=steps, results=rows)
+    out = args.out or RESULTS_DIR / f"bench_step-{started:%Y%m%dT%H%M%S}.json"
+    write_json(out, payload)
+    print(f"\n{table(rows)}\n\nwritten to {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
