@@ -537,9 +537,12 @@ class CatsDogsDataModule(L.LightningDataModule):
     # -------------------------------------------------------------- loaders
 
     def _loader(self, files, batch_size, sampler=None, drop_last=False) -> DataLoader:
+        # Its own generator: otherwise every new iterator takes a draw from the global RNG (for the
+        # workers' base seed), which would shift the dropout masks of a resumed run.
         return DataLoader(self.dataset(files), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self._seed()))
 
     def _seed(self) -> int:
         return self.hparams.seed if self.hparams.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))

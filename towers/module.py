@@ -1,6 +1,6 @@
 """The LightningModule: TowerAlexNet trained as in §5 of the paper."""
 
-import random
+import os
 
 from typing import Literal
 
@@ -91,28 +91,13 @@ class TowerClassifier(L.LightningModule):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(images).softmax(-1)
 
-    # Dropout draws from the global RNGs, which Lightning does not put in checkpoints; saving them
-    # makes a killed-and-resumed run end with the same weights as one that was never interrupted.
-    # Stored as tensors and plain Python values so that torch.load(weights_only=True) accepts them.
-    def on_save_checkpoint(self, checkpoint):
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
-            "python": random.getstate(),
-        }
-
-    def on_load_checkpoint(self, checkpoint):
-        states = checkpoint.get("rng_states")
-        if states is None:
-            return
-        torch.set_rng_state(states["torch"])
-        if states["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
-        kind, keys, pos, has_gauss, gauss = states["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        random.setstate(states["python"])
+    def on_train_epoch_start(self):
+        # Dropout draws from torch's global RNG. Reseeding it from (run seed, epoch) at the start of
+        # every epoch makes the masks a function of the epoch alone, so a run resumed from an
+        # end-of-epoch checkpoint draws exactly what an uninterrupted run would have, whatever else
+        # (validation loaders, sanity checks, callbacks) took from the global RNG in between.
+        run_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed(int(np.random.SeedSequence([run_seed, self.current_epoch]).generate_state(1)[0]))
 
     def configure_optimizers(self):
         hp = self.hparams
