@@ -1,0 +1,340 @@
+"""analysis/compare.py: the table from run folders and from the W&B API, the statistics checked by
+hand, the figures, the CSV and the HTML report (opened in headless Chromium)."""
+
+import csv
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+import compare  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- fixtures in the runs' formats
+
+def _record(stage, step, epoch, towers, scores, eta2, p_value, error=None):
+    """One record as KernelBisectionCallback writes it (towers.callbacks.measure + step/stage)."""
+    n = len(scores) // towers
+    tower = np.repeat(np.arange(1, towers + 1), n).tolist()
+    medians = [float(np.median(scores[i * n:(i + 1) * n])) for i in range(towers)]
+    k = len(scores)
+    stats = None if error else {
+        "groups": list(range(1, towers + 1)) if towers > 1 else ["first half", "second half"],
+        "eta2": eta2, "eta2_null": (max(towers, 2) - 1) / (k - 1), "p_value": p_value,
+        "eta2_split": eta2, "p_value_split": p_value, "color_group": int(np.argmax(medians)) + 1,
+        "control": towers == 1, "permutations": 999, "bootstrap": 200, "ci_level": 0.95, "seed": 0}
+    return {"stage": stage, "step": step, "epoch": epoch, "time": "2026-11-28T09:00:00+00:00",
+            "axis_name": "luminance", "num_towers": towers, "kernels_per_tower": n, "kernel_size": [11, 11],
+            "channel_std": None, "axis": [0.577, 0.577, 0.577], "tower": tower, "error": error,
+            "score": None if error else [float(s) for s in scores],
+            "tower_median": None if error else medians, "statistics": stats}
+
+
+def write_run(folder: Path, towers: int, eta2: float, p_value: float, seed: int, status="finished",
+              diverged=False, layout="wandb", config=None, acc=0.75):
+    """A run's own folder as the callbacks leave it, plus its logger's files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed + 10 * towers)
+    init_scores = rng.uniform(0.5, 0.8, 8 * towers)
+    trained = np.concatenate([rng.uniform(0.1 + 0.5 * (i % 2), 0.4 + 0.5 * (i % 2), 8) for i in range(towers)])
+    init = _record("init", 0, 0, towers, init_scores, 0.05, 0.6)
+    history = [init, _record("interval", 10, 1, towers, trained, eta2 / 2, 0.2)]
+    last = (_record("end", 15, 1, towers, trained, None, None, error="conv1 weights are not finite (NaN or inf): "
+                    "training diverged?") if diverged else _record("end", 20, 2, towers, trained, eta2, p_value))
+    history.append(last)
+    (folder / "bisection.json").write_text(json.dumps({
+        "format": "towers.bisection", "version": 1, "init": dict(init, kernels_file="kernels_init.npy"),
+        "last": dict(last, kernels_file="kernels.npy"), "history": "bisection_history.jsonl",
+        "measurement_seconds": 0.1}))
+    (folder / "bisection_history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 255, (20 * towers, 40, 3), dtype=np.uint8)).save(folder / "kernels.png")
+    summary = {"val/acc": acc, "test/acc": acc - 0.05, "train/loss": 0.4}
+    (folder / "status.json").write_text(json.dumps({
+        "status": "diverged" if diverged else status, "step": last["step"], "epoch": last["epoch"],
+        "message": "loss NaN" if diverged else "", "history": [dict(epoch=0, step=10, **summary)],
+        "summary": summary}))
+    config = config or {"seed_everything": seed, "model": {"num_towers": towers, "lr": 0.01, "width_policy": "split"},
+                        "data": {"class_path": "towers.data.CatsDogsDataModule", "init_args": {"batch_size": 32}},
+                        "trainer": {"max_epochs": 2}}
+    if layout == "wandb":  # W&B's own files/ layout: config.yaml as {key: {value: ...}}, wandb-summary.json
+        wb = {k: {"value": v} for k, v in config.items()}
+        wb["_wandb"] = {"value": {"cli_version": "0.31.0"}}
+        (folder / "config.yaml").write_text(yaml.safe_dump(wb))
+        (folder / "wandb-summary.json").write_text(json.dumps({**summary, "bisection/kernels": {"_type": "images/separated"}}))
+    elif layout == "csv":  # Lightning CSVLogger version dir: hparams.yaml + metrics.csv, no config.yaml
+        (folder / "hparams.yaml").write_text(yaml.safe_dump(
+            {"num_towers": towers, "lr": 0.02, "width_policy": "per_tower"}))
+        (folder / "metrics.csv").write_text("epoch,step,test/acc,val/acc\n0,9,,0.6\n1,19,,0.7\n1,19,0.66,\n")
+        (folder / "status.json").unlink()
+    return folder
+
+
+def make_sweep(root: Path) -> Path:
+    """A towers.sweep output folder: 2 tower counts x 2 seeds finished, one diverged, one failed early."""
+    sweep = root / "demo"
+    runs = []
+    grid = [(1, 0, 0.01, 0.6), (1, 1, 0.02, 0.4), (2, 0, 0.40, 0.001), (2, 1, 0.30, 0.002), (2, 2, 0.5, 0.001)]
+    for i, (towers, seed, eta2, p) in enumerate(grid):
+        name = f"run-{i:03d}"
+        write_run(sweep / "runs" / name / "wandb" / f"offline-run-20261128_0900{i:02d}-id{i}" / "files",
+                  towers, eta2, p, seed, diverged=(i == 4))
+        runs.append({"name": name, "params": {"model.num_towers": towers, "seed_everything": seed},
+                     "status": "diverged" if i == 4 else "finished", "message": "", "attempts": []})
+    runs.append({"name": "run-005", "params": {"model.num_towers": 2, "seed_everything": 3}, "status": "failed",
+                 "message": "exit status 1; see the log", "attempts": []})
+    (sweep / "runs" / "run-005").mkdir(parents=True)
+    (sweep / "sweep.json").write_text(json.dumps({"name": "demo", "sweep": {}, "runs": runs}))
+    return sweep
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    sweep = make_sweep(root)
+    logs = root / "lightning_logs" / "version_0"
+    write_run(logs, 2, 0.35, 0.003, seed=7, layout="csv")
+    return sweep, root / "lightning_logs"
+
+
+@pytest.fixture(scope="module")
+def report(folders, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    runs = compare.collect_local(list(folders))
+    return runs, compare.write_report(runs, out, source="fixtures")
+
+
+# ----------------------------------------------------------------------------- the table
+
+def test_table_from_sweep_and_lightning_folders(folders):
+    runs = compare.collect_local(list(folders))
+    rows = {r.name: r.row for r in runs}
+    assert list(rows) == [f"run-{i:03d}" for i in range(6)] + ["version_0"]
+    r = rows["run-002"]
+    assert (r["sweep"], r["seed"], r["num_towers"], r["width_policy"], r["batch_size"], r["lr"], r["max_epochs"]) \
+        == ("demo", 0, 2, "split", 32, 0.01, 2)
+    assert (r["epochs"], r["step"], r["status"]) == (2, 20, "finished")
+    assert r["eta2"] == 0.40 and r["p_value"] == 0.001 and r["significant"] is True
+    assert r["test_acc"] == pytest.approx(0.70) and r["val_acc"] == pytest.approx(0.75)
+    assert r["eta2_init"] == 0.05 and r["p_value_init"] == 0.6
+    assert r["eta2_null"] == pytest.approx(1 / 15)
+    bis = json.loads(next((folders[0] / "runs" / "run-002").rglob("bisection.json")).read_text())
+    assert [r["tower1_score"], r["tower2_score"]] == bis["last"]["tower_median"]
+    assert [r["tower1_score_init"], r["tower2_score_init"]] == bis["init"]["tower_median"]
+    assert r["tower1_score"] < 0.45 < r["tower2_score"]  # the fixture's grey and coloured towers
+    assert rows["run-000"]["num_towers"] == 1 and rows["run-000"]["significant"] is False
+    assert rows["run-004"]["status"] == "diverged" and rows["run-004"]["eta2"] is None
+    failed = rows["run-005"]
+    assert (failed["status"], failed["seed"], failed["num_towers"], failed["eta2"]) == ("failed", 3, 2, None)
+    assert "exit status 1" in failed["message"]
+    v = rows["version_0"]  # Lightning CSV log dir: hparams.yaml and metrics.csv
+    assert (v["num_towers"], v["lr"], v["width_policy"], v["test_acc"], v["val_acc"]) == (2, 0.02, "per_tower", 0.66, 0.7)
+    assert v["status"] is None and v["eta2"] == 0.35
+    usable = [r.name for r in runs if r.usable]
+    assert usable == ["run-000", "run-001", "run-002", "run-003", "version_0"]  # the last stage of version_0 is "end"
+
+
+def test_no_runs_found_says_what_it_looked_for(tmp_path):
+    with pytest.raises(SystemExit, match=r"no runs found under .*sweep\.json.*bisection\.json or status\.json"):
+        compare.collect_local([tmp_path])
+    with pytest.raises(SystemExit, match="no such folder"):
+        compare.collect_local([tmp_path / "missing"])
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(tmp_path / "o")])  # neither folders nor --wandb
+
+
+# ----------------------------------------------------------------------------- statistics by hand
+
+def test_clopper_pearson_every_run_bounds():
+    assert compare.clopper_pearson(5, 5)[0] == pytest.approx(0.478, abs=5e-4)
+    assert compare.clopper_pearson(10, 10)[0] == pytest.approx(0.692, abs=5e-4)
+    assert compare.clopper_pearson(5, 5)[1] == 1.0
+    lo, hi = compare.clopper_pearson(0, 5)  # upper bound 1 - 0.025 ** (1/5)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** 0.2)
+
+
+def test_median_and_bootstrap_interval():
+    med, lo, hi = compare.median_interval([0.9, 0.1, 0.5, 0.3, 0.7])
+    assert med == 0.5 and 0.1 <= lo <= med <= hi <= 0.9 and lo < hi
+    assert compare.median_interval([0.2, 0.4, 0.6, 0.8])[0] == pytest.approx(0.5)
+    med, lo, hi = compare.median_interval([0.3])
+    assert med == 0.3 and np.isnan(lo) and np.isnan(hi)
+
+
+def test_summary_of_a_constructed_table():
+    def run(towers, seed, eta2, p, lr=0.01):
+        row = {c: None for c in compare.FIXED_COLUMNS}
+        row.update(run=f"t{towers}s{seed}lr{lr}", seed=seed, num_towers=towers, lr=lr, eta2=eta2, p_value=p,
+                   eta2_null=(towers - 1) / (48 * towers - 1), status="finished")
+        return compare.Run(row=row, last={"stage": "end", "control": False})
+
+    eta2 = [0.31, 0.12, 0.45, 0.28, 0.05]
+    p = [0.001, 0.01, 0.0001, 0.02, 0.3]
+    runs = [run(2, s, e, q) for s, (e, q) in enumerate(zip(eta2, p))]
+    runs += [run(4, s, 0.2, 0.001) for s in range(10)]
+    runs += [run(2, 0, 0.9, 0.001, lr=0.1)]
+    runs.append(compare.Run(row=dict(runs[0].row, run="diverged", status="diverged"), last={"stage": "end"}))
+    summary = {s["label"]: s for s in compare.summarize(runs, alpha=0.05)}
+    assert set(summary) == {"T=2, lr=0.01", "T=2, lr=0.1", "T=4, lr=0.01"}
+    two = summary["T=2, lr=0.01"]
+    assert (two["seeds"], two["significant"]) == (5, 4)  # the diverged run is not a seed
+    assert two["eta2_median"] == pytest.approx(0.28)  # sorted: .05 .12 .28 .31 .45
+    assert two["eta2_low"] <= 0.28 <= two["eta2_high"]
+    assert (two["cp_low"], two["cp_high"]) == pytest.approx((0.2836, 0.9949), abs=1e-4)
+    assert two["eta2_null"] == pytest.approx(1 / 95)
+    four = summary["T=4, lr=0.01"]
+    assert (four["significant"], four["seeds"]) == (10, 10) and four["cp_low"] == pytest.approx(0.6915, abs=1e-4)
+    assert four["eta2_median"] == four["eta2_low"] == four["eta2_high"] == 0.2
+
+
+# ----------------------------------------------------------------------------- figures, CSV, HTML
+
+def test_figures_csv_and_html_are_written(report):
+    runs, paths = report
+    for name in ("eta2_by_towers.png", "significant.png", "tower_scores.png", "kernels_montage.png",
+                 "eta2_over_steps.png"):
+        data = paths[name].read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    with open(paths["table.csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == [r.name for r in runs]
+    assert rows[2]["eta2"] == "0.4" and rows[2]["status"] == "finished" and rows[5]["status"] == "failed"
+    assert {"tower1_score", "tower2_score_init"} <= set(rows[0])
+    page = paths["report.html"].read_text()
+    assert page.count('src="data:image/png;base64,') == 5
+    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing loaded from outside the file
+    assert page.count("<tr class=") == len(runs)
+    assert "2 of 2 seeds" in page and "run-004 (diverged)" in page and "run-005 (failed)" in page
+    assert not list(paths["report.html"].parent.glob(".*.tmp"))
+
+
+def test_cli_on_folders(folders, tmp_path, capsys):
+    assert compare.main([str(f) for f in folders] + ["--out", str(tmp_path), "--montage", "run-002", "run-000"]) == 0
+    out = capsys.readouterr().out
+    assert "7 runs (4 finished, 1 diverged, 1 failed, 1 unknown)" in out and "report:" in out
+    assert "T=2, width=split, batch=32, lr=0.01, epochs=2: 2 of 2 seeds" in out
+    assert "T=2, width=per_tower, batch=None, lr=0.02, epochs=None: 1 of 1 seeds" in out
+    assert (tmp_path / "report.html").stat().st_size > 10000
+    with pytest.raises(SystemExit, match="no run named nope"):
+        compare.main([str(folders[0]), "--out", str(tmp_path), "--montage", "nope"])
+
+
+# ----------------------------------------------------------------------------- the W&B public API path
+
+class FakeFile:
+    """wandb.apis.public.File: .name, .download(root, replace)."""
+
+    def __init__(self, path: Path):
+        self.path, self.name = path, path.name
+
+    def download(self, root=".", replace=False, exist_ok=False, api=None):
+        target = Path(root) / self.name
+        shutil.copy(self.path, target)
+        return open(target)
+
+
+class FakeRun:
+    """wandb.apis.public.Run as compare.py uses it: id, name, state, config (plain values, nested
+    as logged), summary (.items()), sweep (None for runs the offline agent synced), group, files()."""
+
+    def __init__(self, folder: Path, name: str, sweep_group: str):
+        self.folder, self.name, self.id = folder, name, folder.parent.name.split("-")[-1]
+        wandb_config = yaml.safe_load((folder / "config.yaml").read_text())
+        self.config = {k: v["value"] for k, v in wandb_config.items()}
+        self.summary = json.loads((folder / "wandb-summary.json").read_text())
+        self.state = "finished" if json.loads((folder / "status.json").read_text())["status"] == "finished" else "failed"
+        self.sweep, self.group = None, sweep_group
+
+    def files(self, names=None, pattern=None, per_page=50):
+        return [FakeFile(p) for p in sorted(self.folder.iterdir()) if p.is_file()]
+
+    def scan_history(self, keys=None, page_size=1000, min_step=0, max_step=None, use_cache=True):
+        raise AssertionError("bisection_history.jsonl was uploaded: the history comes from it")
+
+
+class FakeApi:
+    def __init__(self, runs):
+        self._runs = runs
+        self.paths = []
+
+    def runs(self, path, filters=None, order="+created_at", per_page=50, include_sweeps=False, lazy=True):
+        self.paths.append(path)
+        return list(self._runs)
+
+
+def test_wandb_api_gives_the_same_table(folders, tmp_path):
+    sweep = folders[0]
+    local = [r for r in compare.collect_local([sweep]) if r.row["run"] != "run-005"]  # run-005 never synced
+    fake = FakeApi([FakeRun(next((sweep / "runs" / r.name).rglob("bisection.json")).parent, r.name, "demo")
+                    for r in local])
+    remote = compare.collect_wandb("me/towers", api=fake, cache=tmp_path)
+    assert fake.paths == ["me/towers"]
+    assert len(remote) == len(local)
+    for a, b in zip(local, remote):
+        assert {k: v for k, v in a.row.items() if k != "source"} == {k: v for k, v in b.row.items() if k != "source"}
+        assert a.history == b.history and b.kernels_png.read_bytes() == a.kernels_png.read_bytes()
+    assert remote[0].row["source"] == f"wandb:me/towers/{fake._runs[0].id}"
+    with pytest.raises(SystemExit, match="no runs found in W&B project me/empty"):
+        compare.collect_wandb("me/empty", api=FakeApi([]), cache=tmp_path)
+
+
+def test_wandb_cli_writes_the_same_csv(folders, tmp_path, monkeypatch):
+    import wandb
+
+    sweep = folders[0]
+    local = [r for r in compare.collect_local([sweep]) if r.row["run"] != "run-005"]
+    fake = FakeApi([FakeRun(next((sweep / "runs" / r.name).rglob("bisection.json")).parent, r.name, "demo")
+                    for r in local])
+    monkeypatch.setattr(wandb, "Api", lambda *a, **k: fake)
+    assert compare.main(["--wandb", "me/towers", "--out", str(tmp_path / "w")]) == 0
+    with open(tmp_path / "w" / "table.csv", newline="") as f:
+        remote = [{k: v for k, v in r.items() if k != "source"} for r in csv.DictReader(f)]
+    local_csv = list(csv.DictReader(io.StringIO(compare.table_csv(local))))
+    assert remote == [{k: v for k, v in r.items() if k != "source"} for r in local_csv]
+
+
+# ----------------------------------------------------------------------------- the report in a browser
+
+CHECK = """<pre id="check"></pre><script>
+window.addEventListener("load", () => {
+  const sizes = Array.from(document.images).map(i => i.complete + ":" + i.naturalWidth + "x" + i.naturalHeight);
+  const th = Array.from(document.querySelectorAll("table.runs th")).find(h => h.textContent === "eta2");
+  th.click(); th.click();  // descending
+  const first = document.querySelector("table.runs tbody tr").cells[0].textContent;
+  document.getElementById("check").textContent = JSON.stringify({sizes, first});
+});
+</script></body>"""
+
+
+def test_report_opens_in_headless_chromium(report):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (.ci/run installs Debian's chromium)")
+    _, paths = report
+    page = paths["report.html"].read_text().replace("</body>", CHECK)
+    with tempfile.TemporaryDirectory() as profile:
+        probe = Path(profile) / "probe.html"
+        probe.write_text(page)
+        dom = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}/u",
+             "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=60).stdout
+    found = re.search(r'<pre id="check">(.*?)</pre>', dom)
+    assert found, dom[-2000:]
+    check = json.loads(found.group(1).replace("&quot;", '"'))
+    assert len(check["sizes"]) == 5
+    for size in check["sizes"]:
+        complete, dims = size.split(":")
+        width, height = map(int, dims.split("x"))
+        assert complete == "true" and width > 100 and height > 100, check
+    assert check["first"] == "run-002"  # largest eta2 (0.40) first after sorting descending
