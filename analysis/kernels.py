@@ -1,0 +1,210 @@
+"""Colour scores per tower, the bisection statistic and the Figure-3 grid of saved first-layer kernels.
+
+    python analysis/kernels.py runs/.../checkpoints/last.ckpt            # a Lightning checkpoint
+    python analysis/kernels.py conv1.npy --towers 2 --bgr                # (96, 3, 11, 11), e.g. Caffe's
+    python analysis/kernels.py runs/.../bisection.json [--record init]   # what the callback saved
+
+Prints the per-tower table and the statistic, and writes <stem>_kernels.png, <stem>_scores.png and
+<stem>_bisection.json into --out (default: the input's folder). For a checkpoint written with
+KernelBisectionCallback the settings it used (input channel std, grey axis, permutations, seed) come
+from the checkpoint, so the numbers are the callback's.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python analysis/kernels.py` from anywhere
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from towers.callbacks import kernel_grid, measure, score_plot, write_json, write_png  # noqa: E402
+from towers.color import RANDOM_KERNEL_SCORE, Bisection, bisection, color_specificity  # noqa: E402
+
+CONV1 = "model.features.conv1.weight"
+
+
+def _split_towers(weights: torch.Tensor, towers: int | None, source: str) -> torch.Tensor:
+    """(K, 3, h, w) -> (towers, K / towers, 3, h, w); (T, n, 3, h, w) passes."""
+    if weights.dim() == 5 and weights.shape[2] == 3:
+        if towers is not None and towers != weights.shape[0]:
+            raise SystemExit(f"{source}: holds {weights.shape[0]} towers, but --towers {towers} was given")
+        return weights
+    if weights.dim() != 4 or weights.shape[1] != 3:
+        raise SystemExit(f"{source}: expected first-layer weights (K, 3, h, w) or (towers, K/towers, 3, h, w), "
+                         f"got shape {tuple(weights.shape)} (TensorFlow's (h, w, 3, K) needs a transpose)")
+    if towers is None:
+        raise SystemExit(f"{source}: a bare weight tensor does not say how many towers it had; give --towers "
+                         f"(1 for a one-tower network; 2 for the paper's, kernels 0..K/2-1 being the first tower)")
+    if towers < 1 or weights.shape[0] % towers:
+        raise SystemExit(f"{source}: {weights.shape[0]} kernels cannot be split into {towers} equal towers")
+    return weights.view(towers, weights.shape[0] // towers, *weights.shape[1:])
+
+
+def load(path: Path, towers: int | None = None, record: str = "last") -> dict:
+    """Kernels (T, n, 3, h, w) and the settings they were measured with, from any supported file.
+
+    Returns a dict with ``kernels`` (or None when a bisection.json has no matching kernels file),
+    ``record`` (the saved measurement, bisection.json only), ``init`` (the initialisation record if
+    the file has one), ``settings`` (channel_std, axis, permutations, bootstrap, seed; None = default)
+    and ``source`` (a line that says what was read).
+    """
+    if not path.exists():
+        raise SystemExit(f"{path}: no such file")
+    settings = {"channel_std": None, "axis": None, "permutations": None, "bootstrap": None, "seed": None}
+    out = {"kernels": None, "record": None, "init": None, "settings": settings}
+
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if data.get("format") != "towers.bisection":
+            raise SystemExit(f"{path}: not a bisection.json written by KernelBisectionCallback")
+        rec = data.get(record)
+        if rec is None:
+            raise SystemExit(f"{path}: has no {record!r} record")
+        if rec.get("score") is None:
+            raise SystemExit(f"{path}: the {record!r} record has no scores: {rec.get('error')}")
+        stats = rec["statistics"] or {}
+        settings.update(channel_std=rec["channel_std"], axis=rec["axis"], permutations=stats.get("permutations"),
+                        bootstrap=stats.get("bootstrap"), seed=stats.get("seed"))
+        out.update(record=rec, init=data.get("init") if record != "init" else None,
+                   source=f"{path} ({record} record: {rec['stage']}, step {rec['step']}, epoch {rec['epoch']})")
+        kernels_file = path.parent / rec.get("kernels_file", "")
+        if rec.get("kernels_file") and kernels_file.is_file():
+            kernels = torch.from_numpy(np.load(kernels_file))
+            scores = color_specificity(kernels, rec["channel_std"], rec["axis"]).numpy()
+            if np.allclose(scores, np.asarray(rec["score"], dtype=float), rtol=0, atol=1e-12):
+                out["kernels"] = kernels
+            else:
+                print(f"warning: {kernels_file.name} does not hold the kernels of this record (written at "
+                      f"another step?); no grid", file=sys.stderr)
+        else:
+            print(f"warning: no kernels file {rec.get('kernels_file')!r} beside {path.name}; no grid", file=sys.stderr)
+        return out
+
+    if path.suffix == ".npy":
+        weights = torch.from_numpy(np.load(path, allow_pickle=False))
+        out.update(kernels=_split_towers(weights, towers, str(path)), source=f"{path} (weight array)")
+        return out
+
+    # A Lightning checkpoint is a pickle (it keeps NumPy RNG states): load only checkpoints you trust, as
+    # with TowerClassifier.load_from_checkpoint. Other .pt files are read as tensors only.
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=path.suffix != ".ckpt")
+    except Exception as e:
+        raise SystemExit(f"{path}: cannot be read as a PyTorch file ({type(e).__name__}: {str(e)[:300]})") from None
+    if isinstance(obj, torch.Tensor):
+        out.update(kernels=_split_towers(obj, towers, str(path)), source=f"{path} (weight tensor)")
+        return out
+    if not isinstance(obj, dict) or CONV1 not in obj.get("state_dict", {}):
+        keys = list(obj.get("state_dict", obj))[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise SystemExit(f"{path}: neither a weight tensor nor a TowerClassifier checkpoint with {CONV1!r} "
+                         f"(found {keys}); export conv1's weights as a (K, 3, h, w) array instead")
+    num_towers = obj.get("hyper_parameters", {}).get("num_towers")
+    if num_towers is None and towers is None:
+        raise SystemExit(f"{path}: the checkpoint has no hyper_parameters.num_towers; give --towers")
+    if towers is not None and num_towers is not None and towers != num_towers:
+        raise SystemExit(f"{path}: the checkpoint was trained with {num_towers} towers, not --towers {towers}")
+    out["kernels"] = _split_towers(obj["state_dict"][CONV1], num_towers or towers, str(path))
+    state = obj.get("callbacks", {}).get("KernelBisectionCallback")
+    if state:
+        settings.update({k: state.get(k) for k in settings})
+        out["init"] = state.get("init")
+    else:
+        print("warning: the checkpoint has no KernelBisectionCallback state, so the input channel std is unknown; "
+              "scores assume the network saw raw (mean-subtracted) RGB. Pass --channel-std if it did not.",
+              file=sys.stderr)
+    out["source"] = f"{path} (checkpoint, epoch {obj.get('epoch')}, step {obj.get('global_step')})"
+    return out
+
+
+def table(rec: dict) -> str:
+    stats = Bisection(**rec["statistics"])
+    lines = [f"{'tower':>6} {'kernels':>7} {'median':>7} {f'{stats.ci_level:.0%} CI':>16} {'DC':>6} {'AC':>6}"]
+    for k, (med, dc, ac) in enumerate(zip(rec["tower_median"], rec["tower_median_dc"], rec["tower_median_ac"]), 1):
+        if stats.control:
+            ci = "(see halves)"
+        else:
+            j = stats.groups.index(k)
+            ci = f"[{stats.ci_low[j]:.3f}, {stats.ci_high[j]:.3f}]"
+        lines.append(f"{k:>6} {rec['kernels_per_tower']:>7} {med:>7.3f} {ci:>16} {dc:>6.3f} {ac:>6.3f}")
+    if stats.control:
+        for name, med, lo, hi, n in zip(stats.groups, stats.median, stats.ci_low, stats.ci_high, stats.sizes):
+            lines.append(f"{name:>14} {n:>3} {med:>7.3f} {f'[{lo:.3f}, {hi:.3f}]':>16}")
+    lines.append(stats.summary())
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("path", type=Path, help="checkpoint (.ckpt/.pt), weight array (.pt/.npy) or bisection.json")
+    parser.add_argument("--out", type=Path, help="folder for the grid, plot and JSON (default: beside the input)")
+    parser.add_argument("--towers", type=int, help="tower count of a bare (K, 3, h, w) array")
+    parser.add_argument("--bgr", action="store_true", help="the weights' colour channels are in BGR order (Caffe, OpenCV)")
+    parser.add_argument("--record", choices=["last", "init"], default="last", help="which record of a bisection.json")
+    parser.add_argument("--channel-std", type=float, nargs=3, metavar=("R", "G", "B"),
+                        help="per-channel std the inputs were divided by (default: from the checkpoint, else none)")
+    parser.add_argument("--axis", type=float, nargs=3, metavar=("R", "G", "B"),
+                        help="grey axis in RGB (default: from the checkpoint, else (1,1,1)/sqrt(3))")
+    parser.add_argument("--permutations", type=int)
+    parser.add_argument("--bootstrap", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--global-scale", action="store_true", help="one colour scale for all kernels in the grid")
+    parser.add_argument("--sort", action="store_true", help="order each tower's kernels by score in the grid")
+    args = parser.parse_args(argv)
+
+    loaded = load(args.path, args.towers, args.record)
+    settings = loaded["settings"]
+    for name in settings:
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    defaults = {"permutations": 9999, "bootstrap": 2000, "seed": 0}
+    settings = {k: defaults.get(k) if v is None else v for k, v in settings.items()}
+    kernels = loaded["kernels"]
+    if kernels is not None and args.bgr:
+        kernels = kernels.flip(2)
+
+    if kernels is not None and (loaded["record"] is None or args.channel_std or args.axis or args.bgr):
+        rec = measure(kernels, settings["channel_std"], settings["axis"], settings["permutations"],
+                      settings["bootstrap"], settings["seed"])
+    else:  # the saved scores, statistic recomputed with the settings asked for
+        rec = dict(loaded["record"])
+        rec["statistics"] = bisection(rec["score"], rec["tower"], settings["permutations"], settings["seed"],
+                                      settings["bootstrap"]).to_dict()
+    if rec["error"]:
+        raise SystemExit(f"{args.path}: {rec['error']}")
+    rec["source"] = loaded["source"]
+
+    print(loaded["source"])
+    print(f"{rec['num_towers']} tower(s) x {rec['kernels_per_tower']} kernels of {rec['kernel_size'][0]}x"
+          f"{rec['kernel_size'][1]}; channels {'BGR->RGB' if args.bgr else 'RGB'}; "
+          + (f"weights divided by input std {settings['channel_std']}" if settings["channel_std"]
+             else "inputs taken as raw RGB (no std)")
+          + f"; grey axis {np.round(rec['axis'], 4).tolist()}")
+    print(table(rec))
+    init = loaded["init"]
+    if init and init.get("statistics"):
+        print(f"at initialisation (step {init['step']}): eta2 = {init['statistics']['eta2']:.3f}, "
+              f"p = {init['statistics']['p_value']:.2g}, tower medians "
+              + ", ".join(f"{m:.3f}" for m in init["tower_median"]))
+    else:
+        print(f"(no initialisation record here: i.i.d. Gaussian kernels score {RANDOM_KERNEL_SCORE:.3f} on average)")
+
+    out = args.out or args.path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.path.stem + ("_init" if args.record == "init" and args.path.suffix == ".json" else "")
+    stats = Bisection(**rec["statistics"])
+    write_png(out / f"{stem}_scores.png", score_plot(rec["score"], rec["tower"], stats,
+                                                     init["score"] if init and init.get("score") else None,
+                                                     f"{args.path.name}"))
+    if kernels is not None:
+        order = torch.tensor(rec["score"]).view(kernels.shape[:2]).argsort(1) if args.sort else None
+        write_png(out / f"{stem}_kernels.png", kernel_grid(kernels, args.global_scale, order))
+    write_json(out / f"{stem}_bisection.json", rec)
+    print(f"wrote {out / stem}_{{{'kernels,' if kernels is not None else ''}scores}}.png and {stem}_bisection.json")
+    return rec
+
+
+if __name__ == "__main__":
+    main()

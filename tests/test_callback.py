@@ -1,0 +1,260 @@
+"""KernelBisectionCallback in real (tiny) Lightning fits, and analysis/kernels.py on what they leave."""
+
+import csv
+import json
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from analysis import kernels as analysis
+from towers import KernelBisectionCallback, TowerClassifier
+from towers.callbacks import kernel_grid, read_history
+from towers.color import bisection, color_specificity
+
+SIZE = 67  # conv1 11/4 -> 15, pool -> 7, ..., pool5 -> 1: the smallest input the network takes comfortably
+
+
+def loader(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(torch.randn(n, 3, SIZE, SIZE, generator=g), torch.randint(0, 2, (n,), generator=g)),
+                      batch_size=8)
+
+
+def tiny_model(num_towers=2):
+    # width 0.125: 12 conv1 kernels in all; a large rate so the kernels move in a few steps
+    return TowerClassifier(num_towers=num_towers, width_multiplier=0.125, image_size=SIZE, lr=0.05,
+                           lr_schedule="constant")
+
+
+def trainer(root, callback, logger, max_steps):
+    return L.Trainer(max_steps=max_steps, default_root_dir=root, logger=logger, callbacks=[callback],
+                     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                     limit_val_batches=0, log_every_n_steps=1, accelerator="cpu", devices=1)
+
+
+def grid_size(towers, n, columns=16, zoom=4, pad=2, gap=12, h=11, w=11):
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    return pad + towers * rows * (h * zoom + pad) + (towers - 1) * gap, pad + cols * (w * zoom + pad)
+
+
+def test_kernel_grid_layout_scaling_and_order():
+    kernels = torch.randn(3, 5, 3, 11, 11, generator=torch.Generator().manual_seed(0))
+    kernels[1, 2] *= 1e-3  # a weak kernel
+    img = kernel_grid(kernels, columns=4, zoom=2, pad=1, gap=6)
+    rows_per_tower, cell = 2, 11 * 2 + 1
+    assert img.shape == (1 + 3 * rows_per_tower * cell + 2 * 6, 1 + 4 * cell, 3) == grid_size(3, 5, 4, 2, 1, 6) + (3,)
+    block = rows_per_tower * cell
+    for t in (1, 2):  # the 6 rows between tower blocks are white: the towers are visibly apart
+        top = 1 + t * block + (t - 1) * 6
+        assert (img[top:top + 6] == 255).all()
+        assert (img[top - cell + 1:top - 1] != 255).any() and (img[top + 6:top + 6 + cell - 1] != 255).any()
+
+    def cell_pixels(t, i, image):
+        r, c = divmod(i, 4)
+        y, x = 1 + t * (block + 6) + r * cell, 1 + c * cell
+        return image[y:y + 22, x:x + 22]
+
+    weak = cell_pixels(1, 2, img)
+    assert weak.min() == 0 and weak.max() == 255  # per-kernel scaling stretches even a weak kernel
+    assert (cell_pixels(0, 4 + 3, img) == 255).all()  # the empty 8th slot of a 5-kernel tower stays blank
+    global_img = kernel_grid(kernels, global_scale=True, columns=4, zoom=2, pad=1, gap=6)
+    assert np.ptp(cell_pixels(1, 2, global_img).astype(int)) < 5  # one scale for all: the weak kernel is flat grey
+    # a grey kernel stays grey: its three channels share one scale
+    assert (np.ptp(cell_pixels(0, 0, kernel_grid(kernels.mean(2, keepdim=True).expand(-1, -1, 3, -1, -1),
+                                                    columns=4, zoom=2, pad=1, gap=6)).astype(int), axis=2) == 0).all()
+    order = torch.arange(5).flip(0).expand(3, 5)
+    reordered = kernel_grid(kernels, order=order, columns=4, zoom=2, pad=1, gap=6)
+    assert np.array_equal(cell_pixels(2, 0, reordered), cell_pixels(2, 4, img))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Two towers, CSV and TensorBoard loggers, a measurement every 3 steps, 6 steps (4 batches an epoch)."""
+    root = tmp_path_factory.mktemp("two_towers")
+    L.seed_everything(0)
+    model = tiny_model()
+    callback = KernelBisectionCallback(every_n_epochs=None, every_n_steps=3, permutations=999)
+    loggers = [CSVLogger(root), TensorBoardLogger(root, name="tb")]
+    fit = trainer(root, callback, loggers, max_steps=6)
+    fit.fit(model, loader())
+    ckpt = root / "final.ckpt"
+    fit.save_checkpoint(ckpt)
+    return {"root": root, "dir": root / "lightning_logs" / "version_0", "model": model, "trainer": fit,
+            "ckpt": ckpt, "callback": callback}
+
+
+def test_run_folder_holds_grids_plots_weights_and_records(run):
+    d = run["dir"]
+    for name in ("kernels.png", "kernels_init.png", "scores.png", "scores_init.png", "kernels.npy",
+                 "kernels_init.npy", "bisection.json", "bisection_history.jsonl"):
+        assert (d / name).is_file(), name
+    assert sorted(p.name for p in (d / "kernels").iterdir()) == [f"step_{s:07d}.png" for s in (0, 3, 6)]
+    assert not list(d.glob(".*.tmp"))  # no temporary file left behind
+
+    grid = np.asarray(Image.open(d / "kernels.png").convert("RGB"))
+    height, width = grid_size(2, 6)  # 12 kernels: 6 per tower, one row each
+    assert grid.shape == (height, width, 3)
+    gap_top = 2 + 46  # pad + one row of 44-pixel cells and its 2-pixel border
+    assert (grid[gap_top:gap_top + 12] == 255).all()
+    assert (grid[2:46] != 255).any() and (grid[gap_top + 12:gap_top + 12 + 44] != 255).any()
+    assert not np.array_equal(grid, np.asarray(Image.open(d / "kernels_init.png").convert("RGB")))  # it trained
+    plot = Image.open(d / "scores.png")
+    assert plot.size[0] > 300 and plot.size[1] > 300
+
+    final = run["model"].conv1_kernels().detach()
+    assert np.array_equal(np.load(d / "kernels.npy"), final.numpy())
+
+
+def test_bisection_json_and_history_follow_the_schema(run):
+    d, model = run["dir"], run["model"]
+    data = json.loads((d / "bisection.json").read_text())
+    assert data["format"] == "towers.bisection" and data["version"] == 1
+    assert data["history"] == "bisection_history.jsonl" and data["measurement_seconds"] > 0
+    init, last = data["init"], data["last"]
+    assert (init["stage"], init["step"], init["kernels_file"]) == ("init", 0, "kernels_init.npy")
+    assert (last["stage"], last["step"], last["kernels_file"]) == ("end", 6, "kernels.npy")
+    assert init["epoch"] == 0 and last["epoch"] == 1  # Lightning's 0-based epoch counter: steps 5-6 are in epoch 1
+    for record in (init, last):
+        assert record["num_towers"] == 2 and record["kernels_per_tower"] == 6 and record["kernel_size"] == [11, 11]
+        assert record["tower"] == [1] * 6 + [2] * 6 and record["error"] is None
+        assert record["channel_std"] is None and record["axis_name"] == "luminance"
+        assert np.allclose(record["axis"], [3 ** -0.5] * 3)
+        assert np.allclose(np.add(record["score_dc"], record["score_ac"]), record["score"])
+        stats = record["statistics"]
+        assert {"eta2", "p_value", "eta2_null", "eta2_split", "p_value_split", "median", "ci_low", "ci_high",
+                "color_group", "groups", "control", "permutations", "seed"} <= set(stats)
+        assert stats["permutations"] == 999 and stats["groups"] == [1, 2] and not stats["control"]
+        assert stats["median"] == pytest.approx(record["tower_median"])
+    assert init["score"] != last["score"]
+    # the final record is the trained model's kernels, measured
+    scores = color_specificity(model.conv1_kernels())
+    assert np.allclose(last["score"], scores.numpy(), rtol=0, atol=1e-12)
+    again = bisection(scores, last["tower"], permutations=999)
+    assert (again.eta2, again.p_value) == (last["statistics"]["eta2"], last["statistics"]["p_value"])
+
+    history = read_history(d / "bisection_history.jsonl")
+    assert [(r["step"], r["stage"]) for r in history] == [(0, "init"), (3, "interval"), (6, "interval")]
+    assert history[-1]["score"] == last["score"] and history[0]["score"] == init["score"]
+
+
+def test_scalars_reach_the_csv_logger_and_images_tensorboard(run):
+    with open(run["dir"] / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    by_step = {}
+    for row in rows:
+        for key, value in row.items():
+            if value != "" and key.startswith(("bisection/", "tower_")):
+                by_step.setdefault(int(row["step"]), {})[key] = float(value)
+    assert sorted(by_step) == [0, 3, 6]
+    expected = {"bisection/eta2", "bisection/p_value", "bisection/eta2_null", "tower_1/color_score",
+                "tower_2/color_score", "tower_1/color_score_dc", "tower_1/color_score_ac"}
+    assert expected <= set(by_step[6]) and expected <= set(by_step[0])
+    assert {"bisection/eta2_init", "bisection/p_value_init", "tower_1/color_score_init",
+            "tower_2/color_score_init"} <= set(by_step[0])
+    last = json.loads((run["dir"] / "bisection.json").read_text())["last"]
+    assert by_step[6]["bisection/eta2"] == pytest.approx(last["statistics"]["eta2"])
+    assert by_step[6]["tower_2/color_score"] == pytest.approx(last["tower_median"][1])
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run["root"] / "tb" / "version_0"), size_guidance={"images": 0}).Reload()
+    assert {"bisection/kernels", "bisection/scores"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Images("bisection/kernels")] == [0, 3, 6]
+    assert "bisection/eta2" in events.Tags()["scalars"]
+
+
+def test_analysis_script_gives_the_callbacks_numbers(run, tmp_path, capsys):
+    last = json.loads((run["dir"] / "bisection.json").read_text())["last"]
+    from_ckpt = analysis.main([str(run["ckpt"]), "--out", str(tmp_path)])
+    assert from_ckpt["score"] == last["score"]
+    for key in ("eta2", "p_value", "median", "ci_low", "ci_high", "color_group"):
+        assert from_ckpt["statistics"][key] == last["statistics"][key], key
+    printed = capsys.readouterr().out
+    assert f"eta2 = {last['statistics']['eta2']:.3f}" in printed and "at initialisation (step 0)" in printed
+    assert (tmp_path / "final_kernels.png").is_file() and (tmp_path / "final_scores.png").is_file()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "final_kernels.png")),
+                          np.asarray(Image.open(run["dir"] / "kernels.png")))
+
+    from_json = analysis.main([str(run["dir"] / "bisection.json"), "--out", str(tmp_path)])
+    assert from_json["statistics"] == last["statistics"]
+    from_array = analysis.main([str(run["dir"] / "kernels.npy"), "--permutations", "999", "--out", str(tmp_path)])
+    assert from_array["statistics"]["eta2"] == last["statistics"]["eta2"]
+    # a bare (K, 3, h, w) array needs its tower count; BGR input is flipped back to RGB
+    flat = tmp_path / "conv1_bgr.npy"
+    np.save(flat, np.load(run["dir"] / "kernels.npy").reshape(12, 3, 11, 11)[:, ::-1])
+    with pytest.raises(SystemExit, match="--towers"):
+        analysis.main([str(flat)])
+    bgr = analysis.main([str(flat), "--towers", "2", "--bgr", "--permutations", "999", "--out", str(tmp_path)])
+    assert bgr["score"] == pytest.approx(last["score"], abs=1e-12)
+    with pytest.raises(SystemExit, match="no such file"):
+        analysis.main([str(tmp_path / "missing.ckpt")])
+
+
+def test_resumed_run_keeps_its_initialisation_baseline(run, tmp_path):
+    init = json.loads((run["dir"] / "bisection.json").read_text())["init"]
+    callback = KernelBisectionCallback(every_n_epochs=None, every_n_steps=3, permutations=999)
+    resumed = trainer(tmp_path, callback, CSVLogger(tmp_path), max_steps=9)
+    # weights_only=False: the module keeps NumPy RNG states in its checkpoints, which torch's safe loader refuses
+    resumed.fit(tiny_model(), loader(), ckpt_path=run["ckpt"], weights_only=False)
+    data = json.loads((tmp_path / "lightning_logs" / "version_0" / "bisection.json").read_text())
+    assert data["init"]["score"] == init["score"] and data["init"]["step"] == 0
+    assert data["last"]["step"] == 9
+    steps = [r["step"] for r in read_history(tmp_path / "lightning_logs" / "version_0" / "bisection_history.jsonl")]
+    assert steps == [9]  # measured once more at the end; step 6 fell before the resume
+
+
+def test_one_tower_gets_the_control_statistic_without_any_logger(tmp_path):
+    L.seed_everything(1)
+    callback = KernelBisectionCallback(every_n_epochs=1, permutations=999)
+    trainer(tmp_path, callback, False, max_steps=4).fit(tiny_model(num_towers=1), loader())
+    data = json.loads((tmp_path / "bisection.json").read_text())  # no logger: trainer.default_root_dir
+    last = data["last"]
+    assert last["num_towers"] == 1 and last["tower"] == [1] * 12
+    assert last["statistics"]["control"] and last["statistics"]["groups"] == ["first half", "second half"]
+    assert last["statistics"]["sizes"] == [6, 6] and last["statistics"]["eta2_null"] == pytest.approx(1 / 11)
+    grid = np.asarray(Image.open(tmp_path / "kernels.png").convert("RGB"))
+    assert grid.shape == grid_size(1, 12) + (3,)
+    # epoch 0 ended at step 4, which is also the end: one record for it, marked "end"
+    assert [(r["step"], r["stage"]) for r in read_history(tmp_path / "bisection_history.jsonl")] == [
+        (0, "init"), (4, "interval")]
+    assert last["stage"] == "end"
+
+
+def test_diverged_weights_are_reported_not_fatal(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.features.conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="not finite"):
+        trainer(tmp_path, KernelBisectionCallback(permutations=999), False, max_steps=1).fit(model, loader(8))
+    data = json.loads((tmp_path / "bisection.json").read_text())  # strict JSON: no NaN anywhere
+    assert "not finite" in data["init"]["error"] and data["init"]["statistics"] is None
+    assert not (tmp_path / "kernels_init.png").exists()
+    with pytest.raises(SystemExit, match="not finite|no scores"):
+        analysis.main([str(tmp_path / "bisection.json")])
+
+
+def test_pca_axis_needs_the_data_modules_eigenvectors(tmp_path):
+    with pytest.raises(ValueError, match="rgb_eigenvectors"):
+        trainer(tmp_path, KernelBisectionCallback(axis="pca"), False, max_steps=1).fit(tiny_model(), loader(8))
+    with pytest.raises(ValueError, match="every_n_steps"):
+        KernelBisectionCallback(every_n_steps=0)
+
+
+def test_wandb_gets_the_images_and_the_files_go_into_its_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(save_dir=tmp_path, offline=True, project="towers-test")
+    L.seed_everything(0)
+    trainer(tmp_path, KernelBisectionCallback(every_n_epochs=None, permutations=999), logger,
+            max_steps=2).fit(tiny_model(), loader(16))
+    files = tmp_path.joinpath(logger.experiment.dir)
+    logger.experiment.finish()
+    assert (files / "bisection.json").is_file() and (files / "kernels.png").is_file()
+    media = sorted(p.name.split("_")[0] for p in (files / "media" / "images" / "bisection").iterdir())
+    assert media == ["kernels", "kernels", "scores", "scores"]  # init and end
