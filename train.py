@@ -3,16 +3,85 @@
     python train.py fit --config configs/demo.yaml
     python train.py fit --config configs/paper.yaml --data.root /data/PetImages
     python train.py fit --config configs/paper.yaml --print_config
+
+Exit status: 0 done, 3 (towers.runs.EXIT_DIVERGED) the training loss became NaN or infinite,
+anything else a failure. Under DDP every rank runs this same command line, so values given on it
+(sweep parameters included) reach every rank; only global rank zero creates the W&B run.
 """
 
+import os
+import socket
+import sys
+from urllib.parse import urlparse
+
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from towers.module import TowerClassifier
+from towers.runs import EXIT_DIVERGED, RunStatus, SaveRunConfig
 
 
-def main(args=None):
-    return LightningCLI(TowerClassifier, args=args)
+def _wandb_reachable() -> bool:
+    """True when W&B has credentials and its server answers; otherwise the run logs offline."""
+    import wandb
+
+    if not wandb.login(prompt=False, verify=False):  # looks for a key (env, ~/.netrc, settings); no network
+        return False
+    url = urlparse(wandb.setup().settings.base_url)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+class TowersCLI(LightningCLI):
+    """LightningCLI plus: run status and divergence stop in every config, W&B run names, offline fallback."""
+
+    def add_arguments_to_parser(self, parser):
+        # Always present, configurable as --run_status.check_every_n_steps=...
+        parser.add_lightning_class_args(RunStatus, "run_status")
+
+    def before_instantiate_classes(self):
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        loggers = config.trainer.logger
+        loggers = loggers if isinstance(loggers, list) else [loggers]
+        wandb_loggers = [lg.init_args for lg in loggers
+                         if hasattr(lg, "class_path") and lg.class_path.endswith("WandbLogger")]
+        for init in wandb_loggers:
+            if init.get("name") is None:
+                init.name = run_name(config)
+            # Keep the W&B folder (and the checkpoints Lightning puts beside it) under the run's
+            # default_root_dir, like the CSV and TensorBoard loggers, rather than in the current folder.
+            if str(init.get("save_dir")) == "." and init.get("dir") is None and config.trainer.default_root_dir:
+                init.save_dir = config.trainer.default_root_dir
+        if wandb_loggers and not os.environ.get("WANDB_MODE") and not _wandb_reachable():
+            # Set before Lightning starts any DDP worker, so they inherit it.
+            os.environ["WANDB_MODE"] = "offline"
+            rank_zero_info("W&B: no API key or no connection to the server, so this run logs offline "
+                           "(the folder is printed below); upload it later with `wandb sync <that folder>`.")
+
+
+def run_name(config) -> str:
+    """A W&B run name from the config, e.g. ``t2-s0-lr0.01-b128``; parts the config lacks are left out."""
+    parts = [("t", "model.num_towers"), ("s", "seed_everything"), ("lr", "model.lr"),
+             ("b", "data.batch_size"), ("b", "data.init_args.batch_size")]
+    name = []
+    for prefix, key in parts:
+        value = config.get(key)
+        if value is not None and not (prefix == "b" and any(p.startswith("b") for p in name)):
+            name.append(f"{prefix}{value:g}" if isinstance(value, float) else f"{prefix}{value}")
+    return "-".join(name) or None
+
+
+def main(args=None, run=True):
+    return TowersCLI(TowerClassifier, args=args, run=run, save_config_callback=SaveRunConfig)
+
+
+def exit_status(cli) -> int:
+    diverged = any(isinstance(cb, RunStatus) and cb.status == "diverged" for cb in cli.trainer.callbacks)
+    return EXIT_DIVERGED if diverged else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))
