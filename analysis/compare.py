@@ -127,7 +127,8 @@ def read_config(path: Path) -> dict:
 
 def read_hparams(path: Path) -> dict:
     """Lightning's ``hparams.yaml`` (the LightningModule's ``__init__`` arguments) as ``model.*`` keys."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    # FullLoader: Lightning writes tuples as !!python/tuple (e.g. lr_milestones); it builds no other objects
+    data = yaml.load(Path(path).read_text(), Loader=yaml.FullLoader) or {}
     return {f"model.{k}": v for k, v in flatten(data).items()}
 
 
@@ -218,8 +219,10 @@ def make_run(name: str, sweep: str | None, config: dict, summary: dict, status: 
     if row["num_towers"] is None:
         row["num_towers"] = last.get("num_towers") or init.get("num_towers")
     status = status or {}
-    row["epochs"] = last.get("epoch", status.get("epoch"))
-    row["step"] = last.get("step", status.get("step"))
+    # trainer.current_epoch / global_step when the run ended (for a finished run: epochs completed);
+    # the last measurement's epoch is the index of the epoch it was taken in, hence status.json first
+    row["epochs"] = status["epoch"] if status.get("epoch") is not None else last.get("epoch")
+    row["step"] = status["step"] if status.get("step") is not None else last.get("step")
     row["test_acc"], row["val_acc"] = summary.get(TEST_ACC), summary.get(VAL_ACC)
     for key in ("eta2", "eta2_null", "p_value", "eta2_split", "p_value_split"):
         row[key] = last.get(key)
@@ -270,6 +273,17 @@ def _newest_run_folder(root: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime).parent if found else None
 
 
+def _run_folders(folder: Path) -> list[Path]:
+    """Folders under ``folder`` holding a run marker, each once: W&B's ``wandb/latest-run`` is a link
+    to a run folder that is also found under its own name, which is the one kept."""
+    found = {}
+    for path in sorted({p.parent for marker in RUN_MARKERS for p in folder.rglob(marker)}):
+        parts = path.relative_to(folder).parts
+        linked = any((folder.joinpath(*parts[:i + 1])).is_symlink() for i in range(len(parts)))
+        found.setdefault(path.resolve(), []).append((linked, path))
+    return [min(candidates)[1] for _, candidates in sorted(found.items())]
+
+
 def collect_local(folders, alpha: float = 0.05) -> list[Run]:
     """Every run under the given folders: the runs of each ``sweep.json`` (in its order), then every
     other folder holding a ``bisection.json`` or ``status.json``."""
@@ -286,14 +300,15 @@ def collect_local(folders, alpha: float = 0.05) -> list[Run]:
                 runs.append(load_run_folder(run_folder, entry["name"], alpha, sweep=sweep["name"],
                                             config=entry["params"], fallback_status=entry["status"],
                                             fallback_message=entry["message"], source=str(run_folder or entry["root"])))
-        run_folders = sorted({p.parent for marker in RUN_MARKERS for p in folder.rglob(marker)})
-        for run_folder in run_folders:
+        for run_folder in _run_folders(folder):
             resolved = run_folder.resolve()
             if any(resolved == c or c in resolved.parents for c in claimed):
                 continue
             claimed.add(resolved)
-            name = str(run_folder.relative_to(folder)) if run_folder != folder else run_folder.resolve().name
-            runs.append(load_run_folder(run_folder, name, alpha))
+            if run_folder.name == "files" and run_folder.parent.name.startswith(("offline-run-", "run-")):
+                run_folder = run_folder.parent  # name a W&B run by its folder, offline-run-<time>-<id>
+            name = str(run_folder.relative_to(folder)) if run_folder != folder else resolved.name
+            runs.append(load_run_folder(resolved, name, alpha))
     if not runs:
         raise SystemExit(
             f"no runs found under {', '.join(map(str, folders))}: looked for {SWEEP_FILE} (a towers.sweep output "

@@ -338,3 +338,101 @@ def test_report_opens_in_headless_chromium(report):
         width, height = map(int, dims.split("x"))
         assert complete == "true" and width > 100 and height > 100, check
     assert check["first"] == "run-002"  # largest eta2 (0.40) first after sorting descending
+
+
+# ----------------------------------------------------------------------------- runs made by the real callbacks
+
+def _real_fit(root: Path, towers: int, seed: int, logger: str):
+    """A few steps of a real TowerClassifier fit on random tensors with KernelBisectionCallback,
+    RunStatus and train.py's SaveRunConfig (config.yaml in the run folder, nested config to the
+    logger), logging to offline W&B or to CSV, then a test pass (test/acc)."""
+    import lightning as L
+    import torch
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from towers.callbacks import KernelBisectionCallback
+    from towers.module import TowerClassifier
+    from towers.runs import RunStatus, SaveRunConfig
+
+    parser = ArgumentParser()
+    for key, kind in (("seed_everything", int), ("model.num_towers", int), ("model.lr", float),
+                      ("model.width_policy", str), ("data.batch_size", int), ("trainer.max_epochs", int)):
+        parser.add_argument(f"--{key}", type=kind)
+    config = parser.parse_args([f"--seed_everything={seed}", f"--model.num_towers={towers}", "--model.lr=0.01",
+                                "--model.width_policy=split", "--data.batch_size=8", "--trainer.max_epochs=2"])
+    L.seed_everything(seed)
+    g = torch.Generator().manual_seed(seed)
+    data = TensorDataset(torch.randn(16, 3, 67, 67, generator=g), torch.randint(0, 2, (16,), generator=g))
+    loader = DataLoader(data, batch_size=8)
+    model = TowerClassifier(num_towers=towers, num_classes=2, lr=0.01, width_multiplier=0.125, image_size=67)
+    log = WandbLogger(save_dir=str(root), offline=True, project="towers") if logger == "wandb" else CSVLogger(str(root))
+    callbacks = [KernelBisectionCallback(every_n_steps=2, permutations=999, bootstrap=200), RunStatus(),
+                 SaveRunConfig(parser, config)]
+    trainer = L.Trainer(max_epochs=2, logger=log, default_root_dir=str(root), accelerator="cpu", devices=1,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        log_every_n_steps=1, callbacks=callbacks)
+    trainer.fit(model, loader, loader)
+    trainer.test(model, loader, verbose=False)
+    if logger == "wandb":
+        import wandb
+
+        wandb.finish()
+
+
+def test_table_from_runs_written_by_the_real_callbacks(tmp_path, monkeypatch):
+    from towers.sweep import Sweep
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sweep_file = tmp_path / "grid.yaml"
+    sweep_file.write_text(yaml.safe_dump({"program": "train.py", "method": "grid", "parameters": {
+        "model.num_towers": {"values": [1, 2]}, "seed_everything": {"values": [0]}}}))
+    sweep = Sweep(sweep_file, tmp_path / "grid")  # the agent's own state file, written by its own class
+    for towers in (1, 2):
+        run = sweep.new_run({"model.num_towers": towers, "seed_everything": 0})
+        _real_fit(tmp_path / "grid" / "runs" / run["name"], towers, 0, "wandb")
+        run["status"] = "finished"
+    sweep.save()
+    _real_fit(tmp_path / "logs", 2, 1, "csv")
+
+    runs = compare.collect_local([tmp_path / "grid", tmp_path / "logs"])
+    rows = {r.name: r.row for r in runs}
+    assert list(rows) == ["run-000", "run-001", "lightning_logs/version_0"]
+    for name, towers, seed in (("run-000", 1, 0), ("run-001", 2, 0), ("lightning_logs/version_0", 2, 1)):
+        r = rows[name]
+        folder = next(Path(r["source"]).rglob("bisection.json")) if Path(r["source"]).is_dir() else None
+        bis = json.loads(folder.read_text())
+        assert (r["num_towers"], r["seed"], r["lr"], r["batch_size"], r["max_epochs"], r["width_policy"]) == \
+            (towers, seed, 0.01, 8, 2, "split"), r
+        assert r["status"] == "finished" and r["epochs"] == 2 and r["step"] == 4
+        assert r["eta2"] == bis["last"]["statistics"]["eta2"] and r["p_value"] == bis["last"]["statistics"]["p_value"]
+        assert r["eta2_null"] == pytest.approx(1 / 11)  # 12 conv1 kernels at width 0.125, two groups
+        assert r["eta2_init"] == bis["init"]["statistics"]["eta2"]
+        assert [r[f"tower{k}_score"] for k in range(1, towers + 1)] == bis["last"]["tower_median"]
+        assert [r[f"tower{k}_score_init"] for k in range(1, towers + 1)] == bis["init"]["tower_median"]
+        assert 0 <= r["val_acc"] <= 1
+    # test/acc logged after fit reaches metrics.csv; an offline W&B run keeps it only in its binary log
+    assert 0 <= rows["lightning_logs/version_0"]["test_acc"] <= 1 and rows["run-001"]["test_acc"] is None
+    assert rows["run-000"]["sweep"] == "grid" and rows["lightning_logs/version_0"]["sweep"] is None
+    assert [h["step"] for h in runs[1].history] == [0, 2, 4]
+    assert all(r.kernels_png is not None for r in runs)
+    paths = compare.write_report(runs, tmp_path / "report")
+    assert paths["report.html"].stat().st_size > 50000
+
+    # the keys the dashboard's panels read are the ones the real run logged
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+    import dashboard
+
+    # (the same scalars go to every logger, so metrics.csv lists them; W&B keeps the images by key)
+    with open(tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv", newline="") as f:
+        logged = set(next(csv.reader(f)))
+    scalars = {dashboard.ETA2, dashboard.ETA2_NULL, dashboard.P_VALUE, dashboard.TEST_ACC, dashboard.VAL_ACC,
+               dashboard.tower_score(1), dashboard.tower_score(2), dashboard.tower_score(2, init=True)}
+    assert scalars <= logged, scalars - logged
+    media = next((tmp_path / "grid" / "runs" / "run-001").rglob("media")) / "images"
+    images = {f"{p.parent.relative_to(media).as_posix()}/{p.name.split('_')[0]}" for p in media.rglob("*.png")}
+    assert {dashboard.KERNELS, dashboard.SCORES} <= images, images
+    config = compare.read_config(next((tmp_path / "grid" / "runs" / "run-001").rglob("config.yaml")))
+    assert {dashboard.NUM_TOWERS, dashboard.LR, dashboard.BATCH_SIZE, dashboard.SEED} <= set(config)
