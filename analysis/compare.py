@@ -270,7 +270,7 @@ def load_run_folder(folder: Path | None, name: str, alpha: float, sweep: str | N
 def _newest_run_folder(root: Path) -> Path | None:
     """The run folder under a sweep run's root written last (a resumed run may have several)."""
     found = [p for marker in RUN_MARKERS for p in root.rglob(marker)] if root.is_dir() else []
-    return max(found, key=lambda p: p.stat().st_mtime).parent if found else None
+    return max(found, key=lambda p: p.stat().st_mtime).parent.resolve() if found else None  # not via latest-run
 
 
 def _run_folders(folder: Path) -> list[Path]:
@@ -576,10 +576,13 @@ def fig_tower_scores(runs: list[Run]) -> bytes:
     cols = min(len(panels), 4)
     for i, (key, group) in enumerate(panels):
         ax = fig.add_subplot(math.ceil(len(panels) / cols), cols, i + 1)
-        t = group[0].last["num_towers"]
+        control = bool(group[0].last.get("control"))  # one tower: its two halves, as eta^2 compares them
+        t = 2 if control else group[0].last["num_towers"]
         trained, init = [[] for _ in range(t)], [[] for _ in range(t)]
         for run in group:
             score, tower = np.asarray(run.last["score"], float), np.asarray(run.last["tower"])
+            if control:
+                tower = (np.arange(len(score)) >= len(score) // 2).astype(int)
             names = np.unique(tower)
             order = sorted(names, key=lambda n: np.median(score[tower == n]))  # least coloured first
             init_score = np.asarray(run.init["score"], float) if run.init.get("score") else None
@@ -598,7 +601,7 @@ def fig_tower_scores(runs: list[Run]) -> bytes:
                 patch.set_facecolor("0.8")
         ax.axhline(2 / 3, color="0.5", ls=":", lw=0.8)
         ax.set_xticks(pos, [f"{r + 1}" for r in range(t)])
-        ax.set_xlabel("tower, ranked by trained median", fontsize=8)
+        ax.set_xlabel(f"{'half of the one tower' if control else 'tower'}, ranked by trained median", fontsize=8)
         ax.set_ylim(-0.03, 1.03)
         ax.set_title(f"{condition_label(key, varying, True, chr(10))}\n({len(group)} seeds)", fontsize=8)
         if i % cols == 0:

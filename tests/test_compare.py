@@ -271,6 +271,11 @@ class FakeApi:
         self.paths.append(path)
         return list(self._runs)
 
+    def sweep(self, path):
+        """wandb.apis.public.Sweep: its .runs."""
+        self.paths.append(path)
+        return type("Sweep", (), {"id": path.split("/")[-1], "runs": list(self._runs)})()
+
 
 def test_wandb_api_gives_the_same_table(folders, tmp_path):
     sweep = folders[0]
@@ -284,6 +289,8 @@ def test_wandb_api_gives_the_same_table(folders, tmp_path):
         assert {k: v for k, v in a.row.items() if k != "source"} == {k: v for k, v in b.row.items() if k != "source"}
         assert a.history == b.history and b.kernels_png.read_bytes() == a.kernels_png.read_bytes()
     assert remote[0].row["source"] == f"wandb:me/towers/{fake._runs[0].id}"
+    assert compare.collect_wandb("me/towers", sweep="abc123", api=fake, cache=tmp_path / "s")[2].row == remote[2].row
+    assert fake.paths[-1] == "me/towers/abc123"
     with pytest.raises(SystemExit, match="no runs found in W&B project me/empty"):
         compare.collect_wandb("me/empty", api=FakeApi([]), cache=tmp_path)
 
