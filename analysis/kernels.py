@@ -141,7 +141,8 @@ def main(argv=None) -> dict:
     parser.add_argument("path", type=Path, help="checkpoint (.ckpt/.pt), weight array (.pt/.npy) or bisection.json")
     parser.add_argument("--out", type=Path, help="folder for the grid, plot and JSON (default: beside the input)")
     parser.add_argument("--towers", type=int, help="tower count of a bare (K, 3, h, w) array")
-    parser.add_argument("--bgr", action="store_true", help="the weights' colour channels are in BGR order (Caffe, OpenCV)")
+    parser.add_argument("--bgr", action="store_true",
+                        help="the weights' colour channels are in BGR order (Caffe, OpenCV)")
     parser.add_argument("--record", choices=["last", "init"], default="last", help="which record of a bisection.json")
     parser.add_argument("--channel-std", type=float, nargs=3, metavar=("R", "G", "B"),
                         help="per-channel std the inputs were divided by (default: from the checkpoint, else none)")

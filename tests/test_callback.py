@@ -116,10 +116,11 @@ def test_bisection_json_and_history_follow_the_schema(run):
     d, model = run["dir"], run["model"]
     data = json.loads((d / "bisection.json").read_text())
     assert data["format"] == "towers.bisection" and data["version"] == 1
-    assert data["history"] == "bisection_history.jsonl" and data["measurement_seconds"] > 0
+    assert data["history"] == "bisection_history.jsonl" and 0 < data["measurement_seconds"] < data["fit_seconds"]
     init, last = data["init"], data["last"]
     assert (init["stage"], init["step"], init["kernels_file"]) == ("init", 0, "kernels_init.npy")
     assert (last["stage"], last["step"], last["kernels_file"]) == ("end", 6, "kernels.npy")
+    assert (d / init["kernels_file"]).is_file() and (d / last["kernels_file"]).is_file()
     assert init["epoch"] == 0 and last["epoch"] == 1  # Lightning's 0-based epoch counter: steps 5-6 are in epoch 1
     for record in (init, last):
         assert record["num_towers"] == 2 and record["kernels_per_tower"] == 6 and record["kernel_size"] == [11, 11]
@@ -193,6 +194,12 @@ def test_analysis_script_gives_the_callbacks_numbers(run, tmp_path, capsys):
         analysis.main([str(flat)])
     bgr = analysis.main([str(flat), "--towers", "2", "--bgr", "--permutations", "999", "--out", str(tmp_path)])
     assert bgr["score"] == pytest.approx(last["score"], abs=1e-12)
+    as_pt = tmp_path / "conv1.pt"
+    torch.save(torch.from_numpy(np.load(run["dir"] / "kernels.npy")).reshape(12, 3, 11, 11), as_pt)
+    from_pt = analysis.main([str(as_pt), "--towers", "2", "--permutations", "999", "--out", str(tmp_path)])
+    assert from_pt["statistics"]["eta2"] == last["statistics"]["eta2"]
+    with pytest.raises(SystemExit, match="cannot be split"):
+        analysis.main([str(as_pt), "--towers", "5"])
     with pytest.raises(SystemExit, match="no such file"):
         analysis.main([str(tmp_path / "missing.ckpt")])
 
@@ -236,6 +243,7 @@ def test_diverged_weights_are_reported_not_fatal(tmp_path):
     data = json.loads((tmp_path / "bisection.json").read_text())  # strict JSON: no NaN anywhere
     assert "not finite" in data["init"]["error"] and data["init"]["statistics"] is None
     assert not (tmp_path / "kernels_init.png").exists()
+    assert np.isnan(np.load(tmp_path / "kernels_init.npy")).any()  # the weights are kept to inspect
     with pytest.raises(SystemExit, match="not finite|no scores"):
         analysis.main([str(tmp_path / "bisection.json")])
 
@@ -245,6 +253,10 @@ def test_pca_axis_needs_the_data_modules_eigenvectors(tmp_path):
         trainer(tmp_path, KernelBisectionCallback(axis="pca"), False, max_steps=1).fit(tiny_model(), loader(8))
     with pytest.raises(ValueError, match="every_n_steps"):
         KernelBisectionCallback(every_n_steps=0)
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    with pytest.raises(TypeError, match="conv1_kernels"):
+        trainer(tmp_path, KernelBisectionCallback(), False, max_steps=1).fit(BoringModel())
 
 
 def test_wandb_gets_the_images_and_the_files_go_into_its_run_folder(tmp_path, monkeypatch):
