@@ -209,7 +209,7 @@ def _status(status: str | None, last: dict) -> str | None:
 
 def make_run(name: str, sweep: str | None, config: dict, summary: dict, status: dict | None,
              bisection: dict | None, history: list, kernels_png: Path | None, source: str,
-             alpha: float, fallback_status: str | None = None, fallback_message: str = "") -> Run:
+             alpha: float, fallback_status: str | None = None, message: str = "") -> Run:
     """The table row of one run from what was read (the same function for both sources)."""
     bisection = bisection or {"init": {}, "last": {}}
     last, init = bisection["last"], bisection["init"]
@@ -234,37 +234,45 @@ def make_run(name: str, sweep: str | None, config: dict, summary: dict, status: 
     for k, median in enumerate(init.get("tower_median") or [], start=1):
         row[f"tower{k}_score_init"] = median
     row["status"] = _status(status.get("status") or fallback_status, last)
-    row["message"] = status.get("message") or fallback_message or (last.get("error") or "")
+    row["message"] = message or status.get("message") or last.get("error") or ""
     row["source"] = source
     return Run(row=row, last=last, init=init, history=history, kernels_png=kernels_png)
 
 
 def load_run_folder(folder: Path | None, name: str, alpha: float, sweep: str | None = None,
-                    config: dict | None = None, summary: dict | None = None,
-                    fallback_status: str | None = None, fallback_message: str = "",
+                    config: dict | None = None, summary: dict | None = None, status: str | None = None,
+                    fallback_status: str | None = None, message: str = "",
                     history: list | None = None, source: str | None = None) -> Run:
-    """A run from the files in its own folder (any may be missing); ``config`` / ``summary`` given
-    here (a sweep's parameters, a W&B run's config) take precedence over the files'."""
+    """A run from the files in its own folder (any may be missing). ``config`` / ``summary`` given
+    here (a sweep's parameters, a W&B run's config) take precedence over the files'; ``status`` (the
+    sweep agent's verdict) over ``status.json``, and that over ``fallback_status`` (W&B's run state).
+    A file that cannot be read is named in the row's message and warned about; the rest is kept."""
     files = {n: folder / n for n in RUN_FILES if folder is not None and (folder / n).is_file()}
-    merged_config, merged_summary = {}, {}
-    if "hparams.yaml" in files:
-        merged_config.update(read_hparams(files["hparams.yaml"]))
-    if "config.yaml" in files:
-        merged_config.update(read_config(files["config.yaml"]))
-    merged_config.update(config or {})
-    status = read_status(files[STATUS_FILE]) if STATUS_FILE in files else None
-    if status:
-        merged_summary.update(numbers(status["summary"]))
-    if "metrics.csv" in files:
-        merged_summary.update(read_metrics_csv(files["metrics.csv"]))
-    if "wandb-summary.json" in files:
-        merged_summary.update(read_wandb_summary(files["wandb-summary.json"]))
-    merged_summary.update(summary or {})
-    bisection = read_bisection(files[BISECTION_FILE]) if BISECTION_FILE in files else None
+    problems = []
+
+    def read(reader, file_name, default=None):
+        if file_name not in files:
+            return default
+        try:
+            return reader(files[file_name])
+        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError, csv.Error) as err:
+            problems.append(f"unreadable {file_name}: {err}")
+            warnings.warn(f"run {name}: cannot read {files[file_name]}: {err}")
+            return default
+
+    merged_config = {**read(read_hparams, "hparams.yaml", {}), **read(read_config, "config.yaml", {}), **(config or {})}
+    status_json = read(read_status, STATUS_FILE)
+    merged_summary = {**numbers(status_json["summary"] if status_json else {}),
+                      **read(read_metrics_csv, "metrics.csv", {}),
+                      **read(read_wandb_summary, "wandb-summary.json", {}), **(summary or {})}
+    bisection = read(read_bisection, BISECTION_FILE)
     if history is None:
-        history = read_history(files[HISTORY_FILE]) if HISTORY_FILE in files else []
-    return make_run(name, sweep, merged_config, merged_summary, status, bisection, history,
-                    files.get(KERNELS_FILE), source or str(folder), alpha, fallback_status, fallback_message)
+        history = read(read_history, HISTORY_FILE, [])
+    if status:
+        status_json = dict(status_json or {}, status=status)
+    message = "; ".join(m for m in [message or (status_json or {}).get("message", ""), *problems] if m)
+    return make_run(name, sweep, merged_config, merged_summary, status_json, bisection, history,
+                    files.get(KERNELS_FILE), source or str(folder), alpha, fallback_status, message)
 
 
 def _newest_run_folder(root: Path) -> Path | None:
@@ -292,14 +300,17 @@ def collect_local(folders, alpha: float = 0.05) -> list[Run]:
         if not folder.is_dir():
             raise SystemExit(f"{folder}: no such folder")
         for sweep_file in sorted(folder.rglob(SWEEP_FILE)):
-            sweep = read_sweep(sweep_file)
+            try:
+                sweep = read_sweep(sweep_file)
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise SystemExit(f"{sweep_file}: not a readable towers.sweep state file: {err}") from None
             for entry in sweep["runs"]:
                 run_folder = _newest_run_folder(entry["root"])
                 if entry["root"].is_dir():
                     claimed.add(entry["root"].resolve())
                 runs.append(load_run_folder(run_folder, entry["name"], alpha, sweep=sweep["name"],
-                                            config=entry["params"], fallback_status=entry["status"],
-                                            fallback_message=entry["message"], source=str(run_folder or entry["root"])))
+                                            config=entry["params"], status=entry["status"],
+                                            message=entry["message"], source=str(run_folder or entry["root"])))
         for run_folder in _run_folders(folder):
             resolved = run_folder.resolve()
             if any(resolved == c or c in resolved.parents for c in claimed):

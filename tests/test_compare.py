@@ -144,6 +144,29 @@ def test_table_from_sweep_and_lightning_folders(folders):
     assert usable == ["run-000", "run-001", "run-002", "run-003", "version_0"]  # the last stage of version_0 is "end"
 
 
+def test_an_unreadable_file_is_reported_and_the_run_kept(tmp_path):
+    sweep = make_sweep(tmp_path)
+    bisection = next((sweep / "runs" / "run-002").rglob("bisection.json"))
+    bisection.write_text('{"format": "towers.bisection", "init": ')  # cut short
+    with pytest.warns(UserWarning, match="cannot read .*bisection.json"):
+        rows = {r.name: r.row for r in compare.collect_local([sweep])}
+    r = rows["run-002"]
+    assert r["eta2"] is None and r["status"] == "finished" and r["num_towers"] == 2 and r["val_acc"] == 0.75
+    assert r["message"].startswith("unreadable bisection.json")
+    assert rows["run-003"]["eta2"] == 0.30  # the other runs are untouched
+
+
+def test_the_sweep_agents_verdict_wins_over_a_stale_status_json(tmp_path):
+    sweep = make_sweep(tmp_path)
+    status = next((sweep / "runs" / "run-003").rglob("status.json"))
+    status.write_text(json.dumps(dict(json.loads(status.read_text()), status="running")))  # killed mid-run
+    state = json.loads((sweep / "sweep.json").read_text())
+    state["runs"][3].update(status="failed", message="exit status -9; see the log")
+    (sweep / "sweep.json").write_text(json.dumps(state))
+    r = {r.name: r.row for r in compare.collect_local([sweep])}["run-003"]
+    assert (r["status"], r["message"]) == ("failed", "exit status -9; see the log")
+
+
 def test_no_runs_found_says_what_it_looked_for(tmp_path):
     with pytest.raises(SystemExit, match=r"no runs found under .*sweep\.json.*bisection\.json or status\.json"):
         compare.collect_local([tmp_path])
