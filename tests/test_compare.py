@@ -318,6 +318,23 @@ def test_wandb_api_gives_the_same_table(folders, tmp_path):
         compare.collect_wandb("me/empty", api=FakeApi([]), cache=tmp_path)
 
 
+def test_wandb_history_from_the_logged_scalars_when_no_history_file(folders, tmp_path):
+    class RunWithoutHistoryFile(FakeRun):
+        def files(self, names=None, pattern=None, per_page=50):
+            return [f for f in super().files() if f.name != "bisection_history.jsonl"]
+
+        def scan_history(self, keys=None, page_size=1000, min_step=0, max_step=None, use_cache=True):
+            assert keys == ["bisection/eta2", "bisection/p_value"]
+            return iter([{"_step": 0, "bisection/eta2": 0.05, "bisection/p_value": 0.6},
+                         {"_step": 20, "bisection/eta2": 0.4, "bisection/p_value": 0.001}])
+
+    folder = next((folders[0] / "runs" / "run-002").rglob("bisection.json")).parent
+    (run,) = compare.collect_wandb("me/towers", api=FakeApi([RunWithoutHistoryFile(folder, "run-002", "demo")]),
+                                   cache=tmp_path)
+    assert [(h["step"], h["eta2"], h["p_value"]) for h in run.history] == [(0, 0.05, 0.6), (20, 0.4, 0.001)]
+    assert run.row["eta2"] == 0.40
+
+
 def test_wandb_cli_writes_the_same_csv(folders, tmp_path, monkeypatch):
     import wandb
 
