@@ -647,22 +647,26 @@ def fig_montage(chosen: list[Run]) -> bytes:
     """The final Figure-3 kernel grids of the chosen runs, side by side, labelled."""
     from PIL import Image
 
-    cols = min(len(chosen), 4) or 1
-    rows = max(1, math.ceil(len(chosen) / cols))
-    fig = _figure(3.4 * cols, 3.6 * rows)
     if not chosen:
+        fig = _figure(6, 2)
         return _empty(fig, fig.add_subplot(), f"no run has a {KERNELS_FILE}")
-    for i, run in enumerate(chosen):
+    images = [None if r.kernels_png is None else np.asarray(Image.open(r.kernels_png).convert("RGB")) for r in chosen]
+    aspect = max([im.shape[1] / im.shape[0] for im in images if im is not None] or [1.0])
+    cols = min(len(chosen), 4 if aspect < 1.5 else 2)  # wide grids (16 kernels a row) get two columns
+    width = 13 / cols
+    rows = math.ceil(len(chosen) / cols)
+    fig = _figure(width * cols, (width / aspect + 0.7) * rows)
+    for i, (run, image) in enumerate(zip(chosen, images)):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.set_axis_off()
         r = run.row
         p = "" if r["p_value"] is None else f", p = {r['p_value']:.2g}"
         eta = "" if r["eta2"] is None else f"η² = {r['eta2']:.3f}{p}"
-        ax.set_title(f"{run.name}\nT={r['num_towers']}, seed {r['seed']}, step {r['step']}\n{eta}", fontsize=7)
-        if run.kernels_png is None:
+        ax.set_title(f"{run.name}: T={r['num_towers']}, seed {r['seed']}, step {r['step']}\n{eta}", fontsize=8)
+        if image is None:
             ax.text(0.5, 0.5, f"no {KERNELS_FILE}", ha="center", va="center", transform=ax.transAxes)
             continue
-        ax.imshow(np.asarray(Image.open(run.kernels_png).convert("RGB")), interpolation="nearest")
+        ax.imshow(image, interpolation="nearest")
     return _png(fig)
 
 
