@@ -62,15 +62,11 @@ class TowersCLI(LightningCLI):
                            "(the folder is printed below); upload it later with `wandb sync <that folder>`.")
 
 
-def run_name(config) -> str:
+def run_name(config) -> str | None:
     """A W&B run name from the config, e.g. ``t2-s0-lr0.01-b128``; parts the config lacks are left out."""
-    parts = [("t", "model.num_towers"), ("s", "seed_everything"), ("lr", "model.lr"),
-             ("b", "data.batch_size"), ("b", "data.init_args.batch_size")]
-    name = []
-    for prefix, key in parts:
-        value = config.get(key)
-        if value is not None and not (prefix == "b" and any(p.startswith("b") for p in name)):
-            name.append(f"{prefix}{value:g}" if isinstance(value, float) else f"{prefix}{value}")
+    values = {"t": config.get("model.num_towers"), "s": config.get("seed_everything"), "lr": config.get("model.lr"),
+              "b": config.get("data.batch_size") or config.get("data.init_args.batch_size")}
+    name = [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in values.items() if v is not None]
     return "-".join(name) or None
 
 

@@ -1,6 +1,7 @@
 """Logging through train.py's CLI: W&B offline runs (name, full config, summary, per-run folder),
 two runs in one folder, CSV and disabled W&B, the offline fallback line, and the divergence stop."""
 
+import importlib.util
 import json
 import struct
 import sys
@@ -14,7 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import train
 from towers.runs import EXIT_DIVERGED, run_dir
 
-TINY = ["--model.width_multiplier=0.0625", "--model.image_size=67", "--trainer.max_epochs=2",
+# Once the data module is merged, train.py takes the crop size once, as data.image_size (linked to the model's).
+HAS_DATA = importlib.util.find_spec("towers.data") is not None
+TINY = ["--model.width_multiplier=0.0625", f"--{'data' if HAS_DATA else 'model'}.image_size=67", "--trainer.max_epochs=2",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.log_every_n_steps=1", "--run_status.check_every_n_steps=2"]
 WANDB = ["--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.init_args.project=towers",
@@ -113,7 +116,7 @@ def test_two_wandb_runs_in_one_folder_each_keep_their_config_and_metrics(tmp_pat
         # the resolved config, in the run's own folder and in the W&B run
         assert f"seed_everything: {seed}" in (files / "config.yaml").read_text()
         config, summary, name = wandb_run_contents(run_folder)
-        assert name == f"t2-s{seed}-lr0.01"
+        assert name == f"t2-s{seed}-lr0.01" + ("-b128" if HAS_DATA else "")  # the data module's default batch
         assert config["seed_everything"] == seed
         assert config["model"]["num_towers"] == 2 and config["model"]["width_multiplier"] == 0.0625
         assert config["trainer"]["max_epochs"] == 2
@@ -138,6 +141,15 @@ def test_a_diverging_run_stops_and_is_recorded_as_diverged(tmp_path):
     assert status["status"] == "diverged" and "NaN or infinite" in status["message"]
     assert cli.trainer.global_step < 20  # stopped, not run on for 5 epochs of NaN weights
     assert train.exit_status(cli) == EXIT_DIVERGED == 3
+
+
+def test_a_resumed_run_reports_the_history_of_all_its_epochs(tmp_path):
+    fit(TINY + [f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.max_epochs=1"])
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    cli = train.main(TINY + [f"--trainer.default_root_dir={tmp_path / 'resumed'}", "--trainer.logger=false"], run=False)
+    cli.trainer.fit(cli.model, *loaders(), ckpt_path=ckpt)
+    status = json.loads((tmp_path / "resumed" / "status.json").read_text())
+    assert status["status"] == "finished" and [h["epoch"] for h in status["history"]] == [0, 1]
 
 
 def test_csv_logger_and_disabled_wandb_work(tmp_path, monkeypatch):
@@ -185,3 +197,12 @@ def test_under_ddp_one_wandb_run_and_every_rank_gets_the_values(tmp_path):
     assert json.loads((run_folder / "files" / "status.json").read_text())["status"] == "finished"
     assert (run_folder / "files" / "config.yaml").exists()
     assert len(list(tmp_path.rglob("status.json"))) == 1
+
+
+def test_run_name_from_the_config():
+    from jsonargparse import Namespace
+
+    config = Namespace(model=Namespace(num_towers=3, lr=0.001), seed_everything=4, data=Namespace(batch_size=500))
+    assert train.run_name(config) == "t3-s4-lr0.001-b500"
+    config.data = None  # no data module in the config
+    assert train.run_name(config) == "t3-s4-lr0.001"

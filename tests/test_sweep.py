@@ -263,3 +263,44 @@ def test_a_random_sweep_needs_a_count(tmp_path):
         agent_mod.main([str(path), "--out", str(tmp_path / "out")])
     assert agent_mod.main([str(path), "--out", str(tmp_path / "out"), "--count", "2", "--jobs", "2"]) == 0
     assert [r["status"] for r in state(tmp_path / "out")["runs"]] == ["finished", "finished"]
+
+
+def test_demo_sweep_end_to_end_through_train_py(tmp_path):
+    """The real chain: towers.sweep -> the command of sweeps/demo.yaml -> train.py -> offline W&B runs.
+
+    Needs the data module and configs/demo.yaml (the data branch); a second config after demo.yaml
+    makes the data and the network tiny and keeps the generated images in tmp_path.
+    """
+    pytest.importorskip("towers.data", reason="the data module arrives with the data branch")
+    from tests.test_logging import wandb_run_contents
+
+    config = yaml.safe_load((ROOT / "sweeps/demo.yaml").read_text())
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(yaml.safe_dump({
+        "model": {"width_multiplier": 0.125},
+        "data": {"root": str(tmp_path / "demo-data"), "demo_images_per_class": 16, "batch_size": 8},
+        "trainer": {"max_epochs": 1, "enable_progress_bar": False, "enable_model_summary": False}}))
+    at = config["command"].index("${args}")
+    config["command"][at:at] = ["--config", str(tiny)]
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the sweep's command names train.py and configs/demo.yaml relative to the repository
+    try:
+        assert agent_mod.main([str(path), "--out", str(out), "--count", "1"]) == 0  # one run: ~20 s of imports
+    finally:
+        os.chdir(cwd)
+    runs = state(out)["runs"]
+    assert [r["status"] for r in runs] == ["finished"], [r["message"] for r in runs]
+    for run in runs:
+        assert run["wandb_dir"], "no W&B run: configs/demo.yaml needs the WandbLogger (see README)"
+        folder = Path(run["wandb_dir"])
+        assert folder.name.startswith("offline-run-")
+        _, summary, name = wandb_run_contents(folder)
+        assert name.startswith(f"t{run['params']['model.num_towers']}-s{run['params']['seed_everything']}-")
+        assert 0 <= summary["val/acc"] <= 1
+        assert (folder / "files" / "config.yaml").exists()
+        if (folder / "files" / "bisection.json").exists():  # once the kernel callback is in demo.yaml
+            assert run["bisection"]["eta2"] is not None
+            assert list((folder / "files").rglob("*.png")), "kernel images belong in the W&B run folder"

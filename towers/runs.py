@@ -141,6 +141,13 @@ class RunStatus(Callback):
         self.history.append(entry)
         self._write(trainer)
 
+    # The history travels in checkpoints, so a run resumed with --ckpt_path reports all its epochs.
+    def state_dict(self):
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict):
+        self.history = list(state_dict.get("history", []))
+
     def on_fit_end(self, trainer, pl_module):
         if self.status == "running":
             self.status = "finished"

@@ -264,7 +264,7 @@ class Agent:
                 pass
         # a W&B run folder is .../wandb/offline-run-<time>-<id>/ and status.json sits in its files/
         is_wandb = folder.name == "files" and folder.parent.name.startswith("offline-run-")
-        run["wandb_dir"] = str(folder.parent) if is_wandb else None
+        run["wandb_dir"] = attempt["wandb_dir"] = str(folder.parent) if is_wandb else None
 
     def finish(self, run: dict, exit_code: int) -> None:
         self.refresh(run)
