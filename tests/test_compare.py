@@ -4,8 +4,8 @@ hand, the figures, the CSV and the HTML report (opened in headless Chromium)."""
 import csv
 import io
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys

@@ -91,3 +91,17 @@ def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(de
     different = [k for k in expected if not torch.equal(expected[k], got[k])]
     assert not different, f"resumed run differs in {different}"
     assert torch.load(last_checkpoint(broken), map_location="cpu", weights_only=True)["global_step"] == 6
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "tower_parallel"])
+def test_two_cpu_devices_through_train_py(demo_root, tmp_path, strategy):
+    """The README's multi-device commands, on two CPU processes (gloo) or two CPU 'devices'."""
+    result = run_train(["fit", *tiny(demo_root, tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
+                                     f"--trainer.strategy={strategy}", "--trainer.accelerator=cpu",
+                                     "--trainer.devices=2")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(tmp_path.rglob("bisection.json"))) == 1  # the kernel callback ran on rank 0 only
+    checkpoint = last_checkpoint(tmp_path)
+    single = train.TowerClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
+    assert single.conv1_kernels().shape == (2, 6, 3, 11, 11)
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"] == 2
