@@ -45,6 +45,8 @@ class TowersCLI(LightningCLI):
         parser.add_lightning_class_args(RunStatus, "run_status")
         # The crop size is stated once, as data.image_size; the model's fc6 input follows from it.
         parser.link_arguments("data.image_size", "model.image_size")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="after fit, test the final weights on the held-out test split")
 
     def before_instantiate_classes(self):
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -65,18 +67,31 @@ class TowersCLI(LightningCLI):
             rank_zero_info("W&B: no API key or no connection to the server, so this run logs offline "
                            "(the folder is printed below); upload it later with `wandb sync <that folder>`.")
 
-    def before_fit(self):
+    def _resolve_last_checkpoint(self):
         # Lightning resolves `--ckpt_path last` inside the checkpoint folder of the *new* run, which a
         # fresh W&B run id or logger version makes empty; look for the newest last.ckpt under
-        # default_root_dir instead, so `fit --ckpt_path last` continues the interrupted run.
-        kwargs = self.config_init["fit"]
-        if kwargs.get("ckpt_path") == "last":
-            root = Path(self.trainer.default_root_dir)
-            found = sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
-            kwargs["ckpt_path"] = str(found[-1]) if found else None
-            rank_zero_info(f"Resuming from {found[-1]}" if found else
-                           f"--ckpt_path last: no last.ckpt under {root.resolve()}, so training starts from the beginning")
+        # default_root_dir instead, so `fit --ckpt_path last` continues the interrupted run and
+        # `test --ckpt_path last` tests its final weights.
+        kwargs = self.config_init[self.subcommand]
+        if kwargs.get("ckpt_path") != "last":
+            return
+        root = Path(self.trainer.default_root_dir)
+        found = sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found and self.subcommand != "fit":
+            raise SystemExit(f"--ckpt_path last: no last.ckpt under {root.resolve()}; "
+                             f"give --trainer.default_root_dir of the run, or the checkpoint's path")
+        kwargs["ckpt_path"] = str(found[-1]) if found else None
+        rank_zero_info(f"Resuming from {found[-1]}" if found else
+                       f"--ckpt_path last: no last.ckpt under {root.resolve()}, so training starts from the beginning")
 
+    before_fit = before_validate = before_test = before_predict = _resolve_last_checkpoint
+
+    def after_fit(self):
+        # Every run ends with its accuracy on the held-out test images, logged beside the kernel
+        # statistics of the same final weights (skipped for a diverged run, or with --test_after_fit false).
+        diverged = exit_status(self) == EXIT_DIVERGED
+        if self.config_init["fit"].get("test_after_fit") and not diverged:
+            self.trainer.test(self.model, datamodule=self.datamodule)
 
 def run_name(config) -> str | None:
     """A W&B run name from the config, e.g. ``t2-s0-lr0.01-b128``; parts the config lacks are left out."""

@@ -84,6 +84,7 @@ class RunStatus(Callback):
         self.status = None
         self.message = ""
         self.history = []
+        self.summary = None
         self._all_finite = None
         self._batches = 0
         self._path = None
@@ -100,7 +101,7 @@ class RunStatus(Callback):
     def setup(self, trainer, pl_module, stage):
         if stage != "fit":
             return
-        self.status, self.message, self.history = "running", "", []
+        self.status, self.message, self.history, self.summary = "running", "", [], None
         if trainer.is_global_zero:
             self._path = run_dir(trainer) / "status.json"
             self._write(trainer)
@@ -152,7 +153,15 @@ class RunStatus(Callback):
     def on_fit_end(self, trainer, pl_module):
         if self.status == "running":
             self.status = "finished"
-        self._write(trainer, summary=_scalars(trainer.callback_metrics))
+        self.summary = _scalars(trainer.callback_metrics)
+        self._write(trainer, summary=self.summary)
+
+    def on_test_end(self, trainer, pl_module):
+        # a test right after fit (train.py's test_after_fit) adds its metrics to the run's summary
+        if self._path is None or self.summary is None:
+            return
+        self.summary.update({k: v for k, v in _scalars(trainer.callback_metrics).items() if k.startswith("test/")})
+        self._write(trainer, summary=self.summary)
 
     def on_exception(self, trainer, pl_module, exception):
         interrupted = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
