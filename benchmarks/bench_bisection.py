@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
             callback_rows.append(time_callback(t, measurements, logger, args.permutations, Path(tmp) / f"t{t}"))
     print(table(callback_rows, "callback"), flush=True)
 
-    rates = [(f"--images-per-s", r) for r in args.images_per_s]
+    rates = [("--images-per-s", r) for r in args.images_per_s]
     if args.data_json:
         data = json.loads(args.data_json.read_text())
         step = next(r for r in data["results"] if r["pipeline"] == "training step")
