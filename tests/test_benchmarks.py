@@ -33,3 +33,51 @@ def test_quick_benchmark_writes_a_row_per_model(tmp_path):
     assert all(r["images_per_s"] > 0 and r["batch_size"] == 2 for r in rows.values())
     assert rows["towers-2"]["lrn_share"] is not None and rows["towers-2"]["lrn_share"] < 1
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_quick_data_benchmark_writes_every_pipeline(tmp_path):
+    from benchmarks.bench_data import STEP
+    from benchmarks.bench_data import main as bench_data
+
+    out = tmp_path / "data.json"
+    payload = bench_data(["--quick", "--workers", "0", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["results"] == json.loads(json.dumps(payload["results"]))
+    rows = {(r["pipeline"], r["workers"]): r for r in saved["results"]}
+    assert set(rows) == {(STEP, None), ("jpeg", 0), ("jpeg", 1), ("store", 0), ("store", 1)}
+    assert rows[(STEP, None)]["ratio_to_step"] == 1.0
+    for r in rows.values():
+        assert r["images_per_s"] > 0 and r["ratio_to_step"] > 0
+        assert 0 < r["ms_per_batch_min"] <= r["ms_per_batch"] <= r["ms_per_batch_max"]
+        if r["pipeline"] != STEP:  # the augmentation ran inside every timed epoch, and took part of it
+            assert 0 < r["augment_ms_per_batch"] <= r["ms_per_batch_max"]
+    build = saved["store_build"]
+    assert build["images"] == saved["dataset"]["images"] == 16 and build["seconds"] > 0 and build["store_mb"] > 0
+    assert saved["dataset"]["mean_kb"] > 0
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_quick_bisection_benchmark_relates_the_cost_to_the_paper_run(tmp_path):
+    from benchmarks.bench_bisection import main as bench_bisection
+    from benchmarks.bench_bisection import paper_schedule
+
+    out = tmp_path / "bisection.json"
+    payload = bench_bisection(["--quick", "--towers", "2", "4", "--permutations", "999",
+                               "--images-per-s", "10", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(payload))
+    schedule = saved["paper_schedule"]
+    assert schedule == paper_schedule()
+    # configs/paper.yaml: 90 epochs, every 5 -> at initialisation + 18 times; 24,000 - 1,000 images
+    assert (schedule["max_epochs"], schedule["every_n_epochs"], schedule["measurements"],
+            schedule["images_per_epoch"]) == (90, 5, 19, 23000)
+    assert [(r["towers"], r["kernels"], r["permutations"]) for r in saved["bisection"]] == [(2, 96, 999), (4, 96, 999)]
+    assert all(0 < r["ms_min"] <= r["ms"] <= r["ms_max"] for r in saved["bisection"])
+    assert [(r["towers"], r["measurements"]) for r in saved["callback"]] == [(2, 3), (4, 3)]
+    assert all(r["first_ms"] > 0 and 0 < r["ms_min"] <= r["ms"] for r in saved["callback"])
+    assert [(r["towers"], r["images_per_s"]) for r in saved["share"]] == [(2, 10.0), (4, 10.0)]
+    for share, callback in zip(saved["share"], saved["callback"]):
+        assert share["epoch_s"] == 2300.0 and share["training_s_per_run"] == 90 * 2300.0
+        cost = (callback["first_ms"] + 18 * callback["ms"]) / 1000
+        assert abs(share["share"] - cost / (90 * 2300.0)) < 1e-12 and 0 < share["share"] < 1
+    assert not list(tmp_path.glob("*.tmp"))
