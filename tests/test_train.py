@@ -1,5 +1,6 @@
 """Training through train.py on the CPU: a short fit, reproducibility, and kill-and-resume."""
 
+import json
 import os
 import subprocess
 import sys
@@ -53,7 +54,11 @@ def test_one_batch_fit_through_train_py(demo_root, tmp_path):
     checkpoint = torch.load(last_checkpoint(tmp_path), map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 1
     assert checkpoint["hyper_parameters"]["image_size"] == 67  # linked from data.image_size
-    assert (tmp_path / "lightning_logs" / "version_0" / "bisection.json").exists()
+    run_folder = tmp_path / "lightning_logs" / "version_0"
+    assert (run_folder / "bisection.json").exists()
+    status = json.loads((run_folder / "status.json").read_text())
+    assert status["status"] == "finished"
+    assert 0 <= status["summary"]["test/acc"] <= 1  # test_after_fit: the final weights on held-out images
 
 
 def fit_in_process(args) -> torch.Tensor:
