@@ -35,7 +35,6 @@ import html
 import io
 import json
 import math
-import os
 import sys
 import tempfile
 import warnings
@@ -45,6 +44,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from towers.files import write_atomic  # noqa: E402
 
 # ----------------------------------------------------------------------------- file formats
 # Each format the runs leave behind is read by one function below, so a change of schema is an
@@ -379,15 +381,6 @@ def table_columns(runs: list[Run]) -> list[str]:
                  + [len(r.last.get("tower_median") or []) for r in runs])
     per_tower = [c for k in range(1, towers + 1) for c in (f"tower{k}_score", f"tower{k}_score_init")]
     return FIXED_COLUMNS + per_tower + ["status", "message", "source"]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def table_csv(runs: list[Run]) -> str:

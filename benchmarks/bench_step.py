@@ -46,6 +46,7 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from towers.files import write_atomic  # noqa: E402
 from towers.model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, TowerAlexNet, conv_output_size, tower_widths  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -304,9 +305,7 @@ def table(rows: list[dict]) -> str:
 
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)  # never a half-written file
+    write_atomic(path, json.dumps(payload, indent=2))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -21,7 +21,6 @@ tower-parallel trains ``--batch-size`` images a step in all.
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time

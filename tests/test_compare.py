@@ -464,7 +464,8 @@ def test_table_from_runs_written_by_the_real_callbacks(tmp_path, monkeypatch):
         assert [r[f"tower{k}_score_init"] for k in range(1, towers + 1)] == bis["init"]["tower_median"]
         assert 0 <= r["val_acc"] <= 1
     # test/acc logged after fit reaches metrics.csv; an offline W&B run keeps it only in its binary log
-    assert 0 <= rows["lightning_logs/version_0"]["test_acc"] <= 1 and rows["run-001"]["test_acc"] is None
+    # the test after fit reaches the table from status.json, for offline W&B runs as for CSV runs
+    assert all(0 <= r["test_acc"] <= 1 for r in rows.values())
     assert rows["run-000"]["sweep"] == "grid" and rows["lightning_logs/version_0"]["sweep"] is None
     assert [h["step"] for h in runs[1].history] == [0, 2, 4]
     assert all(r.kernels_png is not None for r in runs)

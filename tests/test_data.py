@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from towers.data import (CatsDogsDataModule, ImageFiles, crop, download_microsoft, find_images, load_image,
+from towers.data import (CatsDogsDataModule, ImageFiles, download_microsoft, find_images, load_image,
                          safe_extract)
 from towers.demo_data import make_demo_dataset
 from towers.module import TowerClassifier

@@ -17,7 +17,6 @@ and logs the scalars and images to every logger the trainer has (W&B and TensorB
 import io
 import json
 import math
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from towers.color import RANDOM_KERNEL_SCORE, Bisection, bisection, color_energy, tower_labels, unit_axis
+from towers.files import atomic_path, write_atomic
 from towers.runs import run_dir
 
 FORMAT = "towers.bisection"
@@ -128,19 +128,6 @@ def score_plot(scores, towers, stats: Bisection | None = None, init_scores=None,
 
 # ----------------------------------------------------------------------------- files
 
-def write_atomic(path: Path, write, mode: str = "wb") -> None:
-    """Write through ``write(file)`` into a temporary name beside ``path``, then rename: a reader or a
-    killed process never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def png_bytes(image: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -151,11 +138,11 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def write_png(path: Path, image: np.ndarray | bytes) -> None:
     data = image if isinstance(image, bytes) else png_bytes(image)
-    write_atomic(path, lambda f: f.write(data))
+    write_atomic(path, data)
 
 
 def write_json(path: Path, obj) -> None:
-    write_atomic(path, lambda f: json.dump(obj, f, indent=1, allow_nan=False), mode="w")
+    write_atomic(path, json.dumps(obj, indent=1, allow_nan=False))
 
 
 def read_history(path) -> list[dict]:
@@ -358,7 +345,8 @@ class KernelBisectionCallback(Callback):
                 (self._dir / "kernels").mkdir(exist_ok=True)
                 write_png(self._dir / "kernels" / f"step_{record['step']:07d}.png", pngs["kernels"])
         for suffix in suffixes:
-            write_atomic(self._dir / f"kernels{suffix}.npy", lambda f: np.save(f, kernels.numpy()))
+            with atomic_path(self._dir / f"kernels{suffix}.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, kernels.numpy())
 
         record["seconds"] = round(time.perf_counter() - start, 4)
         if stage == "init":

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from towers.demo_data import make_demo_dataset
+from towers.files import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -192,25 +193,6 @@ def _imap(function, items: list, num_workers: int, desc: str):
             yield from tqdm(pool.imap(function, items, chunksize=16), total=len(items), desc=desc)
     else:
         yield from tqdm(map(function, items), total=len(items), desc=desc, disable=len(items) < 64)
-
-
-def _umask_mode(mode: int) -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _umask_mode(0o666))  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -427,7 +409,7 @@ class CatsDogsDataModule(L.LightningDataModule):
             for i, (usable, note) in results.items():
                 f, size, mtime = stamps[i]
                 fresh[f] = [size, mtime, usable, note]
-            _atomic_write(checks_path, lambda tmp: Path(tmp).write_text(json.dumps(fresh)))
+            write_atomic(checks_path, json.dumps(fresh))
 
         self.store_rows = {f: row for row, (f, _) in enumerate(files)}
         self.usable = [(f, label) for f, label in files if fresh[f][2]]
@@ -438,7 +420,7 @@ class CatsDogsDataModule(L.LightningDataModule):
         size, results = self.hparams.resize_size, {}
         for old in self.cache_dir.glob(f"store-{size}-*.npy"):
             old.unlink()  # a store of files that have since changed
-        def write(tmp):
+        with atomic_path(self.store_path) as tmp:
             store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
             loaded = _imap(_check_and_load, [(p, size) for p in paths], self.num_workers, f"building {self.store_path.name}")
             for row, (pixels, usable, note) in enumerate(loaded):
@@ -447,14 +429,13 @@ class CatsDogsDataModule(L.LightningDataModule):
                 results[row] = (usable, note)
             store.flush()
             del store
-        _atomic_write(self.store_path, write)
         return results
 
     def _report(self, notes: list[tuple[str, bool, str]], total: int) -> None:
         """One report of every skipped or converted file: logged, and written to bad_files.tsv."""
         self.bad_files_report = self.cache_dir / "bad_files.tsv"
         lines = ["file\taction\treason"] + [f"{self.base / f}\t{'kept' if ok else 'skipped'}\t{why}" for f, ok, why in notes]
-        _atomic_write(self.bad_files_report, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+        write_atomic(self.bad_files_report, "\n".join(lines) + "\n")
         skipped = [f for f, ok, _ in notes if not ok]
         if notes:
             log.warning("%d of %d files skipped as unreadable, %d kept after conversion; the list with reasons: %s%s",
@@ -525,7 +506,8 @@ class CatsDogsDataModule(L.LightningDataModule):
             channel_mean = mean_image.mean((1, 2))
             covariance = outer_sum / (count * size * size) - torch.outer(channel_mean, channel_mean)
             stats = {"mean_image": mean_image.float(), "channel_mean": channel_mean.float(), "rgb_covariance": covariance}
-            _atomic_write(path, lambda tmp: torch.save(stats, tmp))
+            with atomic_path(path) as tmp:
+                torch.save(stats, tmp)
         covariance = stats["rgb_covariance"]
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
         self.mean_image, self.channel_mean = stats["mean_image"], stats["channel_mean"]

@@ -23,7 +23,6 @@ from collections import OrderedDict
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # Total widths of the paper's two-tower network (§3.5, Figure 2). Under

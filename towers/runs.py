@@ -14,7 +14,6 @@ training loss became NaN or infinite.
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -23,6 +22,8 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from towers.files import write_atomic
 
 # Exit status of train.py for a run stopped because its loss became NaN or infinite (1 is an uncaught
 # Python exception, 2 a command-line error). The sweep agent records such a run as "diverged".
@@ -46,14 +47,6 @@ def run_dir(trainer: Trainer) -> Path:
         path = Path(trainer.default_root_dir)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that a reader (or a crash) never sees it half-written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _scalars(metrics: dict) -> dict:

@@ -37,7 +37,8 @@ from tqdm import tqdm
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 from wandb.sdk.lib import config_util
 
-from towers.runs import EXIT_DIVERGED, write_atomic
+from towers.files import write_atomic
+from towers.runs import EXIT_DIVERGED
 
 with warnings.catch_warnings():  # sweeps' pydantic models use a pydantic-1 config key; harmless
     warnings.simplefilter("ignore", UserWarning)
