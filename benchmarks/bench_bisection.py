@@ -39,12 +39,11 @@ import yaml
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from benchmarks.bench_step import Runner, machine, write_json  # noqa: E402
+from benchmarks.bench_step import Runner, machine, save_results  # noqa: E402
 from towers.callbacks import KernelBisectionCallback  # noqa: E402
 from towers.color import bisection, color_energy, tower_labels  # noqa: E402
 from towers.model import TowerAlexNet  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PAPER_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "paper.yaml"
 
 
@@ -210,14 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(table(share_rows, "share"), flush=True)
 
     info["loadavg_at_end"] = os.getloadavg()
-    payload = dict(benchmark="bench_bisection", started=started.isoformat(),
-                   command=["benchmarks/bench_bisection.py", *(argv if argv is not None else sys.argv[1:])],
-                   machine=info, paper_schedule=schedule, bisection=bisection_rows, callback=callback_rows,
-                   share=share_rows)
-    out = args.out or RESULTS_DIR / f"bench_bisection-{started:%Y%m%dT%H%M%S}.json"
-    write_json(out, payload)
-    print(f"\nwritten to {out}")
-    return payload
+    return save_results("bench_bisection", args.out, argv, started, info, paper_schedule=schedule,
+                        bisection=bisection_rows, callback=callback_rows, share=share_rows)
 
 
 if __name__ == "__main__":

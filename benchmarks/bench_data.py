@@ -44,12 +44,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from benchmarks.bench_step import Runner, machine, write_json  # noqa: E402
+from benchmarks.bench_step import Runner, machine, save_results  # noqa: E402
 from towers.data import CatsDogsDataModule  # noqa: E402
 from towers.demo_data import demo_image  # noqa: E402
 from towers.model import TowerAlexNet  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 STEP = "training step"
 
 
@@ -204,15 +203,10 @@ def main(argv: list[str] | None = None) -> dict:
             del pipeline.loader  # shuts the persistent workers down before the folder goes
 
     info["loadavg_at_end"] = os.getloadavg()
-    payload = dict(benchmark="bench_data", started=started.isoformat(),
-                   command=["benchmarks/bench_data.py", *(argv if argv is not None else sys.argv[1:])],
-                   machine=info, dataset=dataset, batch_size=batch_size, resize_size=resize_size,
-                   image_size=image_size, width_multiplier=width, rounds=rounds, store_build=store_build,
-                   results=rows)
-    out = args.out or RESULTS_DIR / f"bench_data-{started:%Y%m%dT%H%M%S}.json"
-    write_json(out, payload)
-    print(f"\n{table(rows)}\n\nwritten to {out}")
-    return payload
+    print(f"\n{table(rows)}")
+    return save_results("bench_data", args.out, argv, started, info, dataset=dataset, batch_size=batch_size,
+                        resize_size=resize_size, image_size=image_size, width_multiplier=width, rounds=rounds,
+                        store_build=store_build, results=rows)
 
 
 if __name__ == "__main__":

@@ -303,9 +303,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(payload, indent=2))
+def save_results(name: str, out: Path | None, argv, started, info: dict, **results) -> dict:
+    """Write what was measured, on which machine and by which command, as JSON (atomically)."""
+    payload = dict(benchmark=name, started=started.isoformat(),
+                   command=[f"benchmarks/{name}.py", *(argv if argv is not None else sys.argv[1:])],
+                   machine=info, **results)
+    out = out or RESULTS_DIR / f"{name}-{started:%Y%m%dT%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, json.dumps(payload, indent=2))
+    print(f"\nwritten to {out}")
+    return payload
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -342,12 +349,9 @@ def main(argv: list[str] | None = None) -> dict:
         for batch_size in batch_sizes:
             rows += measure(batch_size, device, mode, args.quick, warmup, rounds, steps, args.models)
             print(table([r for r in rows if r["mode"] == mode["name"] and r["batch_size"] == batch_size]), flush=True)
-    payload = dict(benchmark="bench_step", started=started.isoformat(), command=["benchmarks/bench_step.py", *(argv if argv is not None else sys.argv[1:])],
-                   machine=info, warmup=warmup, rounds=rounds, steps_per_round=steps, results=rows)
-    out = args.out or RESULTS_DIR / f"bench_step-{started:%Y%m%dT%H%M%S}.json"
-    write_json(out, payload)
-    print(f"\n{table(rows)}\n\nwritten to {out}")
-    return payload
+    print(f"\n{table(rows)}")
+    return save_results("bench_step", args.out, argv, started, info,
+                        warmup=warmup, rounds=rounds, steps_per_round=steps, results=rows)
 
 
 if __name__ == "__main__":
