@@ -1,13 +1,13 @@
 """The LightningModule: TowerAlexNet trained as in §5 of the paper."""
 
 import os
-
 from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from towers.model import TowerAlexNet
@@ -47,6 +47,7 @@ class TowerClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = TowerAlexNet(num_towers=num_towers, num_classes=num_classes, **model_kwargs)
+        self.train_loss = MeanMetric()  # the epoch's mean loss, reduced over DDP ranks when computed
         self.train_acc = MulticlassAccuracy(num_classes)
         self.val_acc = MulticlassAccuracy(num_classes)
         self.test_acc = MulticlassAccuracy(num_classes)
@@ -62,9 +63,12 @@ class TowerClassifier(L.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
         self.train_acc(logits, labels)
-        # Tensors are logged without .item(): Lightning reduces them at the logging interval,
-        # so there is no host-device sync per step.
-        self.log("train/loss", loss, on_step=True, on_epoch=True)
+        self.train_loss(loss.detach())
+        # Tensors and metrics are logged without .item(): Lightning reads them at the logging interval,
+        # so there is no host-device sync per step. The step value is this rank's; the epoch value
+        # (`train/loss`) is a torchmetrics mean, synced across ranks once, at the end of the epoch.
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False)
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
