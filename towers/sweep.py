@@ -334,7 +334,9 @@ class Agent:
     def run(self) -> None:
         self.adopt_leftovers()
         done = sum(r["status"] in DONE for r in self.sweep.runs)
-        bar = tqdm(total=self.total, initial=done, unit="run", desc=self.sweep.state["name"], dynamic_ncols=True)
+        bar = tqdm(total=self.total, initial=done, unit="run", desc=self.sweep.state["name"], dynamic_ncols=True,
+                   mininterval=1 if sys.stderr.isatty() else 60)
+        shown = None
         try:
             while True:
                 for name, proc in list(self.procs.items()):
@@ -352,7 +354,9 @@ class Agent:
                 if not self.procs:
                     break
                 counts = {s: sum(r["status"] == s for r in self.sweep.runs) for s in ("running", *DONE)}
-                bar.set_postfix({k: v for k, v in counts.items() if v}, refresh=True)
+                if counts != shown:  # redraw on a change only: a log file gets a line per redraw
+                    bar.set_postfix({k: v for k, v in counts.items() if v}, refresh=True)
+                    shown = counts
                 time.sleep(POLL_SECONDS)
         except KeyboardInterrupt:
             bar.write("interrupted: stopping the runs in flight; start the same command again to go on")
