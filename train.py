@@ -62,8 +62,13 @@ class TowersCLI(LightningCLI):
             if str(init.get("save_dir")) == "." and init.get("dir") is None and config.trainer.default_root_dir:
                 init.save_dir = config.trainer.default_root_dir
         if wandb_loggers and not os.environ.get("WANDB_MODE") and not _wandb_reachable():
-            # Set before Lightning starts any DDP worker, so they inherit it.
+            # Set before Lightning starts any DDP worker, so they inherit it and skip this check.
             os.environ["WANDB_MODE"] = "offline"
+            # wandb.login (in the check) fixed wandb's global settings while WANDB_MODE was unset;
+            # dropping them makes wandb.init read the variable again instead of asking for a key.
+            import wandb
+
+            wandb.teardown()
             rank_zero_info("W&B: no API key or no connection to the server, so this run logs offline "
                            "(the folder is printed below); upload it later with `wandb sync <that folder>`.")
 

@@ -110,3 +110,18 @@ def test_two_cpu_devices_through_train_py(demo_root, tmp_path, strategy):
     single = train.TowerClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
     assert single.conv1_kernels().shape == (2, 6, 3, 11, 11)
     assert torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"] == 2
+
+
+def test_without_a_wandb_key_a_shipped_config_trains_offline(demo_root, tmp_path):
+    """The usual first run: no W&B account, WANDB_MODE unset. The run must log offline, not ask for a key."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    env.update(HOME=str(tmp_path / "home"), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), PYTHONPATH=str(ROOT))
+    args = tiny(demo_root, tmp_path / "run", "--trainer.max_steps=1", "--trainer.limit_val_batches=1",
+                "--test_after_fit=false")
+    at = args.index("--trainer.logger=lightning.pytorch.loggers.CSVLogger")
+    del args[at:at + 2]  # keep configs/demo.yaml's WandbLogger
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", *args], cwd=ROOT, env=env,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    assert (run / "files" / "bisection.json").exists()
