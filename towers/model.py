@@ -51,7 +51,9 @@ def _window_matrix(channels: int, size: int, scale: float, like: torch.Tensor) -
 def _over_channels(matrix: torch.Tensor, a: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """``matrix`` applied along the channel dim of ``a`` (one batched matmul, no loop):
     ``a`` is (batch * groups, channels, h * w), or (batch * h * w, groups, channels) if channels last."""
-    return a @ matrix.T if channels_last else matrix @ a
+    if channels_last:  # one (batch * h * w * groups, channels) @ (channels, channels) product, not a bmm of tiny ones
+        return torch.mm(a.reshape(-1, a.shape[-1]), matrix.T).view(a.shape)
+    return matrix @ a
 
 
 def _tower_view(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, bool]:
@@ -64,6 +66,14 @@ def _tower_view(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, bool]:
     return x.contiguous().view(b * groups, c // groups, h * w), False
 
 
+def _inverse_power(d: torch.Tensor, beta: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """d ** -beta. For the paper's beta = 3/4 it is d^(1/4) / d from two square roots and a division:
+    three cheap passes where a general ``pow`` costs several times more on the CPU (BENCHMARKS.md)."""
+    if beta == 0.75:
+        return torch.sqrt(d, out=out).sqrt_().div_(d)
+    return torch.pow(d, -beta, out=out)
+
+
 class _LocalResponseNorm(torch.autograd.Function):
     """LRN with a hand-derived backward. With d_c = k + (alpha/n) sum_{j in W(c)} a_j^2 and
     b_c = a_c d_c^-beta:
@@ -72,8 +82,9 @@ class _LocalResponseNorm(torch.autograd.Function):
 
     The window sums are one matmul with a band matrix (its transpose in the backward): fewer passes
     over the activation than shifted adds, and none of the padded copies. It saves only the input
-    (kept alive anyway by the ReLU before it) and d^-beta, where autograd through the formula
-    keeps half a dozen activation-sized tensors.
+    (kept alive anyway by the ReLU before it) and d, where autograd through the formula keeps half a
+    dozen activation-sized tensors. Every step writes into a tensor it already holds where it can:
+    on the CPU a fresh activation-sized tensor costs as much as an elementwise pass (page faults).
     """
 
     @staticmethod
@@ -81,26 +92,28 @@ class _LocalResponseNorm(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):  # in x's dtype, as the layers around it
             a, channels_last = _tower_view(x, groups)
             window = _window_matrix(a.shape[-2] if not channels_last else a.shape[-1], size, alpha / size, a)
-            scale = _over_channels(window, a * a, channels_last).add_(k).pow_(-beta)  # d^-beta
             # a fresh tensor, not a view of a reshaped result: code2012's in-place ReLU follows it
             out = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            torch.mul(a, scale, out=_tower_view(out, groups)[0])
-        ctx.save_for_backward(x, scale, window)
+            b = _tower_view(out, groups)[0]
+            d = _over_channels(window, torch.mul(a, a, out=b), channels_last).add_(k)  # a^2 held in out's memory
+            _inverse_power(d, beta, out=b).mul_(a)
+        ctx.save_for_backward(x, d, window)
         ctx.lrn = groups, beta, channels_last
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, scale, window = ctx.saved_tensors
+        x, d, window = ctx.saved_tensors
         groups, beta, channels_last = ctx.lrn
         with torch.autocast(x.device.type, enabled=False):
             a = _tower_view(x, groups)[0]
             g = _tower_view(grad_out.contiguous(memory_format=torch.channels_last if channels_last
                                                  else torch.contiguous_format), groups)[0]
-            spread = scale.pow((beta + 1) / beta).mul_(g).mul_(a)  # g a d^(-beta-1)
+            grad = _inverse_power(d, beta).mul_(g)  # g d^-beta
+            spread = torch.mul(grad, a).div_(d)  # g a d^(-beta-1)
             spread = _over_channels(window.T, spread, channels_last)  # the transposed window, times alpha/n
-            grad = torch.mul(g, scale).addcmul_(a, spread, value=-2 * beta)
+            grad.addcmul_(a, spread, value=-2 * beta)
         b, c, h, w = x.shape
         if channels_last:
             return grad.view(b, h, w, c).permute(0, 3, 1, 2), None, None, None, None, None
