@@ -20,6 +20,12 @@ Models (1000 classes, as torchvision's alexnet):
                         tower: how the demul/AlexNet TensorFlow replication built the network
     torchvision alexnet torchvision.models.alexnet (the "one weird trick" variant, 64/192/384/256/256
                         kernels, no LRN, no towers), 224 px, its documented input
+    ... channels_last   (CPU) the same model with weights and input in NHWC memory format: what
+                        towers.TowerClassifier trains with on the CPU; alexnet's row shows what the
+                        format alone buys. On CUDA the modes cover the format instead.
+
+`× alexnet` is the median over rounds of alexnet's step time / the model's in the same round, with a
+95% percentile-bootstrap interval of that median over the rounds.
 
 Peak memory is the memory one training step adds above the resting state (parameters, momentum
 buffers, the input batch): on CUDA torch.cuda.max_memory_allocated() minus memory_allocated() before
@@ -124,7 +130,8 @@ class NaiveTowerAlexNet(nn.Module):
 
 
 def build_models(quick: bool) -> dict[str, tuple[nn.Module, int]]:
-    """name -> (model, image side). --quick: width 1/4 and 67 px (torchvision's alexnet keeps its width)."""
+    """name -> (model, image side). --quick: width 1/4 and 67 px (torchvision's alexnet keeps its width).
+    Names ending in CHANNELS_LAST run in that memory format (see Runner)."""
     width, side = (0.25, 67) if quick else (1.0, 227)
 
     def towers(num_towers, lrn="towers"):
@@ -134,21 +141,28 @@ def build_models(quick: bool) -> dict[str, tuple[nn.Module, int]]:
                 setattr(model.features, name, TowerwiseTorchLRN(num_towers) if lrn == "nn" else nn.Identity())
         return model
 
+    alexnet_side = 224 if not quick else side
     return {
-        BASELINE: (torchvision.models.alexnet(num_classes=1000), 224 if not quick else side),
+        BASELINE: (torchvision.models.alexnet(num_classes=1000), alexnet_side),
+        BASELINE + CHANNELS_LAST: (torchvision.models.alexnet(num_classes=1000), alexnet_side),
         "towers-1": (towers(1), side),
         "towers-2": (towers(2), side),
+        "towers-2" + CHANNELS_LAST: (towers(2), side),
         "towers-4": (towers(4), side),
         "towers-2 nn.LRN": (towers(2, "nn"), side),
         "towers-2 no LRN": (towers(2, "none"), side),
+        "towers-2 no LRN" + CHANNELS_LAST: (towers(2, "none"), side),
         "naive-2": (NaiveTowerAlexNet(2, 1000, width, side), side),
     }
 
 
-MODEL_NAMES = [BASELINE, "towers-1", "towers-2", "towers-4", "towers-2 nn.LRN", "towers-2 no LRN", "naive-2"]
+CHANNELS_LAST = " channels_last"
+MODEL_NAMES = [BASELINE, BASELINE + CHANNELS_LAST, "towers-1", "towers-2", "towers-2" + CHANNELS_LAST, "towers-4",
+               "towers-2 nn.LRN", "towers-2 no LRN", "towers-2 no LRN" + CHANNELS_LAST, "naive-2"]
 
 # what the LRN share of a model is measured against
-NO_LRN = {"towers-2": "towers-2 no LRN", "towers-2 nn.LRN": "towers-2 no LRN"}
+NO_LRN = {"towers-2": "towers-2 no LRN", "towers-2 nn.LRN": "towers-2 no LRN",
+          "towers-2" + CHANNELS_LAST: "towers-2 no LRN" + CHANNELS_LAST}
 
 
 def rss_bytes(field: str) -> int | None:
@@ -233,12 +247,14 @@ def measure(batch_size: int, device: torch.device, mode: dict, quick: bool, warm
     from tqdm.auto import tqdm
 
     built = build_models(quick)
-    names = [n for n in built if only is None or n in only or n == BASELINE]
+    names = [n for n in built if (only is None or n in only or n == BASELINE)
+             and not (n.endswith(CHANNELS_LAST) and device.type == "cuda")]  # CUDA's modes cover the format
     mode_args = {k: v for k, v in mode.items() if k != "name"}
     runners = {}
     for name in names:
         model, side = built.pop(name)
-        runners[name] = Runner(model, side, batch_size, device, **mode_args)
+        args = {**mode_args, "channels_last": mode_args["channels_last"] or name.endswith(CHANNELS_LAST)}
+        runners[name] = Runner(model, side, batch_size, device, **args)
     del built
     desc = f"{mode['name']} batch {batch_size}"
     for runner in tqdm(runners.values(), desc=f"{desc} warm-up", leave=False):
@@ -258,6 +274,7 @@ def measure(batch_size: int, device: torch.device, mode: dict, quick: bool, warm
             images_per_s=batch_size / statistics.median(t),
             step_ms=1000 * statistics.median(t), step_ms_min=1000 * min(t), step_ms_max=1000 * max(t),
             ratio_to_alexnet=statistics.median(b / m for b, m in zip(times[BASELINE], t)),
+            ratio_ci95=median_interval([b / m for b, m in zip(times[BASELINE], t)]),
             lrn_share=None, peak_memory_mb=None,
         )
         if NO_LRN.get(name) in times:
@@ -269,6 +286,17 @@ def measure(batch_size: int, device: torch.device, mode: dict, quick: bool, warm
     return rows
 
 
+def median_interval(values: list[float]) -> list[float] | None:
+    """95% percentile-bootstrap interval of the median (None under 5 values: too few to say)."""
+    if len(values) < 5 or min(values) == max(values):
+        return None
+    from scipy.stats import bootstrap
+
+    result = bootstrap((values,), statistics.median, vectorized=False, method="percentile",
+                       n_resamples=2000, random_state=0)
+    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+
+
 def machine() -> dict:
     info = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
                 threads=torch.get_num_threads(), cpu=platform.processor(), cpu_count=os.cpu_count(),
@@ -278,6 +306,13 @@ def machine() -> dict:
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
+    except OSError:
+        pass
+    # the allocator decides what a fresh activation costs on the CPU (page faults; BENCHMARKS.md)
+    info["allocator_env"] = {k: v for k, v in os.environ.items()
+                             if k.startswith("MALLOC_") or k in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")}
+    try:
+        info["transparent_hugepage"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
     except OSError:
         pass
     try:
@@ -293,11 +328,14 @@ def table(rows: list[dict]) -> str:
     def fmt(v, spec):
         return "–" if v is None else format(v, spec)
 
-    lines = ["| mode | batch | model | px | images/s | × alexnet | step ms (min–max) | peak MB | LRN share |",
+    def interval(ci):
+        return "" if not ci else f" ({ci[0]:.2f}–{ci[1]:.2f})"
+
+    lines = ["| mode | batch | model | px | images/s | × alexnet (95% CI) | step ms (min–max) | peak MB | LRN share |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['batch_size']} | {r['model']} | {r['image_size']} | "
-                     f"{r['images_per_s']:.1f} | {r['ratio_to_alexnet']:.2f} | "
+                     f"{r['images_per_s']:.1f} | {r['ratio_to_alexnet']:.2f}{interval(r.get('ratio_ci95'))} | "
                      f"{r['step_ms']:.0f} ({r['step_ms_min']:.0f}–{r['step_ms_max']:.0f}) | "
                      f"{fmt(r['peak_memory_mb'], '.0f')} | {fmt(r['lrn_share'], '.1%')} |")
     return "\n".join(lines)

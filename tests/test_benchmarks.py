@@ -2,7 +2,8 @@ import json
 
 import torch
 
-from benchmarks.bench_step import BASELINE, MODEL_NAMES, NaiveTowerAlexNet, TowerwiseTorchLRN, main
+from benchmarks.bench_step import (BASELINE, CHANNELS_LAST, MODEL_NAMES, NaiveTowerAlexNet, TowerwiseTorchLRN, main,
+                                   median_interval)
 from towers.model import TowerAlexNet, local_response_norm
 
 
@@ -23,16 +24,40 @@ def test_towerwise_torch_lrn_is_towers_lrn():
 
 def test_quick_benchmark_writes_a_row_per_model(tmp_path):
     out = tmp_path / "step.json"
-    payload = main(["--quick", "--batch-sizes", "2", "--warmup", "0", "--rounds", "1", "--device", "cpu",
-                    "--models", "towers-2", "towers-2 no LRN", "--out", str(out)])
+    cl = "towers-2" + CHANNELS_LAST
+    payload = main(["--quick", "--batch-sizes", "2", "--warmup", "0", "--rounds", "5", "--device", "cpu",
+                    "--models", "towers-2", "towers-2 no LRN", cl, "towers-2 no LRN" + CHANNELS_LAST,
+                    "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(payload["results"]))
     rows = {r["model"]: r for r in saved["results"]}
-    assert set(rows) == {BASELINE, "towers-2", "towers-2 no LRN"} and set(rows) <= set(MODEL_NAMES)
-    assert rows[BASELINE]["ratio_to_alexnet"] == 1.0
+    assert set(rows) == {BASELINE, "towers-2", "towers-2 no LRN", cl, "towers-2 no LRN" + CHANNELS_LAST}
+    assert set(rows) <= set(MODEL_NAMES)
+    assert rows[BASELINE]["ratio_to_alexnet"] == 1.0 and rows[BASELINE]["ratio_ci95"] is None
     assert all(r["images_per_s"] > 0 and r["batch_size"] == 2 for r in rows.values())
-    assert rows["towers-2"]["lrn_share"] is not None and rows["towers-2"]["lrn_share"] < 1
+    for name in ("towers-2", cl):
+        assert rows[name]["lrn_share"] is not None and rows[name]["lrn_share"] < 1
+        low, high = rows[name]["ratio_ci95"]
+        assert low <= rows[name]["ratio_to_alexnet"] <= high
+    assert "allocator_env" in saved["machine"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_channels_last_rows_run_in_that_format():
+    from benchmarks.bench_step import Runner, build_models
+
+    model, side = build_models(quick=True)["towers-2" + CHANNELS_LAST]
+    runner = Runner(model, side, 2, torch.device("cpu"), bf16=False, compile_=False, channels_last=True)
+    assert runner.x.is_contiguous(memory_format=torch.channels_last)
+    assert runner.model.features.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert runner.model.features(runner.x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_median_interval_brackets_the_median():
+    values = [0.8, 0.9, 1.0, 1.1, 1.2, 0.95, 1.05]
+    low, high = median_interval(values)
+    assert low <= 1.0 <= high and low >= 0.8 and high <= 1.2
+    assert median_interval(values[:4]) is None  # too few rounds to say
 
 
 def test_quick_data_benchmark_writes_every_pipeline(tmp_path):

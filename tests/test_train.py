@@ -75,6 +75,21 @@ def test_same_seed_same_kernels_bit_for_bit(demo_root, tmp_path):
     assert not torch.equal(first, other)
 
 
+def test_channels_last_on_the_cpu_changes_the_speed_not_the_training(demo_root, tmp_path):
+    """The default (channels_last=None) trains NHWC on the CPU; the weights it learns are those of the
+    standard format up to float rounding (summation order inside oneDNN's kernels)."""
+    auto = train.main(["fit", *tiny(demo_root, tmp_path / "auto", "--trainer.max_steps=3", "--seed_everything=3",
+                                    "--trainer.limit_val_batches=1", "--test_after_fit=false")])
+    standard = train.main(["fit", *tiny(demo_root, tmp_path / "nchw", "--trainer.max_steps=3", "--seed_everything=3",
+                                        "--trainer.limit_val_batches=1", "--test_after_fit=false",
+                                        "--model.channels_last=false")])
+    assert auto.model.model.features.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert standard.model.model.features.conv1.weight.is_contiguous()
+    assert not standard.model.model.features.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    for (name, a), (_, b) in zip(auto.model.state_dict().items(), standard.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(demo_root, tmp_path):
     epochs = ["--trainer.max_epochs=2"]
     whole = run_train(["fit", *tiny(demo_root, tmp_path / "whole", *epochs)])

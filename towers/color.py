@@ -41,9 +41,10 @@ class ColorEnergy(NamedTuple):
 
 
 def as_kernels(kernels) -> torch.Tensor:
-    """(K, 3, h, w) float64 CPU copy; (T, K/T, 3, h, w) is flattened tower after tower."""
+    """(K, 3, h, w) float64 CPU copy; (T, K/T, 3, h, w) is flattened tower after tower. The copy is in
+    the standard memory format, so a score is bit-identical whether the weights were channels_last."""
     w = torch.as_tensor(np.asarray(kernels) if not isinstance(kernels, torch.Tensor) else kernels)
-    w = w.detach().to("cpu", torch.float64)
+    w = w.detach().to("cpu", torch.float64, memory_format=torch.contiguous_format)
     if w.dim() == 5:
         w = w.flatten(0, 1)
     if w.dim() != 4 or w.shape[1] != 3:

@@ -28,6 +28,10 @@ class TowerClassifier(L.LightningModule):
             stops improving for ``lr_patience`` epochs, at most ``max_lr_drops``
             times (§5); ``"step"`` divides it by 10 at the epochs in
             ``lr_milestones`` (the 2012 run: 25 and 51); ``"constant"`` never does.
+        channels_last: keep activations in NHWC memory format. ``None`` (the default) chooses by
+            device: on the CPU, where oneDNN's convolutions and the pools run faster in it
+            (BENCHMARKS.md), but not on CUDA, where cuDNN's grouped NHWC convolutions are a known
+            slow path. The numbers are the same either way; only the speed differs.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class TowerClassifier(L.LightningModule):
         lr_patience: int = 5,
         max_lr_drops: int = 3,
         lr_milestones: tuple[int, ...] = (25, 51),
+        channels_last: bool | None = None,
         **model_kwargs,
     ):
         super().__init__()
@@ -51,6 +56,14 @@ class TowerClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes)
         self.val_acc = MulticlassAccuracy(num_classes)
         self.test_acc = MulticlassAccuracy(num_classes)
+
+    def setup(self, stage: str) -> None:
+        # Before the strategy moves the model: converting the conv weights is enough, the
+        # convolutions then return NHWC and every layer after them keeps it.
+        channels_last = self.hparams.channels_last
+        if channels_last is None:
+            channels_last = self.trainer.strategy.root_device.type == "cpu"
+        self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
