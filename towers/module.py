@@ -31,7 +31,7 @@ class TowerClassifier(L.LightningModule):
         channels_last: keep activations in NHWC memory format. ``None`` (the default) chooses by
             device: on the CPU, where oneDNN's convolutions and the pools run faster in it
             (BENCHMARKS.md), but not on CUDA, where cuDNN's grouped NHWC convolutions are a known
-            slow path. The numbers are the same either way; only the speed differs.
+            slow path. Only the speed differs: the weights agree to float rounding (summation order).
     """
 
     def __init__(
