@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+import towers.parallel  # noqa: F401  registers `--trainer.strategy tower_parallel` with Lightning
 from towers.data import CatsDogsDataModule
 from towers.module import TowerClassifier
 from towers.runs import EXIT_DIVERGED, RunStatus, SaveRunConfig

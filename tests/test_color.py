@@ -205,3 +205,20 @@ def test_bad_input_is_refused_with_a_message():
         bisection(torch.where(torch.arange(96) == 3, float("nan"), scores), tower_labels(2, 48))
     with pytest.raises(ValueError, match="all scores are equal"):
         bisection(torch.zeros(96), tower_labels(2, 48))
+
+
+def test_the_colour_score_imports_without_lightning():
+    """towers.color is pure (torch and numpy): scoring a checkpoint must not need Lightning, and the
+    package's lazy exports still resolve."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, towers.color, towers.files\n"
+            "assert not [m for m in sys.modules if m.startswith('lightning')], 'Lightning was imported'\n"
+            "import towers\n"
+            "assert towers.TowerAlexNet.__name__ == 'TowerAlexNet'\n"
+            "try:\n    towers.NoSuchThing\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)\n")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
