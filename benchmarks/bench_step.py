@@ -274,7 +274,7 @@ def measure(batch_size: int, device: torch.device, mode: dict, quick: bool, warm
             images_per_s=batch_size / statistics.median(t),
             step_ms=1000 * statistics.median(t), step_ms_min=1000 * min(t), step_ms_max=1000 * max(t),
             ratio_to_alexnet=statistics.median(b / m for b, m in zip(times[BASELINE], t)),
-            ratio_ci95=median_interval([b / m for b, m in zip(times[BASELINE], t)]),
+            ratio_ci95=ratio_interval([b / m for b, m in zip(times[BASELINE], t)]),
             lrn_share=None, peak_memory_mb=None,
         )
         if NO_LRN.get(name) in times:
@@ -286,15 +286,15 @@ def measure(batch_size: int, device: torch.device, mode: dict, quick: bool, warm
     return rows
 
 
-def median_interval(values: list[float]) -> list[float] | None:
-    """95% percentile-bootstrap interval of the median (None under 5 values: too few to say)."""
-    if len(values) < 5 or min(values) == max(values):
+def ratio_interval(ratios: list[float]) -> list[float] | None:
+    """95% percentile-bootstrap interval of the median per-round ratio (None under 5 rounds: too few
+    to say, and for the baseline's own ratios, all 1)."""
+    if len(ratios) < 5 or min(ratios) == max(ratios):
         return None
-    from scipy.stats import bootstrap
+    from analysis.compare import median_interval  # the project's one bootstrap of a median
 
-    result = bootstrap((values,), statistics.median, vectorized=False, method="percentile",
-                       n_resamples=2000, random_state=0)
-    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+    _, low, high = median_interval(ratios, resamples=2000)
+    return [low, high]
 
 
 def machine() -> dict:

@@ -3,7 +3,7 @@ import json
 import torch
 
 from benchmarks.bench_step import (BASELINE, CHANNELS_LAST, MODEL_NAMES, NaiveTowerAlexNet, TowerwiseTorchLRN, main,
-                                   median_interval)
+                                   ratio_interval)
 from towers.model import TowerAlexNet, local_response_norm
 
 
@@ -53,11 +53,11 @@ def test_channels_last_rows_run_in_that_format():
     assert runner.model.features(runner.x).is_contiguous(memory_format=torch.channels_last)
 
 
-def test_median_interval_brackets_the_median():
+def test_ratio_interval_brackets_the_median():
     values = [0.8, 0.9, 1.0, 1.1, 1.2, 0.95, 1.05]
-    low, high = median_interval(values)
+    low, high = ratio_interval(values)
     assert low <= 1.0 <= high and low >= 0.8 and high <= 1.2
-    assert median_interval(values[:4]) is None  # too few rounds to say
+    assert ratio_interval(values[:4]) is None  # too few rounds to say
 
 
 def test_quick_data_benchmark_writes_every_pipeline(tmp_path):
