@@ -46,7 +46,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from towers.files import write_atomic  # noqa: E402
+from towers.files import read_jsonl, write_atomic  # noqa: E402
 
 # ----------------------------------------------------------------------------- file formats
 # Each format the runs leave behind is read by one function below, so a change of schema is an
@@ -85,18 +85,9 @@ def read_bisection(path: Path) -> dict:
 
 
 def read_history(path: Path) -> list[dict]:
-    """``bisection_history.jsonl``: one measurement per line; a last line cut short by a killed
-    process is dropped with a warning."""
-    lines = Path(path).read_text().splitlines()
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(measurement(json.loads(line)))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
-            warnings.warn(f"{path}: dropping the last line, cut short")
-    return records
+    """``bisection_history.jsonl``: one measurement per line (a last line cut short by a killed
+    process is dropped with a warning)."""
+    return [measurement(record) for record in read_jsonl(path)]
 
 
 def read_status(path: Path) -> dict:

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from analysis import kernels as analysis
 from towers import KernelBisectionCallback, TowerClassifier
-from towers.callbacks import kernel_grid, read_history
+from towers.callbacks import kernel_grid
+from towers.files import read_jsonl
 from towers.color import bisection, color_specificity
 
 SIZE = 67  # conv1 11/4 -> 15, pool -> 7, ..., pool5 -> 1: the smallest input the network takes comfortably
@@ -140,7 +141,7 @@ def test_bisection_json_and_history_follow_the_schema(run):
     again = bisection(scores, last["tower"], permutations=999)
     assert (again.eta2, again.p_value) == (last["statistics"]["eta2"], last["statistics"]["p_value"])
 
-    history = read_history(d / "bisection_history.jsonl")
+    history = read_jsonl(d / "bisection_history.jsonl")
     assert [(r["step"], r["stage"]) for r in history] == [(0, "init"), (3, "interval"), (6, "interval")]
     assert history[-1]["score"] == last["score"] and history[0]["score"] == init["score"]
 
@@ -212,7 +213,7 @@ def test_resumed_run_keeps_its_initialisation_baseline(run, tmp_path):
     data = json.loads((tmp_path / "lightning_logs" / "version_0" / "bisection.json").read_text())
     assert data["init"]["score"] == init["score"] and data["init"]["step"] == 0
     assert data["last"]["step"] == 9
-    steps = [r["step"] for r in read_history(tmp_path / "lightning_logs" / "version_0" / "bisection_history.jsonl")]
+    steps = [r["step"] for r in read_jsonl(tmp_path / "lightning_logs" / "version_0" / "bisection_history.jsonl")]
     assert steps == [9]  # measured once more at the end; step 6 fell before the resume
 
 
@@ -228,7 +229,7 @@ def test_one_tower_gets_the_control_statistic_without_any_logger(tmp_path):
     grid = np.asarray(Image.open(tmp_path / "kernels.png").convert("RGB"))
     assert grid.shape == grid_size(1, 12) + (3,)
     # epoch 0 ended at step 4, which is also the end: one record for it, marked "end"
-    assert [(r["step"], r["stage"]) for r in read_history(tmp_path / "bisection_history.jsonl")] == [
+    assert [(r["step"], r["stage"]) for r in read_jsonl(tmp_path / "bisection_history.jsonl")] == [
         (0, "init"), (4, "interval")]
     assert last["stage"] == "end"
 

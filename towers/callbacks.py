@@ -145,21 +145,6 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=1, allow_nan=False))
 
 
-def read_history(path) -> list[dict]:
-    """The records of a ``bisection_history.jsonl``; a last line cut short by a killed process is
-    dropped with a warning."""
-    records = []
-    lines = Path(path).read_text().splitlines()
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
-            rank_zero_warn(f"{path}: dropping the last line, cut short ({len(line)} characters)")
-    return records
-
-
 def _floats(x) -> list:
     return [v if math.isfinite(v) else None for v in torch.as_tensor(x, dtype=torch.float64).tolist()]
 

@@ -1,6 +1,8 @@
 """Files written so that a reader, or a process killed half-way, never sees half of one."""
 
+import json
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,3 +28,18 @@ def write_atomic(path, data: str | bytes) -> None:
             tmp.write_bytes(data)
         else:
             tmp.write_text(data)
+
+
+def read_jsonl(path) -> list[dict]:
+    """The records of a JSON-lines file that is appended to; a last line cut short by a killed
+    process is dropped with a warning, a bad line anywhere else is an error."""
+    records = []
+    lines = Path(path).read_text().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+            warnings.warn(f"{path}: dropping the last line, cut short ({len(line)} characters)")
+    return records
