@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import towers.parallel  # noqa: F401  registers `--trainer.strategy tower_parallel` with Lightning
 from towers.data import CatsDogsDataModule
 from towers.module import TowerClassifier
-from towers.runs import EXIT_DIVERGED, RunStatus, SaveRunConfig
+from towers.runs import EXIT_DIVERGED, RunStatus, SaveRunConfig, newest_last_checkpoint
 
 
 def _wandb_reachable() -> bool:
@@ -82,12 +82,12 @@ class TowersCLI(LightningCLI):
         if kwargs.get("ckpt_path") != "last":
             return
         root = Path(self.trainer.default_root_dir)
-        found = sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found and self.subcommand != "fit":
+        found = newest_last_checkpoint(root)
+        if found is None and self.subcommand != "fit":
             raise SystemExit(f"--ckpt_path last: no last.ckpt under {root.resolve()}; "
                              f"give --trainer.default_root_dir of the run, or the checkpoint's path")
-        kwargs["ckpt_path"] = str(found[-1]) if found else None
-        rank_zero_info(f"Resuming from {found[-1]}" if found else
+        kwargs["ckpt_path"] = None if found is None else str(found)
+        rank_zero_info(f"Resuming from {found}" if found else
                        f"--ckpt_path last: no last.ckpt under {root.resolve()}, so training starts from the beginning")
 
     before_fit = before_validate = before_test = before_predict = _resolve_last_checkpoint
@@ -98,6 +98,7 @@ class TowersCLI(LightningCLI):
         diverged = exit_status(self) == EXIT_DIVERGED
         if self.config_init["fit"].get("test_after_fit") and not diverged:
             self.trainer.test(self.model, datamodule=self.datamodule)
+
 
 def run_name(config) -> str | None:
     """A W&B run name from the config, e.g. ``t2-s0-lr0.01-b128``; parts the config lacks are left out."""

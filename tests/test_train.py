@@ -11,6 +11,7 @@ import torch
 
 import train
 from towers.demo_data import make_demo_dataset
+from towers.runs import newest_last_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,9 +40,9 @@ def run_train(args, **kwargs):
 
 
 def last_checkpoint(out: Path) -> Path:
-    found = sorted(out.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
-    assert found, f"no last.ckpt under {out}"
-    return found[-1]
+    found = newest_last_checkpoint(out)
+    assert found is not None, f"no last.ckpt under {out}"
+    return found
 
 
 def weights(ckpt: Path) -> dict:

@@ -49,6 +49,13 @@ def run_dir(trainer: Trainer) -> Path:
     return path
 
 
+def newest_last_checkpoint(root) -> Path | None:
+    """The most recently written ``last*.ckpt`` anywhere under ``root`` (a run folder or a sweep run's
+    folder), or None. Symbolic links count when they point at a file (``save_last: link``)."""
+    found = [p for p in Path(root).rglob("last*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
 def _scalars(metrics: dict) -> dict:
     # One host-device copy per call; called once per validation, not per step.
     out = {}

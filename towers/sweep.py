@@ -38,7 +38,7 @@ from wandb.sdk.launch.sweeps import utils as sweep_utils
 from wandb.sdk.lib import config_util
 
 from towers.files import write_atomic
-from towers.runs import EXIT_DIVERGED
+from towers.runs import EXIT_DIVERGED, newest_last_checkpoint
 
 with warnings.catch_warnings():  # sweeps' pydantic models use a pydantic-1 config key; harmless
     warnings.simplefilter("ignore", UserWarning)
@@ -174,11 +174,6 @@ def read_results(run_root: Path, since: float) -> tuple[dict | None, Path | None
         return None, path.parent
 
 
-def last_checkpoint(run_root: Path) -> Path | None:
-    ckpts = [p for p in run_root.rglob("last*.ckpt") if p.is_file()]
-    return max(ckpts, key=lambda p: p.stat().st_mtime) if ckpts else None
-
-
 def _alive(pid: int | None, run_root: Path) -> bool:
     """A leftover run process from a killed agent (checked by its command line naming the run folder)."""
     if not pid:
@@ -220,7 +215,7 @@ class Agent:
     def launch(self, run: dict) -> None:
         root = self.run_root(run)
         root.mkdir(parents=True, exist_ok=True)
-        ckpt = last_checkpoint(root) if run["attempts"] else None
+        ckpt = newest_last_checkpoint(root) if run["attempts"] else None
         params_file = root / "sweep-params.yaml"  # what wandb agent writes for wandb.init's config
         config_util.save_config_file_from_dict(str(params_file), {k: {"value": v} for k, v in run["params"].items()})
         command = render_command(self.sweep.config, run["params"], sys.executable, str(root / "args.json"))
