@@ -166,6 +166,13 @@ class Bisection:
                 f"colour group {self.color_group}")
 
 
+def _split_ss(sums: np.ndarray, sizes: np.ndarray, sides: np.ndarray) -> np.ndarray:
+    """SS_between of every bipartition (..., P) from centred group sums (..., G), ``sides`` (P, G):
+    two groups with sums s and -s give s^2 / n_a + s^2 / (k - n_a)."""
+    k, n_a = sizes.sum(), sides @ sizes
+    return np.square(sums @ sides.T) * (k / (n_a * (k - n_a)))
+
+
 def _eta2(x: np.ndarray, onehot: np.ndarray, sizes: np.ndarray, sides: np.ndarray, ss_total: float):
     """eta2 and the best two-group eta2 of every row of x (B, K): centred scores, one arrangement per
     row, groups fixed by ``onehot`` (K, G), bipartitions by ``sides`` (P, G)."""
@@ -173,10 +180,7 @@ def _eta2(x: np.ndarray, onehot: np.ndarray, sizes: np.ndarray, sides: np.ndarra
     eta2 = (np.square(sums) / sizes).sum(1) / ss_total
     if len(sides) == 0:
         return eta2, eta2
-    k, n_a = x.shape[1], sides @ sizes
-    # two groups with sums s and -s: SS_between = s^2 / n_a + s^2 / (k - n_a)
-    split = np.square(sums @ sides.T) * (k / (n_a * (k - n_a)))  # (B, P)
-    return eta2, split.max(1) / ss_total
+    return eta2, _split_ss(sums, sizes, sides).max(1) / ss_total
 
 
 def _medians(values: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -279,8 +283,8 @@ def bisection(scores, towers, permutations: int = 9999, seed: int = 0, bootstrap
 
     best = max(range(g), key=lambda j: (medians[j], means[j], j))
     if g > 2:  # which bipartition gave eta2_split, and its side with the higher mean score
-        sums, n_a = x @ onehot, sides @ sizes
-        side_a = sides[int(np.argmax(np.square(sums @ sides.T) * (k / (n_a * (k - n_a)))))].astype(bool)
+        sums = x @ onehot
+        side_a = sides[int(np.argmax(_split_ss(sums, sizes, sides)))].astype(bool)
         high = side_a if sums[side_a].sum() > 0 else ~side_a
         color_side = [n for n in names if high[canon_names.index(n)]]
     else:
