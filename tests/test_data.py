@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import shutil
 import logging
 import zipfile
 from pathlib import Path
@@ -356,6 +357,13 @@ def test_microsoft_download_checks_the_checksum_and_leaves_nothing_on_failure(tm
     download_microsoft(root, url=archive.as_uri(), sha256=digest)
     assert sorted(p.name for p in root.iterdir()) == ["PetImages"]
     assert find_images(root)[0::2] == ("microsoft", [("Cat/1.jpg", 0), ("Dog/1.jpg", 1)])
+    # an archive already beside the data is checked the same way before it is unpacked
+    local = tmp_path / "local"
+    local.mkdir()
+    shutil.copy(archive, local / "kagglecatsanddogs_5340.zip")
+    with pytest.raises(ValueError, match="Checksum mismatch"):
+        download_microsoft(local, url="http://127.0.0.1:9/unused.zip", sha256="0" * 64)
+    assert sorted(p.name for p in local.iterdir()) == ["kagglecatsanddogs_5340.zip"]
 
 
 # ----------------------------------------------------------------------------- demo and training

@@ -170,13 +170,6 @@ class BadImage(Exception):
     """A file that cannot be used as an image; the message is the reason."""
 
 
-def _check(path: Path) -> tuple[bool, str]:
-    try:
-        return True, load_image(path, 8)[1]
-    except BadImage as error:
-        return False, str(error)
-
-
 def _check_and_load(args: tuple[Path, int]) -> tuple[np.ndarray | None, bool, str]:
     path, size = args
     try:
@@ -184,6 +177,11 @@ def _check_and_load(args: tuple[Path, int]) -> tuple[np.ndarray | None, bool, st
         return pixels, True, note
     except BadImage as error:
         return None, False, str(error)
+
+
+def _check(path: Path) -> tuple[bool, str]:
+    """(usable, note) of one file; decoded in full but resized to 8 pixels, which is cheap."""
+    return _check_and_load((path, 8))[1:]
 
 
 def _imap(function, items: list, num_workers: int, desc: str):
@@ -651,9 +649,13 @@ def fetch(url: str, destination: Path, sha256: str | None = None) -> str:
                 out.write(chunk)
                 digest.update(chunk)
                 bar.update(len(chunk))
-    found = digest.hexdigest()
-    if sha256 is not None and found != sha256.lower():
-        raise ValueError(f"Checksum mismatch for {url}: expected SHA-256 {sha256}, got {found}")
+    return _verified(digest.hexdigest(), sha256, url)
+
+
+def _verified(found: str, expected: str | None, what) -> str:
+    """``found`` (a SHA-256 hex digest), after checking it against ``expected`` when one is given."""
+    if expected is not None and found != expected.lower():
+        raise ValueError(f"Checksum mismatch for {what}: expected SHA-256 {expected}, got {found}")
     return found
 
 
@@ -674,9 +676,7 @@ def download_microsoft(root: str | Path, url: str = MICROSOFT_URL, sha256: str |
             with open(archive, "rb") as f:
                 while chunk := f.read(1 << 20):
                     digest.update(chunk)
-            if sha256 is not None and digest.hexdigest() != sha256.lower():
-                raise ValueError(f"Checksum mismatch for {archive}: expected SHA-256 {sha256}, got {digest.hexdigest()}")
-            found = digest.hexdigest()
+            found = _verified(digest.hexdigest(), sha256, archive)
         else:
             archive = tmp / MICROSOFT_ZIP
             try:
