@@ -4,7 +4,8 @@ import torch
 
 from benchmarks.bench_step import (BASELINE, CHANNELS_LAST, MODEL_NAMES, NaiveTowerAlexNet, TowerwiseTorchLRN, main,
                                    ratio_interval)
-from towers.model import TowerAlexNet, local_response_norm
+from towers.lrn import local_response_norm
+from towers.model import TowerAlexNet
 
 
 def test_naive_reference_is_the_same_network_as_tower_alexnet():

@@ -1,8 +1,7 @@
 import pytest
 import torch
-from torch import nn
 
-from towers.model import TowerAlexNet, local_response_norm, tower_widths
+from towers.model import TowerAlexNet, tower_widths
 
 
 def stage_shapes(model, x):
@@ -74,81 +73,6 @@ def test_conv1_kernels_are_a_view_in_tower_order():
     assert kernels.data_ptr() == model.features.conv1.weight.data_ptr()
 
 
-def lrn_by_the_formula(a, size, alpha, beta, k):
-    """b_c = a_c / (k + alpha/n * sum_{j=max(0,c-n//2)}^{min(N-1,c+(n-1)//2)} a_j^2)^beta, written out per channel
-    (the window of nn.LocalResponseNorm; for odd n it is the paper's c-n/2 ... c+n/2)."""
-    n_channels = a.shape[1]
-    out = torch.empty_like(a)
-    for c in range(n_channels):
-        lo, hi = max(0, c - size // 2), min(n_channels - 1, c + (size - 1) // 2)
-        out[:, c] = a[:, c] / (k + alpha / size * (a[:, lo:hi + 1] ** 2).sum(1)) ** beta
-    return out
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("groups", [1, 2, 3, 4])
-@pytest.mark.parametrize("size", [1, 2, 4, 5, 6])
-def test_lrn_matches_the_formula_within_each_tower(groups, size, dtype):
-    torch.manual_seed(0)
-    a = torch.randn(2, 24, 5, 3, dtype=dtype) * 40
-    got = local_response_norm(a, groups, size=size, alpha=1e-2, beta=0.75, k=2.0)
-    per_tower = [lrn_by_the_formula(t, size, 1e-2, 0.75, 2.0) for t in a.chunk(groups, dim=1)]
-    torch.testing.assert_close(got, torch.cat(per_tower, 1))
-
-
-@pytest.mark.parametrize("size", [3, 5, 6])
-def test_lrn_agrees_with_torch_for_one_group(size):
-    a = torch.randn(3, 16, 7, 7, dtype=torch.float64) * 30
-    torch.testing.assert_close(local_response_norm(a, 1, size), nn.LocalResponseNorm(size, 1e-4, 0.75, 2.0)(a))
-
-
-@pytest.mark.parametrize("groups, size, beta, k", [(1, 5, 0.75, 2.0), (2, 5, 0.75, 1.0), (3, 4, 0.5, 2.0),
-                                                    (4, 3, 1.0, 2.0), (2, 1, 0.75, 2.0)])
-def test_lrn_gradient_is_the_formulas(groups, size, beta, k):
-    torch.manual_seed(0)
-    a = (torch.randn(2, 12, 3, 4, dtype=torch.float64) * 20).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: local_response_norm(t, groups, size, 1e-2, beta, k), (a,))
-    # and equals autograd through the written-out formula, also in float32
-    for dtype in (torch.float64, torch.float32):
-        x = a.detach().to(dtype).requires_grad_()
-        g = torch.randn_like(x)
-        ours, = torch.autograd.grad(local_response_norm(x, groups, size, 1e-2, beta, k), x, g)
-        formula = torch.cat([lrn_by_the_formula(t, size, 1e-2, beta, k) for t in x.chunk(groups, dim=1)], 1)
-        theirs, = torch.autograd.grad(formula, x, g)
-        torch.testing.assert_close(ours, theirs)
-
-
-def test_lrn_in_channels_last_and_after_an_inplace_relu():
-    torch.manual_seed(0)
-    a = torch.randn(2, 8, 5, 5, dtype=torch.float64) * 30
-    cl = a.contiguous(memory_format=torch.channels_last).requires_grad_()
-    ref = a.clone().requires_grad_()
-    out_cl, out_ref = local_response_norm(cl, 2), local_response_norm(ref, 2)
-    torch.testing.assert_close(out_cl, out_ref)
-    g = torch.randn_like(a)
-    torch.testing.assert_close(torch.autograd.grad(out_cl, cl, g)[0], torch.autograd.grad(out_ref, ref, g)[0])
-    # the model's order: ReLU in place, then LRN, then (code2012) an in-place ReLU on the LRN output
-    model = TowerAlexNet(num_towers=2, width_multiplier=0.25, image_size=67, conv1_lrn_before_relu=True)
-    model(torch.randn(2, 3, 67, 67)).sum().backward()
-    assert model.features.conv1.weight.grad.abs().sum() > 0
-
-
-def test_lrn_refuses_channels_that_do_not_split_into_towers():
-    with pytest.raises(ValueError, match="divisible by groups=3"):
-        local_response_norm(torch.randn(1, 8, 2, 2), 3)
-
-
-def test_lrn_window_does_not_cross_towers():
-    a = torch.zeros(1, 8, 1, 1)
-    a[0, 4] = 100.0  # the first channel of tower 2
-    out = local_response_norm(a.clone(), groups=2)
-    # tower 1's last channel would be normalised by channel 4 if the window crossed
-    assert out[0, 3] == 0
-    crossing = local_response_norm(a + 1.0, groups=1)[0, 3]
-    isolated = local_response_norm(a + 1.0, groups=2)[0, 3]
-    assert crossing < isolated
-
-
 def test_impossible_widths_are_refused_with_a_suggestion():
     with pytest.raises(ValueError, match=r"Tower counts that work.*\[1, 2, 4, 8, 16\].*per_tower"):
         TowerAlexNet(num_towers=3)
@@ -185,15 +109,3 @@ def test_lrn_placement_switches():
     assert code2012[:4] == ["conv1", "norm1", "relu1", "pool1"]
     assert TowerAlexNet(lrn_across_towers=True).features.norm1.groups == 1
     assert TowerAlexNet().features.norm1.groups == 2
-
-
-def test_lrn_under_bf16_autocast_keeps_the_input_dtype():
-    torch.manual_seed(0)
-    a = torch.randn(2, 8, 4, 4) * 30
-    x = a.to(torch.bfloat16).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = local_response_norm(x, 2)
-    out.float().sum().backward()
-    assert out.dtype == x.grad.dtype == torch.bfloat16
-    exact = torch.cat([lrn_by_the_formula(t, 5, 1e-4, 0.75, 2.0) for t in x.detach().double().chunk(2, 1)], 1)
-    torch.testing.assert_close(out.double(), exact, rtol=2e-2, atol=1e-2)

@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from towers.lrn import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, LocalResponseNorm
+
 # Total widths of the paper's two-tower network (§3.5, Figure 2). Under
 # width_policy="split" these totals are divided among the towers; under
 # "per_tower" each tower keeps the paper's per-tower width (total / 2).
@@ -34,122 +36,6 @@ PAPER_NUM_TOWERS = 2
 # Layers whose biases start at 1 rather than 0 (§5: "to accelerate the early
 # stages of learning by providing the ReLUs with positive inputs").
 POSITIVE_BIAS_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
-
-# Local response normalisation (§3.3 and the 2012 code's "cmrnorm" layer):
-# b = a / (k + (alpha / size) * sum of a^2 over `size` adjacent channels) ** beta.
-LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
-
-
-def _window_matrix(channels: int, size: int, scale: float, like: torch.Tensor) -> torch.Tensor:
-    """(channels, channels) band matrix: ``scale`` where j - c is in nn.LocalResponseNorm's window
-    [-(size // 2), (size - 1) // 2], else 0; ``matrix @ a`` sums ``a`` over every channel's window."""
-    c = torch.arange(channels, device=like.device)
-    offset = c[None, :] - c[:, None]
-    return ((offset >= -(size // 2)) & (offset <= (size - 1) // 2)).to(like.dtype) * scale
-
-
-def _over_channels(matrix: torch.Tensor, a: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """``matrix`` applied along the channel dim of ``a`` (one batched matmul, no loop):
-    ``a`` is (batch * groups, channels, h * w), or (batch * h * w, groups, channels) if channels last."""
-    if channels_last:  # one (batch * h * w * groups, channels) @ (channels, channels) product, not a bmm of tiny ones
-        return torch.mm(a.reshape(-1, a.shape[-1]), matrix.T).view(a.shape)
-    return matrix @ a
-
-
-def _tower_view(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, bool]:
-    """A view of (b, c, h, w) with each tower's channels along one dim (see _over_channels)."""
-    b, c, h, w = x.shape
-    if x.is_contiguous():
-        return x.view(b * groups, c // groups, h * w), False
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return x.permute(0, 2, 3, 1).view(b * h * w, groups, c // groups), True
-    return x.contiguous().view(b * groups, c // groups, h * w), False
-
-
-def _inverse_power(d: torch.Tensor, beta: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """d ** -beta. For the paper's beta = 3/4 it is d^(1/4) / d from two square roots and a division:
-    three cheap passes where a general ``pow`` costs several times more on the CPU (BENCHMARKS.md)."""
-    if beta == 0.75:
-        return torch.sqrt(d, out=out).sqrt_().div_(d)
-    return torch.pow(d, -beta, out=out)
-
-
-class _LocalResponseNorm(torch.autograd.Function):
-    """LRN with a hand-derived backward. With d_c = k + (alpha/n) sum_{j in W(c)} a_j^2 and
-    b_c = a_c d_c^-beta:
-
-        dL/da_c = g_c d_c^-beta - (2 alpha beta / n) a_c sum_{j: c in W(j)} g_j a_j d_j^(-beta-1)
-
-    The window sums are one matmul with a band matrix (its transpose in the backward): fewer passes
-    over the activation than shifted adds, and none of the padded copies. It saves only the input
-    (kept alive anyway by the ReLU before it) and d, where autograd through the formula keeps half a
-    dozen activation-sized tensors. Every step writes into a tensor it already holds where it can:
-    on the CPU a fresh activation-sized tensor costs as much as an elementwise pass (page faults).
-    """
-
-    @staticmethod
-    def forward(ctx, x, groups, size, alpha, beta, k):
-        with torch.autocast(x.device.type, enabled=False):  # in x's dtype, as the layers around it
-            a, channels_last = _tower_view(x, groups)
-            window = _window_matrix(a.shape[-2] if not channels_last else a.shape[-1], size, alpha / size, a)
-            # a fresh tensor, not a view of a reshaped result: code2012's in-place ReLU follows it
-            out = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            b = _tower_view(out, groups)[0]
-            d = _over_channels(window, torch.mul(a, a, out=b), channels_last).add_(k)  # a^2 held in out's memory
-            _inverse_power(d, beta, out=b).mul_(a)
-        ctx.save_for_backward(x, d, window)
-        ctx.lrn = groups, beta, channels_last
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        x, d, window = ctx.saved_tensors
-        groups, beta, channels_last = ctx.lrn
-        with torch.autocast(x.device.type, enabled=False):
-            a = _tower_view(x, groups)[0]
-            g = _tower_view(grad_out.contiguous(memory_format=torch.channels_last if channels_last
-                                                 else torch.contiguous_format), groups)[0]
-            grad = _inverse_power(d, beta).mul_(g)  # g d^-beta
-            spread = torch.mul(grad, a).div_(d)  # g a d^(-beta-1)
-            spread = _over_channels(window.T, spread, channels_last)  # the transposed window, times alpha/n
-            grad.addcmul_(a, spread, value=-2 * beta)
-        b, c, h, w = x.shape
-        if channels_last:
-            return grad.view(b, h, w, c).permute(0, 3, 1, 2), None, None, None, None, None
-        return grad.view(b, c, h, w), None, None, None, None, None
-
-
-def local_response_norm(x: torch.Tensor, groups: int, size: int = LRN_SIZE, alpha: float = LRN_ALPHA,
-                        beta: float = LRN_BETA, k: float = LRN_K) -> torch.Tensor:
-    """Cross-channel LRN whose window never leaves its group of channels.
-
-    Same formula as ``nn.LocalResponseNorm`` (channels past an edge count as zero;
-    the window of channel c is c - size//2 ... c + (size-1)//2), but ``groups``
-    keeps each tower's normalisation inside that tower, as the 2012 code did (one
-    GPU each), and it is computed with a band matrix and a hand-written backward
-    instead of an ``avg_pool3d`` and autograd: several times faster on the CPU
-    (BENCHMARKS.md).
-    """
-    if x.dim() != 4 or x.shape[1] % groups:
-        raise ValueError(f"local_response_norm needs (batch, channels, height, width) with channels divisible by "
-                         f"groups={groups}; got shape {tuple(x.shape)}")
-    return _LocalResponseNorm.apply(x, groups, size, alpha, beta, k)
-
-
-class LocalResponseNorm(nn.Module):
-    """``local_response_norm`` as a layer; ``groups=1`` lets the window cross towers (Caffe)."""
-
-    def __init__(self, groups: int, size: int = LRN_SIZE, alpha: float = LRN_ALPHA, beta: float = LRN_BETA,
-                 k: float = LRN_K):
-        super().__init__()
-        self.groups, self.size, self.alpha, self.beta, self.k = groups, size, alpha, beta, k
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return local_response_norm(x, self.groups, self.size, self.alpha, self.beta, self.k)
-
-    def extra_repr(self) -> str:
-        return f"groups={self.groups}, size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
 
 
 def tower_widths(num_towers: int, width_policy: str = "split", width_multiplier: float = 1.0) -> dict[str, int]:

@@ -49,7 +49,8 @@ from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from towers.model import LocalResponseNorm, TowerAlexNet
+from towers.lrn import LocalResponseNorm
+from towers.model import TowerAlexNet
 
 # The two places where tower-parallel AlexNet moves activations between devices (§3.5): conv3 reads
 # every tower's conv2 maps, fc6 reads every tower's conv5 maps.
