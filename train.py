@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 import towers.parallel  # noqa: F401  registers `--trainer.strategy tower_parallel` with Lightning
+from towers.allocator import keep_freed_memory
 from towers.data import CatsDogsDataModule
 from towers.module import TowerClassifier
 from towers.runs import EXIT_DIVERGED, RunStatus, SaveRunConfig, newest_last_checkpoint
@@ -48,6 +49,9 @@ class TowersCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.image_size")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after fit, test the final weights on the held-out test split")
+        parser.add_argument("--keep_freed_memory", type=bool, default=True,
+                            help="on the CPU, glibc's malloc keeps freed memory for reuse instead of page-faulting "
+                                 "every large tensor in afresh (towers/allocator.py)")
 
     def before_instantiate_classes(self):
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -90,7 +94,12 @@ class TowersCLI(LightningCLI):
         rank_zero_info(f"Resuming from {found}" if found else
                        f"--ckpt_path last: no last.ckpt under {root.resolve()}, so training starts from the beginning")
 
-    before_fit = before_validate = before_test = before_predict = _resolve_last_checkpoint
+    def _before_run(self):
+        self._resolve_last_checkpoint()
+        if self.config_init[self.subcommand].get("keep_freed_memory") and self.trainer.strategy.root_device.type == "cpu":
+            keep_freed_memory()
+
+    before_fit = before_validate = before_test = before_predict = _before_run
 
     def after_fit(self):
         # Every run ends with its accuracy on the held-out test images, logged beside the kernel

@@ -170,3 +170,13 @@ def test_sgd_is_torchs_fused_one_and_steps_as_the_loop_implementation_does():
     # Lightning cannot clip a fused optimizer's gradients under mixed precision: then the loop one
     module.trainer = Trainer(gradient_clip_val=1.0, logger=False, enable_checkpointing=False)
     assert not module.configure_optimizers().defaults["fused"]
+
+
+def test_train_py_keeps_freed_memory_on_the_cpu_unless_told_not_to(demo_root, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "keep_freed_memory", lambda: calls.append(1))
+    steps = ["--trainer.max_steps=1", "--trainer.limit_val_batches=1", "--test_after_fit=false"]
+    train.main(["fit", *tiny(demo_root, tmp_path / "a", *steps)])
+    assert calls == [1]
+    train.main(["fit", *tiny(demo_root, tmp_path / "b", *steps, "--keep_freed_memory=false")])
+    assert calls == [1]
