@@ -39,7 +39,8 @@ import yaml
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from benchmarks.bench_step import Runner, machine, save_results  # noqa: E402
+from benchmarks.bench_step import Runner, add_malloc_argument, machine, save_results  # noqa: E402
+from towers.allocator import keep_freed_memory  # noqa: E402
 from towers.callbacks import KernelBisectionCallback  # noqa: E402
 from towers.color import bisection, color_energy, tower_labels  # noqa: E402
 from towers.model import TowerAlexNet  # noqa: E402
@@ -126,9 +127,10 @@ def time_callback(num_towers: int, measurements: int, logger: str, permutations:
 
 
 def step_rate(batch_size: int, steps: int) -> float:
-    """images/s of bench_step's training step for the 2-tower paper model (227 px, full width)."""
+    """images/s of bench_step's training step for the 2-tower paper model (227 px, full width), in
+    channels_last, as TowerClassifier trains on the CPU."""
     runner = Runner(TowerAlexNet(2, num_classes=2), 227, batch_size, torch.device("cpu"), bf16=False,
-                    compile_=False, channels_last=False)
+                    compile_=False, channels_last=True)
     runner.y = runner.y % 2
     runner.timed(1)  # warm-up
     times = [runner.timed(1) for _ in tqdm(range(steps), desc="training step", leave=False)]
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, help="timed training steps when measuring the rate (default 3)")
     parser.add_argument("--no-step", action="store_true", help="do not measure the training step here")
     parser.add_argument("--quick", action="store_true", help="few repeats, no W&B, no step: checks that it runs")
+    add_malloc_argument(parser)
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_bisection-<time>.json)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 7)
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available: False", tips: not the figures
         logging.getLogger(name).setLevel(logging.WARNING)
     started, info = datetime.datetime.now(datetime.timezone.utc), machine()
+    info["keep_freed_memory"] = not args.default_malloc and keep_freed_memory()  # as train.py on the CPU
     schedule = paper_schedule()
     bisection_rows = [time_bisection(t, args.permutations, repeats) for t in tqdm(args.towers, desc="permutation test")]
     print(table(bisection_rows, "bisection"), flush=True)

@@ -10,8 +10,9 @@ Two ways of reading the images:
     store   fast_path=True: rows of the pre-resized uint8 store (built once, timed here too)
 
 each with 0 loader workers (all in the main process), 1, and one per core. The training step is
-bench_step's: TowerAlexNet, 2 towers, full width, 227 px, batch 32, CPU fp32, forward + loss +
-backward + SGD step on a batch already in memory.
+bench_step's: TowerAlexNet, 2 towers, full width, 227 px, batch 32, CPU fp32, channels_last, forward
++ loss + backward + SGD step on a batch already in memory, with freed memory kept for reuse, as
+train.py trains on the CPU (--default-malloc: glibc's defaults).
 
 Everything is timed round-robin in one process: every round runs one training step, then one full
 epoch of every pipeline, so a load spike from another process hits all of them alike; the ratio of a
@@ -44,7 +45,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from benchmarks.bench_step import Runner, machine, save_results  # noqa: E402
+from benchmarks.bench_step import Runner, add_malloc_argument, machine, save_results  # noqa: E402
+from towers.allocator import keep_freed_memory  # noqa: E402
 from towers.data import CatsDogsDataModule  # noqa: E402
 from towers.demo_data import demo_image  # noqa: E402
 from towers.model import TowerAlexNet  # noqa: E402
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, help="timed rounds (default 5; --quick 1)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, all cores)")
     parser.add_argument("--quick", action="store_true", help="tiny images, model and batch: checks that it runs")
+    add_malloc_argument(parser)
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_data-<time>.json)")
     args = parser.parse_args(argv)
 
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("towers.data").setLevel(logging.ERROR)  # a generated set has no bad files to report
 
     started, info = datetime.datetime.now(datetime.timezone.utc), machine()
+    info["keep_freed_memory"] = not args.default_malloc and keep_freed_memory()  # as train.py on the CPU
     with tempfile.TemporaryDirectory(prefix="bench_data-") as tmp:
         tmp = Path(tmp)
         if args.data_dir:
@@ -165,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"with {cores} processes", flush=True)
 
         model = TowerAlexNet(2, num_classes=2, width_multiplier=width, image_size=image_size)
-        step = Runner(model, image_size, batch_size, torch.device("cpu"), bf16=False, compile_=False, channels_last=False)
+        # channels_last, as TowerClassifier trains on the CPU
+        step = Runner(model, image_size, batch_size, torch.device("cpu"), bf16=False, compile_=False, channels_last=True)
         step.y = step.y % 2  # Runner draws 1000-class labels; the paper config has 2 classes
 
         pipelines = {}

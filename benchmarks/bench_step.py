@@ -9,6 +9,7 @@ alike, and each model's ratio to torchvision's alexnet is the median over rounds
     python benchmarks/bench_step.py                      # CPU fp32, batch 32 and 128 (CUDA: bf16, 128 and 256)
     python benchmarks/bench_step.py --batch-sizes 32     # only batch 32
     python benchmarks/bench_step.py --quick              # tiny models, seconds: checks that it runs
+    python benchmarks/bench_step.py --default-malloc     # under glibc's malloc defaults (see below)
 
 Models (1000 classes, as torchvision's alexnet):
     towers-1/2/4        this project's TowerAlexNet (grouped convolutions, towers.model's LRN), 227 px
@@ -26,6 +27,11 @@ Models (1000 classes, as torchvision's alexnet):
 
 `× alexnet` is the median over rounds of alexnet's step time / the model's in the same round, with a
 95% percentile-bootstrap interval of that median over the rounds.
+
+On the CPU the process first keeps freed memory for reuse (towers.allocator.keep_freed_memory), as
+train.py does for a CPU run: every model in the process runs under the same malloc, and the JSON says
+which (machine.keep_freed_memory). --default-malloc measures under glibc's defaults instead, where a
+37 MB activation costs towers-2 a page-fault storm that alexnet's 25 MB ones escape (BENCHMARKS.md).
 
 Peak memory is the memory one training step adds above the resting state (parameters, momentum
 buffers, the input batch): on CUDA torch.cuda.max_memory_allocated() minus memory_allocated() before
@@ -52,8 +58,10 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from towers.allocator import keep_freed_memory  # noqa: E402
 from towers.files import write_atomic  # noqa: E402
-from towers.model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, TowerAlexNet, conv_output_size, tower_widths  # noqa: E402
+from towers.lrn import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE  # noqa: E402
+from towers.model import TowerAlexNet, conv_output_size, tower_widths  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BASELINE = "torchvision alexnet"
@@ -299,6 +307,12 @@ def ratio_interval(ratios: list[float]) -> list[float] | None:
     return [low, high]
 
 
+def add_malloc_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is; by default freed memory is kept for reuse, as train.py "
+                             "does on the CPU (towers/allocator.py), for every model in the process alike")
+
+
 def machine() -> dict:
     info = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
                 threads=torch.get_num_threads(), cpu=platform.processor(), cpu_count=os.cpu_count(),
@@ -365,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps-per-round", type=int, help="steps per model per round (default 1 on CPU, 10 on CUDA)")
     parser.add_argument("--models", nargs="+", help="only these (torchvision alexnet is always run)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, all cores)")
+    add_malloc_argument(parser)
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_step-<time>.json)")
     args = parser.parse_args(argv)
 
@@ -384,6 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"unknown models {sorted(unknown)}; choose from {MODEL_NAMES}")
 
     started, info = datetime.datetime.now(datetime.timezone.utc), machine()
+    info["keep_freed_memory"] = device.type == "cpu" and not args.default_malloc and keep_freed_memory()
     rows = []
     for mode in modes(device):
         for batch_size in batch_sizes:

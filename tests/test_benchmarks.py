@@ -1,4 +1,5 @@
 import json
+import platform
 
 import torch
 
@@ -41,6 +42,8 @@ def test_quick_benchmark_writes_a_row_per_model(tmp_path):
         low, high = rows[name]["ratio_ci95"]
         assert low <= rows[name]["ratio_to_alexnet"] <= high
     assert "allocator_env" in saved["machine"]
+    # the CPU step runs with freed memory kept, as train.py trains (where the C library is glibc)
+    assert saved["machine"]["keep_freed_memory"] is (platform.libc_ver()[0] == "glibc")
     assert not list(tmp_path.glob("*.tmp"))
 
 
