@@ -68,15 +68,27 @@ class LocalResponseNorm(nn.Module):
 # --- CPU: compiled loops --------------------------------------------------------------------------
 #
 # For the window of 5 and beta = 3/4, the constants of the paper, the 2012 code and Caffe alike (k and
-# alpha are free): the window sum is spelled out, so that each channel's d, d^-3/4 and result come out
-# of one loop the compiler vectorises; a loop over the window, or a branch on beta, stops it from
-# doing so and costs twice the time. A channels_last tensor is handled as (pixels, channels) rows, any
+# alpha are free): the window sum is spelled out (_window), so that each channel's d, d^-3/4 and result
+# come out of one loop the compiler vectorises; a loop over the window, or a branch on beta, stops it
+# from doing so and costs twice the time. A channels_last tensor is handled as (pixels, channels) rows, any
 # other as (batch, channels, pixels) planes, so that the vectorised loop runs along contiguous memory.
 # Scratch arrays hold one tower's values with two zeros past each edge. No fastmath: IEEE arithmetic.
 
 COMPILED_SIZE, COMPILED_BETA = 5, 0.75
 _ROWS_PER_TASK = 64  # channels_last: pixels per parallel task
 _PIXELS_PER_TASK = 256  # NCHW: pixels of one image and one tower per parallel task
+
+
+@numba.njit(inline="always")
+def _window(v, c):
+    """v[c] + ... + v[c + 4]: channel c's window, in one tower's values with two zeros past each edge."""
+    return v[c] + v[c + 1] + v[c + 2] + v[c + 3] + v[c + 4]
+
+
+@numba.njit(inline="always")
+def _window_at(v, c, i):
+    """The same at pixel i, for values held as (channels + 4, pixels) planes."""
+    return v[c, i] + v[c + 1, i] + v[c + 2, i] + v[c + 3, i] + v[c + 4, i]
 
 
 @numba.njit(inline="always")
@@ -100,7 +112,7 @@ def _forward_rows(a, out, groups, scale, k):
                 for c in range(n):
                     sq[2 + c] = x[c] * x[c]
                 for c in range(n):
-                    y[c] = x[c] * _inverse_powers(k + scale * (sq[c] + sq[c + 1] + sq[c + 2] + sq[c + 3] + sq[c + 4]))[0]
+                    y[c] = x[c] * _inverse_powers(k + scale * _window(sq, c))[0]
 
 
 @numba.njit(parallel=True, cache=True)
@@ -118,11 +130,10 @@ def _backward_rows(a, g, grad, groups, scale, k, coef):
                 for c in range(n):
                     sq[2 + c] = x[c] * x[c]
                 for c in range(n):
-                    power[c], r = _inverse_powers(k + scale * (sq[c] + sq[c + 1] + sq[c + 2] + sq[c + 3] + sq[c + 4]))
+                    power[c], r = _inverse_powers(k + scale * _window(sq, c))
                     spread[2 + c] = dy[c] * x[c] * power[c] * r
                 for c in range(n):
-                    window = spread[c] + spread[c + 1] + spread[c + 2] + spread[c + 3] + spread[c + 4]
-                    dx[c] = dy[c] * power[c] - coef * x[c] * window
+                    dx[c] = dy[c] * power[c] - coef * x[c] * _window(spread, c)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -143,8 +154,7 @@ def _forward_planes(a, out, groups, scale, k):
         for c in range(n):
             x, y = a[image, first + c, start:stop], out[image, first + c, start:stop]
             for i in range(stop - start):
-                window = sq[c, i] + sq[c + 1, i] + sq[c + 2, i] + sq[c + 3, i] + sq[c + 4, i]
-                y[i] = x[i] * _inverse_powers(k + scale * window)[0]
+                y[i] = x[i] * _inverse_powers(k + scale * _window_at(sq, c, i))[0]
 
 
 @numba.njit(parallel=True, cache=True)
@@ -166,14 +176,12 @@ def _backward_planes(a, g, grad, groups, scale, k, coef):
         for c in range(n):
             x, dy = a[image, first + c, start:stop], g[image, first + c, start:stop]
             for i in range(stop - start):
-                window = sq[c, i] + sq[c + 1, i] + sq[c + 2, i] + sq[c + 3, i] + sq[c + 4, i]
-                power[c, i], r = _inverse_powers(k + scale * window)
+                power[c, i], r = _inverse_powers(k + scale * _window_at(sq, c, i))
                 spread[2 + c, i] = dy[i] * x[i] * power[c, i] * r
         for c in range(n):
             x, dy, dx = a[image, first + c, start:stop], g[image, first + c, start:stop], grad[image, first + c, start:stop]
             for i in range(stop - start):
-                window = spread[c, i] + spread[c + 1, i] + spread[c + 2, i] + spread[c + 3, i] + spread[c + 4, i]
-                dx[i] = dy[i] * power[c, i] - coef * x[i] * window
+                dx[i] = dy[i] * power[c, i] - coef * x[i] * _window_at(spread, c, i)
 
 
 def _kernel_arrays(x: torch.Tensor, *others: torch.Tensor):
