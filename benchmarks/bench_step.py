@@ -17,6 +17,7 @@ Models (1000 classes, as torchvision's alexnet):
                         tower's channel block (a reshape to (batch * towers, channels per tower, H, W))
     towers-2 no LRN     the 2-tower network with both LRN layers replaced by identity: the LRN share
                         of a model's step is 1 - step(no LRN) / step(model), median over rounds
+                        (with its bootstrap interval, as for the ratios)
     naive-2             one Python branch per tower joined by torch.cat, nn.LocalResponseNorm per
                         tower: how the demul/AlexNet TensorFlow replication built the network
     torchvision alexnet torchvision.models.alexnet (the "one weird trick" variant, 64/192/384/256/256
@@ -284,11 +285,12 @@ def measure(batch_size: int, device: torch.device, mode: dict, quick: bool, warm
             images_per_s=batch_size / statistics.median(t),
             step_ms=1000 * statistics.median(t), step_ms_min=1000 * min(t), step_ms_max=1000 * max(t),
             ratio_to_alexnet=statistics.median(b / m for b, m in zip(times[BASELINE], t)),
-            ratio_ci95=ratio_interval([b / m for b, m in zip(times[BASELINE], t)]),
-            lrn_share=None, peak_memory_mb=None,
+            ratio_ci95=median_ci95([b / m for b, m in zip(times[BASELINE], t)]),
+            lrn_share=None, lrn_share_ci95=None, peak_memory_mb=None,
         )
         if NO_LRN.get(name) in times:
-            row["lrn_share"] = statistics.median(1 - n / m for n, m in zip(times[NO_LRN[name]], t))
+            shares = [1 - n / m for n, m in zip(times[NO_LRN[name]], t)]
+            row["lrn_share"], row["lrn_share_ci95"] = statistics.median(shares), median_ci95(shares)
         rows.append(row)
     for row in rows:  # after the timing, so the peak-memory resets do not perturb it
         peak = runners[row["model"]].peak_memory()
@@ -296,14 +298,14 @@ def measure(batch_size: int, device: torch.device, mode: dict, quick: bool, warm
     return rows
 
 
-def ratio_interval(ratios: list[float]) -> list[float] | None:
-    """95% percentile-bootstrap interval of the median per-round ratio (None under 5 rounds: too few
-    to say, and for the baseline's own ratios, all 1)."""
-    if len(ratios) < 5 or min(ratios) == max(ratios):
+def median_ci95(per_round: list[float]) -> list[float] | None:
+    """95% percentile-bootstrap interval of the median of per-round values (a ratio, an LRN share);
+    None under 5 rounds (too few to say) and for the baseline's own ratios, all 1."""
+    if len(per_round) < 5 or min(per_round) == max(per_round):
         return None
-    from analysis.compare import median_interval  # the project's one bootstrap of a median
+    from analysis import compare  # the project's one bootstrap of a median
 
-    _, low, high = median_interval(ratios, resamples=2000)
+    _, low, high = compare.median_interval(per_round, resamples=2000)
     return [low, high]
 
 
@@ -344,16 +346,17 @@ def table(rows: list[dict]) -> str:
     def fmt(v, spec):
         return "–" if v is None else format(v, spec)
 
-    def interval(ci):
-        return "" if not ci else f" ({ci[0]:.2f}–{ci[1]:.2f})"
+    def interval(ci, spec=".2f"):
+        return "" if not ci else f" ({ci[0]:{spec}}–{ci[1]:{spec}})"
 
-    lines = ["| mode | batch | model | px | images/s | × alexnet (95% CI) | step ms (min–max) | peak MB | LRN share |",
+    lines = ["| mode | batch | model | px | images/s | × alexnet (95% CI) | step ms (min–max) | peak MB | LRN share (95% CI) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['batch_size']} | {r['model']} | {r['image_size']} | "
                      f"{r['images_per_s']:.1f} | {r['ratio_to_alexnet']:.2f}{interval(r.get('ratio_ci95'))} | "
                      f"{r['step_ms']:.0f} ({r['step_ms_min']:.0f}–{r['step_ms_max']:.0f}) | "
-                     f"{fmt(r['peak_memory_mb'], '.0f')} | {fmt(r['lrn_share'], '.1%')} |")
+                     f"{fmt(r['peak_memory_mb'], '.0f')} | {fmt(r['lrn_share'], '.1%')}"
+                     f"{interval(r.get('lrn_share_ci95'), '.1%')} |")
     return "\n".join(lines)
 
 

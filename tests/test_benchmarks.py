@@ -4,7 +4,7 @@ import platform
 import torch
 
 from benchmarks.bench_step import (BASELINE, CHANNELS_LAST, MODEL_NAMES, NaiveTowerAlexNet, TowerwiseTorchLRN, main,
-                                   ratio_interval)
+                                   median_ci95)
 from towers.lrn import local_response_norm
 from towers.model import TowerAlexNet
 
@@ -41,6 +41,8 @@ def test_quick_benchmark_writes_a_row_per_model(tmp_path):
         assert rows[name]["lrn_share"] is not None and rows[name]["lrn_share"] < 1
         low, high = rows[name]["ratio_ci95"]
         assert low <= rows[name]["ratio_to_alexnet"] <= high
+        low, high = rows[name]["lrn_share_ci95"]
+        assert low <= rows[name]["lrn_share"] <= high
     assert "allocator_env" in saved["machine"]
     # the CPU step runs with freed memory kept, as train.py trains (where the C library is glibc)
     assert saved["machine"]["keep_freed_memory"] is (platform.libc_ver()[0] == "glibc")
@@ -57,11 +59,11 @@ def test_channels_last_rows_run_in_that_format():
     assert runner.model.features(runner.x).is_contiguous(memory_format=torch.channels_last)
 
 
-def test_ratio_interval_brackets_the_median():
+def test_median_ci95_brackets_the_median():
     values = [0.8, 0.9, 1.0, 1.1, 1.2, 0.95, 1.05]
-    low, high = ratio_interval(values)
+    low, high = median_ci95(values)
     assert low <= 1.0 <= high and low >= 0.8 and high <= 1.2
-    assert ratio_interval(values[:4]) is None  # too few rounds to say
+    assert median_ci95(values[:4]) is None  # too few rounds to say
 
 
 def test_quick_data_benchmark_writes_every_pipeline(tmp_path):
