@@ -15,9 +15,7 @@ Models (1000 classes, as torchvision's alexnet):
     towers-1/2/4        this project's TowerAlexNet (grouped convolutions, towers.model's LRN), 227 px
     towers-2 nn.LRN     the same 2-tower network with torch.nn.LocalResponseNorm applied to each
                         tower's channel block (a reshape to (batch * towers, channels per tower, H, W))
-    towers-2 no LRN     the 2-tower network with both LRN layers replaced by identity: the LRN share
-                        of a model's step is 1 - step(no LRN) / step(model), median over rounds
-                        (with its bootstrap interval, as for the ratios)
+    towers-2 no LRN     the 2-tower network with both LRN layers replaced by identity
     naive-2             one Python branch per tower joined by torch.cat, nn.LocalResponseNorm per
                         tower: how the demul/AlexNet TensorFlow replication built the network
     torchvision alexnet torchvision.models.alexnet (the "one weird trick" variant, 64/192/384/256/256
@@ -27,7 +25,11 @@ Models (1000 classes, as torchvision's alexnet):
                         format alone buys. On CUDA the modes cover the format instead.
 
 `× alexnet` is the median over rounds of alexnet's step time / the model's in the same round, with a
-95% percentile-bootstrap interval of that median over the rounds.
+95% percentile-bootstrap interval of that median over the rounds. The LRN's share of a step, two ways
+(CPU): `timed` is the time inside the LRN layers, forward and backward (hooks, LRNTimer), over the
+step; `removed` is 1 - step(towers-2 no LRN) / step(model) in the same round, which also counts what
+the LRN costs the layers around it (its fresh tensors, caches) but is the difference of two noisy
+step times. Both are medians over rounds with the same interval.
 
 On the CPU the process first keeps freed memory for reuse (towers.allocator.keep_freed_memory), as
 train.py does for a CPU run: every model in the process runs under the same malloc, and the JSON says
@@ -246,6 +248,38 @@ class Runner:
         return None if peak is None else peak - before
 
 
+class LRNTimer:
+    """Wall time a CPU step spends inside a TowerAlexNet's LRN layers, forward and backward, from hooks:
+    forward between each layer's pre- and post-hook, backward from when autograd reaches the layer's
+    output (a hook on it) to when it reaches the layer's input (a hook there). Not on CUDA, whose
+    kernels run asynchronously."""
+
+    def __init__(self, layers):
+        self.seconds, self._start = 0.0, 0.0
+        for layer in layers:
+            layer.register_forward_pre_hook(self._begin)
+            layer.register_forward_hook(self._end_forward)
+
+    def _begin(self, *_) -> None:
+        self._start = time.perf_counter()
+
+    def _end(self, *_) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+    def _end_forward(self, module, inputs, output) -> None:
+        self._end()
+        if output.requires_grad:
+            output.register_hook(self._begin)
+            inputs[0].register_hook(self._end)
+
+
+def lrn_layers(model: nn.Module) -> list[nn.Module]:
+    """norm1 and norm2 of a TowerAlexNet (either LRN), none of any other model."""
+    features = getattr(model, "features", None)
+    return [layer for name in ("norm1", "norm2")
+            if not isinstance(layer := getattr(features, name, nn.Identity()), nn.Identity)]
+
+
 def modes(device: torch.device) -> list[dict]:
     if device.type == "cuda":
         return [dict(name=f"cuda bf16{' compile' if c else ''}{' channels_last' if cl else ''}",
@@ -272,10 +306,17 @@ def measure(batch_size: int, device: torch.device, mode: dict, quick: bool, warm
         for _ in range(warmup):
             runner.step()
         runner.sync()
+    timers = {name: LRNTimer(lrn_layers(runner.model)) for name, runner in runners.items()
+              if device.type == "cpu" and lrn_layers(runner.model)}
     times = {name: [] for name in runners}
+    lrn_times = {name: [] for name in timers}
     for _ in tqdm(range(rounds), desc=f"{desc} rounds", leave=False):
         for name, runner in runners.items():
+            if name in timers:
+                timers[name].seconds = 0.0
             times[name].append(runner.timed(steps_per_round))
+            if name in timers:
+                lrn_times[name].append(timers[name].seconds / steps_per_round)
     rows = []
     for name, runner in runners.items():
         t = times[name]
@@ -286,11 +327,16 @@ def measure(batch_size: int, device: torch.device, mode: dict, quick: bool, warm
             step_ms=1000 * statistics.median(t), step_ms_min=1000 * min(t), step_ms_max=1000 * max(t),
             ratio_to_alexnet=statistics.median(b / m for b, m in zip(times[BASELINE], t)),
             ratio_ci95=median_ci95([b / m for b, m in zip(times[BASELINE], t)]),
-            lrn_share=None, lrn_share_ci95=None, peak_memory_mb=None,
+            lrn_ms=None, lrn_share_timed=None, lrn_share_timed_ci95=None,
+            lrn_share_removed=None, lrn_share_removed_ci95=None, peak_memory_mb=None,
         )
-        if NO_LRN.get(name) in times:
+        if name in lrn_times:  # the LRN layers' own time in each step, over the step
+            shares = [lrn / m for lrn, m in zip(lrn_times[name], t)]
+            row.update(lrn_ms=1000 * statistics.median(lrn_times[name]), lrn_share_timed=statistics.median(shares),
+                       lrn_share_timed_ci95=median_ci95(shares))
+        if NO_LRN.get(name) in times:  # what removing the LRN layers saves, in the same rounds
             shares = [1 - n / m for n, m in zip(times[NO_LRN[name]], t)]
-            row["lrn_share"], row["lrn_share_ci95"] = statistics.median(shares), median_ci95(shares)
+            row.update(lrn_share_removed=statistics.median(shares), lrn_share_removed_ci95=median_ci95(shares))
         rows.append(row)
     for row in rows:  # after the timing, so the peak-memory resets do not perturb it
         peak = runners[row["model"]].peak_memory()
@@ -349,14 +395,16 @@ def table(rows: list[dict]) -> str:
     def interval(ci, spec=".2f"):
         return "" if not ci else f" ({ci[0]:{spec}}–{ci[1]:{spec}})"
 
-    lines = ["| mode | batch | model | px | images/s | × alexnet (95% CI) | step ms (min–max) | peak MB | LRN share (95% CI) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | batch | model | px | images/s | × alexnet (95% CI) | step ms (min–max) | peak MB | LRN ms "
+             "| LRN share: timed (95% CI) | LRN share: removed (95% CI) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['batch_size']} | {r['model']} | {r['image_size']} | "
                      f"{r['images_per_s']:.1f} | {r['ratio_to_alexnet']:.2f}{interval(r.get('ratio_ci95'))} | "
                      f"{r['step_ms']:.0f} ({r['step_ms_min']:.0f}–{r['step_ms_max']:.0f}) | "
-                     f"{fmt(r['peak_memory_mb'], '.0f')} | {fmt(r['lrn_share'], '.1%')}"
-                     f"{interval(r.get('lrn_share_ci95'), '.1%')} |")
+                     f"{fmt(r['peak_memory_mb'], '.0f')} | {fmt(r.get('lrn_ms'), '.0f')} | "
+                     f"{fmt(r.get('lrn_share_timed'), '.1%')}{interval(r.get('lrn_share_timed_ci95'), '.1%')} | "
+                     f"{fmt(r.get('lrn_share_removed'), '.1%')}{interval(r.get('lrn_share_removed_ci95'), '.1%')} |")
     return "\n".join(lines)
 
 

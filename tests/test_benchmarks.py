@@ -38,11 +38,15 @@ def test_quick_benchmark_writes_a_row_per_model(tmp_path):
     assert rows[BASELINE]["ratio_to_alexnet"] == 1.0 and rows[BASELINE]["ratio_ci95"] is None
     assert all(r["images_per_s"] > 0 and r["batch_size"] == 2 for r in rows.values())
     for name in ("towers-2", cl):
-        assert rows[name]["lrn_share"] is not None and rows[name]["lrn_share"] < 1
+        assert rows[name]["lrn_share_removed"] is not None and rows[name]["lrn_share_removed"] < 1
         low, high = rows[name]["ratio_ci95"]
         assert low <= rows[name]["ratio_to_alexnet"] <= high
-        low, high = rows[name]["lrn_share_ci95"]
-        assert low <= rows[name]["lrn_share"] <= high
+        low, high = rows[name]["lrn_share_removed_ci95"]
+        assert low <= rows[name]["lrn_share_removed"] <= high
+        # the LRN layers' own time: part of the step, and what the share says
+        assert 0 < rows[name]["lrn_ms"] < rows[name]["step_ms_max"]
+        assert 0 < rows[name]["lrn_share_timed"] < 1
+    assert rows[BASELINE]["lrn_ms"] is rows["towers-2 no LRN"]["lrn_ms"] is None  # no LRN layers to time
     assert "allocator_env" in saved["machine"]
     # the CPU step runs with freed memory kept, as train.py trains (where the C library is glibc)
     assert saved["machine"]["keep_freed_memory"] is (platform.libc_ver()[0] == "glibc")
