@@ -101,20 +101,23 @@ def test_lrn_picks_the_compiled_loops_where_they_apply():
         local_response_norm(x.half(), 2, compiled=True)
 
 
-def test_compiled_lrn_takes_any_strides_and_uses_torchs_thread_count():
+@BOTH
+def test_lrn_takes_any_strides(compiled):
     torch.manual_seed(0)
-    base = torch.randn(2, 16, 6, 10, dtype=torch.float64) * 30
-    x = base[:, :, :, ::2]  # neither contiguous nor channels_last
+    x = (torch.randn(2, 16, 6, 10, dtype=torch.float64) * 30)[:, :, :, ::2]  # neither NCHW nor channels_last
     x.requires_grad_()
-    out = local_response_norm(x, 2, compiled=True)
+    out = local_response_norm(x, 2, compiled=compiled)
     torch.testing.assert_close(out, per_tower_formula(x.detach(), 2))
     g = torch.randn_like(out)
     torch.testing.assert_close(torch.autograd.grad(out, x, g)[0],
                                torch.autograd.grad(per_tower_formula(x, 2), x, g)[0])
+
+
+def test_compiled_lrn_uses_torchs_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        local_response_norm(base, 2, compiled=True)
+        local_response_norm(torch.randn(2, 16, 6, 10), 2, compiled=True)
         assert numba.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)

@@ -65,6 +65,20 @@ class LocalResponseNorm(nn.Module):
         return f"groups={self.groups}, size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
 
 
+def _standard_layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``x`` in one of the two layouts both implementations take, NCHW or channels_last (a copy only
+    if it is in neither), and whether it is channels_last."""
+    if x.is_contiguous():
+        return x, False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x, True
+    return x.contiguous(), False
+
+
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 # --- CPU: compiled loops --------------------------------------------------------------------------
 #
 # For the window of 5 and beta = 3/4, the constants of the paper, the 2012 code and Caffe alike (k and
@@ -184,14 +198,13 @@ def _backward_planes(a, g, grad, groups, scale, k, coef):
                 dx[i] = dy[i] * power[c, i] - coef * x[i] * _window_at(spread, c, i)
 
 
-def _kernel_arrays(x: torch.Tensor, *others: torch.Tensor):
-    """NumPy views of ``x`` and of ``others`` (same shape and memory format): (pixels, channels) rows
-    for a channels_last tensor, else (batch, channels, pixels) planes; and whether they are rows."""
-    b, c, h, w = x.shape
-    rows = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    if rows:
-        return [t.detach().permute(0, 2, 3, 1).view(b * h * w, c).numpy() for t in (x, *others)], rows
-    return [t.detach().view(b, c, h * w).numpy() for t in (x, *others)], rows
+def _kernel_arrays(channels_last: bool, *tensors: torch.Tensor):
+    """NumPy views of (batch, channels, h, w) tensors in one layout: (pixels, channels) rows if
+    channels_last, else (batch, channels, pixels) planes."""
+    b, c, h, w = tensors[0].shape
+    if channels_last:
+        return [t.detach().permute(0, 2, 3, 1).view(b * h * w, c).numpy() for t in tensors]
+    return [t.detach().view(b, c, h * w).numpy() for t in tensors]
 
 
 def _constants(x: torch.Tensor, alpha: float, k: float):
@@ -213,28 +226,26 @@ class _CompiledLRN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, groups, size, alpha, beta, k):
-        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-            x = x.contiguous()
+        x, channels_last = _standard_layout(x)
         out = torch.empty_like(x)  # same memory format; a fresh tensor, as code2012's in-place ReLU follows it
-        (a, y), rows = _kernel_arrays(x, out)
+        a, y = _kernel_arrays(channels_last, x, out)
         scale, k_, _ = _constants(x, alpha, k)
         _use_torch_threads()
-        (_forward_rows if rows else _forward_planes)(a, y, groups, scale, k_)
+        (_forward_rows if channels_last else _forward_planes)(a, y, groups, scale, k_)
         ctx.save_for_backward(x)
-        ctx.lrn = groups, alpha, k
+        ctx.lrn = groups, alpha, k, channels_last
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, = ctx.saved_tensors
-        groups, alpha, k = ctx.lrn
-        memory_format = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
-        grad_out = grad_out.contiguous(memory_format=memory_format)
+        groups, alpha, k, channels_last = ctx.lrn
+        grad_out = grad_out.contiguous(memory_format=_memory_format(channels_last))
         grad = torch.empty_like(x)
-        (a, g, dx), rows = _kernel_arrays(x, grad_out, grad)
+        a, g, dx = _kernel_arrays(channels_last, x, grad_out, grad)
         _use_torch_threads()
-        (_backward_rows if rows else _backward_planes)(a, g, dx, groups, *_constants(x, alpha, k))
+        (_backward_rows if channels_last else _backward_planes)(a, g, dx, groups, *_constants(x, alpha, k))
         return grad, None, None, None, None, None
 
 
@@ -256,14 +267,12 @@ def _over_channels(matrix: torch.Tensor, a: torch.Tensor, channels_last: bool) -
     return matrix @ a
 
 
-def _tower_view(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, bool]:
-    """A view of (b, c, h, w) with each tower's channels along one dim (see _over_channels)."""
+def _tower_view(x: torch.Tensor, groups: int, channels_last: bool) -> torch.Tensor:
+    """A view of (b, c, h, w) in a standard layout with each tower's channels along one dim (see _over_channels)."""
     b, c, h, w = x.shape
-    if x.is_contiguous():
-        return x.view(b * groups, c // groups, h * w), False
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return x.permute(0, 2, 3, 1).view(b * h * w, groups, c // groups), True
-    return x.contiguous().view(b * groups, c // groups, h * w), False
+    if channels_last:
+        return x.permute(0, 2, 3, 1).view(b * h * w, groups, c // groups)
+    return x.view(b * groups, c // groups, h * w)
 
 
 def _inverse_power(d: torch.Tensor, beta: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -281,12 +290,13 @@ class _TensorOpsLRN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, groups, size, alpha, beta, k):
+        x, channels_last = _standard_layout(x)
         with torch.autocast(x.device.type, enabled=False):  # in x's dtype, as the layers around it
-            a, channels_last = _tower_view(x, groups)
+            a = _tower_view(x, groups, channels_last)
             window = _window_matrix(a.shape[-2] if not channels_last else a.shape[-1], size, alpha / size, a)
             # a fresh tensor, not a view of a reshaped result: code2012's in-place ReLU follows it
-            out = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            b = _tower_view(out, groups)[0]
+            out = torch.empty_like(x)
+            b = _tower_view(out, groups, channels_last)
             d = _over_channels(window, torch.mul(a, a, out=b), channels_last).add_(k)  # a^2 held in out's memory
             _inverse_power(d, beta, out=b).mul_(a)
         ctx.save_for_backward(x, d, window)
@@ -299,9 +309,8 @@ class _TensorOpsLRN(torch.autograd.Function):
         x, d, window = ctx.saved_tensors
         groups, beta, channels_last = ctx.lrn
         with torch.autocast(x.device.type, enabled=False):
-            a = _tower_view(x, groups)[0]
-            g = _tower_view(grad_out.contiguous(memory_format=torch.channels_last if channels_last
-                                                 else torch.contiguous_format), groups)[0]
+            a = _tower_view(x, groups, channels_last)
+            g = _tower_view(grad_out.contiguous(memory_format=_memory_format(channels_last)), groups, channels_last)
             grad = _inverse_power(d, beta).mul_(g)  # g d^-beta
             spread = torch.mul(grad, a).div_(d)  # g a d^(-beta-1)
             spread = _over_channels(window.T, spread, channels_last)  # the transposed window, times alpha/n
