@@ -150,21 +150,37 @@ def _backward_rows(a, g, grad, groups, scale, k, coef):
                     dx[c] = dy[c] * power[c] - coef * x[c] * _window(spread, c)
 
 
+@numba.njit(inline="always")
+def _plane_task(a, task, groups):
+    """Task ``task`` of the NCHW kernels: (image, its tower's first channel, first and last pixel + 1,
+    and the tower's a^2 in rows [2, 2 + n) of a (n + 4, pixels) array, zero elsewhere)."""
+    batch, channels, pixels = a.shape
+    n = channels // groups
+    chunks = (pixels + _PIXELS_PER_TASK - 1) // _PIXELS_PER_TASK
+    image, first, chunk = task // (groups * chunks), task // chunks % groups * n, task % chunks
+    start, stop = chunk * _PIXELS_PER_TASK, min(pixels, (chunk + 1) * _PIXELS_PER_TASK)
+    sq = np.zeros((n + 4, stop - start), a.dtype)
+    for c in range(n):
+        x = a[image, first + c, start:stop]
+        for i in range(stop - start):
+            sq[2 + c, i] = x[i] * x[i]
+    return image, first, start, stop, sq
+
+
+@numba.njit(inline="always")
+def _plane_tasks(a, groups):
+    """How many tasks the NCHW kernels split ``a`` into: one per image, tower and block of pixels."""
+    batch, channels, pixels = a.shape
+    return batch * groups * ((pixels + _PIXELS_PER_TASK - 1) // _PIXELS_PER_TASK)
+
+
 @numba.njit(parallel=True, cache=True)
 def _forward_planes(a, out, groups, scale, k):
     """NCHW: ``a`` and ``out`` are (batch, channels, pixels). Whole rows ``a[i, c, start:stop]`` are
     indexed, not 2-d blocks, so that the compiler knows their stride is 1."""
-    batch, channels, pixels = a.shape
-    n = channels // groups
-    chunks = (pixels + _PIXELS_PER_TASK - 1) // _PIXELS_PER_TASK
-    for task in numba.prange(batch * groups * chunks):
-        image, first, chunk = task // (groups * chunks), task // chunks % groups * n, task % chunks
-        start, stop = chunk * _PIXELS_PER_TASK, min(pixels, (chunk + 1) * _PIXELS_PER_TASK)
-        sq = np.zeros((n + 4, stop - start), a.dtype)  # the tower's a^2 in rows [2, 2 + n)
-        for c in range(n):
-            x = a[image, first + c, start:stop]
-            for i in range(stop - start):
-                sq[2 + c, i] = x[i] * x[i]
+    n = a.shape[1] // groups
+    for task in numba.prange(_plane_tasks(a, groups)):
+        image, first, start, stop, sq = _plane_task(a, task, groups)
         for c in range(n):
             x, y = a[image, first + c, start:stop], out[image, first + c, start:stop]
             for i in range(stop - start):
@@ -174,19 +190,11 @@ def _forward_planes(a, out, groups, scale, k):
 @numba.njit(parallel=True, cache=True)
 def _backward_planes(a, g, grad, groups, scale, k, coef):
     """NCHW: ``a``, ``g`` (the output's gradient) and ``grad`` are (batch, channels, pixels)."""
-    batch, channels, pixels = a.shape
-    n = channels // groups
-    chunks = (pixels + _PIXELS_PER_TASK - 1) // _PIXELS_PER_TASK
-    for task in numba.prange(batch * groups * chunks):
-        image, first, chunk = task // (groups * chunks), task // chunks % groups * n, task % chunks
-        start, stop = chunk * _PIXELS_PER_TASK, min(pixels, (chunk + 1) * _PIXELS_PER_TASK)
-        sq = np.zeros((n + 4, stop - start), a.dtype)  # a^2 in rows [2, 2 + n)
+    n = a.shape[1] // groups
+    for task in numba.prange(_plane_tasks(a, groups)):
+        image, first, start, stop, sq = _plane_task(a, task, groups)
         spread = np.zeros((n + 4, stop - start), a.dtype)  # g a d^(-beta-1) in rows [2, 2 + n)
         power = np.empty((n, stop - start), a.dtype)  # d^-beta
-        for c in range(n):
-            x = a[image, first + c, start:stop]
-            for i in range(stop - start):
-                sq[2 + c, i] = x[i] * x[i]
         for c in range(n):
             x, dy = a[image, first + c, start:stop], g[image, first + c, start:stop]
             for i in range(stop - start):
