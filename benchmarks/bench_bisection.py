@@ -39,8 +39,7 @@ import yaml
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from benchmarks.bench_step import Runner, add_malloc_argument, machine, save_results  # noqa: E402
-from towers.allocator import keep_freed_memory  # noqa: E402
+from benchmarks.bench_step import Runner, add_malloc_argument, machine, malloc_as_train_py, save_results  # noqa: E402
 from towers.callbacks import KernelBisectionCallback  # noqa: E402
 from towers.color import bisection, color_energy, tower_labels  # noqa: E402
 from towers.model import TowerAlexNet  # noqa: E402
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available: False", tips: not the figures
         logging.getLogger(name).setLevel(logging.WARNING)
     started, info = datetime.datetime.now(datetime.timezone.utc), machine()
-    info["keep_freed_memory"] = not args.default_malloc and keep_freed_memory()  # as train.py on the CPU
+    info["keep_freed_memory"] = malloc_as_train_py(args, torch.device("cpu"))
     schedule = paper_schedule()
     bisection_rows = [time_bisection(t, args.permutations, repeats) for t in tqdm(args.towers, desc="permutation test")]
     print(table(bisection_rows, "bisection"), flush=True)

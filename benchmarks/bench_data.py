@@ -45,8 +45,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from benchmarks.bench_step import Runner, add_malloc_argument, machine, save_results  # noqa: E402
-from towers.allocator import keep_freed_memory  # noqa: E402
+from benchmarks.bench_step import Runner, add_malloc_argument, machine, malloc_as_train_py, save_results  # noqa: E402
 from towers.data import CatsDogsDataModule  # noqa: E402
 from towers.demo_data import demo_image  # noqa: E402
 from towers.model import TowerAlexNet  # noqa: E402
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("towers.data").setLevel(logging.ERROR)  # a generated set has no bad files to report
 
     started, info = datetime.datetime.now(datetime.timezone.utc), machine()
-    info["keep_freed_memory"] = not args.default_malloc and keep_freed_memory()  # as train.py on the CPU
+    info["keep_freed_memory"] = malloc_as_train_py(args, torch.device("cpu"))
     with tempfile.TemporaryDirectory(prefix="bench_data-") as tmp:
         tmp = Path(tmp)
         if args.data_dir:

@@ -12,7 +12,7 @@ alike, and each model's ratio to torchvision's alexnet is the median over rounds
     python benchmarks/bench_step.py --default-malloc     # under glibc's malloc defaults (see below)
 
 Models (1000 classes, as torchvision's alexnet):
-    towers-1/2/4        this project's TowerAlexNet (grouped convolutions, towers.model's LRN), 227 px
+    towers-1/2/4        this project's TowerAlexNet (grouped convolutions, towers.lrn's LRN), 227 px
     towers-2 nn.LRN     the same 2-tower network with torch.nn.LocalResponseNorm applied to each
                         tower's channel block (a reshape to (batch * towers, channels per tower, H, W))
     towers-2 no LRN     the 2-tower network with both LRN layers replaced by identity
@@ -306,8 +306,8 @@ def measure(batch_size: int, device: torch.device, mode: dict, quick: bool, warm
         for _ in range(warmup):
             runner.step()
         runner.sync()
-    timers = {name: LRNTimer(lrn_layers(runner.model)) for name, runner in runners.items()
-              if device.type == "cpu" and lrn_layers(runner.model)}
+    layers = {name: lrn_layers(runner.model) for name, runner in runners.items()}
+    timers = {name: LRNTimer(layers[name]) for name in runners if device.type == "cpu" and layers[name]}
     times = {name: [] for name in runners}
     lrn_times = {name: [] for name in timers}
     for _ in tqdm(range(rounds), desc=f"{desc} rounds", leave=False):
@@ -359,6 +359,12 @@ def add_malloc_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it is; by default freed memory is kept for reuse, as train.py "
                              "does on the CPU (towers/allocator.py), for every model in the process alike")
+
+
+def malloc_as_train_py(args: argparse.Namespace, device: torch.device) -> bool:
+    """Keep freed memory for reuse, as train.py does for a run on the CPU, unless --default-malloc;
+    whether it is kept (for the JSON)."""
+    return device.type == "cpu" and not args.default_malloc and keep_freed_memory()
 
 
 def machine() -> dict:
@@ -450,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"unknown models {sorted(unknown)}; choose from {MODEL_NAMES}")
 
     started, info = datetime.datetime.now(datetime.timezone.utc), machine()
-    info["keep_freed_memory"] = device.type == "cpu" and not args.default_malloc and keep_freed_memory()
+    info["keep_freed_memory"] = malloc_as_train_py(args, device)
     rows = []
     for mode in modes(device):
         for batch_size in batch_sizes:
