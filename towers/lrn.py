@@ -84,11 +84,12 @@ def _memory_format(channels_last: bool) -> torch.memory_format:
 # For the window of 5 and beta = 3/4, the constants of the paper, the 2012 code and Caffe alike (k and
 # alpha are free): the window sum is spelled out (_window), so that each channel's d, d^-3/4 and result
 # come out of one loop the compiler vectorises; a loop over the window, or a branch on beta, stops it
-# from doing so and costs twice the time. A channels_last tensor is handled as (pixels, channels) rows, any
-# other as (batch, channels, pixels) planes, so that the vectorised loop runs along contiguous memory.
-# Scratch arrays hold one tower's values with two zeros past each edge. No fastmath: IEEE arithmetic.
+# from doing so and costs twice the time (BENCHMARKS.md). A channels_last tensor is handled as
+# (pixels, channels) rows, any other as (batch, channels, pixels) planes, so that the vectorised loop
+# runs along contiguous memory. Scratch arrays hold one tower's values with two zeros past each edge.
+# No fastmath: the arithmetic is IEEE, as torch's.
 
-COMPILED_SIZE, COMPILED_BETA = 5, 0.75
+COMPILED_SIZE, COMPILED_BETA = 5, 0.75  # what the loops below are written for (the paper's LRN_SIZE, LRN_BETA)
 _ROWS_PER_TASK = 64  # channels_last: pixels per parallel task
 _PIXELS_PER_TASK = 256  # NCHW: pixels of one image and one tower per parallel task
 
