@@ -154,11 +154,10 @@ def test_sgd_is_torchs_fused_one_and_steps_as_the_loop_implementation_does():
     assert fused.defaults["fused"] and [g["weight_decay"] for g in fused.param_groups] == [5e-4, 0.0]
     # the same updates as the one-tensor-at-a-time loop (decay, momentum, step), to float rounding: the
     # fused kernel's scalar tail rounds a multiply-add once, so a few elements differ in the last bits
-    loop_params = [p.detach().clone().requires_grad_() for g in fused.param_groups for p in g["params"]]
-    loop = torch.optim.SGD([{"params": loop_params[:len(fused.param_groups[0]["params"])], "weight_decay": 5e-4},
-                            {"params": loop_params[len(fused.param_groups[0]["params"]):], "weight_decay": 0.0}],
+    loop = torch.optim.SGD([{"params": [p.detach().clone().requires_grad_() for p in g["params"]],
+                             "weight_decay": g["weight_decay"]} for g in fused.param_groups],
                            lr=0.01, momentum=0.9, foreach=False)
-    fused_params = [p for g in fused.param_groups for p in g["params"]]
+    fused_params, loop_params = ([p for g in opt.param_groups for p in g["params"]] for opt in (fused, loop))
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
         for p, q in zip(fused_params, loop_params):
