@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from towers.color import RANDOM_KERNEL_SCORE, bisection, color_energy, color_specificity, tower_labels
+from towers.color import (RANDOM_KERNEL_SCORE, bisection, color_energy, color_specificity, control_halves,
+                          tower_labels)
 
 B = 9999
 
@@ -157,15 +158,33 @@ def test_permutation_null_matches_its_expectation_and_p_is_calibrated():
     assert 0.03 <= (p <= 0.1).mean() <= 0.2
 
 
-def test_one_tower_control_splits_the_kernels_into_fixed_halves():
+def test_one_tower_control_splits_the_kernels_into_random_recorded_halves():
     scores = color_specificity(grey_and_colour())  # grey first half, coloured second half
-    control = bisection(scores, torch.ones(96, dtype=torch.long), permutations=B)
-    as_two = bisection(scores, tower_labels(2, 48), permutations=B)
-    assert control.control and control.groups == ["first half", "second half"]
-    assert (control.eta2, control.p_value) == (as_two.eta2, as_two.p_value)
-    assert control.color_group == "second half"
+    control = bisection(scores, torch.ones(96, dtype=torch.long), permutations=B, seed=3)
+    assert control.control and control.groups == ["half A", "half B"]
+    half_a = control_halves(96, 3)
+    assert control.control_split == np.flatnonzero(half_a).tolist() and half_a.sum() == 48
+    # the recorded split is the one tested: the same as two "towers" made of those halves
+    as_two = bisection(scores, torch.as_tensor(np.where(half_a, 1, 2)), permutations=B, seed=3)
+    assert control.eta2 == pytest.approx(as_two.eta2, abs=1e-12)
+    # a random split does not follow the kernel index: the contiguous grey/colour blocks do not separate
+    assert control.p_value > 0.01 and bisection(scores, tower_labels(2, 48), permutations=B).p_value < 0.001
+    assert not np.array_equal(control_halves(96, 3), control_halves(96, 4))  # seeded
     odd = bisection(scores[:95], torch.ones(95), permutations=999)
     assert odd.sizes == [47, 48]
+
+
+def test_correlated_neighbours_do_not_fool_the_random_control():
+    """Kernels whose scores drift along the kernel index (as neighbours sharing LRN windows may) make
+    a contiguous-halves control anticonservative; random halves keep it near its level."""
+    rng = np.random.default_rng(0)
+    random_halves, contiguous = [], []
+    for i in range(60):
+        drift = np.cumsum(rng.normal(size=96)) * 0.3 + rng.normal(size=96)  # strongly lag-correlated
+        random_halves.append(bisection(drift, np.ones(96), permutations=999, seed=i, bootstrap=10).p_value)
+        contiguous.append(bisection(drift, tower_labels(2, 48), permutations=999, seed=i, bootstrap=10).p_value)
+    assert np.mean(np.array(random_halves) < 0.05) <= 0.15
+    assert np.mean(np.array(contiguous) < 0.05) >= 0.3  # what the old control would have said
 
 
 def best_split_reference(scores, labels):

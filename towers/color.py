@@ -118,7 +118,18 @@ def tower_labels(num_towers: int, kernels_per_tower: int, first: int = 1) -> tor
     return torch.arange(first, first + num_towers).repeat_interleave(kernels_per_tower)
 
 
-CONTROL_GROUPS = ("first half", "second half")
+CONTROL_GROUPS = ("half A", "half B")
+
+
+def control_halves(num_kernels: int, seed: int = 0) -> np.ndarray:
+    """The one-tower control's split: (K,) bool, True for the kernels of half A (K // 2 of them, drawn at
+    random with ``seed``). Random rather than the first and second half of the kernel index: kernels
+    next to each other share LRN windows and may be correlated, and a contiguous split of correlated
+    kernels would make the control anticonservative."""
+    rng = np.random.default_rng([seed, 2])
+    half_a = np.zeros(num_kernels, dtype=bool)
+    half_a[rng.permutation(num_kernels)[: num_kernels // 2]] = True
+    return half_a
 
 
 @dataclass(frozen=True)
@@ -126,7 +137,7 @@ class Bisection:
     """How much of the score variance the towers explain, with its permutation test.
 
     Per-group lists are in the order of ``groups`` (the sorted tower labels; for the one-tower
-    control the two halves ``"first half"``, ``"second half"`` of the kernel index).
+    control the two random halves ``"half A"``, ``"half B"`` of :func:`control_halves`).
     """
 
     groups: list  # tower labels, sorted
@@ -135,18 +146,20 @@ class Bisection:
     median: list  # median score per group
     ci_low: list  # bootstrap percentile interval of the median, over kernels
     ci_high: list
-    color_group: object  # the group with the highest median score
+    color_group: object  # the group with the highest median score (descriptive; the verdict names towers)
     eta2: float  # SS_between / SS_total of the scores with the groups as factor
     eta2_null: float  # its expectation under random labels: (G - 1) / (K - 1)
     p_value: float  # (1 + #{eta2_perm >= eta2}) / (permutations + 1)
     eta2_split: float  # largest two-group eta2 over all bipartitions of the groups (= eta2 for two)
     p_value_split: float  # the same test with the maximum taken again in every permutation
     color_side: list  # groups on the high-score side of that best bipartition
-    control: bool  # True: one tower, split into halves by kernel index as a control
+    control: bool  # True: one tower, split into two random halves as a control (control_split)
     permutations: int
     bootstrap: int
     ci_level: float
     seed: int
+    omega2: float = math.nan  # (SS_between - (G - 1) MS_within) / (SS_total + MS_within): eta2 less its chance bias
+    control_split: list | None = None  # the control's kernel indices in half A
 
     @property
     def p_floor(self) -> float:
@@ -160,10 +173,9 @@ class Bisection:
         side = "" if len(self.groups) == 2 else (
             f"; best bipartition {self.color_side} vs rest: eta2 = {self.eta2_split:.3f}, "
             f"p = {self.p_value_split:.2g}")
-        kind = "one-tower control (first vs second half of the kernels)" if self.control else "towers"
+        kind = "one-tower control (two random halves of the kernels)" if self.control else "towers"
         return (f"{kind}: eta2 = {self.eta2:.3f} (chance {self.eta2_null:.3f}), p = {self.p_value:.2g} "
-                f"({self.permutations} permutations, floor {self.p_floor:.2g}){side}; "
-                f"colour group {self.color_group}")
+                f"({self.permutations} permutations, floor {self.p_floor:.2g}){side}")
 
 
 def _split_ss(sums: np.ndarray, sizes: np.ndarray, sides: np.ndarray) -> np.ndarray:
@@ -200,9 +212,8 @@ def bisection(scores, towers, permutations: int = 9999, seed: int = 0, bootstrap
     Args:
         scores: (K,) one score per kernel (e.g. :func:`color_specificity`).
         towers: (K,) integer tower label of every kernel (e.g. :func:`tower_labels`). A single
-            label is the one-tower control: the statistic is then computed for the fixed split of
-            the kernels, in the order given, into the first and the second half (first K // 2 vs
-            the rest), the same index split a two-tower model has.
+            label is the one-tower control: the statistic is then computed for a random split of the
+            kernels into two halves (:func:`control_halves` with ``seed``; kept as ``control_split``).
         permutations: B, how many random relabellings (tower sizes kept) form the null; at least 999.
         seed: seeds the permutations and the bootstrap; same inputs and seed give the same numbers.
         bootstrap, ci_level: resamples (over kernels, within a tower) for the interval of the median.
@@ -227,8 +238,11 @@ def bisection(scores, towers, permutations: int = 9999, seed: int = 0, bootstrap
     names, index = np.unique(labels, return_inverse=True)
     names = [n.item() if isinstance(n, np.generic) else n for n in names]
     control = len(names) == 1
+    control_split = None
     if control:
-        names, index = list(CONTROL_GROUPS), (np.arange(k) >= k // 2).astype(np.int64)
+        half_a = control_halves(k, seed)
+        control_split = np.flatnonzero(half_a).tolist()
+        names, index = list(CONTROL_GROUPS), np.where(half_a, 0, 1)
     g = len(names)
     if k < 2 or np.bincount(index, minlength=g).min() < 1:
         raise ValueError(f"need at least two kernels and one per group, got {k} kernels")
@@ -251,6 +265,8 @@ def bisection(scores, towers, permutations: int = 9999, seed: int = 0, bootstrap
     masks = np.arange(1, 2 ** (g - 1)) if g > 2 else np.zeros(0, dtype=np.int64)
     sides = ((masks[:, None] >> np.arange(g)) & 1).astype(np.float64)  # (P, G)
     eta2_obs, split_obs = (float(v[0]) for v in _eta2(x[None], onehot, sizes, sides, ss_total))
+    ss_between = eta2_obs * ss_total
+    ms_within = (ss_total - ss_between) / max(k - g, 1)
 
     # All permutations at once (in chunks that bound memory for many towers): row b of x[perm] is
     # one random relabelling with the tower sizes kept.
@@ -297,4 +313,5 @@ def bisection(scores, towers, permutations: int = 9999, seed: int = 0, bootstrap
         ci_low=[float(ci[0, j]) for j in back], ci_high=[float(ci[1, j]) for j in back],
         color_group=canon_names[best], eta2=eta2_obs, eta2_null=(g - 1) / (k - 1), p_value=p_value,
         eta2_split=split_obs, p_value_split=p_split, color_side=color_side, control=control,
-        permutations=permutations, bootstrap=bootstrap, ci_level=ci_level, seed=seed)
+        permutations=permutations, bootstrap=bootstrap, ci_level=ci_level, seed=seed,
+        omega2=(ss_between - (g - 1) * ms_within) / (ss_total + ms_within), control_split=control_split)
