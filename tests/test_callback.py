@@ -116,7 +116,7 @@ def test_run_folder_holds_grids_plots_weights_and_records(run):
 def test_bisection_json_and_history_follow_the_schema(run):
     d, model = run["dir"], run["model"]
     data = json.loads((d / "bisection.json").read_text())
-    assert data["format"] == "towers.bisection" and data["version"] == 1
+    assert data["format"] == "towers.bisection" and data["version"] == 2
     assert data["history"] == "bisection_history.jsonl" and 0 < data["measurement_seconds"] < data["fit_seconds"]
     init, last = data["init"], data["last"]
     assert (init["stage"], init["step"], init["kernels_file"]) == ("init", 0, "kernels_init.npy")
@@ -134,6 +134,11 @@ def test_bisection_json_and_history_follow_the_schema(run):
                 "color_group", "groups", "control", "permutations", "seed"} <= set(stats)
         assert stats["permutations"] == 999 and stats["groups"] == [1, 2] and not stats["control"]
         assert stats["median"] == pytest.approx(record["tower_median"])
+        # the verdict's keys, beside the statistics
+        assert record["verdict"] in ("specialised", "not specialised") and len(record["colour_fraction"]) == 2
+        assert {"delta_f", "delta_f_low", "delta_f_high", "p_delta_f", "agnostic_tower", "specific_tower",
+                "kernel_class", "sensitivity", "rule"} <= set(record)
+    assert init["verdict"] == "not specialised" and init["colour_fraction"] == [1.0, 1.0]  # random kernels: colour
     assert init["score"] != last["score"]
     # the final record is the trained model's kernels, measured
     scores = color_specificity(model.conv1_kernels())
@@ -224,7 +229,8 @@ def test_one_tower_gets_the_control_statistic_without_any_logger(tmp_path):
     data = json.loads((tmp_path / "bisection.json").read_text())  # no logger: trainer.default_root_dir
     last = data["last"]
     assert last["num_towers"] == 1 and last["tower"] == [1] * 12
-    assert last["statistics"]["control"] and last["statistics"]["groups"] == ["first half", "second half"]
+    assert last["statistics"]["control"] and last["statistics"]["groups"] == ["half A", "half B"]
+    assert last["control"] and last["towers"] == ["half A", "half B"] and len(last["control_split"]) == 6
     assert last["statistics"]["sizes"] == [6, 6] and last["statistics"]["eta2_null"] == pytest.approx(1 / 11)
     grid = np.asarray(Image.open(tmp_path / "kernels.png").convert("RGB"))
     assert grid.shape == grid_size(1, 12) + (3,)

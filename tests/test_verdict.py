@@ -23,7 +23,7 @@ def test_a_grey_tower_beside_a_colour_tower_is_specialised_and_named():
     assert v.colour_fraction_low[1] > 0.9 and v.colour_fraction_high[0] < 0.1  # exact 95% intervals
     assert v.delta_f_low > 0.85 and v.p_delta_f == pytest.approx(1 / (B + 1)) and v.auc == 1.0
     assert v.energy_share[0] < 0.01 and v.energy_share[1] > 0.9
-    assert v.grey == [48, 0] and v.colour == [0, 48] and v.weak == [0, 0]
+    assert v.grey_count == [48, 0] and v.colour_count == [0, 48] and v.weak_count == [0, 0]
     assert "specialised: Δf = 1.00" in v.summary() and "p ≤ 1e-3" in v.summary()
     # renumbering the GPUs changes only the names
     swapped = verdict(grey_and_colour_towers().flip(0), permutations=B)
@@ -53,7 +53,7 @@ def test_weak_kernels_are_counted_apart_never_as_grey_or_colour():
     # kernels that stopped learning: random directions (score ~2/3, "colour") but a tenth of the norm
     kernels[0, :10] = 0.1 * torch.randn(10, 3, 11, 11, generator=torch.Generator().manual_seed(0)) / 19
     v = verdict(kernels, permutations=B)
-    assert v.weak == [10, 0] and v.grey == [38, 0] and v.colour_fraction[0] == 0.0
+    assert v.weak_count == [10, 0] and v.grey_count == [38, 0] and v.colour_fraction[0] == 0.0
     assert v.kernel_class[:10] == ["weak"] * 10 and v.verdict == SPECIALISED
     # without the weak rule they would have read as colour kernels in the grey tower
     assert classify(np.full(3, 0.66), [0.1, 1, 1], [1, 1, 1]).tolist() == [2, 1, 1]

@@ -32,9 +32,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from towers.color import RANDOM_KERNEL_SCORE, Bisection, bisection, color_energy, tower_labels, unit_axis
 from towers.files import atomic_path, write_atomic
 from towers.runs import run_dir
+from towers.verdict import Verdict, format_p, verdict
 
 FORMAT = "towers.bisection"
-VERSION = 1
+VERSION = 2  # 2: the verdict's keys (towers.verdict.Verdict) in every record; the control's halves are random
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -153,8 +154,11 @@ def _floats(x) -> list:
 
 def measure(kernels, channel_std=None, axis=None, permutations: int = 9999, bootstrap: int = 2000,
             seed: int = 0) -> dict:
-    """Score kernels (T, n, 3, h, w) and test the tower split: the measurement part of a record
-    (what the callback and ``analysis/kernels.py`` both compute)."""
+    """Score kernels (T, n, 3, h, w), test the tower split and judge it: the measurement part of a record
+    (what the callback and ``analysis/kernels.py`` both compute). Beside the scores and ``statistics``
+    (eta2, its permutation p, the medians; :class:`towers.color.Bisection`) the record holds every field of
+    :class:`towers.verdict.Verdict` at its top level: ``verdict``, ``delta_f``, ``colour_fraction``,
+    ``agnostic_tower``, ``specific_tower`` and the rest (all None when the weights are not finite)."""
     kernels = torch.as_tensor(kernels)
     t, n = kernels.shape[:2]
     towers = tower_labels(t, n)
@@ -165,6 +169,7 @@ def measure(kernels, channel_std=None, axis=None, permutations: int = 9999, boot
         record["error"] = "conv1 weights are not finite (NaN or inf): training diverged?"
         record.update(score=None, score_dc=None, score_ac=None, tower_median=None, tower_median_dc=None,
                       tower_median_ac=None, statistics=None)
+        record.update(dict.fromkeys(Verdict.__dataclass_fields__))
         return record
     energy = color_energy(kernels, channel_std, axis)
     per_tower = torch.stack(list(energy)).view(3, t, n).nanquantile(0.5, dim=2)  # (total/dc/ac, T)
@@ -175,7 +180,24 @@ def measure(kernels, channel_std=None, axis=None, permutations: int = 9999, boot
         record["statistics"] = bisection(energy.total, towers, permutations, seed, bootstrap).to_dict()
     except ValueError as e:
         record["statistics"], record["error"] = None, str(e)
+    try:
+        record.update(verdict(kernels, None, channel_std, axis, permutations, seed).to_dict())
+    except ValueError as e:
+        record.update(dict.fromkeys(Verdict.__dataclass_fields__))
+        record["error"] = record["error"] or str(e)
     return record
+
+
+def summary_line(record: dict) -> str:
+    """One line that says a record's answer: the verdict with delta f, the towers' colour fractions
+    with their intervals, and eta2 with its p (as the end of a fit prints it)."""
+    if record.get("verdict") is None:
+        return f"no verdict: {record.get('error') or 'not measured'}"
+    line = Verdict(**{k: record[k] for k in Verdict.__dataclass_fields__}).summary()
+    stats = record.get("statistics")
+    if stats:
+        line += f"; η² = {stats['eta2']:.3f} (chance {stats['eta2_null']:.3f}), p {format_p(stats['p_value'], stats['permutations'])}"
+    return line
 
 
 class KernelBisectionCallback(Callback):
@@ -293,6 +315,7 @@ class KernelBisectionCallback(Callback):
             self._measure(trainer, pl_module, "end")
         self._fit_seconds = time.perf_counter() - self._fit_start
         self._write_json()
+        rank_zero_info(f"Verdict at step {self.last_record['step']}: {summary_line(self.last_record)}")
         rank_zero_info(f"KernelBisectionCallback: measurements took {self._cost:.2f} s, "
                        f"{100 * self._cost / max(self._fit_seconds, 1e-9):.2f}% of the {self._fit_seconds:.1f} s "
                        f"of fitting; files in {self._dir}")
@@ -365,6 +388,12 @@ class KernelBisectionCallback(Callback):
             if record["num_towers"] > 2:
                 scalars.update({"bisection/eta2_split": stats["eta2_split"],
                                 "bisection/p_value_split": stats["p_value_split"]})
+        if record.get("verdict") is not None:
+            scalars.update({"verdict/specialised": float(record["verdict"] == "specialised"),
+                            "verdict/delta_f": record["delta_f"], "verdict/p_delta_f": record["p_delta_f"],
+                            "verdict/auc": record["auc"]})
+            for k, fraction in enumerate(record["colour_fraction"], start=1):
+                scalars[f"tower_{k}/colour_fraction"] = fraction
         if record["tower_median"] is not None:
             for k, (total, dc, ac) in enumerate(zip(record["tower_median"], record["tower_median_dc"],
                                                     record["tower_median_ac"]), start=1):
@@ -383,3 +412,12 @@ class KernelBisectionCallback(Callback):
                     logger.experiment.add_image(f"bisection/{name}", image, record["step"], dataformats="HWC")
             if scalars:
                 logger.log_metrics(scalars, step=record["step"])
+            if isinstance(logger, WandbLogger) and record.get("verdict") is not None:
+                # The run's answer in its W&B summary, under the record's own keys (the last measurement wins).
+                stats = record["statistics"] or {}
+                logger.experiment.summary.update({
+                    "verdict": record["verdict"], "delta_f": record["delta_f"],
+                    "delta_f_low": record["delta_f_low"], "delta_f_high": record["delta_f_high"],
+                    "p_delta_f": record["p_delta_f"], "colour_fraction": record["colour_fraction"],
+                    "agnostic_tower": record["agnostic_tower"], "specific_tower": record["specific_tower"],
+                    "eta2": stats.get("eta2"), "p_value": stats.get("p_value")})

@@ -90,9 +90,9 @@ class Verdict:
     colour_fraction_low: list  # exact Clopper-Pearson interval, ci_level
     colour_fraction_high: list
     energy_share: list  # per tower: chromatic energy / energy, all its kernels
-    grey: list  # per tower: counts
-    colour: list
-    weak: list
+    grey_count: list  # per tower: kernels of each class
+    colour_count: list
+    weak_count: list
     kernel_class: list  # per kernel, in the input order: "grey", "colour" or "weak"
     sensitivity: list  # [{"cut", "delta_f", "p_delta_f", "verdict", "colour_fraction"}] over SENSITIVITY_CUTS
     control: bool  # one tower, judged on two random halves
@@ -335,8 +335,8 @@ def verdict(kernels, towers=None, channel_std=None, axis=None, permutations: int
         grey_fraction_agnostic=judged["grey_fraction_agnostic"], p_largely_agnostic=judged["p_largely_agnostic"],
         colour_fraction_specific=judged["colour_fraction_specific"], p_largely_specific=judged["p_largely_specific"],
         towers=names, colour_fraction=fractions, colour_fraction_low=lows, colour_fraction_high=highs,
-        energy_share=energy_share, grey=grey.astype(int).tolist(), colour=colour.astype(int).tolist(),
-        weak=weak.astype(int).tolist(), kernel_class=[(GREY, COLOUR, WEAK)[c] for c in cls],
+        energy_share=energy_share, grey_count=grey.astype(int).tolist(),
+        colour_count=colour.astype(int).tolist(), weak_count=weak.astype(int).tolist(), kernel_class=[(GREY, COLOUR, WEAK)[c] for c in cls],
         sensitivity=rows, control=control, control_split=control_split,
         rule={"colour_cut": cut, "weak_fraction": weak_fraction, "min_delta_f": min_delta_f, "alpha": alpha},
         permutations=permutations, seed=seed, ci_level=ci_level)
