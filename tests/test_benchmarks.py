@@ -116,3 +116,18 @@ def test_quick_bisection_benchmark_relates_the_cost_to_the_paper_run(tmp_path):
         cost = (callback["first_ms"] + 18 * callback["ms"]) / 1000
         assert abs(share["share"] - cost / (90 * 2300.0)) < 1e-12 and 0 < share["share"] < 1
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_quick_calibration_writes_its_three_tables(tmp_path):
+    from benchmarks.calibration import INIT_ROWS
+    from benchmarks.calibration import main as calibration
+
+    out = tmp_path / "calibration.json"
+    payload = calibration(["--seeds", "3", "--permutations", "999", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["seeds"] == 3 and len(saved["initialisation"]) == len(INIT_ROWS)
+    # at initialisation every kernel is colour: no run of any tower count may be called specialised
+    assert all(row["specialised"]["k"] == 0 for row in payload["initialisation"])
+    assert [row["kernels"] for row in payload["initialisation"]] == [96, 96, 144, 96]
+    # a nearly clean planted split is found every time
+    assert payload["power"][0]["specialised"]["k"] == 3
