@@ -6,13 +6,14 @@ cover no data), intervals drawn as thick bars with caps. Part of analysis/compar
 
 import io
 import math
+import textwrap
 
 import numpy as np
 
-from compare_read import KERNELS_FILE, Run, p_text
+from compare_read import KERNELS_FILE, Run
 from compare_stats import (CONDITION, condition_key, condition_label, conditions, fixed_delta_f,
                            varying_columns)
-from towers.verdict import MIN_DELTA_F
+from towers.verdict import MIN_DELTA_F, format_p
 
 MIN_FONT = 8  # pt, at the saved size
 FONT = 9
@@ -88,6 +89,9 @@ def _colours(runs: list[Run], summary: list[dict]):
         tuple(s["condition"][c] for c in CONDITION), varying, True, towers=False)]}
 
 
+YLIM = (-0.55, 1.05)  # delta f of the best split is at least 0; its intervals reach below
+
+
 def fig_delta_f(runs: list[Run], summary: list[dict], references: list[dict]):
     """Delta f per seed against tower count, each with its Newcombe interval (filled: specialised); the
     median over seeds with its bootstrap interval; the random-effects estimate with its prediction
@@ -116,20 +120,23 @@ def fig_delta_f(runs: list[Run], summary: list[dict], references: list[dict]):
         spec = np.array([r.row["verdict"] == "specialised" for r in group])
         px = x - width * 0.1 + _jitter(len(d), width * 0.22)
         ax.vlines(px, lo, hi, color=colour, lw=1, alpha=0.6, zorder=2)
-        ax.scatter(px[spec], d[spec], s=26, color=colour, zorder=3, label=once(other or "specialised seed"))
-        ax.scatter(px[~spec], d[~spec], s=26, facecolors="white", edgecolors=colour, zorder=3,
-                   label=once("seed not specialised (its Newcombe 95% interval)"))
+        ax.scatter(px[spec], d[spec], s=26, color=colour, zorder=3)
+        ax.scatter(px[~spec], d[~spec], s=26, facecolors="white", edgecolors=colour, zorder=3)
+        if other:
+            ax.scatter([], [], s=26, color=colour, label=once(other))
         if math.isfinite(s["delta_f_low"]):
             ax.errorbar(x + width * 0.22, s["delta_f_median"], [[s["delta_f_median"] - s["delta_f_low"]],
                         [s["delta_f_high"] - s["delta_f_median"]]], fmt="s", color="k", ms=5, zorder=4,
                         label=once("median, 95% bootstrap interval"), **INTERVAL)
         re = s["re"]
-        if math.isfinite(re["pi_low"]):
-            ax.errorbar(x + width * 0.36, re["estimate"], [[re["estimate"] - max(re["pi_low"], -1.05)],
-                        [min(re["pi_high"], 1.05) - re["estimate"]]], fmt="D", color="0.35", ms=5, ls="none",
-                        zorder=4, label=once("random effects, 95% prediction interval"), **INTERVAL)
-        ax.annotate(f"{s['specialised']}/{s['seeds']}", (x, 1.0), xycoords=("data", "axes fraction"),
-                    ha="center", va="bottom", fontsize=MIN_FONT)
+        if math.isfinite(re["pi_low"]):  # clipped to the axes: with 3 seeds t_1 makes it very wide
+            ax.errorbar(x + width * 0.36, re["estimate"], [[re["estimate"] - max(re["pi_low"], YLIM[0])],
+                        [min(re["pi_high"], YLIM[1]) - re["estimate"]]], fmt="D", color="0.5", ms=5, ls="none",
+                        zorder=4, label=once("random effects, 95% prediction interval for a new run"), **INTERVAL)
+        ax.annotate(f"{s['specialised']} of {s['seeds']}", (x, YLIM[0] + 0.03), ha="center", va="bottom",
+                    fontsize=MIN_FONT)
+    ax.scatter([], [], s=26, color="k", label="seed, specialised (with its Newcombe 95% interval)")
+    ax.scatter([], [], s=26, facecolors="white", edgecolors="k", label="seed, not specialised")
     ax.axhline(MIN_DELTA_F, color="r", ls="--", lw=1, label=f"rule: Δf ≥ {MIN_DELTA_F:.2f}")
     ax.axhline(0, color="0.7", lw=0.8)
     for i, ref in enumerate(references):
@@ -138,10 +145,9 @@ def fig_delta_f(runs: list[Run], summary: list[dict], references: list[dict]):
     if ticks:
         ax.set_xticks(range(len(ticks)), ticks)
         ax.set_xlim(-0.6, len(ticks) - 0.4)
-    ax.set_ylim(-1.05, 1.05)
+    ax.set_ylim(*YLIM)
     ax.set_ylabel("Δf = colour fraction, specific − agnostic tower")
-    _style(ax, "Δf per seed (n/m above: seeds specialised)")
-    ax.title.set_position((0.5, 1.04))
+    _style(ax, "Δf per seed (k of n at the bottom: seeds specialised)")
     _legend(ax)
     return fig
 
@@ -217,7 +223,7 @@ def fig_tower_fractions(runs: list[Run]):
         return _empty("no finished run with colour fractions")
     cols = min(len(panels), 3)
     rows = math.ceil(len(panels) / cols)
-    fig = figure(max(5, 4 * cols + 1.5), 3.4 * rows)
+    fig = figure(max(5, 4 * cols + 1.5), 3.8 * rows)
     most = max(len(r.last["colour_fraction"]) for _, g in panels for r in g)
     for i, (key, group) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
@@ -237,7 +243,7 @@ def fig_tower_fractions(runs: list[Run]):
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlim(-0.6, len(group) - 0.4)
         control = key[CONDITION.index("num_towers")] == 1
-        _style(ax, condition_label(key, varying, True) + (" (halves A/B)" if control else ""))
+        _style(ax, textwrap.fill(condition_label(key, varying, True) + (" (halves A/B)" if control else ""), 44))
         if i % cols == 0:
             ax.set_ylabel("colour fraction of a tower")
     handles, labels = fig.axes[0].get_legend_handles_labels()
@@ -317,7 +323,7 @@ def fig_montage(chosen: list[Run]):
         r = run.row
         verdict = "" if r["verdict"] is None else (
             f"{r['verdict']}, Δf = {r['delta_f']:.2f} [{r['delta_f_low']:.2f}, {r['delta_f_high']:.2f}], "
-            f"p {p_text(r['p_delta_f'], r['permutations'])}")
+            f"p {format_p(r['p_delta_f'], r['permutations'])}")
         ax.set_title(f"{run.name}: T={r['num_towers']}, seed {r['seed']}, step {r['step']}\n{verdict}", fontsize=FONT)
         if image is None:
             ax.text(0.5, 0.5, "no kernel grid", ha="center", va="center", transform=ax.transAxes, fontsize=FONT)

@@ -409,8 +409,8 @@ def test_figures_are_fit_for_a_paper(report):
 
 
 @pytest.mark.parametrize("fmt, magic", [("pdf", b"%PDF"), ("svg", b"<?xml")])
-def test_format_pdf_and_svg(folders, tmp_path, fmt, magic):
-    assert compare.main([str(folders[0]), "--out", str(tmp_path), "--format", fmt]) == 0
+def test_format_pdf_and_svg(report, tmp_path, fmt, magic):
+    compare.write_report(report[0], tmp_path, fmt=fmt)
     for name in FIGURES:
         assert (tmp_path / f"{name}.{fmt}").read_bytes().startswith(magic), name
         assert not (tmp_path / f"{name}.png").exists()
@@ -434,6 +434,9 @@ def test_cli_on_folders(folders, tmp_path, capsys):
     assert (tmp_path / "report.html").stat().st_size > 10000
     with pytest.raises(SystemExit, match="no run named nope"):
         compare.main([str(folders[0]), "--out", str(tmp_path), "--montage", "nope"])
+    with pytest.raises(SystemExit) as exit_:  # argparse: one line, status 2
+        compare.main([str(folders[0]), "--out", str(tmp_path), "--format", "jpg"])
+    assert exit_.value.code == 2
 # ----------------------------------------------------------------------------- the W&B public API path
 
 class FakeFile:
