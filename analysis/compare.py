@@ -120,7 +120,10 @@ def main(argv=None) -> int:
         parser.error("give run folders or --wandb ENTITY/PROJECT (one of the two)")
     if args.sweep and not args.wandb:
         parser.error("--sweep needs --wandb")
-    references = [read_reference(p) for p in args.reference]
+    try:
+        references = [read_reference(p) for p in args.reference]
+    except SystemExit as err:  # a user's mistake: one line, status 2
+        parser.error(str(err))
     if args.wandb:
         if args.wandb.count("/") != 1:
             parser.error(f"--wandb wants ENTITY/PROJECT, got {args.wandb!r}")

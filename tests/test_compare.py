@@ -24,6 +24,7 @@ from tests.fixtures.kernels import colour, gabor, noisy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
 import compare  # noqa: E402
 import compare_figures  # noqa: E402
+import compare_read  # noqa: E402
 
 N = 16  # kernels per tower: small, and enough for the verdict to tell a planted split
 
@@ -703,3 +704,24 @@ def test_history_drops_only_a_last_line_cut_short(tmp_path):
     path.write_text(record[:20] + "\n" + record + "\n")
     with pytest.raises(ValueError, match="line 1 is not JSON"):
         compare.read_history(path)
+
+
+def test_a_run_without_a_verdict_is_named_not_counted(tmp_path):
+    """A bisection.json of format 1 (before the verdict) stays a row, named in the report, in no statistic."""
+    folder = write_run(tmp_path / "runs" / "old", 2, 0, seed=0)
+    data = json.loads((folder / "bisection.json").read_text())
+    for key in ("init", "last"):
+        data[key] = {k: v for k, v in data[key].items() if k not in compare_read.VERDICT_KEYS}
+    (folder / "bisection.json").write_text(json.dumps(dict(data, version=1)))
+    (run,) = compare.collect_local([tmp_path / "runs"])
+    assert run.usable and not run.judged and run.row["verdict"] is None and run.row["eta2"] is not None
+    assert compare.summarize([run]) == []
+    paths = compare.write_report([run], tmp_path / "out")
+    assert "old (no verdict in its bisection.json)" in paths["report.html"].read_text()
+
+
+def test_a_reference_without_a_verdict_is_one_line_with_status_2(folders, tmp_path, capsys):
+    (tmp_path / "bad.json").write_text(json.dumps({"score": [0.1]}))
+    with pytest.raises(SystemExit) as exit_:
+        compare.main([str(folders[0]), "--out", str(tmp_path), "--reference", str(tmp_path / "bad.json")])
+    assert exit_.value.code == 2 and "no verdict in it" in capsys.readouterr().err
