@@ -18,6 +18,7 @@ from towers.verdict import MIN_DELTA_F, format_p
 MIN_FONT = 8  # pt, at the saved size
 FONT = 9
 FORMATS = ("png", "pdf", "svg")
+DPI = 150  # of the PNG files (the HTML shows them at their saved size: compare_html._css_width)
 INTERVAL = {"lw": 1.6, "capsize": 3, "capthick": 1.6}  # thick enough to see at a column's width
 
 
@@ -35,7 +36,7 @@ def render(fig, fmt: str = "png") -> bytes:
     runs give the same bytes)."""
     buf = io.BytesIO()
     metadata = {"Software": None} if fmt == "png" else {"Date": None} if fmt == "svg" else {"CreationDate": None}
-    fig.savefig(buf, format=fmt, bbox_inches="tight", dpi=150, metadata=metadata)
+    fig.savefig(buf, format=fmt, bbox_inches="tight", dpi=DPI, metadata=metadata)
     return buf.getvalue()
 
 
@@ -236,8 +237,8 @@ def fig_tower_fractions(runs: list[Run]):
                 off = (rank - (len(order) - 1) / 2) * 0.6 / max(len(order), 1)
                 ax.errorbar(j + off, f[t], [[f[t] - lo[t]], [hi[t] - f[t]]], fmt="o", ms=4,
                             color=f"C{rank}", **INTERVAL,
-                            label=(f"rank {rank + 1} of {most}" if most > 2 else ("less coloured", "more coloured")[rank])
-                            if i == 0 and j == 0 else None)
+                            label=None if i or j else f"rank {rank + 1} of {most}" if most > 2
+                            else ("less coloured", "more coloured")[rank])
         ax.axhline(0.5, color="0.6", ls=":", lw=1)
         ax.set_xticks(range(len(group)), [f"seed {r.row['seed']}" for r in group], fontsize=MIN_FONT)
         ax.set_ylim(-0.03, 1.03)

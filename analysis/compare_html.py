@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from compare_figures import DPI
 from compare_read import Run, p_text, table_columns
 from compare_stats import condition_line
 
@@ -62,6 +63,12 @@ def git_commit(where: Path | None = None) -> str:
     return commit + (" (with uncommitted changes)" if dirty else "")
 
 
+def _css_width(png: bytes, dpi: float = DPI) -> int:
+    """The figure's width in CSS pixels (96 per inch) at its saved size, read from the PNG header, so that
+    every figure shows at one scale and its 8 pt text as 8 pt (narrower windows scale it down)."""
+    return round(int.from_bytes(png[16:20], "big") * 96 / dpi)
+
+
 def _num(value) -> str:
     if value is None:
         return ""
@@ -111,7 +118,8 @@ def conditions_table(summary: list[dict], references: list[dict], level: float) 
                      f"Δf {_interval(ref['delta_f'], ref['delta_f_low'], ref['delta_f_high'])}, "
                      f"p {p_text(ref['p_delta_f'], ref['permutations'])}", "", "", "",
                      "" if ref["omega2"] is None else f"{ref['omega2']:.3f}", "", f"colour fractions {fractions}"])
-    return ("<div class=scroll><table class=conditions><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return ("<div class=scroll><table class=conditions><thead><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in head)
             + "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
                                               for r in rows) + "</tbody></table></div>")
 
@@ -131,7 +139,8 @@ def report_html(runs: list[Run], summary: list[dict], figures: dict, references:
     """``figures``: {title: (note, png bytes)}."""
     columns = table_columns(runs)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "\n".join(f'<tr class="{html.escape(str(r.row["status"] or ""))} {html.escape(str(r.row["verdict"] or ""))}">'
+    body = "\n".join(f'<tr class="{html.escape(str(r.row["status"] or ""))} '
+                     f'{html.escape(str(r.row["verdict"] or ""))}">'
                      + "".join(_cell(r, c) for c in columns) + "</tr>" for r in runs)
     lines = [f"<li>{html.escape(condition_line(s, level))}</li>" for s in summary]
     lines += [f"<li>published figure {html.escape(ref['name'])}: {html.escape(ref['verdict'])}, Δf "
@@ -139,11 +148,13 @@ def report_html(runs: list[Run], summary: list[dict], figures: dict, references:
               f"{html.escape(p_text(ref['p_delta_f'], ref['permutations']))}</li>" for ref in references]
     left_out = [r for r in runs if not r.judged]
     if left_out:
+        why = {r.name: str(r.row["status"] or "no final measurement") if not r.usable
+               else "no verdict in its bisection.json" for r in left_out}
         lines.append("<li>Not counted in any statistic: " + ", ".join(
-            f"{html.escape(r.name)} ({html.escape(str(r.row['status'] or 'no final measurement') if not r.usable else 'no verdict in its bisection.json')})"
-            for r in left_out) + "</li>")
+            f"{html.escape(r.name)} ({html.escape(why[r.name])})" for r in left_out) + "</li>")
     imgs = "\n".join(f"<h2>{html.escape(title)}</h2>\n<p class=note>{html.escape(note)}</p>\n"
-                     f'<img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+                     f'<img alt="{html.escape(title)}" width="{_css_width(png)}" '
+                     f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
                      for title, (note, png) in figures.items())
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return f"""<!DOCTYPE html>

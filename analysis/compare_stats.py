@@ -137,7 +137,8 @@ SHORT_NAMES = {"num_towers": "T", "width_policy": "width", "precision": "precisi
 def condition_label(key: tuple, varying: list[str], short: bool = False, sep: str = ", ",
                     towers: bool = True) -> str:
     """``T=2, lr=0.01``: the tower count and the CONDITION columns that differ between runs."""
-    parts = [f"{SHORT_NAMES[c] if short else c}={v:g}" if isinstance(v, float) else f"{SHORT_NAMES[c] if short else c}={v}"
+    parts = [f"{SHORT_NAMES[c] if short else c}={v:g}" if isinstance(v, float)
+             else f"{SHORT_NAMES[c] if short else c}={v}"
              for c, v in zip(CONDITION, key) if c in varying or (c == "num_towers" and towers)]
     return sep.join(parts)
 

@@ -71,7 +71,8 @@ def panels(max_towers: int = 4) -> dict:
         "The verdict run by run": [
             wr.BarPlot(title="Δf per run", metrics=[DELTA_F], orientation="h"),
             wr.BarPlot(title="specialised (1) or not (0), per run", metrics=[SPECIALISED], orientation="h"),
-            wr.RunComparer(diff_only="split"),  # config and summary side by side: verdict, delta_f, colour_fraction, precision
+            # config and summary side by side: verdict, delta_f, colour_fraction, trainer.precision
+            wr.RunComparer(diff_only="split"),
         ],
         "Tower colour fractions": [
             wr.LinePlot(title="colour fraction per tower over training", x="Step", y=fractions),

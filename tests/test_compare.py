@@ -108,7 +108,8 @@ def write_run(folder: Path, towers: int, swap: int, seed: int, status="finished"
     return folder
 
 
-GRID = [(1, 0, 0), (1, 1, 0), (1, 2, 0), (2, 0, 0), (2, 1, 2), (2, 2, 3), (2, 3, 0)]  # towers, seed, swap; the last diverges
+# towers, seed, swap; the last diverges
+GRID = [(1, 0, 0), (1, 1, 0), (1, 2, 0), (2, 0, 0), (2, 1, 2), (2, 2, 3), (2, 3, 0)]
 
 
 def make_sweep(root: Path) -> Path:
@@ -406,7 +407,8 @@ def test_figures_are_fit_for_a_paper(report):
     assert "half A" in labels and "half B" in labels and "tower 1\nagnostic" in labels and "tower 2\nspecific" in labels
     control = next(r for r in runs if r.name == "run-000")
     image, blocks = compare_figures.montage_grid(control)
-    assert [b[0] for b in blocks] == ["half A", "half B"] and image.shape[0] == blocks[1][2]  # the last block ends the grid
+    assert [b[0] for b in blocks] == ["half A", "half B"]
+    assert image.shape[0] == blocks[1][2]  # the last block ends the grid
 
 
 @pytest.mark.parametrize("fmt, magic", [("pdf", b"%PDF"), ("svg", b"<?xml")])

@@ -56,7 +56,8 @@ def test_verdict_panels_serialise_to_the_logged_keys():
 
 def test_panels_serialise_to_the_logged_keys():
     sections = dashboard.panels(max_towers=3)
-    eta2_scatter, eta2_bar, eta2_steps, p_steps = (_spec(p) for p in sections["η² by tower count (beside the verdict)"])
+    eta2_section = sections["η² by tower count (beside the verdict)"]
+    eta2_scatter, eta2_bar, eta2_steps, p_steps = (_spec(p) for p in eta2_section)
     assert eta2_scatter["viewType"] == "Scatter Plot"
     assert (eta2_scatter["config"]["xAxis"], eta2_scatter["config"]["yAxis"]) == \
         ("config:model.value.num_towers", "summary:bisection/eta2")
