@@ -77,9 +77,12 @@ def _num(value) -> str:
     return html.escape(str(value))
 
 
+P_COLUMNS = ("p_delta_f", "p_value", "p_value_split", "p_value_init")  # permutation p-values (same B per run)
+
+
 def _cell(run: Run, column: str) -> str:
     value = run.row.get(column)
-    if column == "p_delta_f" and value is not None:  # "≤ 1e-4" at the floor; sorted by the number
+    if column in P_COLUMNS and value is not None:  # "≤ 1e-4" at the floor; sorted by the number
         return f'<td data-v="{value!r}">{html.escape(p_text(value, run.row.get("permutations")))}</td>'
     if column == "verdict":
         return f'<td class="verdict">{_num(value)}</td>'

@@ -217,7 +217,7 @@ def make_run(name: str, sweep: str | None, config: dict, summary: dict, status: 
     # that did not split
     row["agnostic_tower"], row["specific_tower"] = last.get("agnostic_tower"), last.get("specific_tower")
     row["onset_step"] = onset_step(history) if last.get("verdict") is not None else None
-    row["permutations"] = last.get("p_permutations")
+    row["permutations"] = last.get("p_permutations") or last.get("permutations")  # the verdict's, or eta2's test
     row["eta2_init"], row["p_value_init"] = init.get("eta2"), init.get("p_value")
     row["omega2_init"], row["verdict_init"] = init.get("omega2"), init.get("verdict")
     # per tower (the one-tower control: tower1 = half A, tower2 = half B of its random split)

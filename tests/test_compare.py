@@ -727,3 +727,17 @@ def test_a_reference_without_a_verdict_is_one_line_with_status_2(folders, tmp_pa
     with pytest.raises(SystemExit) as exit_:
         compare.main([str(folders[0]), "--out", str(tmp_path), "--reference", str(tmp_path / "bad.json")])
     assert exit_.value.code == 2 and "no verdict in it" in capsys.readouterr().err
+
+
+def test_three_towers_count_by_the_best_bipartition(tmp_path):
+    """A 3-tower run counts by the verdict on its best bipartition; the montage names both towers of the
+    specific side."""
+    folder = write_run(tmp_path / "runs" / "three", 3, 1, seed=0)
+    (run,) = compare.collect_local([tmp_path / "runs"])
+    last = json.loads((folder / "bisection.json").read_text())["last"]
+    assert (last["agnostic_group"], last["specific_group"]) == ([1], [2, 3])
+    (s,) = compare.summarize([run])
+    assert (s["label"], s["specialised"], s["seeds"]) == ("T=3", 1, 1) and run.row["verdict"] == "specialised"
+    assert [run.row[f"tower{k}_colour_fraction"] for k in (1, 2, 3)] == last["colour_fraction"]
+    _, labels = compare_figures.montage_grid(run)
+    assert [label for label, _, _ in labels] == ["tower 1\nagnostic", "tower 2\nspecific", "tower 3\nspecific"]
