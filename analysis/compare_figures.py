@@ -120,7 +120,7 @@ def fig_delta_f(runs: list[Run], summary: list[dict], references: list[dict]):
         hi = np.array([np.nan if r.row["delta_f_high"] is None else r.row["delta_f_high"] for r in group], float)
         spec = np.array([r.row["verdict"] == "specialised" for r in group])
         px = x - width * 0.1 + _jitter(len(d), width * 0.22)
-        ax.vlines(px, lo, hi, color=colour, lw=1, alpha=0.6, zorder=2)
+        ax.vlines(px, lo, hi, color=colour, lw=1.3, alpha=0.8, zorder=2)
         ax.scatter(px[spec], d[spec], s=26, color=colour, zorder=3)
         ax.scatter(px[~spec], d[~spec], s=26, facecolors="white", edgecolors=colour, zorder=3)
         if other:
