@@ -1,4 +1,4 @@
-"""A W&B report that compares the colour bisection across the runs of a project or sweep, live.
+"""A W&B report that compares the verdict across the runs of a project or sweep, live.
 
     python analysis/dashboard.py --entity E --project P                  # all runs of the project
     python analysis/dashboard.py --entity E --project P --sweep ID       # the runs of one W&B sweep
@@ -8,19 +8,31 @@
 Built with W&B's ``wandb-workspaces`` library (``pip install wandb-workspaces``, the ``dashboard``
 extra of this package); ``save()`` needs a W&B login. ``--update URL`` rewrites the blocks of an
 existing report instead of creating a new one. The panels read the keys that
-``towers.callbacks.KernelBisectionCallback`` logs (``bisection/eta2``, ``tower_<k>/color_score``,
-the ``bisection/kernels`` images) and the config that ``train.py`` stores in the run (``model.*``,
-``data.*``, nested as in the YAML). The same comparisons, offline: ``analysis/compare.py``.
+``towers.callbacks.KernelBisectionCallback`` logs: the verdict's scalars (``verdict/delta_f``,
+``verdict/specialised``, ``tower_<k>/colour_fraction``), the run summary's ``verdict``, ``delta_f``
+and ``colour_fraction`` (the run comparer shows them beside the config), η² (``bisection/eta2``),
+``tower_<k>/color_score`` and the ``bisection/kernels`` images; and the config that ``train.py``
+stores in the run (``model.*``, ``data.*``, ``trainer.precision``, nested as in the YAML). W&B's
+panels pool what they group: group by tower count only runs of one precision, data set and width
+policy (filter by them; ``analysis/compare.py`` never pools them, and gives the statistics across
+seeds, the one-sided bounds and the test against the one-tower control that panels cannot).
 """
 
 import argparse
 import sys
 
 # What the runs log (towers.callbacks) and the config keys train.py stores (nested, as in the YAML).
+DELTA_F, SPECIALISED, P_DELTA_F = "verdict/delta_f", "verdict/specialised", "verdict/p_delta_f"
+SUMMARY_KEYS = ("verdict", "delta_f", "colour_fraction")  # the run summary's answer (WandbLogger's summary)
 ETA2, ETA2_NULL, P_VALUE = "bisection/eta2", "bisection/eta2_null", "bisection/p_value"
 KERNELS, SCORES = "bisection/kernels", "bisection/scores"
 TEST_ACC, VAL_ACC = "test/acc", "val/acc"
 NUM_TOWERS, LR, BATCH_SIZE, SEED = "model.num_towers", "model.lr", "data.batch_size", "seed_everything"
+PRECISION = "trainer.precision"
+
+
+def colour_fraction(k: int) -> str:
+    return f"tower_{k}/colour_fraction"
 
 
 def tower_score(k: int, init: bool = False) -> str:
@@ -44,8 +56,30 @@ def panels(max_towers: int = 4) -> dict:
     import wandb_workspaces.reports.v2 as wr
 
     towers = wr.Config(NUM_TOWERS)
+    fractions = [colour_fraction(k) for k in range(1, max_towers + 1)]
     return {
-        "η² by tower count": [
+        "The verdict by tower count": [
+            wr.ScatterPlot(title="Δf per run (seed) against tower count (1 tower: its random halves)", x=towers,
+                           y=wr.SummaryMetric(DELTA_F)),
+            wr.BarPlot(title="fraction of runs specialised, by tower count (mean of verdict/specialised)",
+                       metrics=[SPECIALISED], groupby=towers, groupby_aggfunc="mean", groupby_rangefunc="none",
+                       orientation="v"),
+            wr.BarPlot(title="Δf by tower count: median over runs, min-max", metrics=[DELTA_F], groupby=towers,
+                       groupby_aggfunc="median", groupby_rangefunc="minmax", orientation="v"),
+            wr.LinePlot(title="Δf over training, run by run", x="Step", y=[DELTA_F]),
+        ],
+        "The verdict run by run": [
+            wr.BarPlot(title="Δf per run", metrics=[DELTA_F], orientation="h"),
+            wr.BarPlot(title="specialised (1) or not (0), per run", metrics=[SPECIALISED], orientation="h"),
+            # config and summary side by side: verdict, delta_f, colour_fraction, trainer.precision
+            wr.RunComparer(diff_only="split"),
+        ],
+        "Tower colour fractions": [
+            wr.LinePlot(title="colour fraction per tower over training", x="Step", y=fractions),
+            wr.BarPlot(title="colour fraction per tower by tower count: median over runs, min-max", metrics=fractions,
+                       groupby=towers, groupby_aggfunc="median", groupby_rangefunc="minmax", orientation="v"),
+        ],
+        "η² by tower count (beside the verdict)": [
             wr.ScatterPlot(title="η² per run (seed) against tower count", x=towers, y=wr.SummaryMetric(ETA2)),
             wr.BarPlot(title="η² by tower count: median over runs, min-max; chance (T-1)/(K-1)",
                        metrics=[ETA2, ETA2_NULL], groupby=towers, groupby_aggfunc="median",
@@ -74,7 +108,7 @@ def panels(max_towers: int = 4) -> dict:
                            y=wr.SummaryMetric(TEST_ACC), log_x=True),
             wr.ScatterPlot(title="validation accuracy against learning rate", x=wr.Config(LR),
                            y=wr.SummaryMetric(VAL_ACC), log_x=True),
-            wr.ScatterPlot(title="η² against learning rate", x=wr.Config(LR), y=wr.SummaryMetric(ETA2), log_x=True),
+            wr.ScatterPlot(title="Δf against learning rate", x=wr.Config(LR), y=wr.SummaryMetric(DELTA_F), log_x=True),
         ],
     }
 
@@ -85,15 +119,18 @@ def build_report(entity: str, project: str, sweep: str | None = None, group: str
     import wandb_workspaces.reports.v2 as wr
 
     scope = f"sweep {sweep}" if sweep else f"group {group}" if group else f"project {project}"
-    blocks = [wr.P(f"The colour split of the first-layer kernels across the runs of {scope}: η² of the kernel "
-                   "colour scores by tower with its permutation p-value (chance (T-1)/(K-1)), the per-tower "
-                   "median scores against their initialisation, and the kernel grids side by side. "
-                   "Offline: python analysis/compare.py.")]
+    blocks = [wr.P(f"Do the first-layer kernels split into a colour-agnostic and a colour-specific tower, across the "
+                   f"runs of {scope}? The verdict of every run (specialised or not), Δf (the specific tower's colour "
+                   "fraction less the agnostic tower's) and each tower's colour fraction; η² of the colour scores "
+                   "with its p beside them; the kernel grids side by side. Group only runs of one precision, data "
+                   "set and width policy. The statistics across seeds (k of n specialised with its one-sided bound, "
+                   "the test against the one-tower control): python analysis/compare.py.")]
     for title, section in panels(max_towers).items():
         blocks += [wr.H2(title), wr.PanelGrid(runsets=[runset(entity, project, sweep, group)], panels=section)]
     if report is None:
-        report = wr.Report(entity=entity, project=project, title=f"towers: colour bisection, {scope}",
-                           description="η², per-tower colour scores and kernel grids across runs", width="fluid")
+        report = wr.Report(entity=entity, project=project, title=f"towers: the verdict, {scope}",
+                           description="verdict, Δf, tower colour fractions, η² and kernel grids across runs",
+                           width="fluid")
     report.blocks = blocks
     return report
 
@@ -108,7 +145,7 @@ def describe(report) -> str:
         elif isinstance(block, wr.PanelGrid):
             lines.append(f"    runs: {block.runsets[0].name} (filters: {block.runsets[0].filters or 'none'})")
             for p in block.panels:
-                lines.append(f"    - {type(p).__name__}: {p.title}")
+                lines.append(f"    - {type(p).__name__}: {getattr(p, 'title', None) or 'config and summary per run'}")
     return "\n".join(lines)
 
 

@@ -1,7 +1,9 @@
-"""analysis/compare.py: the table from run folders and from the W&B API, the statistics checked by
-hand, the figures, the CSV and the HTML report (opened in headless Chromium)."""
+"""analysis/compare.py: the table from run folders and from the W&B API, the statistics across seeds
+checked by hand, the figures (PNG, PDF, SVG), the CSV and the HTML report (opened in headless Chromium).
+The runs' records are made by towers.callbacks.measure on constructed kernels, as the callback makes them."""
 
 import csv
+import functools
 import io
 import json
 import os
@@ -14,60 +16,85 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
+
+from tests.fixtures.kernels import colour, gabor, noisy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
 import compare  # noqa: E402
+import compare_figures  # noqa: E402
+import compare_read  # noqa: E402
+
+N = 16  # kernels per tower: small, and enough for the verdict to tell a planted split
 
 
 # ----------------------------------------------------------------------------- fixtures in the runs' formats
 
-def _record(stage, step, epoch, towers, scores, eta2, p_value, error=None):
-    """One record as KernelBisectionCallback writes it (towers.callbacks.measure + step/stage)."""
-    n = len(scores) // towers
-    tower = np.repeat(np.arange(1, towers + 1), n).tolist()
-    medians = [float(np.median(scores[i * n:(i + 1) * n])) for i in range(towers)]
-    k = len(scores)
-    stats = None if error else {
-        "groups": list(range(1, towers + 1)) if towers > 1 else ["first half", "second half"],
-        "eta2": eta2, "eta2_null": (max(towers, 2) - 1) / (k - 1), "p_value": p_value,
-        "eta2_split": eta2, "p_value_split": p_value, "color_group": int(np.argmax(medians)) + 1,
-        "control": towers == 1, "permutations": 999, "bootstrap": 200, "ci_level": 0.95, "seed": 0}
+def kernels(towers: int, seed: int, swap: int) -> torch.Tensor:
+    """(towers, N, 3, 11, 11): tower 1 grey but for ``swap`` colour kernels, the others colour but for
+    ``swap`` grey ones (swap N/2: no split); one tower: 2N kernels, N grey and N colour in random order."""
+    grey, coloured = noisy(gabor(N * max(towers, 2), seed)), noisy(colour(N * max(towers, 2), seed + 1))
+    if towers == 1:
+        order = torch.randperm(2 * N, generator=torch.Generator().manual_seed(seed))
+        return torch.cat([grey[:N], coloured[:N]])[order][None]
+    blocks = [torch.cat([grey[:N - swap], coloured[:swap]])]
+    blocks += [torch.cat([coloured[i * N:i * N + N - swap], grey[i * N:i * N + swap]]) for i in range(1, towers)]
+    return torch.stack(blocks)
+
+
+@functools.lru_cache(maxsize=None)
+def _measured(towers: int, seed: int, swap: int | None) -> str:
+    from towers.callbacks import measure
+
+    shape = (1, 2 * N) if towers == 1 else (towers, N)
+    k = torch.randn(*shape, 3, 11, 11, generator=torch.Generator().manual_seed(seed)) if swap is None \
+        else kernels(towers, seed, swap)
+    return json.dumps(measure(k, permutations=999, bootstrap=200, seed=seed))
+
+
+def _record(stage, step, epoch, towers, seed, swap, error=None):
+    """One record as KernelBisectionCallback writes it: towers.callbacks.measure + step/stage.
+    ``swap`` None: random kernels (initialisation)."""
+    record = json.loads(_measured(towers, seed, swap))
+    if error:
+        k = torch.full((towers, N if towers > 1 else 2 * N, 3, 11, 11), float("nan"))
+        from towers.callbacks import measure
+
+        record = measure(k, permutations=999, bootstrap=200)
     return {"stage": stage, "step": step, "epoch": epoch, "time": "2026-11-28T09:00:00+00:00",
-            "axis_name": "luminance", "num_towers": towers, "kernels_per_tower": n, "kernel_size": [11, 11],
-            "channel_std": None, "axis": [0.577, 0.577, 0.577], "tower": tower, "error": error,
-            "score": None if error else [float(s) for s in scores],
-            "tower_median": None if error else medians, "statistics": stats}
+            "axis_name": "luminance", **record}
 
 
-def write_run(folder: Path, towers: int, eta2: float, p_value: float, seed: int, status="finished",
-              diverged=False, layout="wandb", config=None, acc=0.75):
+def write_run(folder: Path, towers: int, swap: int, seed: int, status="finished", diverged=False,
+              layout="wandb", config=None, acc=0.75, precision="32-true"):
     """A run's own folder as the callbacks leave it, plus its logger's files."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed + 10 * towers)
-    init_scores = rng.uniform(0.5, 0.8, 8 * towers)
-    trained = np.concatenate([rng.uniform(0.1 + 0.5 * (i % 2), 0.4 + 0.5 * (i % 2), 8) for i in range(towers)])
-    init = _record("init", 0, 0, towers, init_scores, 0.05, 0.6)
-    history = [init, _record("interval", 10, 1, towers, trained, eta2 / 2, 0.2)]
-    last = (_record("end", 15, 1, towers, trained, None, None, error="conv1 weights are not finite (NaN or inf): "
-                    "training diverged?") if diverged else _record("end", 20, 2, towers, trained, eta2, p_value))
+    init = _record("init", 0, 0, towers, seed, None)
+    history = [init, _record("interval", 10, 1, towers, seed, max(swap, N // 2 - 2)),
+               _record("interval", 15, 1, towers, seed, swap)]
+    last = (_record("end", 15, 1, towers, seed, swap, error=True) if diverged
+            else _record("end", 20, 2, towers, seed, swap))
     history.append(last)
     (folder / "bisection.json").write_text(json.dumps({
-        "format": "towers.bisection", "version": 1, "init": dict(init, kernels_file="kernels_init.npy"),
+        "format": "towers.bisection", "version": 2, "init": dict(init, kernels_file="kernels_init.npy"),
         "last": dict(last, kernels_file="kernels.npy"), "history": "bisection_history.jsonl",
         "measurement_seconds": 0.1}))
     (folder / "bisection_history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    from PIL import Image
+    from towers.callbacks import kernel_grid, write_png
 
-    Image.fromarray(rng.integers(0, 255, (20 * towers, 40, 3), dtype=np.uint8)).save(folder / "kernels.png")
+    k = kernels(towers, seed, swap)
+    np.save(folder / "kernels.npy", k.numpy())
+    write_png(folder / "kernels.png", kernel_grid(k))
     summary = {"val/acc": acc, "test/acc": acc - 0.05, "train/loss": 0.4}
     (folder / "status.json").write_text(json.dumps({
         "status": "diverged" if diverged else status, "step": last["step"], "epoch": last["epoch"],
         "message": "loss NaN" if diverged else "", "history": [dict(epoch=0, step=10, **summary)],
         "summary": summary}))
     config = config or {"seed_everything": seed, "model": {"num_towers": towers, "lr": 0.01, "width_policy": "split"},
-                        "data": {"class_path": "towers.data.CatsDogsDataModule", "init_args": {"batch_size": 32}},
-                        "trainer": {"max_epochs": 2}}
+                        "data": {"class_path": "towers.data.CatsDogsDataModule",
+                                 "init_args": {"batch_size": 32, "source": "demo", "root": "data/demo"}},
+                        "trainer": {"max_epochs": 2, "precision": precision}}
     if layout == "wandb":  # W&B's own files/ layout: config.yaml as {key: {value: ...}}, wandb-summary.json
         wb = {k: {"value": v} for k, v in config.items()}
         wb["_wandb"] = {"value": {"cli_version": "0.31.0"}}
@@ -81,20 +108,24 @@ def write_run(folder: Path, towers: int, eta2: float, p_value: float, seed: int,
     return folder
 
 
+# towers, seed, swap; the last diverges
+GRID = [(1, 0, 0), (1, 1, 0), (1, 2, 0), (2, 0, 0), (2, 1, 2), (2, 2, 3), (2, 3, 0)]
+
+
 def make_sweep(root: Path) -> Path:
-    """A towers.sweep output folder: 2 tower counts x 2 seeds finished, one diverged, one failed early."""
+    """A towers.sweep output folder: 3 one-tower controls, 3 two-tower seeds, one diverged, one failed early."""
     sweep = root / "demo"
     runs = []
-    grid = [(1, 0, 0.01, 0.6), (1, 1, 0.02, 0.4), (2, 0, 0.40, 0.001), (2, 1, 0.30, 0.002), (2, 2, 0.5, 0.001)]
-    for i, (towers, seed, eta2, p) in enumerate(grid):
+    for i, (towers, seed, swap) in enumerate(GRID):
         name = f"run-{i:03d}"
+        diverged = i == len(GRID) - 1
         write_run(sweep / "runs" / name / "wandb" / f"offline-run-20261128_0900{i:02d}-id{i}" / "files",
-                  towers, eta2, p, seed, diverged=(i == 4))
+                  towers, swap, seed, diverged=diverged)
         runs.append({"name": name, "params": {"model.num_towers": towers, "seed_everything": seed},
-                     "status": "diverged" if i == 4 else "finished", "message": "", "attempts": []})
-    runs.append({"name": "run-005", "params": {"model.num_towers": 2, "seed_everything": 3}, "status": "failed",
+                     "status": "diverged" if diverged else "finished", "message": "", "attempts": []})
+    runs.append({"name": "run-007", "params": {"model.num_towers": 2, "seed_everything": 4}, "status": "failed",
                  "message": "exit status 1; see the log", "attempts": []})
-    (sweep / "runs" / "run-005").mkdir(parents=True)
+    (sweep / "runs" / "run-007").mkdir(parents=True)
     (sweep / "sweep.json").write_text(json.dumps({"name": "demo", "sweep": {}, "runs": runs}))
     return sweep
 
@@ -104,15 +135,23 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     sweep = make_sweep(root)
     logs = root / "lightning_logs" / "version_0"
-    write_run(logs, 2, 0.35, 0.003, seed=7, layout="csv")
+    write_run(logs, 2, 8, seed=7, layout="csv")  # half and half in both towers: not specialised
     return sweep, root / "lightning_logs"
+
+
+def write_reference(path: Path, wrapped: bool) -> Path:
+    """A published figure's record as analysis/kernels.py --json writes it (or wrapped like bisection.json)."""
+    record = json.loads(_measured(2, 11, 1))
+    path.write_text(json.dumps({"last": record} if wrapped else record))
+    return path
 
 
 @pytest.fixture(scope="module")
 def report(folders, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     runs = compare.collect_local(list(folders))
-    return runs, compare.write_report(runs, out, source="fixtures")
+    ref = compare.read_reference(write_reference(out.parent / "figure3.json", wrapped=False))
+    return runs, compare.write_report(runs, out, source="fixtures", references=[ref])
 
 
 # ----------------------------------------------------------------------------- the table
@@ -120,41 +159,52 @@ def report(folders, tmp_path_factory):
 def test_table_from_sweep_and_lightning_folders(folders):
     runs = compare.collect_local(list(folders))
     rows = {r.name: r.row for r in runs}
-    assert list(rows) == [f"run-{i:03d}" for i in range(6)] + ["version_0"]
-    r = rows["run-002"]
+    assert list(rows) == [f"run-{i:03d}" for i in range(8)] + ["version_0"]
+    r = rows["run-004"]
     assert (r["sweep"], r["seed"], r["num_towers"], r["width_policy"], r["batch_size"], r["lr"], r["max_epochs"]) \
-        == ("demo", 0, 2, "split", 32, 0.01, 2)
+        == ("demo", 1, 2, "split", 32, 0.01, 2)
+    assert (r["precision"], r["data"], r["data_root"]) == ("32-true", "demo", "data/demo")
     assert (r["epochs"], r["step"], r["status"]) == (2, 20, "finished")
-    assert r["eta2"] == 0.40 and r["p_value"] == 0.001 and r["significant"] is True
     assert r["test_acc"] == pytest.approx(0.70) and r["val_acc"] == pytest.approx(0.75)
-    assert r["eta2_init"] == 0.05 and r["p_value_init"] == 0.6
-    assert r["eta2_null"] == pytest.approx(1 / 15)
-    bis = json.loads(next((folders[0] / "runs" / "run-002").rglob("bisection.json")).read_text())
-    assert [r["tower1_score"], r["tower2_score"]] == bis["last"]["tower_median"]
-    assert [r["tower1_score_init"], r["tower2_score_init"]] == bis["init"]["tower_median"]
-    assert r["tower1_score"] < 0.45 < r["tower2_score"]  # the fixture's grey and coloured towers
-    assert rows["run-000"]["num_towers"] == 1 and rows["run-000"]["significant"] is False
-    assert rows["run-004"]["status"] == "diverged" and rows["run-004"]["eta2"] is None
-    failed = rows["run-005"]
-    assert (failed["status"], failed["seed"], failed["num_towers"], failed["eta2"]) == ("failed", 3, 2, None)
+    bis = json.loads(next((folders[0] / "runs" / "run-004").rglob("bisection.json")).read_text())
+    last, init = bis["last"], bis["init"]
+    for key in ("verdict", "delta_f", "delta_f_low", "delta_f_high", "p_delta_f", "auc", "agnostic_tower",
+                "specific_tower"):
+        assert r[key] == last[key], key
+    assert r["verdict"] == "specialised" and (r["agnostic_tower"], r["specific_tower"]) == (1, 2)
+    assert (r["eta2"], r["p_value"], r["omega2"]) == (last["statistics"]["eta2"], last["statistics"]["p_value"],
+                                                     last["statistics"]["omega2"])
+    assert r["eta2_init"] == init["statistics"]["eta2"] and r["verdict_init"] == init["verdict"]
+    assert [r["tower1_colour_fraction"], r["tower2_colour_fraction"]] == last["colour_fraction"]
+    assert [r["tower1_colour_fraction_low"], r["tower2_colour_fraction_high"]] == \
+        [last["colour_fraction_low"][0], last["colour_fraction_high"][1]]
+    assert r["tower1_colour_fraction"] == 2 / N and r["tower2_colour_fraction"] == 1 - 2 / N  # two kernels swapped
+    assert r["onset_step"] == 15  # specialised at steps 15 and 20, not at 10 (near half and half)
+    assert "color_tower" not in r and "color_tower" not in compare.FIXED_COLUMNS
+    control = rows["run-000"]
+    assert control["num_towers"] == 1 and control["verdict"] == "not specialised"
+    assert control["agnostic_tower"] is None and control["specific_tower"] is None  # no tower named unless specialised
+    assert rows["run-006"]["status"] == "diverged" and rows["run-006"]["delta_f"] is None
+    failed = rows["run-007"]
+    assert (failed["status"], failed["seed"], failed["num_towers"], failed["verdict"]) == ("failed", 4, 2, None)
     assert "exit status 1" in failed["message"]
     v = rows["version_0"]  # Lightning CSV log dir: hparams.yaml and metrics.csv
     assert (v["num_towers"], v["lr"], v["width_policy"], v["test_acc"], v["val_acc"]) == (2, 0.02, "per_tower", 0.66, 0.7)
-    assert v["status"] is None and v["eta2"] == 0.35
-    usable = [r.name for r in runs if r.usable]
-    assert usable == ["run-000", "run-001", "run-002", "run-003", "version_0"]  # the last stage of version_0 is "end"
+    assert v["status"] is None and v["verdict"] == "not specialised" and v["agnostic_tower"] is None
+    judged = [r.name for r in runs if r.judged]
+    assert judged == ["run-000", "run-001", "run-002", "run-003", "run-004", "run-005", "version_0"]
 
 
 def test_an_unreadable_file_is_reported_and_the_run_kept(tmp_path):
     sweep = make_sweep(tmp_path)
-    bisection = next((sweep / "runs" / "run-002").rglob("bisection.json"))
+    bisection = next((sweep / "runs" / "run-004").rglob("bisection.json"))
     bisection.write_text('{"format": "towers.bisection", "init": ')  # cut short
     with pytest.warns(UserWarning, match="cannot read .*bisection.json"):
         rows = {r.name: r.row for r in compare.collect_local([sweep])}
-    r = rows["run-002"]
-    assert r["eta2"] is None and r["status"] == "finished" and r["num_towers"] == 2 and r["val_acc"] == 0.75
+    r = rows["run-004"]
+    assert r["delta_f"] is None and r["status"] == "finished" and r["num_towers"] == 2 and r["val_acc"] == 0.75
     assert r["message"].startswith("unreadable bisection.json")
-    assert rows["run-003"]["eta2"] == 0.30  # the other runs are untouched
+    assert rows["run-005"]["verdict"] == "specialised"  # the other runs are untouched
 
 
 def test_the_sweep_agents_verdict_wins_over_a_stale_status_json(tmp_path):
@@ -179,80 +229,217 @@ def test_no_runs_found_says_what_it_looked_for(tmp_path):
 
 # ----------------------------------------------------------------------------- statistics by hand
 
-def test_clopper_pearson_every_run_bounds():
-    assert compare.clopper_pearson(5, 5)[0] == pytest.approx(0.478, abs=5e-4)
-    assert compare.clopper_pearson(10, 10)[0] == pytest.approx(0.692, abs=5e-4)
-    assert compare.clopper_pearson(5, 5)[1] == 1.0
-    lo, hi = compare.clopper_pearson(0, 5)  # upper bound 1 - 0.025 ** (1/5)
-    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** 0.2)
+def test_every_run_bound_is_the_one_sided_clopper_pearson_bound():
+    # n of n: the bound solves p^n = 0.05
+    for n, bound in ((5, 0.549), (10, 0.741), (29, 0.902)):
+        assert compare.every_run_bound(n, n) == pytest.approx(0.05 ** (1 / n)) == pytest.approx(bound, abs=5e-4)
+    # k < n: the exact one-sided bound, P(X >= k | n, p) = 0.05 (3 of 5 -> 0.189)
+    from scipy import stats
+
+    lb = compare.every_run_bound(3, 5)
+    assert lb == pytest.approx(0.1893, abs=5e-4) and stats.binom.sf(2, 5, lb) == pytest.approx(0.05)
+    assert compare.every_run_bound(0, 5) == 0.0
+    assert compare.clopper_pearson(5, 5)[0] == pytest.approx(0.478, abs=5e-4)  # two-sided: 0.025 ** (1/5)
+
+
+def test_dersimonian_laird_against_a_hand_computation():
+    # y = (0.2, 0.5, 0.8), SE = (0.1, 0.2, 0.1): w = (100, 25, 100), ybar = 112.5 / 225 = 0.5,
+    # Q = 100 * 0.09 * 2 = 18, C = 225 - 20625 / 225 = 133.33, tau^2 = (18 - 2) / C = 0.12,
+    # w* = 1 / (v + 0.12) = (1/0.13, 1/0.16, 1/0.13), mu = 0.5 by symmetry, SE = (sum w*)^-1/2 = 0.21499,
+    # prediction: 0.5 +- t_{1, 0.975} sqrt(0.12 + 0.046222) = 0.5 +- 12.7062 * 0.40770 = 0.5 +- 5.1803
+    re = compare.dersimonian_laird([0.2, 0.5, 0.8], [0.1, 0.2, 0.1])
+    assert (re["k"], re["q"]) == (3, pytest.approx(18))
+    assert re["tau2"] == pytest.approx(0.12) and re["estimate"] == pytest.approx(0.5)
+    assert re["se"] == pytest.approx(0.214994, abs=1e-6)
+    assert (re["pi_low"], re["pi_high"]) == pytest.approx((0.5 - 5.1803, 0.5 + 5.1803), abs=2e-4)
+    assert (re["ci_low"], re["ci_high"]) == pytest.approx((0.5 - 1.96 * 0.214994, 0.5 + 1.96 * 0.214994), abs=1e-4)
+    # homogeneous runs: Q < k - 1, tau^2 = 0, the fixed-effect mean (0.3 * 100 + 0.4 * 25) / 125 = 0.32
+    hom = compare.dersimonian_laird([0.3, 0.4, 0.3], [0.1, 0.2, 0.1])
+    assert hom["tau2"] == 0 and hom["estimate"] == pytest.approx((0.3 * 200 + 0.4 * 25) / 225)
+    two = compare.dersimonian_laird([0.3, 0.4], [0.1, 0.1])  # two runs: no prediction interval (t with 0 df)
+    assert two["k"] == 2 and np.isnan(two["pi_low"]) and two["estimate"] == pytest.approx(0.35)
+
+
+def test_towers_against_the_one_tower_control_at_the_seed_level():
+    # every trained Delta f above every control's: the exact one-sided p is 1 / C(6, 3) = 0.05
+    assert compare.versus_control([0.5, 0.6, 0.7], [0.0, 0.05, 0.1]) == pytest.approx(0.05)
+    assert compare.versus_control([0.5, 0.6], [0.0, 0.1]) == pytest.approx(1 / 6)  # two seeds each: p >= 1/6
+    assert compare.versus_control([0.0, 0.05, 0.1], [0.5, 0.6, 0.7]) == pytest.approx(1.0)
+    assert np.isnan(compare.versus_control([0.5], []))
 
 
 def test_median_and_bootstrap_interval():
     med, lo, hi = compare.median_interval([0.9, 0.1, 0.5, 0.3, 0.7])
     assert med == 0.5 and 0.1 <= lo <= med <= hi <= 0.9 and lo < hi
-    assert compare.median_interval([0.2, 0.4, 0.6, 0.8])[0] == pytest.approx(0.5)
     med, lo, hi = compare.median_interval([0.3])
     assert med == 0.3 and np.isnan(lo) and np.isnan(hi)
 
 
-def test_summary_of_a_constructed_table():
-    def run(towers, seed, eta2, p, lr=0.01):
-        row = {c: None for c in compare.FIXED_COLUMNS}
-        row.update(run=f"t{towers}s{seed}lr{lr}", seed=seed, num_towers=towers, lr=lr, eta2=eta2, p_value=p,
-                   eta2_null=(towers - 1) / (48 * towers - 1), status="finished")
-        return compare.Run(row=row, last={"stage": "end", "control": False})
+def _row(towers, seed, delta, specialised, precision="32-true", lr=0.01):
+    row = {c: None for c in compare.FIXED_COLUMNS}
+    row.update(run=f"t{towers}s{seed}{precision}lr{lr}", seed=seed, num_towers=towers, lr=lr, precision=precision,
+               delta_f=delta, delta_f_low=delta - 0.2, delta_f_high=delta + 0.2, omega2=delta / 2,
+               verdict="specialised" if specialised else "not specialised", status="finished")
+    return compare.Run(row=row, last={"stage": "end"})
 
-    eta2 = [0.31, 0.12, 0.45, 0.28, 0.05]
-    p = [0.001, 0.01, 0.0001, 0.02, 0.3]
-    runs = [run(2, s, e, q) for s, (e, q) in enumerate(zip(eta2, p))]
-    runs += [run(4, s, 0.2, 0.001) for s in range(10)]
-    runs += [run(2, 0, 0.9, 0.001, lr=0.1)]
+
+def test_summary_by_condition_never_pools_precisions():
+    runs = [_row(2, s, d, True) for s, d in enumerate([0.5, 0.6, 0.7, 0.4, 0.1])]
+    runs[-1].row["verdict"] = "not specialised"
+    runs += [_row(1, s, d, False) for s, d in enumerate([0.0, 0.05, 0.1])]
+    runs += [_row(2, s, 0.05, False, precision="bf16-mixed") for s in range(3)]  # same settings, other precision
+    runs += [_row(1, s, 0.3, False, precision="bf16-mixed") for s in range(2)]
     runs.append(compare.Run(row=dict(runs[0].row, run="diverged", status="diverged"), last={"stage": "end"}))
-    summary = {s["label"]: s for s in compare.summarize(runs, alpha=0.05)}
-    assert set(summary) == {"T=2, lr=0.01", "T=2, lr=0.1", "T=4, lr=0.01"}
-    two = summary["T=2, lr=0.01"]
-    assert (two["seeds"], two["significant"]) == (5, 4)  # the diverged run is not a seed
-    assert two["eta2_median"] == pytest.approx(0.28)  # sorted: .05 .12 .28 .31 .45
-    assert two["eta2_low"] <= 0.28 <= two["eta2_high"]
-    assert (two["cp_low"], two["cp_high"]) == pytest.approx((0.2836, 0.9949), abs=1e-4)
-    assert two["eta2_null"] == pytest.approx(1 / 95)
-    four = summary["T=4, lr=0.01"]
-    assert (four["significant"], four["seeds"]) == (10, 10) and four["cp_low"] == pytest.approx(0.6915, abs=1e-4)
-    assert four["eta2_median"] == four["eta2_low"] == four["eta2_high"] == 0.2
+    summary = {s["label"]: s for s in compare.summarize(runs)}
+    assert set(summary) == {"T=1, precision=32-true", "T=2, precision=32-true", "T=1, precision=bf16-mixed",
+                            "T=2, precision=bf16-mixed"}
+    fp32 = summary["T=2, precision=32-true"]
+    assert (fp32["seeds"], fp32["specialised"]) == (5, 4)  # the diverged run is no seed; bf16 runs not pooled
+    assert fp32["bound"] == pytest.approx(compare.every_run_bound(4, 5))
+    assert fp32["delta_f_median"] == pytest.approx(0.5)
+    assert fp32["control_seeds"] == 3  # its control: T=1 at the same precision, not the bf16 one
+    assert fp32["control_p"] == pytest.approx(compare.versus_control([0.5, 0.6, 0.7, 0.4, 0.1], [0.0, 0.05, 0.1]))
+    se = 0.4 / (2 * 1.959963984540054)
+    assert fp32["re"]["estimate"] == pytest.approx(
+        compare.dersimonian_laird([0.5, 0.6, 0.7, 0.4, 0.1], [se] * 5)["estimate"])
+    bf16 = summary["T=2, precision=bf16-mixed"]
+    assert bf16["control_seeds"] == 2 and bf16["control_p"] == pytest.approx(
+        compare.versus_control([0.05] * 3, [0.3, 0.3]))
+    line = compare.condition_line(fp32)
+    assert line.startswith("T=2, precision=32-true: 4 of 5 seeds specialised (one-sided 95% lower bound 0.34); "
+                           "median Δf 0.50 [")
+    assert f"vs one-tower control (3 seeds) p = {fp32['control_p']:.2g}" in line
+    assert "(one-tower control, random halves)" in compare.condition_line(summary["T=1, precision=32-true"])
 
 
 # ----------------------------------------------------------------------------- figures, CSV, HTML
 
+FIGURES = ("delta_f_by_towers", "specialised", "omega2_by_towers", "tower_fractions", "kernels_montage",
+           "delta_f_over_steps")
+
+
 def test_figures_csv_and_html_are_written(report):
     runs, paths = report
-    for name in ("eta2_by_towers.png", "significant.png", "tower_scores.png", "kernels_montage.png",
-                 "eta2_over_steps.png"):
-        data = paths[name].read_bytes()
+    for name in FIGURES:
+        data = paths[f"{name}.png"].read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
     with open(paths["table.csv"], newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == [r.name for r in runs]
-    assert rows[2]["eta2"] == "0.4" and rows[2]["status"] == "finished" and rows[5]["status"] == "failed"
-    assert {"tower1_score", "tower2_score_init"} <= set(rows[0])
+    assert rows[4]["verdict"] == "specialised" and rows[4]["precision"] == "32-true" and rows[7]["status"] == "failed"
+    assert rows[4]["p_delta_f"] == "0.001"  # the number in the CSV; the HTML prints the floor as a bound
+    assert {"tower1_colour_fraction", "tower2_colour_fraction_low", "tower1_score_init"} <= set(rows[0])
     page = paths["report.html"].read_text()
-    assert page.count('src="data:image/png;base64,') == 5
+    assert page.count('src="data:image/png;base64,') == len(FIGURES)
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing loaded from outside the file
     assert page.count("<tr class=") == len(runs)
-    assert "2 of 2 seeds" in page and "run-004 (diverged)" in page and "run-005 (failed)" in page
+    settings = "width=split, precision=32-true, data=demo, root=data/demo, batch=32, lr=0.01, epochs=2"
+    assert f"<li>T=2, {settings}: 3 of 3 seeds specialised (one-sided 95% lower bound 0.37); median Δf " in page
+    delta = {t: [r.row["delta_f"] for r in runs if r.judged and r.row["num_towers"] == t and r.row["lr"] == 0.01]
+             for t in (1, 2)}
+    assert f"vs one-tower control (3 seeds) p = {compare.versus_control(delta[2], delta[1]):.2g}" in page
+    assert f"<li>T=1, {settings} (one-tower control, random halves): 0 of 3 seeds specialised" in page
+    assert "run-006 (diverged)" in page and "run-007 (failed)" in page
+    assert '<td data-v="0.001">≤ 1e-3</td>' in page  # p_delta_f at the floor of 999 permutations
     assert not list(paths["report.html"].parent.glob(".*.tmp"))
 
 
+def test_report_records_the_commit_and_the_configs(report):
+    _, paths = report
+    page = paths["report.html"].read_text()
+    head = subprocess.run(["git", "-C", str(Path(compare.__file__).parent), "rev-parse", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    commit = re.search(r"<code id=commit>(.*?)</code>", page).group(1)
+    assert commit.split()[0] == (head or "unknown")
+    assert page.count("<details><summary>") == 9  # every run's config, the failed one's too
+    assert "trainer.precision: 32-true" in page and "data.root: data/demo" in page
+
+
+def test_git_commit_outside_a_checkout_is_unknown(tmp_path):
+    import compare_html
+
+    assert compare_html.git_commit(tmp_path) == "unknown"
+
+
+def test_reference_is_shown_beside_the_runs(report, tmp_path):
+    runs, paths = report
+    plain = compare.read_reference(write_reference(tmp_path / "plain.json", wrapped=False))
+    wrapped = compare.read_reference(write_reference(tmp_path / "wrapped.json", wrapped=True))
+    record = json.loads(_measured(2, 11, 1))
+    assert {k: v for k, v in plain.items() if k not in ("name", "source")} == \
+        {k: v for k, v in wrapped.items() if k not in ("name", "source")}
+    assert (plain["delta_f"], plain["verdict"], plain["num_towers"]) == (record["delta_f"], record["verdict"], 2)
+    page = paths["report.html"].read_text()
+    assert f"published figure figure3: {record['verdict']}, Δf {record['delta_f']:.2f} [" in page
+    assert "published: figure3 (T=2)" in page  # its row in the conditions' table
+    fig = compare_figures.fig_delta_f(runs, compare.summarize(runs), [plain])
+    (legend,) = [a.get_legend() for a in fig.axes if a.get_legend()]
+    assert f"plain: Δf {record['delta_f']:.2f}, {record['verdict']}" in [t.get_text() for t in legend.get_texts()]
+    (tmp_path / "bad.json").write_text(json.dumps({"statistics": {}}))
+    with pytest.raises(SystemExit, match="no verdict in it"):
+        compare.read_reference(tmp_path / "bad.json")
+
+
+def test_figures_are_fit_for_a_paper(report):
+    """Every text at least 8 pt, every legend outside its axes, intervals drawn."""
+    from matplotlib.text import Text
+
+    runs, _ = report
+    summary = compare.summarize(runs)
+    chosen = compare_figures.choose_montage(runs, None)
+    figures = {"delta_f": compare_figures.fig_delta_f(runs, summary, []),
+               "specialised": compare_figures.fig_specialised(summary),
+               "omega2": compare_figures.fig_omega2(runs, summary),
+               "fractions": compare_figures.fig_tower_fractions(runs),
+               "montage": compare_figures.fig_montage(chosen), "steps": compare_figures.fig_over_steps(runs)}
+    for name, fig in figures.items():
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        small = [(t.get_text(), t.get_fontsize()) for t in fig.findobj(Text)
+                 if t.get_visible() and t.get_text().strip() and t.get_fontsize() < compare_figures.MIN_FONT]
+        assert not small, (name, small)
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            if legend is not None:
+                assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer)), name
+    # the one-tower montage is split where the control splits, the towers labelled
+    labels = [t.get_text() for t in figures["montage"].findobj(Text)]
+    assert "half A" in labels and "half B" in labels and "tower 1\nagnostic" in labels and "tower 2\nspecific" in labels
+    control = next(r for r in runs if r.name == "run-000")
+    image, blocks = compare_figures.montage_grid(control)
+    assert [b[0] for b in blocks] == ["half A", "half B"]
+    assert image.shape[0] == blocks[1][2]  # the last block ends the grid
+
+
+@pytest.mark.parametrize("fmt, magic", [("pdf", b"%PDF"), ("svg", b"<?xml")])
+def test_format_pdf_and_svg(report, tmp_path, fmt, magic):
+    compare.write_report(report[0], tmp_path, fmt=fmt)
+    for name in FIGURES:
+        assert (tmp_path / f"{name}.{fmt}").read_bytes().startswith(magic), name
+        assert not (tmp_path / f"{name}.png").exists()
+    assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") == len(FIGURES)
+
+
 def test_cli_on_folders(folders, tmp_path, capsys):
-    assert compare.main([str(f) for f in folders] + ["--out", str(tmp_path), "--montage", "run-002", "run-000"]) == 0
+    ref = write_reference(tmp_path / "fig3.json", wrapped=True)
+    assert compare.main([str(f) for f in folders] + ["--out", str(tmp_path), "--montage", "run-004", "run-000",
+                                                     "--reference", str(ref)]) == 0
     out = capsys.readouterr().out
-    assert "7 runs (4 finished, 1 diverged, 1 failed, 1 unknown)" in out and "report:" in out
-    assert "T=2, width=split, batch=32, lr=0.01, epochs=2: 2 of 2 seeds" in out
-    assert "T=2, width=per_tower, batch=None, lr=0.02, epochs=None: 1 of 1 seeds" in out
+    assert "9 runs (7 finished, 1 diverged, 1 failed)" not in out  # version_0 has no status.json
+    assert "9 runs (6 finished, 1 diverged, 1 failed, 1 unknown)" in out and "report:" in out
+    assert "T=2, width=split, batch=32, lr=0.01, epochs=2, data=demo: 3 of 3 seeds specialised" not in out
+    assert "published fig3: specialised" in out
+    lines = [line.strip() for line in out.splitlines()]
+    assert any(line.startswith("T=2, width=split, precision=32-true, data=demo, root=data/demo, batch=32, "
+                               "lr=0.01, epochs=2: 3 of 3 seeds specialised") for line in lines), out
+    assert any(line.startswith("T=2, width=per_tower, precision=None, data=None, root=None, batch=None, lr=0.02, "
+                               "epochs=None: 0 of 1 seeds specialised") for line in lines), out
     assert (tmp_path / "report.html").stat().st_size > 10000
     with pytest.raises(SystemExit, match="no run named nope"):
         compare.main([str(folders[0]), "--out", str(tmp_path), "--montage", "nope"])
-
-
+    with pytest.raises(SystemExit) as exit_:  # argparse: one line, status 2
+        compare.main([str(folders[0]), "--out", str(tmp_path), "--format", "jpg"])
+    assert exit_.value.code == 2
 # ----------------------------------------------------------------------------- the W&B public API path
 
 class FakeFile:
@@ -303,7 +490,7 @@ class FakeApi:
 
 def test_wandb_api_gives_the_same_table(folders, tmp_path):
     sweep = folders[0]
-    local = [r for r in compare.collect_local([sweep]) if r.row["run"] != "run-005"]  # run-005 never synced
+    local = [r for r in compare.collect_local([sweep]) if r.row["run"] != "run-007"]  # run-007 never synced
     fake = FakeApi([FakeRun(next((sweep / "runs" / r.name).rglob("bisection.json")).parent, r.name, "demo")
                     for r in local])
     remote = compare.collect_wandb("me/towers", api=fake, cache=tmp_path)
@@ -325,22 +512,28 @@ def test_wandb_history_from_the_logged_scalars_when_no_history_file(folders, tmp
             return [f for f in super().files() if f.name != "bisection_history.jsonl"]
 
         def scan_history(self, keys=None, page_size=1000, min_step=0, max_step=None, use_cache=True):
-            assert keys == ["bisection/eta2", "bisection/p_value"]
-            return iter([{"_step": 0, "bisection/eta2": 0.05, "bisection/p_value": 0.6},
-                         {"_step": 20, "bisection/eta2": 0.4, "bisection/p_value": 0.001}])
+            assert keys == ["bisection/eta2", "bisection/p_value", "verdict/delta_f", "verdict/specialised"]
+            return iter([{"_step": 0, "bisection/eta2": 0.05, "bisection/p_value": 0.6, "verdict/delta_f": 0.1,
+                          "verdict/specialised": 0.0},
+                         {"_step": 10, "bisection/eta2": 0.3, "bisection/p_value": 0.01, "verdict/delta_f": 0.8,
+                          "verdict/specialised": 1.0},
+                         {"_step": 20, "bisection/eta2": 0.4, "bisection/p_value": 0.001, "verdict/delta_f": 0.9,
+                          "verdict/specialised": 1.0}])
 
-    folder = next((folders[0] / "runs" / "run-002").rglob("bisection.json")).parent
-    (run,) = compare.collect_wandb("me/towers", api=FakeApi([RunWithoutHistoryFile(folder, "run-002", "demo")]),
+    folder = next((folders[0] / "runs" / "run-004").rglob("bisection.json")).parent
+    (run,) = compare.collect_wandb("me/towers", api=FakeApi([RunWithoutHistoryFile(folder, "run-004", "demo")]),
                                    cache=tmp_path)
-    assert [(h["step"], h["eta2"], h["p_value"]) for h in run.history] == [(0, 0.05, 0.6), (20, 0.4, 0.001)]
-    assert run.row["eta2"] == 0.40
+    assert [(h["step"], h["eta2"], h["p_value"], h["delta_f"], h["verdict"]) for h in run.history] == [
+        (0, 0.05, 0.6, 0.1, "not specialised"), (10, 0.3, 0.01, 0.8, "specialised"), (20, 0.4, 0.001, 0.9, "specialised")]
+    assert run.row["onset_step"] == 10  # from the logged verdict/specialised
+    assert run.row["delta_f"] == json.loads((folder / "bisection.json").read_text())["last"]["delta_f"]
 
 
 def test_wandb_cli_writes_the_same_csv(folders, tmp_path, monkeypatch):
     import wandb
 
     sweep = folders[0]
-    local = [r for r in compare.collect_local([sweep]) if r.row["run"] != "run-005"]
+    local = [r for r in compare.collect_local([sweep]) if r.row["run"] != "run-007"]
     fake = FakeApi([FakeRun(next((sweep / "runs" / r.name).rglob("bisection.json")).parent, r.name, "demo")
                     for r in local])
     monkeypatch.setattr(wandb, "Api", lambda *a, **k: fake)
@@ -356,10 +549,13 @@ def test_wandb_cli_writes_the_same_csv(folders, tmp_path, monkeypatch):
 CHECK = """<pre id="check"></pre><script>
 window.addEventListener("load", () => {
   const sizes = Array.from(document.images).map(i => i.complete + ":" + i.naturalWidth + "x" + i.naturalHeight);
-  const th = Array.from(document.querySelectorAll("table.runs th")).find(h => h.textContent === "eta2");
+  const th = Array.from(document.querySelectorAll("table.runs th")).find(h => h.textContent === "delta_f");
   th.click(); th.click();  // descending
   const first = document.querySelector("table.runs tbody tr").cells[0].textContent;
-  document.getElementById("check").textContent = JSON.stringify({sizes, first});
+  const box = document.querySelector("table.runs").parentElement;
+  document.getElementById("check").textContent = JSON.stringify({sizes, first,
+    body: document.body.scrollWidth, page: document.documentElement.scrollWidth, window: window.innerWidth,
+    box: box.clientWidth, table: box.scrollWidth, overflow: getComputedStyle(box).overflowX});
 });
 </script></body>"""
 
@@ -378,16 +574,20 @@ def test_report_opens_in_headless_chromium(report):
         dom = subprocess.run(
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}/u",
-             "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=60).stdout
+             "--window-size=1400,900", "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=60).stdout
     found = re.search(r'<pre id="check">(.*?)</pre>', dom)
     assert found, dom[-2000:]
     check = json.loads(found.group(1).replace("&quot;", '"'))
-    assert len(check["sizes"]) == 5
+    assert len(check["sizes"]) == len(FIGURES)
     for size in check["sizes"]:
         complete, dims = size.split(":")
         width, height = map(int, dims.split("x"))
         assert complete == "true" and width > 100 and height > 100, check
-    assert check["first"] == "run-002"  # largest eta2 (0.40) first after sorting descending
+    assert check["first"] == "run-003"  # largest delta f (no kernel swapped) first after sorting descending
+    # fits a 1400 px window: nothing wider than the page; the wide table scrolls inside its own box
+    assert check["window"] == 1400, check
+    assert check["body"] <= 1400 and check["page"] <= 1400, check
+    assert check["overflow"] == "auto" and check["table"] > check["box"], check
 
 
 # ----------------------------------------------------------------------------- runs made by the real callbacks
@@ -408,10 +608,12 @@ def _real_fit(root: Path, towers: int, seed: int, logger: str):
 
     parser = ArgumentParser()
     for key, kind in (("seed_everything", int), ("model.num_towers", int), ("model.lr", float),
-                      ("model.width_policy", str), ("data.batch_size", int), ("trainer.max_epochs", int)):
+                      ("model.width_policy", str), ("data.batch_size", int), ("trainer.max_epochs", int),
+                      ("trainer.precision", str)):
         parser.add_argument(f"--{key}", type=kind)
     config = parser.parse_args([f"--seed_everything={seed}", f"--model.num_towers={towers}", "--model.lr=0.01",
-                                "--model.width_policy=split", "--data.batch_size=8", "--trainer.max_epochs=2"])
+                                "--model.width_policy=split", "--data.batch_size=8", "--trainer.max_epochs=2",
+                                "--trainer.precision=32-true"])
     L.seed_everything(seed)
     g = torch.Generator().manual_seed(seed)
     data = TensorDataset(torch.randn(16, 3, 67, 67, generator=g), torch.randint(0, 2, (16,), generator=g))
@@ -460,6 +662,10 @@ def test_table_from_runs_written_by_the_real_callbacks(tmp_path, monkeypatch):
         assert r["eta2"] == bis["last"]["statistics"]["eta2"] and r["p_value"] == bis["last"]["statistics"]["p_value"]
         assert r["eta2_null"] == pytest.approx(1 / 11)  # 12 conv1 kernels at width 0.125, two groups
         assert r["eta2_init"] == bis["init"]["statistics"]["eta2"]
+        assert r["precision"] == "32-true" and r["omega2"] == bis["last"]["statistics"]["omega2"]
+        for key in ("verdict", "delta_f", "delta_f_low", "delta_f_high", "p_delta_f", "agnostic_tower", "specific_tower"):
+            assert r[key] == bis["last"][key], key
+        assert [r["tower1_colour_fraction"], r["tower2_colour_fraction"]] == bis["last"]["colour_fraction"]
         assert [r[f"tower{k}_score"] for k in range(1, towers + 1)] == bis["last"]["tower_median"]
         assert [r[f"tower{k}_score_init"] for k in range(1, towers + 1)] == bis["init"]["tower_median"]
         assert 0 <= r["val_acc"] <= 1
@@ -480,7 +686,9 @@ def test_table_from_runs_written_by_the_real_callbacks(tmp_path, monkeypatch):
     with open(tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv", newline="") as f:
         logged = set(next(csv.reader(f)))
     scalars = {dashboard.ETA2, dashboard.ETA2_NULL, dashboard.P_VALUE, dashboard.TEST_ACC, dashboard.VAL_ACC,
-               dashboard.tower_score(1), dashboard.tower_score(2), dashboard.tower_score(2, init=True)}
+               dashboard.DELTA_F, dashboard.SPECIALISED, dashboard.P_DELTA_F, dashboard.colour_fraction(1),
+               dashboard.colour_fraction(2), dashboard.tower_score(1), dashboard.tower_score(2),
+               dashboard.tower_score(2, init=True)}
     assert scalars <= logged, scalars - logged
     media = next((tmp_path / "grid" / "runs" / "run-001").rglob("media")) / "images"
     images = {f"{p.parent.relative_to(media).as_posix()}/{p.name.split('_')[0]}" for p in media.rglob("*.png")}
@@ -498,3 +706,38 @@ def test_history_drops_only_a_last_line_cut_short(tmp_path):
     path.write_text(record[:20] + "\n" + record + "\n")
     with pytest.raises(ValueError, match="line 1 is not JSON"):
         compare.read_history(path)
+
+
+def test_a_run_without_a_verdict_is_named_not_counted(tmp_path):
+    """A bisection.json of format 1 (before the verdict) stays a row, named in the report, in no statistic."""
+    folder = write_run(tmp_path / "runs" / "old", 2, 0, seed=0)
+    data = json.loads((folder / "bisection.json").read_text())
+    for key in ("init", "last"):
+        data[key] = {k: v for k, v in data[key].items() if k not in compare_read.VERDICT_KEYS}
+    (folder / "bisection.json").write_text(json.dumps(dict(data, version=1)))
+    (run,) = compare.collect_local([tmp_path / "runs"])
+    assert run.usable and not run.judged and run.row["verdict"] is None and run.row["eta2"] is not None
+    assert compare.summarize([run]) == []
+    paths = compare.write_report([run], tmp_path / "out")
+    assert "old (no verdict in its bisection.json)" in paths["report.html"].read_text()
+
+
+def test_a_reference_without_a_verdict_is_one_line_with_status_2(folders, tmp_path, capsys):
+    (tmp_path / "bad.json").write_text(json.dumps({"score": [0.1]}))
+    with pytest.raises(SystemExit) as exit_:
+        compare.main([str(folders[0]), "--out", str(tmp_path), "--reference", str(tmp_path / "bad.json")])
+    assert exit_.value.code == 2 and "no verdict in it" in capsys.readouterr().err
+
+
+def test_three_towers_count_by_the_best_bipartition(tmp_path):
+    """A 3-tower run counts by the verdict on its best bipartition; the montage names both towers of the
+    specific side."""
+    folder = write_run(tmp_path / "runs" / "three", 3, 1, seed=0)
+    (run,) = compare.collect_local([tmp_path / "runs"])
+    last = json.loads((folder / "bisection.json").read_text())["last"]
+    assert (last["agnostic_group"], last["specific_group"]) == ([1], [2, 3])
+    (s,) = compare.summarize([run])
+    assert (s["label"], s["specialised"], s["seeds"]) == ("T=3", 1, 1) and run.row["verdict"] == "specialised"
+    assert [run.row[f"tower{k}_colour_fraction"] for k in (1, 2, 3)] == last["colour_fraction"]
+    _, labels = compare_figures.montage_grid(run)
+    assert [label for label, _, _ in labels] == ["tower 1\nagnostic", "tower 2\nspecific", "tower 3\nspecific"]

@@ -19,11 +19,13 @@ def test_report_sections_and_panel_types():
     report = dashboard.build_report("me", "towers", sweep="abc123")
     assert (report.entity, report.project) == ("me", "towers") and "sweep abc123" in report.title
     headings = [b.text for b in report.blocks if isinstance(b, wr.H2)]
-    assert headings == ["η² by tower count", "Per-tower colour scores", "Kernel grids, run by run",
-                        "Accuracy against learning rate and batch size"]
+    assert headings == ["The verdict by tower count", "The verdict run by run", "Tower colour fractions",
+                        "η² by tower count (beside the verdict)", "Per-tower colour scores",
+                        "Kernel grids, run by run", "Accuracy against learning rate and batch size"]
     grids = [b for b in report.blocks if isinstance(b, wr.PanelGrid)]
     assert [[type(p).__name__ for p in g.panels] for g in grids] == [
-        ["ScatterPlot", "BarPlot", "LinePlot", "LinePlot"], ["LinePlot", "BarPlot"],
+        ["ScatterPlot", "BarPlot", "BarPlot", "LinePlot"], ["BarPlot", "BarPlot", "RunComparer"],
+        ["LinePlot", "BarPlot"], ["ScatterPlot", "BarPlot", "LinePlot", "LinePlot"], ["LinePlot", "BarPlot"],
         ["MediaBrowser", "MediaBrowser"], ["ScatterPlot"] * 4]
     for g in grids:  # every grid shows the sweep's runs only
         (runset,) = g.runsets
@@ -31,9 +33,31 @@ def test_report_sections_and_panel_types():
         assert (flt["key"], flt["op"], flt["value"]) == ({"section": "run", "name": "sweep"}, "=", "abc123")
 
 
+def test_verdict_panels_serialise_to_the_logged_keys():
+    sections = dashboard.panels(max_towers=3)
+    scatter, fraction, median, steps = (_spec(p) for p in sections["The verdict by tower count"])
+    assert scatter["viewType"] == "Scatter Plot"
+    assert (scatter["config"]["xAxis"], scatter["config"]["yAxis"]) == \
+        ("config:model.value.num_towers", "summary:verdict/delta_f")
+    assert fraction["viewType"] == "Bar Chart" and fraction["config"]["metrics"] == ["verdict/specialised"]
+    assert (fraction["config"]["groupBy"], fraction["config"]["groupAgg"]) == ("model.value.num_towers", "mean")
+    assert median["config"]["metrics"] == ["verdict/delta_f"] and median["config"]["groupAgg"] == "median"
+    assert steps["viewType"] == "Run History Line Plot" and steps["config"]["metrics"] == ["verdict/delta_f"]
+    per_run, specialised, comparer = (_spec(p) for p in sections["The verdict run by run"])
+    assert per_run["config"]["metrics"] == ["verdict/delta_f"] and "groupBy" not in per_run["config"]
+    assert specialised["config"]["metrics"] == ["verdict/specialised"]
+    assert comparer["viewType"] == "Run Comparer"  # the summary's verdict, delta_f, colour_fraction beside the config
+    lines, bars = (_spec(p) for p in sections["Tower colour fractions"])
+    assert lines["config"]["metrics"] == bars["config"]["metrics"] == [f"tower_{k}/colour_fraction" for k in (1, 2, 3)]
+    assert (bars["config"]["groupBy"], bars["config"]["groupAgg"]) == ("model.value.num_towers", "median")
+    assert (dashboard.DELTA_F, dashboard.SPECIALISED, dashboard.colour_fraction(2)) == \
+        ("verdict/delta_f", "verdict/specialised", "tower_2/colour_fraction")
+
+
 def test_panels_serialise_to_the_logged_keys():
     sections = dashboard.panels(max_towers=3)
-    eta2_scatter, eta2_bar, eta2_steps, p_steps = (_spec(p) for p in sections["η² by tower count"])
+    eta2_section = sections["η² by tower count (beside the verdict)"]
+    eta2_scatter, eta2_bar, eta2_steps, p_steps = (_spec(p) for p in eta2_section)
     assert eta2_scatter["viewType"] == "Scatter Plot"
     assert (eta2_scatter["config"]["xAxis"], eta2_scatter["config"]["yAxis"]) == \
         ("config:model.value.num_towers", "summary:bisection/eta2")
@@ -51,10 +75,10 @@ def test_panels_serialise_to_the_logged_keys():
     assert kernels["viewType"] == "Media Browser" and kernels["config"]["mediaKeys"] == ["bisection/kernels"]
     assert kernels["config"]["gallerySettings"] == {"axis": "run"} and kernels["config"]["columnCount"] == 4
     assert scores["config"]["mediaKeys"] == ["bisection/scores"]
-    acc_lr, acc_batch, val_lr, eta2_lr = (_spec(p)["config"] for p in sections["Accuracy against learning rate and batch size"])
+    acc_lr, acc_batch, val_lr, delta_lr = (_spec(p)["config"] for p in sections["Accuracy against learning rate and batch size"])
     assert (acc_lr["xAxis"], acc_lr["yAxis"], acc_lr["xAxisLogScale"]) == ("config:model.value.lr", "summary:test/acc", True)
     assert (acc_batch["xAxis"], acc_batch["yAxis"]) == ("config:data.value.batch_size", "summary:test/acc")
-    assert (val_lr["yAxis"], eta2_lr["yAxis"]) == ("summary:val/acc", "summary:bisection/eta2")
+    assert (val_lr["yAxis"], delta_lr["yAxis"]) == ("summary:val/acc", "summary:verdict/delta_f")
 
 
 def test_group_filter_for_synced_offline_sweeps_and_no_filter_for_a_project():
@@ -73,7 +97,7 @@ def test_dry_run_prints_and_saves_nothing(monkeypatch, capsys):
     monkeypatch.setattr(wr.Report, "save", no_save)
     assert dashboard.main(["--entity", "me", "--project", "towers", "--sweep", "abc123", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "towers: colour bisection, sweep abc123 (me/towers)" in out
+    assert "towers: the verdict, sweep abc123 (me/towers)" in out
     assert out.count("- MediaBrowser") == 2 and "filters: Sweep = 'abc123'" in out
 
 

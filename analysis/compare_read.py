@@ -1,0 +1,422 @@
+"""The runs' files read into a table: one function per file format, one ``Run`` per run, from local
+folders or the W&B API, and a published figure's record (``--reference``). Part of analysis/compare.py."""
+
+import csv
+import io
+import json
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from towers.files import read_jsonl  # noqa: E402
+from towers.verdict import Verdict, format_p, onset_step  # noqa: E402
+
+# ----------------------------------------------------------------------------- file formats
+# Each format the runs leave behind is read by one function below, so a change of schema is an
+# edit in one place. Everything after this section sees only plain dicts.
+
+BISECTION_FILE = "bisection.json"  # towers.callbacks.KernelBisectionCallback
+HISTORY_FILE = "bisection_history.jsonl"  # the same, one record per measurement
+KERNELS_FILE = "kernels.png"  # the same, the latest Figure-3 grid
+KERNELS_NPY = "kernels.npy"  # the same, the latest kernels (T, n, 3, h, w): the montage redraws them
+STATUS_FILE = "status.json"  # towers.runs.RunStatus
+SWEEP_FILE = "sweep.json"  # towers.sweep (the offline agent)
+RUN_MARKERS = (BISECTION_FILE, STATUS_FILE)  # a folder with one of these is a run's own folder
+RUN_FILES = (BISECTION_FILE, HISTORY_FILE, KERNELS_FILE, KERNELS_NPY, STATUS_FILE, "config.yaml", "hparams.yaml",
+             "wandb-summary.json", "metrics.csv")
+
+
+VERDICT_KEYS = [k for k in Verdict.__dataclass_fields__ if k not in ("control", "permutations")]
+
+
+def measurement(record: dict | None) -> dict:
+    """The numbers of one record of ``bisection.json`` / ``bisection_history.jsonl`` (empty: none)."""
+    if not record:
+        return {}
+    stats = record.get("statistics") or {}
+    return {"step": record.get("step"), "epoch": record.get("epoch"), "stage": record.get("stage"),
+            "num_towers": record.get("num_towers"), "kernels_per_tower": record.get("kernels_per_tower"),
+            "error": record.get("error"), "score": record.get("score"), "tower": record.get("tower"),
+            "tower_median": record.get("tower_median"),
+            "eta2": stats.get("eta2"), "eta2_null": stats.get("eta2_null"), "p_value": stats.get("p_value"),
+            "eta2_split": stats.get("eta2_split"), "p_value_split": stats.get("p_value_split"),
+            "omega2": stats.get("omega2"), "permutations": stats.get("permutations"),
+            # the verdict (bisection.json format 2; None in older files): every Verdict field by its name
+            **{k: record.get(k) for k in VERDICT_KEYS},
+            "control": record.get("control", stats.get("control")),
+            "p_permutations": record.get("permutations")}  # the verdict's (the p_delta_f floor)
+
+
+def read_bisection(path: Path) -> dict:
+    """``bisection.json``: {"init": measurement, "last": measurement} (format version 1 lacks the verdict's keys)."""
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != "towers.bisection":
+        raise ValueError(f"{path}: not a towers.bisection file (format {data.get('format')!r})")
+    return {"init": measurement(data.get("init")), "last": measurement(data.get("last"))}
+
+
+def read_history(path: Path) -> list[dict]:
+    """``bisection_history.jsonl``: one measurement per line (a last line cut short by a killed
+    process is dropped with a warning)."""
+    return [measurement(record) for record in read_jsonl(path)]
+
+
+def read_status(path: Path) -> dict:
+    """``status.json`` of ``towers.runs.RunStatus``: how the run ended and its last metrics."""
+    data = json.loads(Path(path).read_text())
+    return {"status": data.get("status"), "message": data.get("message") or "",
+            "epoch": data.get("epoch"), "step": data.get("step"), "summary": data.get("summary") or {}}
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """Nested config -> dotted keys; jsonargparse's ``init_args`` level is dropped
+    (``data.init_args.batch_size`` -> ``data.batch_size``)."""
+    out = {}
+    for key, value in config.items():
+        key = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{key}."))
+        else:
+            out[key] = value
+    return {k.replace(".init_args.", ".").removeprefix("init_args."): v for k, v in out.items()}
+
+
+def read_config(path: Path) -> dict:
+    """``config.yaml``, Lightning's (as given to the CLI) or W&B's (``{key: {value: ...}}``), flattened."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if "_wandb" in data or all(isinstance(v, dict) and "value" in v for v in data.values()):
+        data = {k: v.get("value") for k, v in data.items() if k != "_wandb" and isinstance(v, dict)}
+    return flatten(data)
+
+
+def read_hparams(path: Path) -> dict:
+    """Lightning's ``hparams.yaml`` (the LightningModule's ``__init__`` arguments) as ``model.*`` keys."""
+    # FullLoader: Lightning writes tuples as !!python/tuple (e.g. lr_milestones); it builds no other objects
+    data = yaml.load(Path(path).read_text(), Loader=yaml.FullLoader) or {}
+    return {f"model.{k}": v for k, v in flatten(data).items()}
+
+
+def read_wandb_summary(path: Path) -> dict:
+    """W&B's ``wandb-summary.json``: the last value of every logged metric."""
+    return numbers(json.loads(Path(path).read_text()))
+
+
+def read_metrics_csv(path: Path) -> dict:
+    """Lightning CSVLogger's ``metrics.csv``: the last non-empty value of every column."""
+    last = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            last.update({k: float(v) for k, v in row.items() if k and v not in ("", None)})
+    return last
+
+
+def read_sweep(path: Path) -> dict:
+    """``sweep.json`` of ``towers.sweep``: the sweep's name and its runs (name, params, status)."""
+    data = json.loads(Path(path).read_text())
+    return {"name": data.get("name") or Path(path).parent.name,
+            "runs": [{"name": r["name"], "params": r.get("params") or {}, "status": r.get("status"),
+                      "message": r.get("message") or "", "root": Path(path).parent / "runs" / r["name"]}
+                     for r in data.get("runs", [])]}
+
+
+def numbers(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# Table columns taken from the run's config (first key found wins): the CLI's names, then
+# hparams.yaml's (read_hparams puts them under model.*), then a plain W&B config.
+CONFIG_COLUMNS = {
+    "seed": ("seed_everything", "seed"),
+    "num_towers": ("model.num_towers", "num_towers"),
+    "width_policy": ("model.width_policy", "width_policy"),
+    "precision": ("trainer.precision", "precision"),
+    "data": ("data.source", "data.class_path"),  # the data set (demo or real; its data module) ...
+    "data_root": ("data.root",),  # ... and where it lives
+    "batch_size": ("data.batch_size", "batch_size"),
+    "lr": ("model.lr", "lr"),
+    "max_epochs": ("trainer.max_epochs", "max_epochs"),
+}
+TEST_ACC, VAL_ACC = "test/acc", "val/acc"
+
+# ----------------------------------------------------------------------------- the table
+
+FIXED_COLUMNS = ["run", "sweep", "seed", "num_towers", "width_policy", "precision", "data", "data_root",
+                 "batch_size", "lr", "max_epochs", "epochs", "step", "test_acc", "val_acc",
+                 "verdict", "delta_f", "delta_f_low", "delta_f_high", "p_delta_f", "auc",
+                 "agnostic_tower", "specific_tower", "onset_step",
+                 "eta2", "eta2_null", "p_value", "omega2", "eta2_split", "p_value_split",
+                 "eta2_init", "p_value_init", "omega2_init", "verdict_init", "permutations"]
+# A condition is every one of these but the seed: runs that differ in precision, data or width policy
+# are never pooled (a run whose config does not say is its own "None" condition, not a wildcard).
+CONDITION = ["num_towers", "width_policy", "precision", "data", "data_root", "batch_size", "lr", "max_epochs"]
+
+
+@dataclass
+class Run:
+    """One run: its table row, and what the figures need beyond it."""
+
+    row: dict
+    last: dict = field(default_factory=dict)  # measurement() of the final record
+    init: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)  # measurement() per step
+    kernels_png: Path | None = None
+    kernels_npy: Path | None = None
+    config: dict = field(default_factory=dict)  # the run's flattened config, as read (shown in the report)
+
+    @property
+    def name(self) -> str:
+        return self.row["run"]
+
+    @property
+    def usable(self) -> bool:
+        """Counts as a seed of its condition: finished, with a final measurement."""
+        status = self.row["status"]
+        finished = status == "finished" or (status in (None, "") and self.last.get("stage") == "end")
+        return finished and (self.row["delta_f"] is not None or self.row["eta2"] is not None)
+
+    @property
+    def judged(self) -> bool:
+        """A seed with a verdict (bisection.json format 2): what the statistics across seeds count."""
+        return self.usable and self.row["verdict"] is not None
+
+
+def _status(status: str | None, last: dict) -> str | None:
+    if last.get("error") and "not finite" in last["error"]:
+        return "diverged"
+    return {"crashed": "failed"}.get(status, status)
+
+
+def make_run(name: str, sweep: str | None, config: dict, summary: dict, status: dict | None,
+             bisection: dict | None, history: list, kernels_png: Path | None, source: str,
+             alpha: float, fallback_status: str | None = None, message: str = "",
+             kernels_npy: Path | None = None) -> Run:
+    """The table row of one run from what was read (the same function for both sources)."""
+    bisection = bisection or {"init": {}, "last": {}}
+    last, init = bisection["last"], bisection["init"]
+    row = {"run": name, "sweep": sweep}
+    for column, keys in CONFIG_COLUMNS.items():
+        row[column] = next((config[k] for k in keys if config.get(k) is not None), None)
+    if row["num_towers"] is None:
+        row["num_towers"] = last.get("num_towers") or init.get("num_towers")
+    status = status or {}
+    # trainer.current_epoch / global_step when the run ended (for a finished run: epochs completed);
+    # the last measurement's epoch is the index of the epoch it was taken in, hence status.json first
+    row["epochs"] = status["epoch"] if status.get("epoch") is not None else last.get("epoch")
+    row["step"] = status["step"] if status.get("step") is not None else last.get("step")
+    row["test_acc"], row["val_acc"] = summary.get(TEST_ACC), summary.get(VAL_ACC)
+    for key in ("eta2", "eta2_null", "p_value", "eta2_split", "p_value_split"):
+        row[key] = last.get(key)
+    for key in ("verdict", "delta_f", "delta_f_low", "delta_f_high", "p_delta_f", "auc", "omega2"):
+        row[key] = last.get(key)
+    # named only when specialised (the verdict leaves them None otherwise): no "colour tower" of a run
+    # that did not split
+    row["agnostic_tower"], row["specific_tower"] = last.get("agnostic_tower"), last.get("specific_tower")
+    row["onset_step"] = onset_step(history) if last.get("verdict") is not None else None
+    row["permutations"] = last.get("p_permutations") or last.get("permutations")  # the verdict's, or eta2's test
+    row["eta2_init"], row["p_value_init"] = init.get("eta2"), init.get("p_value")
+    row["omega2_init"], row["verdict_init"] = init.get("omega2"), init.get("verdict")
+    # per tower (the one-tower control: tower1 = half A, tower2 = half B of its random split)
+    fractions = zip(last.get("colour_fraction") or [], last.get("colour_fraction_low") or [],
+                    last.get("colour_fraction_high") or [])
+    for k, (f, lo, hi) in enumerate(fractions, start=1):
+        row[f"tower{k}_colour_fraction"], row[f"tower{k}_colour_fraction_low"] = f, lo
+        row[f"tower{k}_colour_fraction_high"] = hi
+    for k, median in enumerate(last.get("tower_median") or [], start=1):
+        row[f"tower{k}_score"] = median
+    for k, median in enumerate(init.get("tower_median") or [], start=1):
+        row[f"tower{k}_score_init"] = median
+    row["status"] = _status(status.get("status") or fallback_status, last)
+    row["message"] = message or status.get("message") or last.get("error") or ""
+    row["source"] = source
+    return Run(row=row, last=last, init=init, history=history, kernels_png=kernels_png,
+               kernels_npy=kernels_npy, config=config)
+
+
+def load_run_folder(folder: Path | None, name: str, alpha: float, sweep: str | None = None,
+                    config: dict | None = None, summary: dict | None = None, status: str | None = None,
+                    fallback_status: str | None = None, message: str = "",
+                    history: list | None = None, source: str | None = None) -> Run:
+    """A run from the files in its own folder (any may be missing). ``config`` / ``summary`` given
+    here (a sweep's parameters, a W&B run's config) take precedence over the files'; ``status`` (the
+    sweep agent's verdict) over ``status.json``, and that over ``fallback_status`` (W&B's run state).
+    A file that cannot be read is named in the row's message and warned about; the rest is kept."""
+    files = {n: folder / n for n in RUN_FILES if folder is not None and (folder / n).is_file()}
+    problems = []
+
+    def read(reader, file_name, default=None):
+        if file_name not in files:
+            return default
+        try:
+            return reader(files[file_name])
+        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError, csv.Error) as err:
+            problems.append(f"unreadable {file_name}: {err}")
+            warnings.warn(f"run {name}: cannot read {files[file_name]}: {err}")
+            return default
+
+    merged_config = {**read(read_hparams, "hparams.yaml", {}), **read(read_config, "config.yaml", {}), **(config or {})}
+    status_json = read(read_status, STATUS_FILE)
+    merged_summary = {**numbers(status_json["summary"] if status_json else {}),
+                      **read(read_metrics_csv, "metrics.csv", {}),
+                      **read(read_wandb_summary, "wandb-summary.json", {}), **(summary or {})}
+    bisection = read(read_bisection, BISECTION_FILE)
+    if history is None:
+        history = read(read_history, HISTORY_FILE, [])
+    if status:
+        status_json = dict(status_json or {}, status=status)
+    message = "; ".join(m for m in [message or (status_json or {}).get("message", ""), *problems] if m)
+    return make_run(name, sweep, merged_config, merged_summary, status_json, bisection, history,
+                    files.get(KERNELS_FILE), source or str(folder), alpha, fallback_status, message,
+                    files.get(KERNELS_NPY))
+
+
+def _newest_run_folder(root: Path) -> Path | None:
+    """The run folder under a sweep run's root written last (a resumed run may have several)."""
+    found = [p for marker in RUN_MARKERS for p in root.rglob(marker)] if root.is_dir() else []
+    return max(found, key=lambda p: p.stat().st_mtime).parent.resolve() if found else None  # not via latest-run
+
+
+def _run_folders(folder: Path) -> list[Path]:
+    """Folders under ``folder`` holding a run marker, each once: W&B's ``wandb/latest-run`` is a link
+    to a run folder that is also found under its own name, which is the one kept."""
+    found = {}
+    for path in sorted({p.parent for marker in RUN_MARKERS for p in folder.rglob(marker)}):
+        parts = path.relative_to(folder).parts
+        linked = any((folder.joinpath(*parts[:i + 1])).is_symlink() for i in range(len(parts)))
+        found.setdefault(path.resolve(), []).append((linked, path))
+    return [min(candidates)[1] for _, candidates in sorted(found.items())]
+
+
+def collect_local(folders, alpha: float = 0.05) -> list[Run]:
+    """Every run under the given folders: the runs of each ``sweep.json`` (in its order), then every
+    other folder holding a ``bisection.json`` or ``status.json``."""
+    runs, claimed = [], set()
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise SystemExit(f"{folder}: no such folder")
+        for sweep_file in sorted(folder.rglob(SWEEP_FILE)):
+            try:
+                sweep = read_sweep(sweep_file)
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise SystemExit(f"{sweep_file}: not a readable towers.sweep state file: {err}") from None
+            for entry in sweep["runs"]:
+                run_folder = _newest_run_folder(entry["root"])
+                if entry["root"].is_dir():
+                    claimed.add(entry["root"].resolve())
+                runs.append(load_run_folder(run_folder, entry["name"], alpha, sweep=sweep["name"],
+                                            config=entry["params"], status=entry["status"],
+                                            message=entry["message"], source=str(run_folder or entry["root"])))
+        for run_folder in _run_folders(folder):
+            resolved = run_folder.resolve()
+            if any(resolved == c or c in resolved.parents for c in claimed):
+                continue
+            claimed.add(resolved)
+            if run_folder.name == "files" and run_folder.parent.name.startswith(("offline-run-", "run-")):
+                run_folder = run_folder.parent  # name a W&B run by its folder, offline-run-<time>-<id>
+            name = str(run_folder.relative_to(folder)) if run_folder != folder else resolved.name
+            runs.append(load_run_folder(resolved, name, alpha))
+    if not runs:
+        raise SystemExit(
+            f"no runs found under {', '.join(map(str, folders))}: looked for {SWEEP_FILE} (a towers.sweep output "
+            f"folder) and for folders holding {BISECTION_FILE} or {STATUS_FILE} (written by "
+            f"KernelBisectionCallback / RunStatus into each run's folder: wandb/offline-run-*/files/, "
+            f"lightning_logs/version_N/, or the trainer's default_root_dir)")
+    return runs
+
+
+def _wandb_state(state: str | None) -> str | None:
+    return {"crashed": "failed"}.get((state or "").lower(), (state or "").lower() or None)
+
+
+def collect_wandb(path: str, sweep: str | None = None, api=None, cache: Path | None = None,
+                  alpha: float = 0.05) -> list[Run]:
+    """Every run of a W&B project (``ENTITY/PROJECT``) or of one of its sweeps, through ``wandb.Api()``.
+
+    The run's own files (``bisection.json`` etc., uploaded from its ``files/`` folder) are
+    downloaded into ``cache`` and read as for a local run; its config and summary come from the API.
+    """
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    cache = Path(cache or tempfile.mkdtemp(prefix="towers-compare-"))
+    runs_api = api.sweep(f"{path}/{sweep}").runs if sweep else api.runs(path)
+    runs = []
+    for run in runs_api:
+        folder = cache / run.id
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in run.files():
+            if f.name in RUN_FILES and f.name not in ("config.yaml", "wandb-summary.json"):
+                f.download(root=str(folder), replace=True)
+        history = None
+        if not (folder / HISTORY_FILE).is_file():  # fall back on the logged scalars
+            history = [{"step": h.get("_step"), "eta2": h.get("bisection/eta2"), "p_value": h.get("bisection/p_value"),
+                        "eta2_null": h.get("bisection/eta2_null"), "delta_f": h.get("verdict/delta_f"),
+                        "verdict": None if h.get("verdict/specialised") is None else
+                        ("specialised" if h["verdict/specialised"] else "not specialised")}
+                       for h in run.scan_history(keys=["bisection/eta2", "bisection/p_value", "verdict/delta_f",
+                                                         "verdict/specialised"])]
+        sweep_name = run.sweep.id if getattr(run, "sweep", None) is not None else getattr(run, "group", None)
+        summary = numbers(dict(run.summary.items()))
+        runs.append(load_run_folder(folder, run.name or run.id, alpha, sweep=sweep_name,
+                                    config=read_wandb_config(run.config), summary=summary,
+                                    fallback_status=_wandb_state(run.state), history=history,
+                                    source=f"wandb:{path}/{run.id}"))
+    if not runs:
+        raise SystemExit(f"no runs found in W&B {'sweep ' + sweep + ' of ' if sweep else 'project '}{path}")
+    return runs
+
+
+def read_wandb_config(config: dict) -> dict:
+    """``run.config`` of the public API (plain values; nested as logged) flattened like a config.yaml."""
+    return flatten({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def table_columns(runs: list[Run]) -> list[str]:
+    towers = max([r.row.get("num_towers") or 0 for r in runs] + [len(r.last.get("colour_fraction") or []) for r in runs]
+                 + [len(r.last.get("tower_median") or []) for r in runs])
+    per_tower = [c for k in range(1, towers + 1) for c in (
+        f"tower{k}_colour_fraction", f"tower{k}_colour_fraction_low", f"tower{k}_colour_fraction_high",
+        f"tower{k}_score", f"tower{k}_score_init")]
+    return FIXED_COLUMNS + per_tower + ["status", "message", "source"]
+
+
+def table_csv(runs: list[Run]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, table_columns(runs), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for run in runs:
+        writer.writerow({k: ("" if v is None else v) for k, v in run.row.items()})
+    return out.getvalue()
+
+
+
+# ----------------------------------------------------------------------------- a published figure
+
+def read_reference(path: Path) -> dict:
+    """The record of a published figure, as ``python analysis/kernels.py FIGURE.png --towers 2 --json OUT``
+    writes it (a record of ``towers.callbacks.measure``), or wrapped as {"last": record} like
+    ``bisection.json``. Returns its name (the file's stem) and the numbers the report shows."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--reference {path}: cannot read it as JSON: {err}") from None
+    record = data.get("last") if isinstance(data, dict) and isinstance(data.get("last"), dict) else data
+    if not isinstance(record, dict) or record.get("delta_f") is None or record.get("verdict") is None:
+        raise SystemExit(f"--reference {path}: no verdict in it (write it with python analysis/kernels.py "
+                         f"FIGURE.png --towers 2 --json {path.name})")
+    m = measurement(record)
+    return {"name": path.stem, "source": str(path), "num_towers": m["num_towers"], **{k: m[k] for k in (
+        "verdict", "delta_f", "delta_f_low", "delta_f_high", "p_delta_f", "auc", "colour_fraction",
+        "colour_fraction_low", "colour_fraction_high", "agnostic_tower", "specific_tower", "towers",
+        "eta2", "p_value", "omega2")}, "permutations": m["p_permutations"]}
+
+
+def p_text(p, permutations) -> str:
+    """A p-value as the report prints it: "0.031", or "≤ 1e-4" at the permutation floor."""
+    return "" if p is None else format_p(p, permutations).removeprefix("= ")
