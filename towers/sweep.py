@@ -250,7 +250,10 @@ def read_bisection(folder: Path, run_root: Path) -> dict | None:
     found = [folder / "bisection.json"] if (folder / "bisection.json").exists() else \
         sorted(run_root.rglob("bisection.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in found:
-        last = json.loads(path.read_text()).get("last") or {}
+        try:
+            last = json.loads(path.read_text()).get("last") or {}
+        except (OSError, ValueError):  # vanished, or not a bisection record: the next one
+            continue
         statistics = last.get("statistics")
         if statistics:
             return {"eta2": statistics.get("eta2"), "p_value": statistics.get("p_value"),
