@@ -195,12 +195,12 @@ class Sweep:
         write_atomic(self.path, json.dumps(self.state, indent=1))
 
     def new_run(self, params: dict) -> dict:
-        with self.locked():
-            run = {"name": f"run-{len(self.runs):03d}", "params": params, "status": "pending",
-                   "exit_code": None, "message": "", "log": None, "attempts": [], "owner": None,
-                   "history": [], "summary": {}, "bisection": None, "wandb_dir": None}
-            self.runs.append(run)
-            return run
+        """A new pending run in ``self.state`` (the agent calls it under the lock; saved with the state)."""
+        run = {"name": f"run-{len(self.runs):03d}", "params": params, "status": "pending",
+               "exit_code": None, "message": "", "log": None, "attempts": [], "owner": None,
+               "history": [], "summary": {}, "bisection": None, "wandb_dir": None}
+        self.runs.append(run)
+        return run
 
     def sweep_runs(self) -> list:
         """The runs as the sweep engine sees them."""
