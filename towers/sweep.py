@@ -14,289 +14,64 @@ by its condition (the swept values but the seed). Two LightningCLI arguments are
 interrupted, ``--ckpt_path=…/last.ckpt`` to resume it. ``--gpus`` gives each run one GPU of the list
 (``CUDA_VISIBLE_DEVICES``), never two runs one GPU.
 
-Everything the agents know lives in ``OUT/sweep.json``. Every change is a read-modify-write under an
-exclusive ``fcntl.flock`` on ``OUT/sweep.json.lock`` and is written atomically, so any number of
-agents (processes, or machines sharing the folder) can work on one sweep. A grid is written into the
+Everything the agents know lives in ``OUT/sweep.json`` (:mod:`towers.sweep_state`: locked,
+atomic read-modify-writes, runs claimed by their agent's host, pid and heartbeat), so any number of
+agents, processes or machines sharing the folder, can work on one sweep. A grid is written into the
 state whole when the first agent starts; ``--shard i/N`` makes an agent take only the grid's runs k
-with k mod N == i. An agent claims a run in the state (its host, pid and a heartbeat) before it
-starts it and never takes a run whose owner is alive: on the same host the owner's pid is checked
-(with its start time, against pid reuse), on another host the heartbeat, refreshed every
-HEARTBEAT_SECONDS while the agent runs, must be younger than STALE_SECONDS. A killed agent started
-again takes back its dead runs: finished runs are not repeated; a run whose process had already
-ended (its ``status.json`` says so) is recorded from its own files; a run that was in flight is
-resumed from its last checkpoint (or rerun if it wrote none); each run is one entry, however many
-attempts it took. A run that fails is recorded with its exit status and log and the sweep goes on;
-a run whose loss became NaN/inf (train.py exit status 3) is recorded as "diverged". Before it starts
-the agent prints an estimate of the disk the runs' checkpoints take; at the end, a table of the runs
-and the ``wandb sync`` command.
+with k mod N == i. A killed agent started again takes back its dead runs: finished runs are not
+repeated; a run whose process had already ended (its ``status.json`` says so) is recorded from its
+own files; a run that was in flight is resumed from its last checkpoint (or rerun if it wrote none);
+each run is one entry, however many attempts it took. A run that fails is recorded with its exit
+status and log and the sweep goes on; a run whose loss became NaN/inf (train.py exit status 3) is
+recorded as "diverged". Before it starts the agent prints an estimate of the disk the runs'
+checkpoints take (:mod:`towers.sweep_disk`); at the end, a table of the runs and the ``wandb sync``
+command.
 """
 
 import argparse
-import copy
-import datetime
-import fcntl
-import importlib.util
 import json
-import math
 import os
 import platform
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
-import jsonschema
 from tqdm import tqdm
-from wandb.sdk.launch.sweeps import utils as sweep_utils
 from wandb.sdk.lib import config_util
 
-from towers.files import write_atomic
+from towers.sweep_disk import _size, disk_estimate, train_checkpoint_bytes  # noqa: F401  (tests use them)
+from towers.sweep_state import (  # noqa: F401
+    HOST,
+    Sweep,
+    _now,
+    condition,
+    grid_size,
+    load_sweep,
+    newest_last_checkpoint,
+    next_params,
+    owner_alive,
+    process_start,
+    read_bisection,
+    read_results,
+    render_command,
+    sweeps,
+)
 
-with warnings.catch_warnings():  # sweeps' pydantic models use a pydantic-1 config key; harmless
-    warnings.simplefilter("ignore", UserWarning)
-    import sweeps
-
-STATE_FILE = "sweep.json"
-LOCK_FILE = "sweep.json.lock"
 DONE = ("finished", "failed", "diverged", "stopped")  # a run in one of these is never launched again
 ENDED = ("finished", "diverged", "failed")  # how a run's status.json says its process ended
 MAX_ATTEMPTS = 3  # a run interrupted this often (by something other than this agent) is marked failed
 POLL_SECONDS = 1.0
 STOP_GRACE_SECONDS = 30  # after SIGTERM, a run gets this long to save and exit before SIGKILL
 HEARTBEAT_SECONDS = 10  # an agent refreshes the heartbeat of the runs it holds this often
-STALE_SECONDS = 120  # a run held by an agent on another host whose heartbeat is this old is taken over
-SEED_KEYS = ("seed_everything",)  # swept values that are not part of a run's condition
-HOST = socket.gethostname()
 # towers.runs.EXIT_DIVERGED, not imported: towers.runs loads Lightning, seconds an agent does not need
 # (tests/test_sweep.py checks the two agree)
 EXIT_DIVERGED = 3
 
 
-# -- the sweep file ---------------------------------------------------------------------------------
-def load_sweep(path) -> dict:
-    """The sweep config as ``wandb sweep`` reads it, checked against W&B's schema."""
-    config = sweep_utils.load_sweep_config(str(path))
-    if config is None:
-        raise SystemExit(f"cannot read sweep file {path}")
-    try:
-        sweeps.SweepConfig(config)
-    except jsonschema.ValidationError as err:
-        raise SystemExit(f"{path} is not a valid W&B sweep config:\n{err.message}") from None
-    return config
-
-
-def render_command(config: dict, params: dict, interpreter: str = "python", args_json_file: str = "") -> list:
-    """The command ``wandb agent`` runs for one set of sweep parameters.
-
-    The same steps as ``wandb.wandb_agent.Agent._command_run``, with wandb's own builders
-    (``create_sweep_command`` fills ``${envvar:…}``, ``create_sweep_command_args`` renders the
-    parameters). The agent uses the interpreter name ``python``; ours passes its own interpreter.
-    """
-    command = sweep_utils.create_sweep_command(copy.deepcopy(config.get("command")))
-    sweep_vars = sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
-    sweep_vars["interpreter"] = [interpreter]
-    sweep_vars["program"] = [config["program"]]
-    sweep_vars["args_json_file"] = [args_json_file]
-    if platform.system() != "Windows":
-        sweep_vars["env"] = ["/usr/bin/env"]
-    rendered = []
-    for chunk in command:
-        chunk = str(chunk)
-        if chunk.startswith("${") and chunk.endswith("}"):
-            rendered += sweep_vars.get(chunk[2:-1]) or []
-        else:
-            rendered.append(chunk)
-    return rendered
-
-
-def grid_size(config: dict) -> int | None:
-    if config["method"] != "grid":
-        return None
-    size = 1
-    for spec in config["parameters"].values():
-        if "values" in spec:
-            size *= len(spec["values"])
-        elif "min" in spec and "max" in spec:  # int_uniform / q_uniform, as the grid engine expands them
-            size *= len(range(spec["min"], spec["max"] + 1)) if "q" not in spec else \
-                math.ceil((spec["max"] - spec["min"]) / spec["q"])
-    return size
-
-
-def condition(config: dict, params: dict) -> str:
-    """The run's condition, for W&B's job type: its swept values but the seed, e.g. ``num_towers=2``."""
-    swept = [k for k, spec in config["parameters"].items() if "value" not in spec and k not in SEED_KEYS]
-    text = ",".join(f"{k.rsplit('.', 1)[-1]}={params[k]}" for k in swept if k in params)
-    return (text or "all")[:64]  # W&B's limit for a job type
-
-
-# -- state ------------------------------------------------------------------------------------------
-class Sweep:
-    """The sweep's state file and the runs in it.
-
-    Change the state only inside ``with sweep.locked():``, which reads it afresh under the lock and
-    writes it back when the block ends; run dicts from before the block are stale inside it.
-    """
-
-    def __init__(self, sweep_file: Path, out: Path):
-        self.out = out
-        self.path = out / STATE_FILE
-        self.config = load_sweep(sweep_file)
-        self.state = None
-        self._depth = 0
-        out.mkdir(parents=True, exist_ok=True)
-        with self.locked():
-            if self.state is None:
-                self.state = {"sweep_file": str(sweep_file), "sweep": self.config, "name": out.name,
-                              "created": _now(), "runs": []}
-            elif self.state["sweep"] != self.config:
-                raise SystemExit(f"{self.path} belongs to a different sweep config than {sweep_file}; "
-                                 f"give another --out, or remove {out} to start this sweep afresh")
-
-    @contextmanager
-    def locked(self):
-        """Hold the sweep's lock with ``self.state`` read from disk; saved when the block succeeds.
-
-        flock is per open file, so nested blocks of one agent share the outer block's lock. On a
-        shared file system the lock needs one that supports it (NFS does; Lustre with ``-o flock``).
-        """
-        if self._depth:
-            self._depth += 1
-            try:
-                yield self.state
-            finally:
-                self._depth -= 1
-            return
-        with open(self.path.parent / LOCK_FILE, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-            self._depth = 1
-            try:
-                text = self.path.read_text() if self.path.exists() else None
-                self.state = json.loads(text) if text else None
-                yield self.state
-                if self.state is not None and json.dumps(self.state, indent=1) != text:
-                    self.save()
-            finally:
-                self._depth = 0
-
-    @property
-    def runs(self) -> list:
-        return self.state["runs"]
-
-    def run(self, name: str) -> dict:
-        return next(r for r in self.runs if r["name"] == name)
-
-    def save(self) -> None:
-        write_atomic(self.path, json.dumps(self.state, indent=1))
-
-    def new_run(self, params: dict) -> dict:
-        """A new pending run in ``self.state`` (the agent calls it under the lock; saved with the state)."""
-        run = {"name": f"run-{len(self.runs):03d}", "params": params, "status": "pending",
-               "exit_code": None, "message": "", "log": None, "attempts": [], "owner": None,
-               "history": [], "summary": {}, "bisection": None, "wandb_dir": None}
-        self.runs.append(run)
-        return run
-
-    def sweep_runs(self) -> list:
-        """The runs as the sweep engine sees them."""
-        engine_state = {"finished": "finished", "stopped": "finished", "failed": "failed",
-                        "diverged": "failed"}
-        return [sweeps.SweepRun(name=r["name"], state=engine_state.get(r["status"], "running"),
-                                config={k: {"value": v} for k, v in r["params"].items()},
-                                history=r["history"], summary_metrics=r["summary"])
-                for r in self.runs]
-
-    def next_params(self) -> dict | None:
-        return next_params(self.config, self.sweep_runs())
-
-
-def next_params(config: dict, runs: list) -> dict | None:
-    """The sweep engine's next parameter set (None: the grid is done), as plain Python values."""
-    suggestion = sweeps.next_run(config, runs)
-    if suggestion is None:
-        return None
-    # random/bayes draw numpy scalars; the server would send JSON numbers, so do as it does
-    return json.loads(json.dumps({k: v["value"] for k, v in suggestion.config.items()},
-                                 default=lambda x: x.item()))
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def read_results(run_root: Path, since: float) -> tuple[dict | None, Path | None]:
-    """The newest ``status.json`` under a run's folder written by the current attempt, and its folder."""
-    candidates = [p for p in run_root.rglob("status.json") if p.stat().st_mtime >= since - 1]
-    if not candidates:
-        return None, None
-    path = max(candidates, key=lambda p: p.stat().st_mtime)
-    try:
-        return json.loads(path.read_text()), path.parent
-    except (OSError, json.JSONDecodeError):  # written atomically, so only a vanished file lands here
-        return None, path.parent
-
-
-def read_bisection(folder: Path, run_root: Path) -> dict | None:
-    """The final statistic of the run's ``bisection.json``: the attempt's own, else the run's newest.
-
-    A run resumed from its final checkpoint trains no further and measures nothing, so its result
-    is the one the earlier attempt wrote (its epoch and step say when it was measured).
-    """
-    found = [folder / "bisection.json"] if (folder / "bisection.json").exists() else \
-        sorted(run_root.rglob("bisection.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in found:
-        try:
-            last = json.loads(path.read_text()).get("last") or {}
-        except (OSError, ValueError):  # vanished, or not a bisection record: the next one
-            continue
-        statistics = last.get("statistics")
-        if statistics:
-            return {"eta2": statistics.get("eta2"), "p_value": statistics.get("p_value"),
-                    "epoch": last.get("epoch"), "step": last.get("step"), "file": str(path)}
-    return None
-
-
-def newest_last_checkpoint(root) -> Path | None:
-    """towers.runs.newest_last_checkpoint, without Lightning: the newest ``last*.ckpt`` under root."""
-    found = [p for p in Path(root).rglob("last*.ckpt") if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
-# -- processes and owners ---------------------------------------------------------------------------
-def process_start(pid: int) -> int | None:
-    """When a live process started (clock ticks since boot; 0 where /proc is missing), None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        if Path("/proc/self/stat").exists():
-            return None
-        try:  # no /proc (macOS): alive or not, without a start time
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return 0
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # after "pid (name)": state is field 3, starttime field 22
-    return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
-def owner_alive(owner: dict | None, now: float) -> bool:
-    """Whether the agent holding a run is alive: its pid (and start time) on this host, else its heartbeat."""
-    if not owner:
-        return False
-    if owner["host"] == HOST:
-        return process_start(owner["pid"]) == owner["start"]
-    return now - owner["heartbeat"] < STALE_SECONDS
-
-
+# -- processes -------------------------------------------------------------------------------------
 def _alive(pid: int | None, run_root: Path) -> bool:
     """A leftover run process from a killed agent (checked by its command line naming the run folder)."""
     if not pid:
@@ -617,117 +392,6 @@ class UsageError(Exception):
     """A wrong command line: one line and exit status 2."""
 
 
-# -- the disk estimate ------------------------------------------------------------------------------
-def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-
-
-def _parse_train_config(program: Path, args: list):
-    """train.py's resolved config for these arguments, parsed by its own CLI without building anything."""
-    module = sys.modules.get("train")
-    if module is None or Path(getattr(module, "__file__", "")).resolve() != program.resolve():
-        spec = importlib.util.spec_from_file_location("_towers_sweep_program", program)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-
-    class ParseOnly(module.TowersCLI):
-        def before_instantiate_classes(self):  # no W&B login check, no run name
-            pass
-
-        def instantiate_classes(self):
-            pass
-
-        def _set_seed(self):
-            pass
-
-        def _run_subcommand(self, subcommand):
-            pass
-
-    argv, sys.argv = sys.argv, [str(program)]  # LightningCLI warns when args and sys.argv both have some
-    try:
-        cli = ParseOnly(module.TowerClassifier, module.CatsDogsDataModule, args=args,
-                        save_config_callback=module.SaveRunConfig)
-    finally:
-        sys.argv = argv
-    return module, cli.config[cli.config["subcommand"]]
-
-
-def train_checkpoint_bytes(config: dict, params: dict) -> tuple[int, int, int, int]:
-    """(bytes, checkpoint files, parameters, bytes per parameter) that one train.py run of the sweep keeps on disk.
-
-    Each checkpoint holds the fp32 weights and SGD's momentum buffer (the master weights stay fp32
-    under bf16-mixed): 8 bytes per parameter, 4 without momentum. The files are those its
-    ModelCheckpoint callbacks keep: ``save_top_k`` each (every epoch for -1), one more for
-    ``save_last: true`` (a ``link`` costs nothing); Lightning's default checkpoint when there is none.
-    """
-    import torch
-
-    command = render_command(config, params)
-    at = command.index(config["program"])
-    module, cfg = _parse_train_config(Path(config["program"]), command[at + 1:])
-    model_args = {k: v for k, v in vars(cfg["model"]).items() if not k.startswith("_")}
-    with torch.device("meta"):  # sizes only: no memory, no initialisation
-        model = module.TowerClassifier(**model_args)
-    n = sum(p.numel() for p in model.parameters())
-    trainer = cfg["trainer"]
-    checkpoints = [cb.init_args for cb in trainer.get("callbacks") or []
-                   if str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint")]
-    files = 0 if trainer.get("enable_checkpointing") is False else 1 if not checkpoints else sum(
-        (max(trainer.get("max_epochs") or 1, 1) if c.save_top_k == -1 else c.save_top_k) + (c.save_last is True)
-        for c in checkpoints)
-    per_parameter = 4 + (4 if model_args.get("momentum", 0.9) else 0)
-    return n * per_parameter * files, files, n, per_parameter
-
-
-def measured_checkpoint_bytes(out: Path) -> tuple[int, str] | None:
-    """The largest checkpoint total of the sweep's runs so far (links not counted), and whose."""
-    sizes = [(sum(p.stat().st_size for p in root.rglob("*.ckpt") if p.is_file() and not p.is_symlink()), root.name)
-             for root in (out / "runs").glob("*") if root.is_dir()]
-    sizes = [s for s in sizes if s[0] > 0]
-    return max(sizes) if sizes else None
-
-
-def disk_estimate(agent: Agent) -> str:
-    """One line: the checkpoints the sweep's runs will keep, and the space free where they go."""
-    sweep, total = agent.sweep, agent.total
-    params = [r["params"] for r in sweep.runs][:total]
-    if len(params) < total:  # random/bayes: the runs to come are estimated from one more drawn run
-        drawn = sweep.next_params()
-        params += [drawn] * (total - len(params)) if drawn else []
-    free = f"{_size(shutil.disk_usage(sweep.out).free)} free under {sweep.out}"
-    if Path(sweep.config["program"]).name == "train.py" and Path(sweep.config["program"]).exists():
-        cache = {}
-        try:
-            for p in params:  # the seed changes no size: one parse per condition
-                key = json.dumps({k: v for k, v in p.items() if k not in SEED_KEYS}, sort_keys=True)
-                if key not in cache:
-                    cache[key] = train_checkpoint_bytes(sweep.config, p)
-        except (Exception, SystemExit) as err:  # an estimate only: the runs will report a bad config
-            return f"Disk: no estimate, the runs' config did not parse ({type(err).__name__}: {err}); {free}"
-        sizes = [cache[json.dumps({k: v for k, v in p.items() if k not in SEED_KEYS}, sort_keys=True)]
-                 for p in params]
-        need = sum(s[0] for s in sizes)
-
-        def span(values, fmt):
-            return fmt(min(values)) if min(values) == max(values) else f"{fmt(min(values))}-{fmt(max(values))}"
-
-        per_run = (f"{span([s[1] for s in sizes], str)} checkpoint files x {span([s[2] for s in sizes], lambda x: f'{x / 1e6:.1f}M')}"
-                   f" parameters x {span([s[3] for s in sizes], str)} bytes: fp32 weights and SGD momentum")
-    else:
-        measured = measured_checkpoint_bytes(sweep.out)
-        if measured is None:
-            return f"Disk: no estimate until a run of {sweep.config['program']} has written its checkpoints; {free}"
-        need = measured[0] * len(params)
-        per_run = f"up to {_size(measured[0])}, as {measured[1]}'s checkpoints"
-    line = f"Disk: about {_size(need)} of checkpoints for {len(params)} runs (per run {per_run}); {free}"
-    if need > shutil.disk_usage(sweep.out).free:
-        line += "\nWARNING: the checkpoints will not fit in the free space"
-    return line
-
-
 # -- the report -------------------------------------------------------------------------------------
 def _fmt(value) -> str:
     if value is None:
@@ -796,7 +460,7 @@ def main(argv=None) -> int:
         agent = Agent(sweep, args.count, max(1, args.jobs or 1), gpus, shard)
     except UsageError as err:
         parser.error(str(err))
-    print(disk_estimate(agent), flush=True)
+    print(disk_estimate(sweep, agent.total), flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM: stop cleanly, like Ctrl-C
     try:
         agent.run()
