@@ -348,6 +348,35 @@ def test_three_shards_split_a_grid_and_a_killed_shard_resumes_its_own_runs(tmp_p
     assert sum(len(standin_starts(out, r["name"])) for r in runs) == 7  # 6 runs, one resumed once
 
 
+def test_a_run_is_held_while_its_owner_lives_here_or_beats_elsewhere(tmp_path):
+    from towers import sweep_state
+
+    path = write_sweep(tmp_path, {"model.lr": {"values": [0.01]}})
+    agent = agent_mod.Agent(agent_mod.Sweep(path, tmp_path / "out"), count=None)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        now = time.time()
+        here = {"host": sweep_state.HOST, "pid": sleeper.pid, "start": sweep_state.process_start(sleeper.pid),
+                "heartbeat": now - 3600}  # on this host the pid decides, not the heartbeat
+        elsewhere = {"host": "other-node", "pid": 1, "start": 0, "heartbeat": now - 10}
+        assert sweep_state.owner_alive(here, now) and sweep_state.owner_alive(elsewhere, now)
+        assert not sweep_state.owner_alive(dict(here, start=here["start"] + 1), now)  # the pid reused
+        assert not sweep_state.owner_alive(dict(elsewhere, heartbeat=now - sweep_state.STALE_SECONDS - 1), now)
+        for owner in (here, elsewhere):
+            with agent.sweep.locked():
+                agent.sweep.runs[0].update(status="running", owner=owner)
+            assert agent.claim() is None  # a live agent's run is never taken
+            with agent.sweep.locked():
+                assert [r["name"] for r in agent.held_by_others(time.time())] == ["run-000"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with agent.sweep.locked():
+        agent.sweep.runs[0]["owner"] = here
+    assert agent.claim() == ("run-000", None)  # its owner is gone: taken, and held by this agent now
+    assert agent.is_me(state(tmp_path / "out")["runs"][0]["owner"])
+
+
 def test_two_agents_started_at_once_on_one_state_run_each_run_once(tmp_path):
     path = write_sweep(tmp_path, {"model.num_towers": {"values": [1, 2]}, "seed_everything": {"values": [0, 1]},
                                   "standin.sleep": {"value": 0.2}})
