@@ -95,16 +95,17 @@ def disk_estimate(sweep: Sweep, total: int) -> str:
         params += [drawn] * (total - len(params)) if drawn else []
     free = f"{_size(shutil.disk_usage(sweep.out).free)} free under {sweep.out}"
     if Path(sweep.config["program"]).name == "train.py" and Path(sweep.config["program"]).exists():
+        def condition(p):  # the seed changes no size: one parse per condition
+            return json.dumps({k: v for k, v in p.items() if k not in SEED_KEYS}, sort_keys=True)
+
         cache = {}
         try:
-            for p in params:  # the seed changes no size: one parse per condition
-                key = json.dumps({k: v for k, v in p.items() if k not in SEED_KEYS}, sort_keys=True)
-                if key not in cache:
-                    cache[key] = train_checkpoint_bytes(sweep.config, p)
+            for p in params:
+                if condition(p) not in cache:
+                    cache[condition(p)] = train_checkpoint_bytes(sweep.config, p)
         except (Exception, SystemExit) as err:  # noqa: BLE001  an estimate only: the runs report a bad config
             return f"Disk: no estimate, the runs' config did not parse ({type(err).__name__}: {err}); {free}"
-        sizes = [cache[json.dumps({k: v for k, v in p.items() if k not in SEED_KEYS}, sort_keys=True)]
-                 for p in params]
+        sizes = [cache[condition(p)] for p in params]
         need = sum(s[0] for s in sizes)
 
         def span(values, fmt):
