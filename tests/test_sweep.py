@@ -1,7 +1,8 @@
-"""The sweep files (W&B schema, the command wandb agent renders, what train.py parses from it) and
-the offline agent (towers/sweep.py) driving a stand-in training program: kill and resume, failure,
-divergence, the table."""
+"""The sweep files (W&B schema, the command wandb agent renders, what train.py parses from it, the
+W&B project) and the offline agent (towers/sweep.py) driving a stand-in training program: GPUs,
+shards, two agents at once, kill and resume, failure, divergence, the disk estimate, the table."""
 
+import collections
 import copy
 import itertools
 import json
@@ -133,9 +134,51 @@ def test_rendered_command_parses_to_the_swept_values(path, tmp_path, monkeypatch
         TowerClassifier(**{**model_args, "width_multiplier": 1 / 16, "image_size": 67})
 
 
+def wandb_sweep_project(path, monkeypatch):
+    """The project `wandb sweep FILE` creates the sweep in, decided by wandb's own CLI. No server: the
+    call that would create the sweep is intercepted, and no settings file or login gives a default."""
+    import wandb
+    import wandb.apis.public.sweeps as public_sweeps
+    from click.testing import CliRunner
+    from wandb.cli import cli
+
+    created = {}
+
+    class NoServer:
+        def __init__(self):
+            self.settings = collections.defaultdict(lambda: None)
+
+    def upsert(api, config, project=None, entity=None, **kwargs):
+        created["project"] = project
+        raise RuntimeError("no W&B server in the tests")
+
+    monkeypatch.setattr(wandb, "Api", lambda *args, **kwargs: NoServer())
+    monkeypatch.setattr(public_sweeps, "_upsert_sweep", upsert)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    CliRunner().invoke(cli.sweep, [str(path)])
+    return created["project"]
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
+def test_the_sweep_and_its_runs_log_to_one_wandb_project(path, tmp_path, monkeypatch):
+    # Without `project:` wandb sweep names the project after the clone's folder, while the runs'
+    # logger names its own; under `wandb agent ENTITY/PROJECT/ID` the runs go to the sweep's.
+    config = yaml.safe_load(path.read_text())
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    project = wandb_sweep_project(path, monkeypatch)
+    assert project == config["project"]
+    params = sample_params(config, 1)[0]
+    logger = parse_train_args(agent_mod.render_command(config, params)[3:])["trainer"]["logger"]
+    assert logger.class_path.endswith("WandbLogger") and logger.init_args.project == project
+    agent = agent_mod.Agent(agent_mod.Sweep(path, tmp_path / "out"), count=1)
+    assert agent.run_env({"name": "run-000", "params": params}, None)["WANDB_PROJECT"] == project
+
+
 # -- the offline agent ------------------------------------------------------------------------------
 def write_sweep(tmp_path, parameters, method="grid", **extra):
-    config = {"program": str(FIXTURES / "standin_train.py"), "method": method,
+    config = {"program": str(FIXTURES / "standin_train.py"), "method": method, "project": "towers-test",
               "metric": {"name": "val/acc", "goal": "maximize"}, "parameters": parameters,
               "command": ["${env}", "${interpreter}", "${program}", "fit", "--config",
                           str(FIXTURES / "standin.yaml"), "${args}"], **extra}
@@ -151,6 +194,48 @@ def state(out):
 def epochs_run(out, name):
     log = out / "runs" / name / "epochs.log"
     return [int(x) for x in log.read_text().split()] if log.exists() else []
+
+
+def standin_starts(out, name):
+    """What each stand-in process of a run saw: its environment, start and end time (env.json)."""
+    return [json.loads(p.read_text()) for p in sorted((out / "runs" / name).glob("standin-*/env.json"))]
+
+
+def agent_process(path, out, log, *args):
+    """An agent in a process of its own (so it can be killed), its output in the file log."""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "towers.sweep", str(path), "--out", str(out), *args],
+                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=f, stderr=f)
+
+
+def wait_until(condition, agent, what, log):
+    deadline = time.time() + 150
+    while not condition():
+        assert agent.poll() is None, f"the agent ended before {what}:\n{log.read_text()}"
+        assert time.time() < deadline, f"no {what}"
+        time.sleep(0.05)
+
+
+def wait_dead(pid):
+    for _ in range(100):  # a run process dies with its agent (PR_SET_PDEATHSIG)
+        if not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"run process {pid} outlived its agent")
+
+
+def test_the_agent_needs_no_lightning_and_agrees_with_towers_runs(tmp_path):
+    from towers import runs
+
+    assert agent_mod.EXIT_DIVERGED == runs.EXIT_DIVERGED
+    (tmp_path / "a" / "checkpoints").mkdir(parents=True)
+    for name in ("a/checkpoints/last.ckpt", "a/checkpoints/epoch=1.ckpt", "last-v1.ckpt"):
+        (tmp_path / name).write_text(name)
+        time.sleep(0.01)
+    assert agent_mod.newest_last_checkpoint(tmp_path) == runs.newest_last_checkpoint(tmp_path) == tmp_path / "last-v1.ckpt"
+    loaded = subprocess.run([sys.executable, "-c", "import sys, towers.sweep; print('lightning' in sys.modules)"],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, check=False)
+    assert loaded.stdout.strip() == "False", loaded.stderr
 
 
 def test_failed_and_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path, capsys):
@@ -169,61 +254,165 @@ def test_failed_and_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path, c
         assert runs[key]["status"] == "diverged" and runs[key]["exit_code"] == 3
         assert "NaN or infinite" in runs[key]["message"]
     printed = capsys.readouterr().out
+    assert "Disk: no estimate until a run of" in printed  # the stand-in is not train.py: nothing to measure yet
     table = printed[printed.index("run "):]
     assert "diverged" in table and "failed" in table and failed["log"] in table
     row = next(line for line in table.splitlines() if line.startswith(runs[0.01, 99]["name"]))
     assert "0.8333" in row and "0.2" in row and "0.002" in row  # val/acc, eta2, p_value of bisection.json
-    # a second start has nothing left to do: no run is repeated
+    # a second start has nothing left to do: no run is repeated; its estimate is the runs' own checkpoints
     assert agent_mod.main([str(path), "--out", str(out)]) == 0
     assert len(state(out)["runs"]) == 4
     assert all(len(r["attempts"]) == 1 for r in state(out)["runs"])
+    largest = max((out / "runs" / r["name"] / "checkpoints" / "last.ckpt").stat().st_size
+                  for r in state(out)["runs"] if (out / "runs" / r["name"] / "checkpoints").exists())
+    assert f"Disk: about {agent_mod._size(4 * largest)} of checkpoints for 4 runs" in capsys.readouterr().out
 
 
-def test_killed_agent_resumes_without_repeating_or_losing_a_run(tmp_path):
-    path = write_sweep(tmp_path, {"model.num_towers": {"values": [1, 2]}, "seed_everything": {"values": [0, 1]},
-                                  "standin.sleep": {"value": 0.6}})
+def test_gpus_give_each_run_its_own_gpu_and_never_one_gpu_two_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    path = write_sweep(tmp_path, {"model.num_towers": {"values": [1, 2, 3]}, "seed_everything": {"values": [0, 1]},
+                                  "standin.sleep": {"value": 0.15}})
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    agent = subprocess.Popen([sys.executable, "-m", "towers.sweep", str(path), "--out", str(out)],
-                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        # kill it while run-001 is in flight with at least one epoch checkpointed
-        deadline = time.time() + 150
-        while time.time() < deadline:
-            if epochs_run(out, "run-001"):
-                break
-            assert agent.poll() is None, "the agent ended before it could be killed"
-            time.sleep(0.1)
-        else:
-            pytest.fail("run-001 never started")
-        agent.send_signal(signal.SIGKILL)
-        agent.wait()
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-    killed = state(out)
-    assert [r["status"] for r in killed["runs"]] == ["finished", "running"]
-    child = killed["runs"][1]["attempts"][0]["pid"]
-    for _ in range(100):  # the run process dies with its agent (PR_SET_PDEATHSIG)
-        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
-            break
-        time.sleep(0.1)
-    epochs_before = epochs_run(out, "run-001")
-    assert 1 <= len(epochs_before) < 3
-
-    assert agent_mod.main([str(path), "--out", str(out)]) == 0  # the same arguments again
+    assert agent_mod.main([str(path), "--out", str(out), "--gpus", "3,7"]) == 0
     runs = state(out)["runs"]
-    assert [r["name"] for r in runs] == ["run-000", "run-001", "run-002", "run-003"]
+    assert [r["status"] for r in runs] == ["finished"] * 6
+    spans = {"3": [], "7": []}
+    for run in runs:
+        (attempt,) = run["attempts"]
+        (seen,) = standin_starts(out, run["name"])
+        assert seen["env"]["CUDA_VISIBLE_DEVICES"] == attempt["gpu"]
+        spans[attempt["gpu"]].append((seen["start"], seen["end"]))
+        # W&B: the sweep file's project, the sweep as group, the condition (no seed) as job type
+        assert seen["env"]["WANDB_PROJECT"] == "towers-test" and seen["env"]["WANDB_RUN_GROUP"] == "out"
+        assert seen["env"]["WANDB_JOB_TYPE"] == f"num_towers={run['params']['model.num_towers']}"
+    assert spans["3"] and spans["7"]
+    for gpu, starts in spans.items():  # one GPU's runs one after the other
+        starts.sort()
+        assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(starts)), (gpu, starts)
+
+
+def test_gpu_ids_count_within_the_agents_own_visible_devices_and_bad_options_get_one_line(tmp_path, monkeypatch,
+                                                                                           capsys):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6")  # e.g. the GPUs SLURM gave the job
+    path = write_sweep(tmp_path, {"model.lr": {"values": [0.01]}})
+    out = tmp_path / "out"
+    assert agent_mod.main([str(path), "--out", str(out), "--gpus", "1", "--shard", "0/2"]) == 0
+    (seen,) = standin_starts(out, "run-000")
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "6"
+    capsys.readouterr()
+    for bad in (["--gpus", "2"], ["--gpus", "0,0"], ["--jobs", "3", "--gpus", "0,1"], ["--shard", "2/2"],
+                ["--shard", "1"], ["--shard", "0/3"]):  # the last: this sweep was split into 2
+        with pytest.raises(SystemExit) as stopped:
+            agent_mod.main([str(path), "--out", str(out), *bad])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and f"error: {bad[0]}" in err and "Traceback" not in err, err
+
+
+def test_three_shards_split_a_grid_and_a_killed_shard_resumes_its_own_runs(tmp_path):
+    path = write_sweep(tmp_path, {"model.num_towers": {"values": [1, 2, 3]}, "seed_everything": {"values": [0, 1]},
+                                  "standin.sleep": {"value": 0.5}})
+    out = tmp_path / "out"
+    logs = [tmp_path / f"agent{i}.log" for i in range(3)]
+    agents = [agent_process(path, out, logs[i], "--shard", f"{i}/3") for i in range(3)]
+    try:
+        # shard 1 owns run-001 and run-004: kill its agent while run-001 is in flight, one epoch saved
+        wait_until(lambda: epochs_run(out, "run-001"), agents[1], "run-001's first epoch", logs[1])
+        agents[1].send_signal(signal.SIGKILL)
+        agents[1].wait()
+        killed = state(out)["runs"][1]  # readable after the kill
+        assert killed["status"] == "running" and killed["owner"]["pid"] == agents[1].pid
+        wait_dead(killed["attempts"][0]["pid"])
+        assert 1 <= len(epochs_run(out, "run-001")) < 3
+        assert agent_mod.main([str(path), "--out", str(out), "--shard", "1/3"]) == 0  # the same arguments again
+        for agent, log in zip(agents, logs):
+            assert agent.wait(timeout=150) in (0, -signal.SIGKILL), log.read_text()
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+    runs = state(out)["runs"]
+    assert [r["name"] for r in runs] == [f"run-{k:03d}" for k in range(6)]
     assert {(r["params"]["model.num_towers"], r["params"]["seed_everything"]) for r in runs} == \
-        set(itertools.product([1, 2], [0, 1]))
-    assert all(r["status"] == "finished" for r in runs)
-    assert len(runs[0]["attempts"]) == 1  # finished before the kill: not repeated
-    resumed = runs[1]["attempts"]
-    assert len(resumed) == 2 and resumed[1]["resumed_from"].endswith("last.ckpt")
-    assert resumed[1]["command"][-1] == f"--ckpt_path={resumed[1]['resumed_from']}"
-    for run in runs:  # every epoch run exactly once, and the history has each once
+        set(itertools.product([1, 2, 3], [0, 1]))
+    shard_of = {agents[0].pid: 0, agents[1].pid: 1, agents[2].pid: 2, os.getpid(): 1}
+    for k, run in enumerate(runs):  # each run by its own shard, every epoch exactly once
+        assert run["status"] == "finished" and run["owner"] is None
+        assert {shard_of[a["agent"]] for a in run["attempts"]} == {k % 3}
+        assert len(run["attempts"]) == (2 if k == 1 else 1)
         assert epochs_run(out, run["name"]) == [0, 1, 2]
         assert [h["epoch"] for h in run["history"]] == [0, 1, 2]
+    resumed = runs[1]["attempts"][1]
+    assert resumed["resumed_from"].endswith("last.ckpt")
+    assert resumed["command"][-1] == f"--ckpt_path={resumed['resumed_from']}"
+    assert sum(len(standin_starts(out, r["name"])) for r in runs) == 7  # 6 runs, one resumed once
+
+
+def test_a_run_is_held_while_its_owner_lives_here_or_beats_elsewhere(tmp_path):
+    from towers import sweep_state
+
+    path = write_sweep(tmp_path, {"model.lr": {"values": [0.01]}})
+    agent = agent_mod.Agent(agent_mod.Sweep(path, tmp_path / "out"), count=None)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        now = time.time()
+        here = {"host": sweep_state.HOST, "pid": sleeper.pid, "start": sweep_state.process_start(sleeper.pid),
+                "heartbeat": now - 3600}  # on this host the pid decides, not the heartbeat
+        elsewhere = {"host": "other-node", "pid": 1, "start": 0, "heartbeat": now - 10}
+        assert sweep_state.owner_alive(here, now) and sweep_state.owner_alive(elsewhere, now)
+        assert not sweep_state.owner_alive(dict(here, start=here["start"] + 1), now)  # the pid reused
+        assert not sweep_state.owner_alive(dict(elsewhere, heartbeat=now - sweep_state.STALE_SECONDS - 1), now)
+        for owner in (here, elsewhere):
+            with agent.sweep.locked():
+                agent.sweep.runs[0].update(status="running", owner=owner)
+            assert agent.claim() is None  # a live agent's run is never taken
+            with agent.sweep.locked():
+                assert [r["name"] for r in agent.held_by_others(time.time())] == ["run-000"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with agent.sweep.locked():
+        agent.sweep.runs[0]["owner"] = here
+    assert agent.claim() == ("run-000", None)  # its owner is gone: taken, and held by this agent now
+    assert agent.is_me(state(tmp_path / "out")["runs"][0]["owner"])
+
+
+def test_two_agents_started_at_once_on_one_state_run_each_run_once(tmp_path):
+    path = write_sweep(tmp_path, {"model.num_towers": {"values": [1, 2]}, "seed_everything": {"values": [0, 1]},
+                                  "standin.sleep": {"value": 0.2}})
+    out = tmp_path / "out"
+    logs = [tmp_path / f"agent{i}.log" for i in range(2)]
+    agents = [agent_process(path, out, log) for log in logs]
+    for agent, log in zip(agents, logs):
+        assert agent.wait(timeout=150) == 0, log.read_text()
+    runs = state(out)["runs"]
+    assert [r["name"] for r in runs] == [f"run-{k:03d}" for k in range(4)]
+    for run in runs:
+        assert run["status"] == "finished" and len(run["attempts"]) == 1
+        assert len(standin_starts(out, run["name"])) == 1 and epochs_run(out, run["name"]) == [0, 1, 2]
+    assert {a["agent"] for r in runs for a in r["attempts"]} <= {a.pid for a in agents}
+
+
+def test_a_run_that_ended_while_its_agent_was_killed_is_recorded_from_its_files(tmp_path, capsys):
+    # the stand-in writes its last checkpoint, status.json and bisection.json, then SIGKILLs the agent
+    marker = tmp_path / "agent-killed"
+    path = write_sweep(tmp_path, {"model.num_towers": {"values": [2]},
+                                  "standin.kill_agent_at_end": {"value": str(marker)}})
+    out = tmp_path / "out"
+    agent = agent_process(path, out, tmp_path / "agent.log")
+    assert agent.wait(timeout=150) == -signal.SIGKILL, (tmp_path / "agent.log").read_text()
+    (before,) = state(out)["runs"]
+    assert before["status"] == "running" and before["summary"] == {}  # killed before it recorded the end
+    assert agent_mod.main([str(path), "--out", str(out)]) == 0
+    (run,) = state(out)["runs"]
+    assert run["status"] == "finished" and len(run["attempts"]) == 1  # recorded, not run again
+    assert "recorded from" in run["attempts"][0]["note"] and run["owner"] is None
+    assert epochs_run(out, run["name"]) == [0, 1, 2]
+    assert run["summary"]["val/acc"] == pytest.approx(1 - 0.5 / 3)
+    assert run["bisection"]["eta2"] == pytest.approx(0.2) and run["bisection"]["p_value"] == pytest.approx(0.002)
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.startswith(run["name"] + " "))
+    assert "finished" in row and "0.8333" in row and "0.2" in row and "0.002" in row
 
 
 def test_hyperband_stops_runs_that_fall_behind(tmp_path):
@@ -259,13 +448,14 @@ def test_a_random_sweep_needs_a_count(tmp_path):
     assert [r["status"] for r in state(tmp_path / "out")["runs"]] == ["finished", "finished"]
 
 
-def test_demo_sweep_end_to_end_through_train_py(tmp_path):
+def test_demo_sweep_end_to_end_through_train_py(tmp_path, capsys):
     """The real chain: towers.sweep -> the command of sweeps/demo.yaml -> train.py -> offline W&B runs.
 
     Needs the data module and configs/demo.yaml (the data branch); a second config after demo.yaml
-    makes the data and the network tiny and keeps the generated images in tmp_path.
+    makes the data and the network tiny and keeps the generated images in tmp_path. The disk estimate
+    printed before the run is compared with the checkpoints the run wrote.
     """
-    from tests.test_logging import wandb_run_contents
+    from tests.test_logging import wandb_records, wandb_run_contents
 
     config = yaml.safe_load((ROOT / "sweeps/demo.yaml").read_text())
     tiny = tmp_path / "tiny.yaml"
@@ -297,3 +487,15 @@ def test_demo_sweep_end_to_end_through_train_py(tmp_path):
         assert (folder / "files" / "bisection.json").exists()
         assert 0 <= run["bisection"]["eta2"] <= 1 and 0 < run["bisection"]["p_value"] <= 1
         assert (folder / "files" / "kernels.png").exists(), "kernel images belong in the W&B run folder"
+        (record,) = [r.run for r in wandb_records(next(folder.glob("*.wandb"))) if r.WhichOneof("record_type") == "run"]
+        assert (record.project, record.run_group, record.job_type) == \
+            (config["project"], "out", f"num_towers={run['params']['model.num_towers']}")
+    # the estimate: 2 checkpoint files (the latest epoch, last.ckpt links to it; the best) of weights and momentum
+    printed = capsys.readouterr().out
+    estimate, files, parameters, per_parameter = agent_mod.train_checkpoint_bytes(config, runs[0]["params"])
+    assert (files, per_parameter) == (2, 8)
+    assert f"Disk: about {agent_mod._size(estimate)} of checkpoints for 1 runs (per run 2 checkpoint files x " \
+           f"{parameters / 1e6:.1f}M parameters x 8 bytes" in printed
+    written = [p for p in (out / "runs" / runs[0]["name"]).rglob("*.ckpt") if not p.is_symlink()]
+    assert len(written) == 2
+    assert 0.9 < sum(p.stat().st_size for p in written) / estimate < 1.1
