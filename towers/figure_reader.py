@@ -17,8 +17,9 @@ dropped. Crop captions and labels away first.
    separator when its mean distance from that level is under half the median row's (column's): content
    differs from the separator colour wherever it is. The runs between separators are the cell rows
    (columns); slivers are dropped, a run about k cells long (a line lost to blur or JPEG) is split in k.
-   With ``grid`` given, the runs are merged or split until there are exactly that many. A grid whose
-   cells still differ in size by more than a third is refused (give ``grid``, or crop).
+   With ``grid`` given, these runs are used when there are as many as asked for; otherwise the whole
+   picture (crop it to the grid) is cut into that many equal cells. A grid whose cells differ in size by more than a third
+   is refused (give ``grid``, or crop).
 2. **Resampling.** Every cell is averaged onto the kernel's ``size`` x ``size`` pixels by exact area
    weights (any cell size; a cell smaller than the kernel is repeated, not invented, and noted).
 3. **The display offset.** A display maps a weight w to a pixel a*w + b with an unknown scale a and grey
@@ -54,6 +55,7 @@ OFFSET_MODES = ("auto", "kernel", "global")
 
 # Detection constants, in units of the picture's own spread (not of any one figure):
 UNIFORM = 0.3  # a row is uniform when its luminance spread is under this fraction of the median row's
+FLAT = 0.03  # ... and the margin trimmed off is flat in absolute terms too (8 of 255 levels: JPEG noise, no kernel)
 SEPARATOR = 0.5  # a row is a separator when its distance from the separator level is under this fraction of the median row's
 EDGE = 0.9  # a cell's edge pixel is dimmed by a blurred line when its distance from the line's level is under this fraction of the cell middle's
 SLIVER = 0.4  # a run shorter than this fraction of the median cell is no cell
@@ -162,7 +164,7 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 def _trim(lum: np.ndarray) -> tuple[slice, slice]:
     """The box inside the picture's uniform outer margin (rows or columns of one level, any level)."""
     def inner(spread):
-        busy = np.flatnonzero(spread >= UNIFORM * np.median(spread))
+        busy = np.flatnonzero(spread >= min(UNIFORM * np.median(spread), FLAT))
         if busy.size == 0:
             raise FigureError("the picture is uniform: no kernels in it")
         return slice(int(busy[0]), int(busy[-1]) + 1)
@@ -186,27 +188,16 @@ def _split(band: tuple[int, int], parts: int) -> list[tuple[int, int]]:
     return [(int(x), int(y)) for x, y in zip(edges[:-1], edges[1:])]
 
 
-def _fit(bands: list, count: int | None) -> list:
-    """Cell runs from content runs: slivers dropped; with ``count``, merged or split until there are
-    exactly ``count``; without, a run about k cells long split in k."""
+def _fit(bands: list) -> list:
+    """Cell runs from content runs: slivers dropped, a run about k cells long split in k."""
     if not bands:
         return bands
     length = np.array([b - a for a, b in bands], dtype=float)
     bands = [b for b, n in zip(bands, length) if n >= SLIVER * np.median(length)]
-    if count is None:
-        length = np.array([b - a for a, b in bands], dtype=float)
-        gaps = np.array([c - b for (_, b), (c, _) in zip(bands[:-1], bands[1:])], dtype=float)
-        cell, line = np.median(length), (np.median(gaps) if gaps.size else 0.0)
-        parts = np.maximum(1, np.round((length + line) / (cell + line))).astype(int)
-    else:
-        while len(bands) > count:  # spurious splits: merge the neighbours that make the shortest run
-            joined = [c[1] - b[0] for b, c in zip(bands[:-1], bands[1:])]
-            i = int(np.argmin(joined))
-            bands[i:i + 2] = [(bands[i][0], bands[i + 1][1])]
-        parts = np.ones(len(bands), dtype=int)
-        length = np.array([b - a for a, b in bands], dtype=float)
-        while parts.sum() < count:  # lost lines: split the run whose cells are longest
-            parts[int(np.argmax(length / parts))] += 1
+    length = np.array([b - a for a, b in bands], dtype=float)
+    gaps = np.array([c - b for (_, b), (c, _) in zip(bands[:-1], bands[1:])], dtype=float)
+    cell, line = np.median(length), (np.median(gaps) if gaps.size else 0.0)
+    parts = np.maximum(1, np.round((length + line) / (cell + line))).astype(int)
     return [cell for band, k in zip(bands, parts) for cell in _split(band, int(k))]
 
 
@@ -221,7 +212,9 @@ def _cells_on_axis(lum: np.ndarray, level: float | None, count: int | None, axis
     else:
         distance = np.abs(lum - level).mean(1 - axis)
         content = _runs(distance >= SEPARATOR * np.median(distance))
-    cells = _fit(content, count)
+    cells = _fit(content)
+    if count is not None and len(cells) != count:  # the lines do not give the grid asked for: equal cells
+        return None, None  # of the whole picture (read_figure), margins included
     sizes = np.array([b - a for a, b in cells])
     if sizes.max() > IRREGULAR * sizes.min() + 1:
         raise FigureError(f"the cell {name} found are of irregular size ({sizes.min()} to {sizes.max()} px): "
@@ -326,6 +319,10 @@ def read_figure(picture, towers: int, grid: tuple[int, int] | None = None, size:
         raise FigureError("found no separating lines between the cells; give --grid ROWSxCOLS")
     rows, row_cores = _cells_on_axis(lum, level, grid and grid[0], 0, "rows")
     cols, col_cores = _cells_on_axis(lum, level, grid and grid[1], 1, "columns")
+    if rows is None:
+        rows = row_cores = _split((-box[0].start, image.shape[0] - box[0].start), grid[0])
+    if cols is None:
+        cols = col_cores = _split((-box[1].start, image.shape[1] - box[1].start), grid[1])
     if len(rows) % towers:
         raise FigureError(f"found {len(rows)} rows of cells, which cannot go to {towers} towers equally; "
                           f"give --grid ROWSxCOLS if that count is wrong")
