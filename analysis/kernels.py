@@ -161,7 +161,7 @@ def table(rec: dict) -> str:
 
 def analyse(path: Path, args, stem: str) -> dict:
     """One input: load, measure (or take the saved record), print its table and verdict, write its files."""
-    figure = {"grid": args.grid, "size": args.kernel_size, "offset": args.offset}
+    figure = {"grid": args.grid, "size": args.kernel_size, "offset": args.offset, "chroma": args.jpeg_chroma}
     loaded = load(path, args.towers, args.record, figure)
     settings = loaded["settings"]
     for name in settings:
@@ -259,14 +259,17 @@ def main(argv=None) -> dict | list[dict]:
     picture.add_argument("--offset", choices=OFFSET_MODES, default="auto",
                          help="the display's grey offset to remove: per kernel, one global, or as the picture shows "
                               "(auto: per kernel when every kernel is stretched to the full range)")
+    picture.add_argument("--jpeg-chroma", metavar="HxV",
+                         help="the chroma subsampling of the JPEG the picture once was, e.g. 2x2 (4:2:0) for a figure "
+                              "taken from a PDF as PNG; 1x1 for none (default: a JPEG file's own, else 1x1)")
     args = parser.parse_args(argv)
     if args.json and len(args.paths) > 1:
         parser.error("--json writes one input's record; with several inputs use --out")
-    if args.grid:
-        try:
-            args.grid = parse_grid(args.grid)
-        except FigureError as e:
-            parser.error(str(e))
+    try:
+        args.grid = args.grid and parse_grid(args.grid)
+        args.jpeg_chroma = args.jpeg_chroma and parse_grid(args.jpeg_chroma)
+    except FigureError as e:
+        parser.error(str(e))
 
     records = []
     for path, stem in zip(args.paths, _stems(args.paths, args.record, args.out is not None)):

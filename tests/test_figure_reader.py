@@ -74,7 +74,8 @@ def assert_read_back(kernels, read, max_error=0.05):
     assert read.kernels.shape == tuple(kernels.shape)
     assert np.abs(back - own).max() < max_error
     assert spearmanr(back, own).statistic >= 0.95
-    expected, got = verdict(kernels, permutations=B), verdict(read.kernels, permutations=B)
+    expected = verdict(kernels, permutations=B, sensitivity=False)
+    got = verdict(read.kernels, permutations=B, sensitivity=False)
     assert got.verdict == expected.verdict
     assert (got.agnostic_tower, got.specific_tower) == (expected.agnostic_tower, expected.specific_tower)
     assert got.kernel_class == expected.kernel_class
@@ -151,7 +152,7 @@ def test_a_mixed_construction_reads_back_not_specialised():
 
 def test_parse_grid_and_pictures_without_lines():
     assert parse_grid("8x12") == (8, 12) and parse_grid("6X16") == (6, 16)
-    with pytest.raises(FigureError, match="ROWSxCOLS"):
+    with pytest.raises(FigureError, match="expected two counts"):
         parse_grid("96")
     kernels = spread_towers()
     abutting = kernel_grid(kernels, pad=0, gap=0) / 255  # no lines at all: only a given grid can cut it

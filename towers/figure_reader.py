@@ -13,7 +13,8 @@ Blank cells (separator colour, no content; ``kernel_grid`` fills a tower's last 
 dropped. Crop captions and labels away first.
 
 1. **Cells.** The picture's uniform outer margin is trimmed. The separator colour is the median level
-   of the interior rows and columns that are uniform (low luminance spread); a row (column) is a
+   of the interior rows and columns that are uniform (low luminance spread; if none is, the 3% least
+   varied: blurred lines); a row (column) is a
    separator when its mean distance from that level is under half the median row's (column's): content
    differs from the separator colour wherever it is. The runs between separators are the cell rows
    (columns); slivers are dropped, a run about k cells long (a line lost to blur or JPEG) is split in k.
@@ -73,7 +74,7 @@ class FigureKernels:
     kernels: np.ndarray  # (towers, n, 3, size, size), float64, display offset removed; units of the full pixel range
     rows: list  # [(start, stop)] pixel rows of every cell row, in the picture
     cols: list  # [(start, stop)] pixel columns of every cell column
-    separator_level: float | None  # luminance of the separating lines in [0, 1]; None when none were found
+    separator_level: float  # luminance of the separating lines in [0, 1] (of the least varied rows if there are none)
     row_blocks: list  # cell rows per block of rows, blocks split by a wider gap ([rows] when there is none)
     blank: int  # blank cells dropped
     offset: str  # "kernel" or "global": the offset that was removed
@@ -143,13 +144,13 @@ def match_chroma_resolution(image: np.ndarray, chroma: tuple[int, int]) -> np.nd
 
 
 def parse_grid(text: str) -> tuple[int, int]:
-    """``"8x12"`` -> (8, 12)."""
+    """``"8x12"`` -> (8, 12) (a grid's rows and columns, or a JPEG's chroma subsampling)."""
     try:
         rows, cols = (int(x) for x in text.lower().replace("×", "x").split("x"))
     except ValueError:
-        raise FigureError(f"--grid {text!r}: expected ROWSxCOLS, e.g. 8x12") from None
+        raise FigureError(f"{text!r}: expected two counts such as 8x12") from None
     if rows < 1 or cols < 1:
-        raise FigureError(f"--grid {text!r}: rows and columns must be positive")
+        raise FigureError(f"{text!r}: both counts must be positive")
     return rows, cols
 
 
@@ -172,14 +173,15 @@ def _trim(lum: np.ndarray) -> tuple[slice, slice]:
     return inner(lum.std(1)), inner(lum.std(0))
 
 
-def _separator_level(lum: np.ndarray) -> float | None:
-    """Median level of the uniform interior rows and columns; None when there are none."""
-    levels = []
-    for axis in (1, 0):
-        spread = lum.std(axis)
-        levels.append(lum.mean(axis)[spread < UNIFORM * np.median(spread)])
-    levels = np.concatenate(levels)
-    return float(np.median(levels)) if levels.size else None
+def _separator_level(lum: np.ndarray) -> float:
+    """Median level of the uniform interior rows and columns; when none is uniform (thin lines blurred by
+    resizing), of the 3% least varied ones, which are the lines' centres if there are lines."""
+    spreads = np.concatenate([lum.std(1), lum.std(0)])
+    levels = np.concatenate([lum.mean(1), lum.mean(0)])
+    uniform = spreads < UNIFORM * np.median(spreads)
+    if not uniform.any():
+        uniform = spreads <= np.quantile(spreads, 0.03)
+    return float(np.median(levels[uniform]))
 
 
 def _split(band: tuple[int, int], parts: int) -> list[tuple[int, int]]:
@@ -205,17 +207,13 @@ def _cells_on_axis(lum: np.ndarray, level: float | None, count: int | None, axis
     """Cell runs along one axis of the trimmed luminance (axis 0: rows), and their cores: the runs less
     the edge pixels a blurred line has dimmed or brightened (closer to the line's level than the cell's
     middle half is, by EDGE; at most a sixth of the cell from each side)."""
-    extent = lum.shape[axis]
-    if level is None:
-        distance = np.ones(extent)
-        content = [(0, extent)]
-    else:
-        distance = np.abs(lum - level).mean(1 - axis)
-        content = _runs(distance >= SEPARATOR * np.median(distance))
-    cells = _fit(content)
+    distance = np.abs(lum - level).mean(1 - axis)
+    cells = _fit(_runs(distance >= SEPARATOR * np.median(distance)))
     if count is not None and len(cells) != count:  # the lines do not give the grid asked for: equal cells
         return None, None  # of the whole picture (read_figure), margins included
     sizes = np.array([b - a for a, b in cells])
+    if len(cells) < 2 and count is None:
+        raise FigureError(f"found no separating lines between the cell {name}; give --grid ROWSxCOLS")
     if sizes.max() > IRREGULAR * sizes.min() + 1:
         raise FigureError(f"the cell {name} found are of irregular size ({sizes.min()} to {sizes.max()} px): "
                           f"crop the picture to the kernel grid, or give --grid ROWSxCOLS")
@@ -315,8 +313,6 @@ def read_figure(picture, towers: int, grid: tuple[int, int] | None = None, size:
     box = _trim(lum)
     lum = lum[box]
     level = _separator_level(lum)
-    if level is None and grid is None:
-        raise FigureError("found no separating lines between the cells; give --grid ROWSxCOLS")
     rows, row_cores = _cells_on_axis(lum, level, grid and grid[0], 0, "rows")
     cols, col_cores = _cells_on_axis(lum, level, grid and grid[1], 1, "columns")
     if rows is None:
@@ -344,7 +340,7 @@ def read_figure(picture, towers: int, grid: tuple[int, int] | None = None, size:
     cells = resample(image, rows, cols, size)  # (R, C, 3, size, size)
     per_tower = cells.reshape(towers, -1, 3, size, size)
     flat = per_tower.reshape(*per_tower.shape[:2], -1)
-    blank = (np.ptp(flat, 2) < BLANK_RANGE) & (np.abs(flat.mean(2) - (level if level is not None else -1)) < BLANK_LEVEL)
+    blank = (np.ptp(flat, 2) < BLANK_RANGE) & (np.abs(flat.mean(2) - level) < BLANK_LEVEL)
     kept = (~blank).sum(1)
     if len(set(kept.tolist())) != 1 or kept[0] < 2:
         raise FigureError(f"the towers hold {', '.join(map(str, kept))} non-blank cells: they must hold the "
