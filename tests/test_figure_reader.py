@@ -117,6 +117,18 @@ def test_a_paper_style_jpeg_figure_reads_back(tmp_path):
     assert color_specificity(read.kernels[0]).max() < 0.25
 
 
+def test_weak_kernels_in_a_globally_scaled_figure_read_back_weak():
+    kernels = spread_towers().clone()
+    kernels[0, ::12] *= 0.1  # four faint kernels in each tower: weak (under a quarter of the median norm)
+    kernels[1, 5::12] *= 0.1
+    picture = np.asarray(Image.open(io.BytesIO(paper_figure(kernels))).convert("RGB")) / 255
+    read = read_figure(picture, towers=2, chroma=(2, 2))
+    expected = verdict(kernels, permutations=B, sensitivity=False)
+    got = verdict(read.kernels, permutations=B, sensitivity=False)
+    assert expected.weak_count == got.weak_count == [4, 4] and got.kernel_class == expected.kernel_class
+    assert got.verdict == expected.verdict == SPECIALISED
+
+
 def test_without_matching_the_chroma_resolution_jpeg_loses_colour():
     kernels = spread_towers()
     # kernel pixels of 3 picture pixels: 4:2:0 chroma loses much of the fine colour detail; matching
