@@ -232,7 +232,8 @@ def _stems(paths: list[Path], record: str, shared_out: bool) -> list[str]:
 
 
 def main(argv=None) -> dict | list[dict]:
-    """Returns the record of the one input, or the list of records of several."""
+    """Returns the record of the one input, or the list of records of several (one that could not be
+    measured: ``{"source", "error", "verdict": None}``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("paths", type=Path, nargs="+", metavar="path",
                         help="checkpoint (.ckpt/.pt), weight array (.pt/.npy), bisection.json or a picture of a "
@@ -271,13 +272,18 @@ def main(argv=None) -> dict | list[dict]:
     except FigureError as e:
         parser.error(str(e))
 
+    if len(args.paths) == 1:
+        return analyse(args.paths[0], args, _stems(args.paths, args.record, args.out is not None)[0])
     records = []
     for path, stem in zip(args.paths, _stems(args.paths, args.record, args.out is not None)):
-        if len(args.paths) > 1:
-            print(f"\n== {path}")
-        records.append(analyse(path, args, stem))
-    if len(records) == 1:
-        return records[0]
+        print(f"\n== {path}")
+        try:
+            records.append(analyse(path, args, stem))
+        except SystemExit as e:  # one bad input (a diverged run, a wrong file) does not hide the others
+            if not isinstance(e.code, str):
+                raise
+            print(e.code, file=sys.stderr)
+            records.append({"source": str(path), "error": e.code, "verdict": None})
     print("\nsummary")
     width = max(len(str(p)) for p in args.paths)
     for path, rec in zip(args.paths, records):
@@ -287,9 +293,11 @@ def main(argv=None) -> dict | list[dict]:
 
 if __name__ == "__main__":
     try:
-        main()
+        result = main()
     except SystemExit as e:  # a user's mistake: its one line, exit status 2
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
             sys.exit(2)
         raise
+    if isinstance(result, list) and any(r.get("error") for r in result):
+        sys.exit(2)

@@ -199,6 +199,13 @@ def test_analysis_script_reads_figures_and_several_inputs(tmp_path, capsys):
     summary = printed[printed.rindex("summary"):]
     assert all(name in summary for name in ("kernels.png", "figure3.jpg", "conv1.npy"))
     assert (tmp_path / "out" / "figure3_bisection.json").is_file()
+    # one input that cannot be read does not stop the others; the summary says what went wrong
+    (tmp_path / "notes.png").write_bytes(b"not a picture")
+    records = analysis.main([str(tmp_path / "notes.png"), str(tmp_path / "conv1.npy"), "--towers", "2",
+                             "--permutations", str(B), "--bootstrap", "200", "--out", str(tmp_path / "out")])
+    assert records[0]["verdict"] is None and "cannot be read as a picture" in records[0]["error"]
+    assert records[1]["verdict"] == SPECIALISED
+    assert "no verdict: " in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit:
         analysis.main([str(tmp_path / "kernels.png"), str(tmp_path / "conv1.npy"), "--towers", "2",
                        "--json", str(out)])

@@ -54,7 +54,7 @@ import numpy as np
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 OFFSET_MODES = ("auto", "kernel", "global")
 
-# Detection constants, in units of the picture's own spread (not of any one figure):
+# Detection constants, mostly in units of the picture's own spread (none fitted to any one figure):
 UNIFORM = 0.3  # a row is uniform when its luminance spread is under this fraction of the median row's
 FLAT = 0.03  # ... and the margin trimmed off is flat in absolute terms too (8 of 255 levels: JPEG noise, no kernel)
 SEPARATOR = 0.5  # a row is a separator when its distance from the separator level is under this fraction of the median row's
@@ -203,7 +203,7 @@ def _fit(bands: list) -> list:
     return [cell for band, k in zip(bands, parts) for cell in _split(band, int(k))]
 
 
-def _cells_on_axis(lum: np.ndarray, level: float | None, count: int | None, axis: int, name: str):
+def _cells_on_axis(lum: np.ndarray, level: float, count: int | None, axis: int, name: str):
     """Cell runs along one axis of the trimmed luminance (axis 0: rows), and their cores: the runs less
     the edge pixels a blurred line has dimmed or brightened (closer to the line's level than the cell's
     middle half is, by EDGE; at most a sixth of the cell from each side)."""
