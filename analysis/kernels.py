@@ -223,7 +223,7 @@ def _stems(paths: list[Path], record: str, shared_out: bool) -> list[str]:
     """The names of the files written per input; inputs with one name (runs' last.ckpt) written into one
     --out folder get their parent folders' names in front until the names differ."""
     suffix = ["_init" if record == "init" and p.suffix == ".json" else "" for p in paths]
-    for depth in range(0, max(len(p.parts) for p in paths)):
+    for depth in range(max(len(p.parts) for p in paths)):
         stems = ["_".join(p.parent.parts[len(p.parent.parts) - depth:] + (p.stem,)) + s if depth else p.stem + s
                  for p, s in zip(paths, suffix)]
         if not shared_out or len(set(stems)) == len(stems):
@@ -287,7 +287,7 @@ def main(argv=None) -> dict | list[dict]:
     print("\nsummary")
     width = max(len(str(p)) for p in args.paths)
     for path, rec in zip(args.paths, records):
-        print(f"{str(path):<{width}}  {summary_line(rec)}")
+        print(f"{path!s:<{width}}  {summary_line(rec)}")
     return records
 
 

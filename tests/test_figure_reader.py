@@ -37,7 +37,8 @@ def spread_towers(mixed: bool = False) -> torch.Tensor:
     colour_tower = torch.cat([gratings, colour(48, 1)[24:]])
     grey_tower, colour_tower = noisy(grey_tower, seed=3), noisy(colour_tower, seed=4)
     if mixed:
-        return towers_of(torch.cat([grey_tower[::2], colour_tower[::2]]), torch.cat([grey_tower[1::2], colour_tower[1::2]]))
+        return towers_of(torch.cat([grey_tower[::2], colour_tower[::2]]),
+                         torch.cat([grey_tower[1::2], colour_tower[1::2]]))
     return towers_of(grey_tower, colour_tower)
 
 
@@ -85,7 +86,8 @@ def assert_read_back(kernels, read, max_error=0.05):
 def test_a_runs_own_kernels_png_reads_back(tmp_path):
     kernels = spread_towers()
     path = tmp_path / "kernels.png"
-    Image.fromarray(kernel_grid(kernels)).save(path)  # the callback's picture: per-kernel stretch, white padding, a tower gap
+    # the callback's picture: per-kernel stretch, white padding, a gap between the towers' blocks
+    Image.fromarray(kernel_grid(kernels)).save(path)
     read = read_figure(path, towers=2)
     info = read.info()
     assert info["grid"] == [6, 16] and info["row_blocks"] == [3, 3] and info["cell_px"] == [44, 44]
