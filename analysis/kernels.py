@@ -56,7 +56,7 @@ def load(path: Path, towers: int | None = None, record: str = "last", figure: di
     ``record`` (the saved measurement, bisection.json only), ``init`` (the initialisation record if
     the file has one), ``settings`` (channel_std, axis, permutations, bootstrap, seed; None = default),
     ``figure`` (how a picture was read, pictures only) and ``source`` (a line that says what was read).
-    ``figure``: keyword arguments of :func:`towers.figure_reader.read_figure` (grid, size, offset).
+    ``figure``: keyword arguments of :func:`towers.figure_reader.read_figure` (grid, size, offset, chroma).
     """
     if not path.exists():
         raise SystemExit(f"{path}: no such file")
@@ -213,6 +213,7 @@ def analyse(path: Path, args, stem: str) -> dict:
         write_png(out / f"{stem}_kernels.png", kernel_grid(kernels, args.global_scale, order))
     write_json(out / f"{stem}_bisection.json", rec)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, rec)
     print(f"wrote {out / stem}_{{{'kernels,' if kernels is not None else ''}scores}}.png and {stem}_bisection.json"
           + (f", and {args.json}" if args.json else ""))
