@@ -127,8 +127,10 @@ def test_two_wandb_runs_in_one_folder_each_keep_their_config_and_metrics(tmp_pat
         assert status["status"] == "finished" and status["step"] == 8
         assert [h["epoch"] for h in status["history"]] == [0, 1]
         assert status["summary"]["val/acc"] == pytest.approx(summary["val/acc"])
-    # checkpoints stay local, beside the W&B folder, one folder per run
-    assert len(list(tmp_path.glob("towers/*/checkpoints/*.ckpt"))) == 2
+        # checkpoints stay local, in the run's own folder beside files/ (which W&B uploads), not in it
+        assert len(list((run_folder / "checkpoints").glob("*.ckpt"))) == 1
+        assert status["precision"] == "32-true"  # the CPU's default, recorded with every run
+    assert len(list(tmp_path.rglob("*.ckpt"))) == 2 and not list(tmp_path.rglob("files/**/*.ckpt"))
 
 
 def test_a_diverging_run_stops_and_is_recorded_as_diverged(tmp_path):
