@@ -142,9 +142,12 @@ class TowersCLI(LightningCLI):
             return
         config = self.config["fit"]
         if not config.get("config"):
-            rank_zero_warn("train.py fit without --config: this trains TowerClassifier's defaults (the paper's "
-                           f"full-size network) for {self.trainer.max_epochs} epochs (Lightning's default) with no "
-                           "kernel measurement; give --config configs/paper.yaml (or configs/demo.yaml)")
+            epochs = self.trainer.max_epochs
+            length = (f"for {epochs} epochs{' (Lightning default)' if epochs == 1000 else ''}" if epochs and epochs > 0
+                      else f"for {self.trainer.max_steps} steps")
+            rank_zero_warn(f"train.py fit without --config: this trains TowerClassifier's defaults (the paper's "
+                           f"full-size network) {length} with no kernel measurement, no W&B logger and no "
+                           f"checkpoint of the best epoch; give --config configs/paper.yaml (or configs/demo.yaml)")
         elif not any(isinstance(cb, KernelBisectionCallback) for cb in self.trainer.callbacks):
             rank_zero_warn("this config has no towers.KernelBisectionCallback: the run trains but measures no "
                            "colour split of the conv1 kernels (configs/paper.yaml shows how to add it)")
