@@ -24,7 +24,13 @@ from towers.callbacks import KernelBisectionCallback, summary_line
 from towers.data import CatsDogsDataModule
 from towers.model import PAPER_WIDTHS, tower_widths
 from towers.module import TowerClassifier
-from towers.runs import EXIT_DIVERGED, RunStatus, SaveRunConfig, newest_last_checkpoint, run_folder
+from towers.runs import (
+    EXIT_DIVERGED,
+    RunStatus,
+    SaveRunConfig,
+    newest_last_checkpoint,
+    run_folder,
+)
 
 
 def _wandb_reachable() -> bool:

@@ -119,8 +119,8 @@ def test_two_demo_runs_each_keep_everything_in_one_folder_and_end_with_the_summa
     records = {id(r): r for r in lightning_log.records}  # one record reaches caplog's handler twice if Lightning's
     lines = [r.getMessage() for r in records.values() if r.getMessage().startswith("Model: 3 towers")]  # propagates
     params = sum(p.numel() for p in clis[1].model.parameters())
-    assert lines == [f"Model: 3 towers, width_policy split, per tower 4/11/16/16/11/171/171 (conv1-conv5, fc6, fc7; "
-                     f"totals 12/33/48/48/33/513/513), {params:,} parameters; precision 32-true"]
+    assert lines == [(f"Model: 3 towers, width_policy split, per tower 4/11/16/16/11/171/171 (conv1-conv5, fc6, fc7; "
+                      f"totals 12/33/48/48/33/513/513), {params:,} parameters; precision 32-true")]
 
 
 def test_fit_without_a_config_or_without_the_kernel_callback_warns(demo_root, tmp_path, capsys):
@@ -130,7 +130,8 @@ def test_fit_without_a_config_or_without_the_kernel_callback_warns(demo_root, tm
             "--model.width_multiplier=0.0625", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
             "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             "--test_after_fit=false"]
-    with pytest.warns(UserWarning, match=r"without --config: .*paper's full-size network\) for 1 steps with no kernel measurement"):
+    no_config = r"without --config: .*paper's full-size network\) for 1 steps with no kernel measurement"
+    with pytest.warns(UserWarning, match=no_config):
         train.main(["fit", *tiny, f"--trainer.default_root_dir={tmp_path / 'a'}"])
     config = tmp_path / "no_callback.yaml"
     config.write_text("trainer:\n  max_epochs: 1\n")
