@@ -15,7 +15,9 @@ Without a GPU it prints "no GPU, skipped" and exits 0. Otherwise it
    eager and ``torch.compile``; DDP over all GPUs and tower-parallel on 2 GPUs (if there are two or
    more), tower-parallel on 1; and prints images/s, ms/step and peak memory per GPU;
 3. writes everything (device, versions, the equivalence check, one entry per run, the wall time) as
-   one JSON file, ``--out`` (default ``gpu_check.json``). About 3 minutes on one GPU.
+   one JSON file, ``--out`` (default ``gpu_check.json``). Meant to take under 5 minutes (not yet
+   timed on a GPU; ``--skip-compile`` saves the compile run's minute or so). ``--cpu-dry-run`` leaves
+   the compile run out: on the CPU dynamo cannot trace the LRN's Numba loops.
 
 Batches are made once on each process's GPU, so the numbers are the model's and the strategy's,
 not the data loader's. The device is synchronised only at the two ends of the timed window.

@@ -167,6 +167,9 @@ def test_csv_logger_and_disabled_wandb_work(tmp_path, monkeypatch):
     cli = fit(TINY + WANDB + [f"--trainer.default_root_dir={tmp_path / 'disabled'}"])
     assert json.loads((run_dir(cli.trainer) / "status.json").read_text())["status"] == "finished"
     assert not list((tmp_path / "disabled").rglob("*.wandb"))  # no W&B run written
+    # the run's files and its checkpoint stay under default_root_dir, not in W&B's scratch folder
+    assert run_dir(cli.trainer).is_relative_to(tmp_path / "disabled")
+    assert len(list((run_dir(cli.trainer) / "checkpoints").glob("*.ckpt"))) == 1
 
 
 def test_without_api_key_the_run_goes_offline_with_one_line(tmp_path, monkeypatch):

@@ -34,13 +34,18 @@ EXIT_DIVERGED = 3
 def run_dir(trainer: Trainer) -> Path:
     """The folder that belongs to this run alone (kernel grids, bisection.json, run status).
 
-    W&B: the run's ``files/`` folder, which ``wandb sync`` uploads with the run. Loggers with a
+    W&B: the run's ``files/`` folder, which ``wandb sync`` uploads with the run (with W&B disabled,
+    ``<save_dir>/<project>/<run id>``, as Lightning names it). Loggers with a
     versioned ``log_dir`` (CSV, TensorBoard): that folder. No logger: ``trainer.default_root_dir``.
     Call it on global rank zero: other ranks have no W&B run (and must not create one); there it
     falls back to ``default_root_dir`` instead of failing.
     """
     logger = trainer.logger
-    if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+    if isinstance(logger, WandbLogger) and trainer.is_global_zero and getattr(logger.experiment, "disabled", False):
+        # WANDB_MODE=disabled: the run's dir is a scratch folder under /tmp; use Lightning's own folder for
+        # this logger's run instead (<save_dir>/<project>/<id>), so files and checkpoints stay under save_dir
+        path = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / str(logger.version)
+    elif isinstance(logger, WandbLogger) and trainer.is_global_zero:
         path = Path(logger.experiment.dir)
     elif logger is not None and getattr(logger, "log_dir", None):
         path = Path(logger.log_dir)
