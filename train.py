@@ -16,13 +16,21 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import towers.parallel  # noqa: F401  registers `--trainer.strategy tower_parallel` with Lightning
 from towers.allocator import keep_freed_memory
+from towers.callbacks import KernelBisectionCallback, summary_line
 from towers.data import CatsDogsDataModule
+from towers.model import PAPER_WIDTHS, tower_widths
 from towers.module import TowerClassifier
-from towers.runs import EXIT_DIVERGED, RunStatus, SaveRunConfig, newest_last_checkpoint
+from towers.runs import (
+    EXIT_DIVERGED,
+    RunStatus,
+    SaveRunConfig,
+    newest_last_checkpoint,
+    run_folder,
+)
 
 
 def _wandb_reachable() -> bool:
@@ -39,6 +47,24 @@ def _wandb_reachable() -> bool:
         return False
 
 
+def default_precision(accelerator) -> str:
+    """``trainer.precision`` when the config leaves it unset (null), by the device the run will use.
+
+    A CUDA GPU with native bfloat16 (Ampere, Hopper and newer): ``bf16-mixed``: the tensor cores run
+    the convolutions and matrix products in bf16 while the weights, the SGD update and the loss stay
+    fp32; bf16 has fp32's exponent range, so no loss scaling. Anything else (the CPU, older GPUs, MPS):
+    ``32-true``: bf16 on the CPU is slower than fp32 and the LRN's compiled CPU loops are fp32/fp64
+    (towers/lrn.py); fp16 on older GPUs would need loss scaling, a change of numerics we do not make
+    silently. Every run records the precision it used (config.yaml, status.json, W&B config).
+    """
+    import torch
+
+    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
+    if name in ("auto", "gpu", "cuda", "cudaaccelerator") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "32-true"
+    return "32-true"
+
+
 class TowersCLI(LightningCLI):
     """LightningCLI plus: run status and divergence stop in every config, W&B run names, offline fallback."""
 
@@ -53,8 +79,23 @@ class TowersCLI(LightningCLI):
                             help="on the CPU, glibc's malloc keeps freed memory for reuse instead of page-faulting "
                                  "every large tensor in afresh (towers/allocator.py)")
 
+    def parse_arguments(self, parser, args):
+        # `train.py --config X fit` is accepted by the top-level parser and then ignored (even by
+        # --print_config): the options of a subcommand come after its name.
+        argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, (list, tuple)):
+            at = next((i for i, a in enumerate(argv) if a in self.subcommands()), None)
+            if at is not None and any(a == "--config" or str(a).startswith("--config=") for a in argv[:at]):
+                print(f"train.py: --config must come after the subcommand, e.g. `python train.py {argv[at]} "
+                      f"--config configs/paper.yaml ...`; given before `{argv[at]}` it would be ignored",
+                      file=sys.stderr)
+                raise SystemExit(2)
+        super().parse_arguments(parser, args)
+
     def before_instantiate_classes(self):
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.get("precision") is None:  # configs/*.yaml leave it to the device; see default_precision
+            config.trainer.precision = default_precision(config.trainer.accelerator)
         loggers = config.trainer.logger
         loggers = loggers if isinstance(loggers, list) else [loggers]
         wandb_loggers = [lg.init_args for lg in loggers
@@ -99,7 +140,35 @@ class TowersCLI(LightningCLI):
         if self.config_init[self.subcommand].get("keep_freed_memory") and self.trainer.strategy.root_device.type == "cpu":
             keep_freed_memory()
 
-    before_fit = before_validate = before_test = before_predict = _before_run
+    before_validate = before_test = before_predict = _before_run
+
+    def before_fit(self):
+        self._before_run()
+        if not self.trainer.is_global_zero:
+            return
+        config = self.config["fit"]
+        if not config.get("config"):
+            epochs = self.trainer.max_epochs
+            length = (f"for {epochs} epochs{' (Lightning default)' if epochs == 1000 else ''}" if epochs and epochs > 0
+                      else f"for {self.trainer.max_steps} steps")
+            rank_zero_warn(f"train.py fit without --config: this trains TowerClassifier's defaults (the paper's "
+                           f"full-size network) {length} with no kernel measurement, no W&B logger and no "
+                           f"checkpoint of the best epoch; give --config configs/paper.yaml (or configs/demo.yaml)")
+        elif not any(isinstance(cb, KernelBisectionCallback) for cb in self.trainer.callbacks):
+            rank_zero_warn("this config has no towers.KernelBisectionCallback: the run trains but measures no "
+                           "colour split of the conv1 kernels (configs/paper.yaml shows how to add it)")
+        hp = self.model.hparams
+        widths = tower_widths(hp.num_towers, hp.get("width_policy", "split"), hp.get("width_multiplier", 1.0))
+        totals = "/".join(str(hp.num_towers * widths[name]) for name in PAPER_WIDTHS)
+        rank_zero_info(f"Model: {hp.num_towers} towers, width_policy {hp.get('width_policy', 'split')}, per tower "
+                       f"{'/'.join(str(w) for w in widths.values())} (conv1-conv5, fc6, fc7; totals {totals}), "
+                       f"{sum(p.numel() for p in self.model.parameters()):,} parameters; "
+                       f"precision {self.trainer.precision}")
+        batch = getattr(self.datamodule, "hparams", {}).get("batch_size") if self.datamodule else None
+        if batch is not None and self.trainer.world_size != 1:
+            rank_zero_info(f"Global batch: {self.trainer.world_size} processes x data.batch_size {batch} = "
+                           f"{self.trainer.world_size * batch} images per step, not the config's {batch}; "
+                           f"learning rate {hp.lr} (model.lr, not scaled with the batch; README, Multi-GPU)")
 
     def after_fit(self):
         # Every run ends with its accuracy on the held-out test images, logged beside the kernel
@@ -107,6 +176,28 @@ class TowersCLI(LightningCLI):
         diverged = exit_status(self) == EXIT_DIVERGED
         if self.config_init["fit"].get("test_after_fit") and not diverged:
             self.trainer.test(self.model, datamodule=self.datamodule)
+        if self.trainer.is_global_zero:
+            print(fit_summary(self.trainer), flush=True)
+
+
+def fit_summary(trainer) -> str:
+    """The block that ends every fit: how it ended, test accuracy, the verdict line, the run's folder."""
+    status = next((cb.status for cb in trainer.callbacks if isinstance(cb, RunStatus)), None)
+    accuracy = trainer.callback_metrics.get("test/acc")
+    bisection = next((cb for cb in trainer.callbacks if isinstance(cb, KernelBisectionCallback)), None)
+    if bisection is None:
+        verdict = "not measured (the config has no KernelBisectionCallback)"
+    else:
+        record = bisection.last_record or {}
+        verdict = f"{summary_line(record)} (step {record.get('step')})" if record else "not measured"
+    header = f"{'=' * 24} towers: end of fit ({status or 'done'}) {'=' * 24}"
+    return "\n".join([
+        header,
+        f"test accuracy: {float(accuracy):.4f}" if accuracy is not None else "test accuracy: not tested",
+        f"verdict:       {verdict}",
+        f"run folder:    {run_folder(trainer).resolve()}",
+        "=" * len(header),
+    ])
 
 
 def run_name(config) -> str | None:

@@ -1,6 +1,6 @@
 """GPU check: tower-parallel equals the single-device model, and training throughput of each strategy.
 
-    python benchmarks/gpu_check.py                 # paper-size net, batch 128, bf16 where supported
+    python benchmarks/gpu_check.py                 # paper-size net, batch 128; writes gpu_check.json
     python benchmarks/gpu_check.py --num-towers 4  # round-robin when towers > GPUs
     python benchmarks/gpu_check.py --cpu-dry-run   # the same machinery on the CPU, tiny net (no timings worth reading)
 
@@ -10,8 +10,14 @@ Without a GPU it prints "no GPU, skipped" and exits 0. Otherwise it
    single-device TowerAlexNet's outputs and gradients (exit 1 if not), and puts each tower's
    layers on its GPU;
 2. trains ``--steps`` timed steps (after ``--warmup``) through Lightning, one subprocess per run:
-   single device (NCHW and channels_last), DDP over all GPUs (if there are two or more), and
-   tower-parallel on 1 and 2 GPUs; and prints images/s, ms/step and peak memory per GPU.
+   single device in fp32 (32-true) and in train.py's default precision for the GPU
+   (``train.default_precision``: bf16-mixed where the GPU has native bf16), NCHW and channels_last,
+   eager and ``torch.compile``; DDP over all GPUs and tower-parallel on 2 GPUs (if there are two or
+   more), tower-parallel on 1; and prints images/s, ms/step and peak memory per GPU;
+3. writes everything (device, versions, the equivalence check, one entry per run, the wall time) as
+   one JSON file, ``--out`` (default ``gpu_check.json``). Meant to take under 5 minutes (not yet
+   timed on a GPU; ``--skip-compile`` saves the compile run's minute or so). ``--cpu-dry-run`` leaves
+   the compile run out: on the CPU dynamo cannot trace the LRN's Numba loops.
 
 Batches are made once on each process's GPU, so the numbers are the model's and the strategy's,
 not the data loader's. The device is synchronised only at the two ends of the timed window.
@@ -40,8 +46,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=10, help="untimed steps (cudnn.benchmark tries algorithms here)")
     p.add_argument("--steps", type=int, default=40, help="timed steps")
     p.add_argument("--cpu-dry-run", action="store_true", help="run every mode on the CPU with a tiny net")
-    p.add_argument("--mode", choices=["single", "single_channels_last", "ddp", "tower"], help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="the JSON file with every result")
+    p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile run")
+    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--precision", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.cpu_dry_run:
         args.batch_size, args.image_size, args.width_multiplier = 4, 67, 0.125
@@ -49,10 +58,16 @@ def parse_args(argv=None):
     return args
 
 
+MODES = ["single", "single_channels_last", "single_compile", "ddp", "tower"]
+
+
 def precision(args) -> str:
-    if args.cpu_dry_run:
-        return "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    """The precision train.py gives a run on this device when the config leaves it unset."""
+    if args.precision:
+        return args.precision
+    from train import default_precision
+
+    return default_precision("cpu" if args.cpu_dry_run else "gpu")
 
 
 def model_kwargs(args) -> dict:
@@ -85,7 +100,8 @@ def check_equivalence(args) -> bool:
     want = {n: p.grad for n, p in model.named_parameters()}
     got = placed.grouped_state({n: p.grad for n, p in placed.named_parameters()})
     grad_err = max(((got[k] - want[k]).abs().max() / want[k].abs().max().clamp_min(1e-30)).item() for k in want)
-    half = torch.bfloat16 if args.cpu_dry_run or torch.cuda.is_bf16_supported() else torch.float16
+    native_bf16 = args.cpu_dry_run or torch.cuda.is_bf16_supported(including_emulation=False)
+    half = torch.bfloat16 if native_bf16 else torch.float16
     with torch.no_grad(), torch.autocast(torch.device(devices[0]).type, dtype=half):
         half_err = ((placed(x).float() - outs[0]).abs().max() / outs[0].abs().max()).item()
     ok = not wrong and out_err < 1e-4 and grad_err < 1e-3
@@ -95,7 +111,8 @@ def check_equivalence(args) -> bool:
           f"gradients {grad_err:.1e} -> {'OK' if ok else 'FAILED'}")
     print(f"{half} autocast vs fp32 single-device outputs: {half_err:.1e} (rounding, for information)")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return ok
+    return {"ok": ok, "devices": devices, "wrong_device": [str(w) for w in wrong], "fp32_output_error": out_err,
+            "fp32_gradient_error": grad_err, "half_dtype": str(half), "half_output_error": half_err}
 
 
 # --- 2. throughput, one subprocess per run --------------------------------------------------------
@@ -164,39 +181,58 @@ def train_one(args) -> None:
                     assert all(p.device == device for p in placed.conv3_to_pool5[d].parameters())
             print("RESULT " + json.dumps(dict(
                 mode=args.mode, gpus=args.devices, precision=trainer.precision, images_per_s=images / seconds,
+                channels_last=args.mode == "single_channels_last", compiled=args.mode == "single_compile",
                 ms_per_step=1000 * seconds / args.steps, peak_gib=memory)), flush=True)
 
-    strategy = {"single": "auto", "single_channels_last": "auto", "ddp": "ddp", "tower": TowerParallelStrategy()}[args.mode]
+    strategy = TowerParallelStrategy() if args.mode == "tower" else "ddp" if args.mode == "ddp" else "auto"
     trainer = L.Trainer(
         accelerator="cpu" if args.cpu_dry_run else "gpu", devices=args.devices, strategy=strategy,
         precision=precision(args), benchmark=not args.cpu_dry_run, max_steps=args.warmup + args.steps,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False, callbacks=[Timer()])
-    module = Classifier(**model_kwargs(args), lr_schedule="constant")
-    trainer.fit(module, Synthetic())
+    channels_last = args.mode == "single_channels_last"
+    module = Classifier(**model_kwargs(args), lr_schedule="constant", channels_last=channels_last)
+    # Lightning trains a compiled LightningModule as it is (its forward compiled; the warmup steps compile)
+    trainer.fit(torch.compile(module) if args.mode == "single_compile" else module, Synthetic())
 
 
 def run_all(args) -> int:
+    start = time.perf_counter()
     gpus = 2 if args.cpu_dry_run else torch.cuda.device_count()
-    if not args.cpu_dry_run:
-        names = ", ".join(torch.cuda.get_device_name(i) for i in range(gpus))
-        print(f"{gpus} GPU(s): {names}; torch {torch.__version__}; precision {precision(args)}")
-    ok = check_equivalence(args)
+    names = ["cpu"] * gpus if args.cpu_dry_run else [torch.cuda.get_device_name(i) for i in range(gpus)]
+    print(f"{gpus} device(s): {', '.join(names)}; torch {torch.__version__}; default precision {precision(args)}")
+    equivalence = check_equivalence(args)
+    ok = equivalence["ok"]
 
-    runs = [("single", 1), ("single_channels_last", 1), ("tower", 1)]
+    default = precision(args)
+    runs = [("single", 1, "32-true"), ("single", 1, default), ("single_channels_last", 1, default),
+            ("single_compile", 1, default), ("tower", 1, default)]
+    skipped = []
+    if args.skip_compile or args.cpu_dry_run:
+        # on the CPU the LRN runs as Numba loops (towers/lrn.py), which dynamo cannot trace; on CUDA it is
+        # tensor operations, which it compiles
+        runs.remove(("single_compile", 1, default))
+        skipped.append("single_compile: " + ("--skip-compile" if args.skip_compile else
+                                             "not on the CPU (dynamo cannot trace the LRN's Numba loops)"))
+        print(f"skipped {skipped[-1]}")
+    if default == "32-true":  # the first two are the same run
+        runs.remove(("single", 1, default))
     if gpus >= 2:
-        runs += [("tower", 2), ("ddp", gpus)]
+        runs += [("tower", 2, default), ("ddp", gpus, default)]
     common = [f"--num-towers={args.num_towers}", f"--batch-size={args.batch_size}", f"--image-size={args.image_size}",
               f"--width-multiplier={args.width_multiplier}", f"--warmup={args.warmup}", f"--steps={args.steps}"]
     if args.cpu_dry_run:
         common.append("--cpu-dry-run")
-    results = []
-    for mode, devices in runs:
-        cmd = [sys.executable, str(Path(__file__).resolve()), f"--mode={mode}", f"--devices={devices}", *common]
+    results, failures = [], []
+    for mode, devices, prec in runs:
+        cmd = [sys.executable, str(Path(__file__).resolve()), f"--mode={mode}", f"--devices={devices}",
+               f"--precision={prec}", *common]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not found:
-            print(f"{mode} on {devices} device(s) FAILED (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            print(f"{mode} on {devices} device(s), {prec} FAILED (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            failures.append({"mode": mode, "gpus": devices, "precision": prec, "exit": proc.returncode,
+                             "stderr": proc.stderr[-3000:]})
             ok = False
             continue
         results.append(json.loads(found[0][len("RESULT "):]))
@@ -207,6 +243,17 @@ def run_all(args) -> int:
     print(f"{'mode':<22}{'GPUs':>5}{'precision':>12}{'images/s':>11}{'ms/step':>9}  peak GiB per GPU (rank 0's)")
     for r in results:
         print(f"{r['mode']:<22}{r['gpus']:>5}{r['precision']:>12}{r['images_per_s']:>11.0f}{r['ms_per_step']:>9.1f}  {r['peak_gib']}")
+    from towers.files import write_atomic
+
+    seconds = time.perf_counter() - start
+    report = {"ok": ok, "devices": names, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "default_precision": default, "cpu_dry_run": args.cpu_dry_run,
+              "settings": {k: getattr(args, k) for k in ("num_towers", "batch_size", "image_size", "width_multiplier",
+                                                          "warmup", "steps")},
+              "equivalence": equivalence, "runs": results, "failures": failures, "skipped": skipped,
+              "seconds": round(seconds, 1)}
+    write_atomic(args.out, json.dumps(report, indent=1))
+    print(f"{'OK' if ok else 'FAILED'} in {seconds:.0f} s; wrote {args.out}")
     return 0 if ok else 1
 
 

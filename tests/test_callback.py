@@ -96,7 +96,8 @@ def test_run_folder_holds_grids_plots_weights_and_records(run):
     for name in ("kernels.png", "kernels_init.png", "scores.png", "scores_init.png", "kernels.npy",
                  "kernels_init.npy", "bisection.json", "bisection_history.jsonl"):
         assert (d / name).is_file(), name
-    assert sorted(p.name for p in (d / "kernels").iterdir()) == [f"step_{s:07d}.png" for s in (0, 3, 6)]
+    assert sorted(p.name for p in (d / "kernels").iterdir()) == [f"step_{s:07d}.{ext}" for s in (0, 3, 6)
+                                                                 for ext in ("npy", "png")]
     assert not list(d.glob(".*.tmp"))  # no temporary file left behind
 
     grid = np.asarray(Image.open(d / "kernels.png").convert("RGB"))
@@ -111,6 +112,10 @@ def test_run_folder_holds_grids_plots_weights_and_records(run):
 
     final = run["model"].conv1_kernels().detach()
     assert np.array_equal(np.load(d / "kernels.npy"), final.numpy())
+    # the weights of every measurement: the first is the baseline, the last the final weights
+    assert np.array_equal(np.load(d / "kernels" / "step_0000000.npy"), np.load(d / "kernels_init.npy"))
+    assert np.array_equal(np.load(d / "kernels" / "step_0000006.npy"), final.numpy())
+    assert not np.array_equal(np.load(d / "kernels" / "step_0000003.npy"), final.numpy())
 
 
 def test_bisection_json_and_history_follow_the_schema(run):

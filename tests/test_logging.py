@@ -127,8 +127,10 @@ def test_two_wandb_runs_in_one_folder_each_keep_their_config_and_metrics(tmp_pat
         assert status["status"] == "finished" and status["step"] == 8
         assert [h["epoch"] for h in status["history"]] == [0, 1]
         assert status["summary"]["val/acc"] == pytest.approx(summary["val/acc"])
-    # checkpoints stay local, beside the W&B folder, one folder per run
-    assert len(list(tmp_path.glob("towers/*/checkpoints/*.ckpt"))) == 2
+        # checkpoints stay local, in the run's own folder beside files/ (which W&B uploads), not in it
+        assert len(list((run_folder / "checkpoints").glob("*.ckpt"))) == 1
+        assert status["precision"] == "32-true"  # the CPU's default, recorded with every run
+    assert len(list(tmp_path.rglob("*.ckpt"))) == 2 and not list(tmp_path.rglob("files/**/*.ckpt"))
 
 
 def test_a_diverging_run_stops_and_is_recorded_as_diverged(tmp_path):
@@ -165,6 +167,9 @@ def test_csv_logger_and_disabled_wandb_work(tmp_path, monkeypatch):
     cli = fit(TINY + WANDB + [f"--trainer.default_root_dir={tmp_path / 'disabled'}"])
     assert json.loads((run_dir(cli.trainer) / "status.json").read_text())["status"] == "finished"
     assert not list((tmp_path / "disabled").rglob("*.wandb"))  # no W&B run written
+    # the run's files and its checkpoint stay under default_root_dir, not in W&B's scratch folder
+    assert run_dir(cli.trainer).is_relative_to(tmp_path / "disabled")
+    assert len(list((run_dir(cli.trainer) / "checkpoints").glob("*.ckpt"))) == 1
 
 
 def test_without_api_key_the_run_goes_offline_with_one_line(tmp_path, monkeypatch):

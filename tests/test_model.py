@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from towers.model import TowerAlexNet, tower_widths
+from towers.model import PAPER_WIDTHS, TowerAlexNet, tower_widths
 
 
 def stage_shapes(model, x):
@@ -74,13 +74,27 @@ def test_conv1_kernels_are_a_view_in_tower_order():
 
 
 def test_impossible_widths_are_refused_with_a_suggestion():
-    with pytest.raises(ValueError, match=r"Tower counts that work.*\[1, 2, 4, 8, 16\].*per_tower"):
-        TowerAlexNet(num_towers=3)
+    with pytest.raises(ValueError, match=r"per_tower.*fractional.*width_policy='split'"):
+        TowerAlexNet(width_policy="per_tower", width_multiplier=0.3)
     with pytest.raises(ValueError, match="at least 1"):
         TowerAlexNet(num_towers=0)
     with pytest.raises(ValueError, match="unknown layers"):
         TowerAlexNet(init_std_overrides={"conv9": 0.1})
     assert TowerAlexNet(num_towers=3, width_policy="per_tower").conv1_kernels().shape == (3, 48, 3, 11, 11)
+
+
+def test_split_rounds_each_total_to_a_multiple_of_the_tower_count():
+    # 3 towers: 256/3 = 85.3 -> 85 per tower (total 255), 4096/3 -> 1365 (4095); 96 and 384 divide evenly
+    assert tower_widths(3, "split") == dict(conv1=32, conv2=85, conv3=128, conv4=128, conv5=85, fc6=1365, fc7=1365)
+    # the totals stay within T/2 of the paper's at every count, and every tower gets at least one unit
+    for towers in range(1, 13):
+        widths = tower_widths(towers, "split")
+        for name, total in PAPER_WIDTHS.items():
+            assert abs(towers * widths[name] - total) <= towers / 2, (towers, name)
+    assert tower_widths(5, "split")["conv1"] == 19  # 96/5 = 19.2
+    assert tower_widths(7, "split", 0.125)["conv1"] == 2  # 12/7 = 1.7
+    assert tower_widths(16, "split", 0.125)["conv1"] == 1  # 12/16 = 0.75: at least one kernel per tower
+    assert TowerAlexNet(num_towers=3).conv1_kernels().shape == (3, 32, 3, 11, 11)
 
 
 def test_width_policies_agree_at_two_towers():

@@ -122,6 +122,10 @@ def test_two_cpu_devices_through_train_py(demo_root, tmp_path, strategy):
                                      "--trainer.devices=2")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(tmp_path.rglob("bisection.json"))) == 1  # the kernel callback ran on rank 0 only
+    # DDP doubles the global batch: said once, by rank zero, with the learning rate; tower-parallel is one process
+    said = (result.stdout + result.stderr).count("Global batch: 2 processes x data.batch_size 8 = 16 images per "
+                                                 "step, not the config's 8; learning rate 0.01")
+    assert said == (1 if strategy == "ddp" else 0)
     checkpoint = last_checkpoint(tmp_path)
     single = train.TowerClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
     assert single.conv1_kernels().shape == (2, 6, 3, 11, 11)

@@ -8,6 +8,7 @@ own folder (:func:`towers.runs.run_dir`):
     kernels_init.png, scores_init.png  the same at initialisation
     kernels.npy, kernels_init.npy      the raw conv1 weights (towers, kernels per tower, 3, h, w), RGB
     kernels/step_0001234.png           the grid at every measurement (keep_history_images)
+    kernels/step_0001234.npy           the raw conv1 weights at every measurement
     bisection.json                     {"init": record, "last": record, ...}
     bisection_history.jsonl            one record per measurement, appended
 
@@ -352,8 +353,10 @@ class KernelBisectionCallback(Callback):
             if self.keep_history_images:
                 (self._dir / "kernels").mkdir(exist_ok=True)
                 write_png(self._dir / "kernels" / f"step_{record['step']:07d}.png", pngs["kernels"])
-        for suffix in suffixes:
-            with atomic_path(self._dir / f"kernels{suffix}.npy") as tmp, open(tmp, "wb") as f:
+        (self._dir / "kernels").mkdir(exist_ok=True)  # the weights of every measurement: 140 kB at paper size
+        for path in [self._dir / f"kernels{suffix}.npy" for suffix in suffixes] + [
+                self._dir / "kernels" / f"step_{record['step']:07d}.npy"]:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.save(f, kernels.numpy())
 
         record["seconds"] = round(time.perf_counter() - start, 4)

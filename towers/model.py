@@ -19,6 +19,7 @@ The layer table (two towers, ``width_policy="split"``, sources in the README):
     fc8    classes    -                  all          (softmax in the loss)
 """
 
+import math
 from collections import OrderedDict
 from typing import Literal
 
@@ -39,7 +40,16 @@ POSITIVE_BIAS_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
 
 
 def tower_widths(num_towers: int, width_policy: str = "split", width_multiplier: float = 1.0) -> dict[str, int]:
-    """Units per tower of every layer, or a ValueError that says what would work."""
+    """Units per tower of every layer, or a ValueError that says what would work.
+
+    ``split`` keeps the network's total width fixed whatever the tower count: each layer's total
+    (the paper's 96/256/384/384/256/4096/4096 times ``width_multiplier``) is rounded to the nearest
+    multiple of ``num_towers`` (halves up, at least ``num_towers``) and divided among the towers. Where
+    the total divides evenly (1, 2, 4, 8 towers at full width) nothing is rounded; 3 towers get
+    32/85/128/128/85/1365/1365 units each, totals 96/255/384/384/255/4095/4095. ``per_tower`` gives
+    every tower the paper's per-tower width (total / 2, times ``width_multiplier``), which must be a
+    whole number: the network grows with the tower count.
+    """
     if num_towers < 1:
         raise ValueError(f"num_towers must be at least 1, got {num_towers}")
     if width_policy not in ("split", "per_tower"):
@@ -47,21 +57,18 @@ def tower_widths(num_towers: int, width_policy: str = "split", width_multiplier:
     if width_multiplier <= 0:
         raise ValueError(f"width_multiplier must be positive, got {width_multiplier}")
 
-    def per_tower(total: int, towers: int) -> float:
-        divisor = towers if width_policy == "split" else PAPER_NUM_TOWERS
-        return total * width_multiplier / divisor
-
-    widths = {name: per_tower(total, num_towers) for name, total in PAPER_WIDTHS.items()}
+    if width_policy == "split":
+        # floor(x + 0.5): halves round up, documented and platform-independent (round() rounds to even)
+        return {name: max(1, math.floor(total * width_multiplier / num_towers + 0.5))
+                for name, total in PAPER_WIDTHS.items()}
+    widths = {name: total * width_multiplier / PAPER_NUM_TOWERS for name, total in PAPER_WIDTHS.items()}
     bad = {name: w for name, w in widths.items() if w < 1 or w != int(w)}
     if bad:
-        working = [t for t in range(1, 17)
-                   if all(v >= 1 and v == int(v) for v in (per_tower(PAPER_WIDTHS[n], t) for n in bad))]
         raise ValueError(
-            f"{num_towers} towers with width_policy={width_policy!r} and width_multiplier={width_multiplier} "
-            f"give fractional or empty towers: units per tower {bad}. "
-            f"Tower counts that work with these settings: {working or 'none up to 16'}; "
-            f"or use width_policy='per_tower' (every tower keeps the paper's 48/128/192/192/128 kernels), "
-            f"or a width_multiplier that makes each layer's units divisible by {num_towers}.")
+            f"width_policy='per_tower' with width_multiplier={width_multiplier} gives fractional or empty "
+            f"towers: units per tower {bad}. Use a width_multiplier that makes the paper's per-tower widths "
+            f"48/128/192/192/128/2048/2048 whole numbers, or width_policy='split' (rounds each layer's total "
+            f"to a multiple of the tower count).")
     return {name: int(w) for name, w in widths.items()}
 
 

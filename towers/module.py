@@ -80,7 +80,7 @@ class TowerClassifier(L.LightningModule):
         # Tensors and metrics are logged without .item(): Lightning reads them at the logging interval,
         # so there is no host-device sync per step. The step value is this rank's; the epoch value
         # (`train/loss`) is a torchmetrics mean, synced across ranks once, at the end of the epoch.
-        self.log("train/loss_step", loss, on_step=True, on_epoch=False)
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)  # read at the bar's refresh
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss

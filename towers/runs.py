@@ -4,6 +4,7 @@ Every run of ``train.py`` writes ``status.json`` into its own folder (:func:`run
 
     {"status": "running" | "finished" | "diverged" | "failed" | "interrupted",
      "step": 1200, "epoch": 3, "message": "...",
+     "precision": "bf16-mixed", "world_size": 1,                          # trainer.precision, processes
      "history": [{"epoch": 0, "step": 300, "val/acc": 0.61, ...}, ...],   # one entry per validation
      "summary": {"val/acc": 0.74, ...}}                                    # the last logged values
 
@@ -33,13 +34,18 @@ EXIT_DIVERGED = 3
 def run_dir(trainer: Trainer) -> Path:
     """The folder that belongs to this run alone (kernel grids, bisection.json, run status).
 
-    W&B: the run's ``files/`` folder, which ``wandb sync`` uploads with the run. Loggers with a
+    W&B: the run's ``files/`` folder, which ``wandb sync`` uploads with the run (with W&B disabled,
+    ``<save_dir>/<project>/<run id>``, as Lightning names it). Loggers with a
     versioned ``log_dir`` (CSV, TensorBoard): that folder. No logger: ``trainer.default_root_dir``.
     Call it on global rank zero: other ranks have no W&B run (and must not create one); there it
     falls back to ``default_root_dir`` instead of failing.
     """
     logger = trainer.logger
-    if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+    if isinstance(logger, WandbLogger) and trainer.is_global_zero and getattr(logger.experiment, "disabled", False):
+        # WANDB_MODE=disabled: the run's dir is a scratch folder under /tmp; use Lightning's own folder for
+        # this logger's run instead (<save_dir>/<project>/<id>), so files and checkpoints stay under save_dir
+        path = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / str(logger.version)
+    elif isinstance(logger, WandbLogger) and trainer.is_global_zero:
         path = Path(logger.experiment.dir)
     elif logger is not None and getattr(logger, "log_dir", None):
         path = Path(logger.log_dir)
@@ -47,6 +53,33 @@ def run_dir(trainer: Trainer) -> Path:
         path = Path(trainer.default_root_dir)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def run_folder(trainer: Trainer) -> Path:
+    """The one folder that holds everything of this run: its files (:func:`run_dir`) and its checkpoints.
+
+    W&B: the W&B run's own folder, ``<default_root_dir>/wandb/offline-run-<time>-<id>/`` (``run-...``
+    online; what ``wandb sync`` takes), with ``files/`` (config, status, kernels, figures, uploaded with
+    the run) and ``checkpoints/`` beside it (not uploaded). Other loggers, or none: :func:`run_dir`,
+    with ``checkpoints/`` inside. Global rank zero only, like :func:`run_dir`.
+    """
+    path = run_dir(trainer)
+    if isinstance(trainer.logger, WandbLogger) and trainer.is_global_zero and path.name == "files":
+        return path.parent
+    return path
+
+
+def place_checkpoints(trainer: Trainer) -> None:
+    """Points every ``ModelCheckpoint`` without a ``dirpath`` of its own at ``run_folder/checkpoints``.
+
+    Lightning's default for W&B is ``<save_dir>/<project>/<run id>/checkpoints``, away from the run's
+    other files. Call on global rank zero before the checkpoint callbacks' ``setup``: they broadcast
+    rank zero's ``dirpath`` to the other ranks.
+    """
+    folder = run_folder(trainer) / "checkpoints"
+    for callback in trainer.checkpoint_callbacks:
+        if callback.dirpath is None:
+            callback.dirpath = str(folder)
 
 
 def newest_last_checkpoint(root) -> Path | None:
@@ -94,7 +127,8 @@ class RunStatus(Callback):
         if self._path is None:
             return
         record = {"status": self.status, "step": trainer.global_step, "epoch": trainer.current_epoch,
-                  "message": self.message, "history": self.history}
+                  "message": self.message, "precision": str(trainer.precision), "world_size": trainer.world_size,
+                  "history": self.history}
         record["summary"] = summary if summary is not None else (self.history[-1] if self.history else {})
         write_atomic(self._path, json.dumps(record, indent=1))
 
@@ -103,6 +137,7 @@ class RunStatus(Callback):
             return
         self.status, self.message, self.history, self.summary = "running", "", [], None
         if trainer.is_global_zero:
+            place_checkpoints(trainer)  # here because this callback is in every train.py run, before ModelCheckpoint
             self._path = run_dir(trainer) / "status.json"
             self._write(trainer)
 
