@@ -47,7 +47,7 @@ def test_bisection_grid_and_lr_batch_search_are_what_the_study_needs():
     assert bisection["method"] == "grid"
     assert set(bisection["parameters"]["model.num_towers"]["values"]) >= {1, 2, 3, 4}
     assert len(bisection["parameters"]["seed_everything"]["values"]) >= 5
-    assert bisection["parameters"]["model.width_policy"] == {"value": "per_tower"}
+    assert bisection["parameters"]["model.width_policy"] == {"value": "split"}  # a fixed total width
     assert bisection["metric"]["name"] == "val/acc"
     lr_batch = yaml.safe_load((ROOT / "sweeps/lr_batch.yaml").read_text())
     assert lr_batch["method"] in ("random", "bayes")
