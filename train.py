@@ -179,7 +179,10 @@ def command_line(args=None) -> int:
         status, line = _error_line(error)
         if status is None:
             raise
-        print(f"{Path(sys.argv[0]).name}: error: {line}", file=sys.stderr)
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish(exit_code=status)  # its closing lines before ours, so ours is the last
+        print(f"train.py: error: {line}", file=sys.stderr)
         return status
 
 

@@ -515,7 +515,7 @@ class CatsDogsDataModule(L.LightningDataModule):
             old.unlink()  # a store of files that have since changed
         with atomic_path(self.store_path) as tmp:
             store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
-            allocate(tmp)  # a full disk is an OSError here, not a SIGBUS when a row is written
+            allocate(tmp, shown=self.store_path)  # a full disk is an OSError here, not a SIGBUS when a row is written
             loaded = _imap(_check_and_load, [(p, size, self.hparams.exif_transpose) for p in paths],
                            self.num_workers, f"building {self.store_path.name}")
             for row, (pixels, usable, note) in enumerate(loaded):

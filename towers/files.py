@@ -37,9 +37,9 @@ def write_atomic(path, data: str | bytes) -> None:
             os.fsync(f.fileno())  # the rename below must not reach the disk before the data
 
 
-def allocate(path) -> None:
+def allocate(path, shown=None) -> None:
     """Reserve the disk blocks of the whole file ``path`` (as long as it now is), so that a full disk
-    is an OSError naming it now rather than a SIGBUS when a memory map of it is written later.
+    is an OSError naming it (or ``shown``, the name it will have) now rather than a SIGBUS when a memory map of it is written later.
     Where the system has no ``posix_fallocate`` (macOS, Windows) this does nothing."""
     if not hasattr(os, "posix_fallocate"):
         return
@@ -49,7 +49,7 @@ def allocate(path) -> None:
         except OSError as error:
             if error.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system that cannot (some network ones)
                 return
-            raise OSError(error.errno, error.strerror, str(path)) from None
+            raise OSError(error.errno, error.strerror, str(shown or path)) from None
 
 
 def shown_path(path) -> str:

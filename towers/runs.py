@@ -12,6 +12,7 @@ and hyperband stopping) and how it ended; ``train.py`` exits with :data:`EXIT_DI
 training loss became NaN or infinite.
 """
 
+import errno
 import json
 import logging
 import math
@@ -128,9 +129,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            except RuntimeError as error:
+                # torch's zip writer reports a short write (what a full disk gives) as a RuntimeError
+                # ("unexpected pos ..."); told as the OSError it is, naming the checkpoint
+                space = os.statvfs(path.parent)
+                full = space.f_bavail * space.f_frsize < (1 << 20)  # checked while the partial file still holds its blocks
+                code = errno.ENOSPC if full else errno.EIO
+                raise OSError(code, os.strerror(code) + ("" if full else f" ({_first_line(error)})"), str(path)) from error
 
     def load_checkpoint(self, path, *args, **kwargs):
         try:
