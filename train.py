@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import towers.parallel  # noqa: F401  registers `--trainer.strategy tower_parallel` with Lightning
 from towers.allocator import keep_freed_memory
@@ -106,22 +107,26 @@ class TowersCLI(LightningCLI):
             config["plugins"] = plugins + [AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
 
-    def _resolve_last_checkpoint(self):
-        # Lightning resolves `--ckpt_path last` inside the checkpoint folder of the *new* run, which a
-        # fresh W&B run id or logger version makes empty; look for the newest last.ckpt under
-        # default_root_dir instead, so `fit --ckpt_path last` continues the interrupted run and
-        # `test --ckpt_path last` tests its final weights.
-        # A damaged last.ckpt is passed over for the newest checkpoint of its run that loads (said so);
-        # a damaged checkpoint given by path is refused here, in one line, before any data is prepared.
-        kwargs = self.config_init[self.subcommand]
-        given = kwargs.get("ckpt_path")
-        if given not in (None, "last", "best", "hpc", "registry") and Path(given).is_file():
+    def _parse_ckpt_path(self):
+        # LightningCLI reads the hyperparameters of a --ckpt_path file while parsing; a damaged one is
+        # refused first, in one line that names it and the newest checkpoint beside it that loads.
+        given = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if given and Path(given).is_file():
             problem = checkpoint_problem(given)
             if problem is not None:
                 fallback = newest_loadable_checkpoint(Path(given).parent, exclude=[given])
                 raise DamagedCheckpoint(f"{given} is damaged and cannot be read ({problem}); " + (
                     f"the newest checkpoint beside it that loads is {fallback}" if fallback else "no checkpoint beside it loads"))
-        if given != "last":
+        super()._parse_ckpt_path()
+
+    def _resolve_last_checkpoint(self):
+        # Lightning resolves `--ckpt_path last` inside the checkpoint folder of the *new* run, which a
+        # fresh W&B run id or logger version makes empty; look for the newest last.ckpt under
+        # default_root_dir instead, so `fit --ckpt_path last` continues the interrupted run and
+        # `test --ckpt_path last` tests its final weights.
+        # A damaged last.ckpt is passed over for the newest checkpoint of its run that loads (said so).
+        kwargs = self.config_init[self.subcommand]
+        if kwargs.get("ckpt_path") != "last":
             return
         root = Path(self.trainer.default_root_dir)
         found = newest_last_checkpoint(root)
@@ -173,7 +178,7 @@ def command_line(args=None) -> int:
     """
     try:
         return exit_status(main(args))
-    except (UserError, PermissionError, Diverged, OSError) as error:
+    except (UserError, MisconfigurationException, Diverged, OSError) as error:
         if os.environ.get("TOWERS_DEBUG", "") not in ("", "0"):
             raise
         status, line = _error_line(error)
@@ -190,7 +195,7 @@ def _error_line(error: BaseException) -> tuple[int | None, str]:
     """(exit status, one line) for an error train.py reports without a traceback; (None, "") to re-raise."""
     if isinstance(error, Diverged):
         return EXIT_DIVERGED, f"the run diverged: {error}"
-    if isinstance(error, UserError):
+    if isinstance(error, (UserError, MisconfigurationException)):  # Lightning's word for a bad trainer setting
         return 2, str(error)
     if isinstance(error, OSError) and error.filename is not None:  # a file operation, not a socket
         what = f"{error.strerror or error}: {error.filename}"

@@ -154,13 +154,14 @@ def half_then_enospc(real_save):
 
 def test_a_full_disk_while_checkpointing_fails_the_run_in_one_line(demo_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch, "save", half_then_enospc(torch.save))
-    status = train.command_line(["fit", *tiny(demo_root, tmp_path, "--trainer.max_steps=2", "--trainer.logger=false",
+    status = train.command_line(["fit", *tiny(demo_root, tmp_path, "--trainer.max_steps=2",
                                               "--trainer.limit_val_batches=1")])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1 and "Traceback" not in "\n".join(err)
-    assert err[-1].startswith("train.py: error: No space left on device: ") and err[-1].endswith(
-        ".ckpt; the run stopped (disk full)") and str(tmp_path / "checkpoints") in err[-1]
-    record = json.loads((tmp_path / "status.json").read_text())
+    run_folder = tmp_path / "lightning_logs" / "version_0"
+    assert err[-1] == (f"train.py: error: No space left on device: {run_folder / 'checkpoints' / 'epoch=0-step=2.ckpt'}; "
+                       f"the run stopped (disk full)")
+    record = json.loads((run_folder / "status.json").read_text())
     assert record["status"] == "failed" and "No space left on device" in record["message"]
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("*.tmp"))  # nothing half-written
 
@@ -183,10 +184,10 @@ class PoisonAt(Callback):
 # step 4: the next losses are NaN; step 6 is the last step of epoch 1, so only the weights tell
 @pytest.mark.parametrize("step", [4, 6])
 def test_a_diverged_run_keeps_its_last_finite_checkpoints(demo_root, tmp_path, step):
-    cli = train.main(["fit", *tiny(demo_root, tmp_path, "--trainer.max_epochs=3", "--trainer.logger=false")], run=False)
+    cli = train.main(tiny(demo_root, tmp_path, "--trainer.max_epochs=3"), run=False)
     cli.trainer.callbacks.append(PoisonAt(step))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    record = json.loads((tmp_path / "status.json").read_text())
+    record = json.loads((tmp_path / "lightning_logs" / "version_0" / "status.json").read_text())
     assert record["status"] == "diverged" and "NaN or infinite" in record["message"]
     assert train.exit_status(cli) == 3
     checkpoints = sorted(tmp_path.rglob("*.ckpt"))
@@ -204,9 +205,9 @@ def test_a_diverged_run_keeps_its_last_finite_checkpoints(demo_root, tmp_path, s
 # ----------------------------------------------------------------------------- damaged checkpoints
 
 def test_a_truncated_checkpoint_is_named_and_last_falls_back_to_one_that_loads(demo_root, tmp_path, capsys, caplog):
-    args = tiny(demo_root, tmp_path, "--trainer.logger=false", "--trainer.limit_val_batches=1")
+    args = tiny(demo_root, tmp_path, "--trainer.limit_val_batches=1")
     assert train.command_line(["fit", *args, "--trainer.max_epochs=2"]) == 0
-    last = tmp_path / "checkpoints" / "last.ckpt"
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     newest = last.resolve()  # save_last: link, so last.ckpt is a link to the newest epoch's file
     assert newest.name == "epoch=1-step=6.ckpt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
@@ -223,7 +224,8 @@ def test_a_truncated_checkpoint_is_named_and_last_falls_back_to_one_that_loads(d
                        f"the newest checkpoint beside it that loads is {fallback}")
     # --ckpt_path last resumes from the fallback
     assert train.command_line(["fit", *args, "--trainer.max_epochs=3", "--ckpt_path=last"]) == 0
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
+    resumed = tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed, weights_only=True)["global_step"] == 9
 
 
 def test_checkpoint_io_writes_complete_files_only_and_names_damaged_ones(tmp_path, monkeypatch):
@@ -241,7 +243,7 @@ def test_checkpoint_io_writes_complete_files_only_and_names_damaged_ones(tmp_pat
 # ----------------------------------------------------------------------------- configs that cannot train
 
 def test_a_batch_larger_than_the_training_split_is_refused_with_the_numbers(demo_root, tmp_path, capsys):
-    status = train.command_line(["fit", *tiny(demo_root, tmp_path, "--trainer.logger=false", "--data.batch_size=64")])
+    status = train.command_line(["fit", *tiny(demo_root, tmp_path, "--data.batch_size=64")])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and err[-1] == (
         "train.py: error: the training split has 24 images, fewer than one batch of batch_size=64, so an epoch "

@@ -77,8 +77,9 @@ def checkpoint_problem(path) -> str | None:
 
 
 def _first_line(error: BaseException) -> str:
+    """The first sentence of an error's message (torch's zip reader adds a paragraph of advice)."""
     lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(error).__name__
 
 
 def newest_loadable_checkpoint(folder, exclude=()) -> Path | None:
