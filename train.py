@@ -129,7 +129,7 @@ class TowersCLI(LightningCLI):
         if kwargs.get("ckpt_path") != "last":
             return
         root = Path(self.trainer.default_root_dir)
-        found = newest_last_checkpoint(root)
+        found = newest_last_checkpoint(root, check=True)
         if found is None and self.subcommand != "fit":
             raise MissingData(f"--ckpt_path last: no readable last.ckpt under {root.resolve()}; "
                               f"give --trainer.default_root_dir of the run, or the checkpoint's path")

@@ -213,7 +213,7 @@ def test_a_truncated_checkpoint_is_named_and_last_falls_back_to_one_that_loads(d
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     assert "central directory" in checkpoint_problem(last)
     with caplog.at_level(logging.WARNING, logger="towers.runs"):
-        fallback = newest_last_checkpoint(tmp_path)
+        fallback = newest_last_checkpoint(tmp_path, check=True)
     assert fallback is not None and checkpoint_problem(fallback) is None and fallback.resolve() != newest
     assert str(last) in caplog.text and "damaged" in caplog.text and f"falling back to {fallback}" in caplog.text
     # given by path: one line naming it and the one that loads, exit 2

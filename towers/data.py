@@ -46,11 +46,10 @@ CLASSES = ("cat", "dog")  # label 0 is cat, 1 is dog
 MICROSOFT_URL = ("https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/"
                  "kagglecatsanddogs_5340.zip")
 MICROSOFT_ZIP = "kagglecatsanddogs_5340.zip"
-# SHA-256 and size of the official MICROSOFT_URL archive, as pinned by Hugging Face's cats_vs_dogs loader
-# (huggingface/datasets, datasets/cats_vs_dogs/dataset_infos.json, commit 0129d93b, "download_checksums").
+# SHA-256 of the official MICROSOFT_URL archive (824,887,076 bytes), as pinned by Hugging Face's cats_vs_dogs
+# loader (huggingface/datasets, datasets/cats_vs_dogs/dataset_infos.json, commit 0129d93b, "download_checksums").
 # TensorFlow Datasets' url_checksums/cats_vs_dogs.txt pins only the older kagglecatsanddogs_3367a.zip.
 MICROSOFT_SHA256 = "b7974bd00a84a99921f36ee4403f089853777b5ae8d151c76a86e64900334af9"
-MICROSOFT_SIZE = 824887076
 KAGGLE_NAME = re.compile(r"^(cat|dog)\.\d+\.\w+$", re.IGNORECASE)
 FORMAT_OF_SUFFIX = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP",
                     ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}

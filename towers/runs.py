@@ -90,12 +90,13 @@ def newest_loadable_checkpoint(folder, exclude=()) -> Path | None:
     return next((p for p in found if checkpoint_problem(p) is None), None)
 
 
-def newest_last_checkpoint(root, check: bool = True) -> Path | None:
+def newest_last_checkpoint(root, check: bool = False) -> Path | None:
     """The most recently written ``last*.ckpt`` anywhere under ``root`` (a run folder or a sweep run's
     folder), or None. Symbolic links count when they point at a file (``save_last: link``).
 
-    With ``check``, a damaged one (:func:`checkpoint_problem`) is passed over with a warning naming it,
-    for the newest checkpoint beside it (the same run's folder) that loads, said so too.
+    With ``check`` (what ``train.py --ckpt_path last`` uses), a damaged one (:func:`checkpoint_problem`)
+    is passed over with a warning naming it, for the newest checkpoint beside it (the same run's folder)
+    that loads, said so too. Without, files are not opened (the sweep tests' stand-in writes JSON ones).
     """
     found = sorted((p for p in Path(root).rglob("last*.ckpt") if p.is_file()),
                    key=lambda p: p.stat().st_mtime, reverse=True)
