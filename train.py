@@ -200,7 +200,7 @@ def _error_line(error: BaseException) -> tuple[int | None, str]:
     if isinstance(error, OSError) and error.filename is not None:  # a file operation, not a socket
         what = f"{error.strerror or error}: {error.filename}"
         if isinstance(error, PermissionError) or error.errno == errno.EROFS:
-            return 2, f"{what} (a folder this run must write to is read-only)"
+            return 2, f"{what} (this run may not write there; give a folder it may write to)"
         return 1, f"{what}; the run stopped" + (" (disk full)" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "")
     return None, ""
 
