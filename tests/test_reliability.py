@@ -22,7 +22,7 @@ import train
 from test_data import jpeg, kaggle_tree, module, zip_of
 from test_train import ROOT, demo_root, tiny  # noqa: F401  (demo_root is a fixture)
 from towers.data import MICROSOFT_SHA256, MICROSOFT_ZIP, download_microsoft, load_image
-from towers.errors import BadOption, Diverged
+from towers.errors import BadOption, DamagedCheckpoint, Diverged
 from towers.files import write_atomic
 from towers.runs import AtomicCheckpointIO, checkpoint_problem, newest_last_checkpoint
 
@@ -200,6 +200,7 @@ def test_a_diverged_run_keeps_its_last_finite_checkpoints(demo_root, tmp_path, s
     with pytest.raises(Diverged):
         cli.trainer.save_checkpoint(tmp_path / "late.ckpt")
     assert not (tmp_path / "late.ckpt").exists()
+    assert train._error_line(Diverged("loss NaN")) == (3, "the run diverged: loss NaN")  # train.py's exit status
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
@@ -238,6 +239,13 @@ def test_checkpoint_io_writes_complete_files_only_and_names_damaged_ones(tmp_pat
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / "a.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt"]  # the old one, whole
     assert torch.equal(io_.load_checkpoint(tmp_path / "a.ckpt")["state_dict"]["w"], torch.ones(3))
+    # a damaged one is named, with the newest one beside it that loads
+    monkeypatch.undo()
+    io_.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, tmp_path / "b.ckpt")
+    (tmp_path / "b.ckpt").write_bytes((tmp_path / "b.ckpt").read_bytes()[:100])
+    with pytest.raises(DamagedCheckpoint, match=f"{tmp_path / 'b.ckpt'} is damaged and cannot be read .*"
+                                                f"the newest checkpoint beside it that loads is {tmp_path / 'a.ckpt'}"):
+        io_.load_checkpoint(tmp_path / "b.ckpt")
 
 
 # ----------------------------------------------------------------------------- configs that cannot train
