@@ -126,8 +126,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        if storage_options is not None:
-            return super().save_checkpoint(checkpoint, path, storage_options)  # which raises, as Lightning's
+        if storage_options is not None or "://" in str(path):  # Lightning's own: it raises, or writes remotely
+            return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
