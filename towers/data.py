@@ -15,6 +15,7 @@ global random state, so a run resumed from an end-of-epoch checkpoint sees exact
 of an uninterrupted run.
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -449,7 +450,9 @@ class CatsDogsDataModule(L.LightningDataModule):
                 except FileNotFoundError:
                     if hp.download or (self.root / MICROSOFT_ZIP).is_file():
                         download_microsoft(self.root, sha256=hp.archive_sha256)
-        except PermissionError as error:
+        except OSError as error:
+            if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
+                raise
             raise NotWritable(f"cannot write the data into {self.root} ({error.strerror}: {error.filename}); "
                               f"give --data.root a folder you may write to") from error
         self._prepare_state()
@@ -474,7 +477,9 @@ class CatsDogsDataModule(L.LightningDataModule):
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             if not os.access(self.cache_dir, os.W_OK):
                 raise PermissionError(13, "Permission denied", str(self.cache_dir))
-        except PermissionError as error:
+        except OSError as error:
+            if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
+                raise
             raise NotWritable(f"cannot write to the cache folder {self.cache_dir} ({error.strerror}); "
                               f"give --data.cache_dir a folder you may write to") from error
         paths = [self.base / f for f, _ in files]
