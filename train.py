@@ -4,11 +4,14 @@
     python train.py fit --config configs/paper.yaml --data.root /data/PetImages
     python train.py fit --config configs/paper.yaml --print_config
 
-Exit status: 0 done, 3 (towers.runs.EXIT_DIVERGED) the training loss became NaN or infinite,
-anything else a failure. Under DDP every rank runs this same command line, so values given on it
+Exit status: 0 done, 2 a user error (a bad option, a missing or read-only folder, an impossible
+model, a damaged checkpoint: one line, no traceback), 3 (towers.runs.EXIT_DIVERGED) the training
+loss or the weights became NaN or infinite, 1 any other failure (a full disk: one line naming the
+file). ``TOWERS_DEBUG=1`` shows the traceback of any of them. Under DDP every rank runs this same command line, so values given on it
 (sweep parameters included) reach every rank; only global rank zero creates the W&B run.
 """
 
+import errno
 import os
 import socket
 import sys
@@ -16,7 +19,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import towers.parallel  # noqa: F401  registers `--trainer.strategy tower_parallel` with Lightning
 from towers.allocator import keep_freed_memory
@@ -24,13 +29,9 @@ from towers.callbacks import KernelBisectionCallback, summary_line
 from towers.data import CatsDogsDataModule
 from towers.model import PAPER_WIDTHS, tower_widths
 from towers.module import TowerClassifier
-from towers.runs import (
-    EXIT_DIVERGED,
-    RunStatus,
-    SaveRunConfig,
-    newest_last_checkpoint,
-    run_folder,
-)
+from towers.errors import BadOption, DamagedCheckpoint, Diverged, MissingData, UserError
+from towers.runs import (EXIT_DIVERGED, AtomicCheckpointIO, RunStatus, SaveRunConfig, checkpoint_problem,
+                         newest_last_checkpoint, newest_loadable_checkpoint, run_folder)
 
 
 def _wandb_reachable() -> bool:
@@ -96,6 +97,9 @@ class TowersCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.get("precision") is None:  # configs/*.yaml leave it to the device; see default_precision
             config.trainer.precision = default_precision(config.trainer.accelerator)
+        lr = config.get("model.lr")
+        if lr is not None and lr < 0:
+            raise BadOption(f"model.lr={lr} is negative; a learning rate must be >= 0")
         loggers = config.trainer.logger
         loggers = loggers if isinstance(loggers, list) else [loggers]
         wandb_loggers = [lg.init_args for lg in loggers
@@ -118,19 +122,52 @@ class TowersCLI(LightningCLI):
             rank_zero_info("W&B: no API key or no connection to the server, so this run logs offline "
                            "(the folder is printed below); upload it later with `wandb sync <that folder>`.")
 
+    def instantiate_classes(self):
+        # A ValueError from a constructor is a value given in the config or on the command line that
+        # cannot work (num_towers=0, image_size > resize_size, ...): a user error, told in one line.
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            if isinstance(error, UserError):
+                raise
+            raise BadOption(str(error)) from error
+
+    def _instantiate_trainer(self, config, callbacks):
+        # Every run writes its checkpoints through AtomicCheckpointIO (complete or not at all), unless
+        # the config names its own checkpoint I/O (as a plugin or in a strategy object).
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        strategy = config.get("strategy")
+        if not any(isinstance(p, CheckpointIO) for p in plugins) and getattr(strategy, "_checkpoint_io", None) is None:
+            config["plugins"] = plugins + [AtomicCheckpointIO()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _parse_ckpt_path(self):
+        # LightningCLI reads the hyperparameters of a --ckpt_path file while parsing; a damaged one is
+        # refused first, in one line that names it and the newest checkpoint beside it that loads.
+        given = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if given and Path(given).is_file():
+            problem = checkpoint_problem(given)
+            if problem is not None:
+                fallback = newest_loadable_checkpoint(Path(given).parent, exclude=[given])
+                raise DamagedCheckpoint(f"{given} is damaged and cannot be read ({problem}); " + (
+                    f"the newest checkpoint beside it that loads is {fallback}" if fallback else "no checkpoint beside it loads"))
+        super()._parse_ckpt_path()
+
     def _resolve_last_checkpoint(self):
         # Lightning resolves `--ckpt_path last` inside the checkpoint folder of the *new* run, which a
         # fresh W&B run id or logger version makes empty; look for the newest last.ckpt under
         # default_root_dir instead, so `fit --ckpt_path last` continues the interrupted run and
         # `test --ckpt_path last` tests its final weights.
+        # A damaged last.ckpt is passed over for the newest checkpoint of its run that loads (said so).
         kwargs = self.config_init[self.subcommand]
         if kwargs.get("ckpt_path") != "last":
             return
         root = Path(self.trainer.default_root_dir)
-        found = newest_last_checkpoint(root)
+        found = newest_last_checkpoint(root, check=True)
         if found is None and self.subcommand != "fit":
-            raise SystemExit(f"--ckpt_path last: no last.ckpt under {root.resolve()}; "
-                             f"give --trainer.default_root_dir of the run, or the checkpoint's path")
+            raise MissingData(f"--ckpt_path last: no readable last.ckpt under {root.resolve()}; "
+                              f"give --trainer.default_root_dir of the run, or the checkpoint's path")
         kwargs["ckpt_path"] = None if found is None else str(found)
         rank_zero_info(f"Resuming from {found}" if found else
                        f"--ckpt_path last: no last.ckpt under {root.resolve()}, so training starts from the beginning")
@@ -217,5 +254,41 @@ def exit_status(cli) -> int:
     return EXIT_DIVERGED if diverged else 0
 
 
+def command_line(args=None) -> int:
+    """train.py's command line: :func:`main`, with its errors told in one line and an exit status.
+
+    User errors (towers.errors.UserError, a folder it may not write to) exit 2, a diverged run 3,
+    a failed write (a full disk, an I/O error) 1, each with one line on stderr instead of a traceback;
+    ``TOWERS_DEBUG=1`` raises them as they are. Anything else is a bug and keeps its traceback.
+    """
+    try:
+        return exit_status(main(args))
+    except (UserError, MisconfigurationException, Diverged, OSError) as error:
+        if os.environ.get("TOWERS_DEBUG", "") not in ("", "0"):
+            raise
+        status, line = _error_line(error)
+        if status is None:
+            raise
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish(exit_code=status)  # its closing lines before ours, so ours is the last
+        print(f"train.py: error: {line}", file=sys.stderr)
+        return status
+
+
+def _error_line(error: BaseException) -> tuple[int | None, str]:
+    """(exit status, one line) for an error train.py reports without a traceback; (None, "") to re-raise."""
+    if isinstance(error, Diverged):
+        return EXIT_DIVERGED, f"the run diverged: {error}"
+    if isinstance(error, (UserError, MisconfigurationException)):  # Lightning's word for a bad trainer setting
+        return 2, str(error)
+    if isinstance(error, OSError) and error.filename is not None:  # a file operation, not a socket
+        what = f"{error.strerror or error}: {error.filename}"
+        if isinstance(error, PermissionError) or error.errno == errno.EROFS:
+            return 2, f"{what} (this run may not write there; give a folder it may write to)"
+        return 1, f"{what}; the run stopped" + (" (disk full)" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+    return None, ""
+
+
 if __name__ == "__main__":
-    sys.exit(exit_status(main()))
+    sys.exit(command_line())

@@ -15,6 +15,7 @@ global random state, so a run resumed from an end-of-epoch checkpoint sees exact
 of an uninterrupted run.
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -37,7 +38,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from towers.demo_data import make_demo_dataset
-from towers.files import atomic_path, write_atomic
+from towers.errors import BadOption, MissingData, NotWritable
+from towers.files import allocate, atomic_path, shown_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,14 @@ CLASSES = ("cat", "dog")  # label 0 is cat, 1 is dog
 MICROSOFT_URL = ("https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/"
                  "kagglecatsanddogs_5340.zip")
 MICROSOFT_ZIP = "kagglecatsanddogs_5340.zip"
+# SHA-256 of the official MICROSOFT_URL archive (824,887,076 bytes), as pinned by Hugging Face's cats_vs_dogs
+# loader (huggingface/datasets, datasets/cats_vs_dogs/dataset_infos.json, commit 0129d93b, "download_checksums").
+# TensorFlow Datasets' url_checksums/cats_vs_dogs.txt pins only the older kagglecatsanddogs_3367a.zip.
+MICROSOFT_SHA256 = "b7974bd00a84a99921f36ee4403f089853777b5ae8d151c76a86e64900334af9"
 KAGGLE_NAME = re.compile(r"^(cat|dog)\.\d+\.\w+$", re.IGNORECASE)
 FORMAT_OF_SUFFIX = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP",
                     ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
-CACHE_VERSION = 1  # bump when the decoding changes, so stores and statistics are rebuilt
+CACHE_VERSION = 2  # bump when the decoding changes, so stores and statistics are rebuilt (2: EXIF orientation)
 
 EXPECTED_LAYOUTS = """expected one of:
   Microsoft archive  ROOT/PetImages/Cat/*.jpg and ROOT/PetImages/Dog/*.jpg  (--data.download true fetches it)
@@ -64,9 +70,37 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-def _class_folder_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and _visible(p)
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+def _class_folder_files(folder: Path, unused: list | None = None) -> list[Path]:
+    """The visible files under ``folder``, links included (dangling ones too: :func:`link_problem` sorts
+    them out). Folders named like images and linked folders (not followed) go to ``unused`` with why."""
+    files = []
+    for here, folders, names in os.walk(folder):  # never follows linked folders
+        here = Path(here)
+        folders[:] = sorted(d for d in folders if not d.startswith("."))
+        for name in folders:
+            if (here / name).is_symlink():
+                _note(unused, here / name, "a link to a folder, not followed")
+            elif Path(name).suffix.lower() in FORMAT_OF_SUFFIX:
+                _note(unused, here / name, "a folder named like an image (the files in it are read)")
+        files += [here / name for name in names if not name.startswith(".")]
+    return sorted(files)
+
+
+def _note(unused: list | None, path: Path, reason: str) -> None:
+    if unused is not None:
+        unused.append((path, reason))
+
+
+def link_problem(path: Path, root: Path) -> str | None:
+    """Why the symbolic link ``path`` cannot be used (points at nothing, or outside ``root``), else None."""
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    if not target.exists():
+        return f"a symbolic link to {shown_path(os.readlink(path))}, which does not exist"
+    if not target.is_relative_to(Path(root).resolve()):
+        return f"a symbolic link to {shown_path(target)}, outside the data folder (refused)"
+    return None
 
 
 def _class_label(name: str, names: list[str]) -> int:
@@ -77,15 +111,19 @@ def _class_label(name: str, names: list[str]) -> int:
     return sorted(names).index(name)
 
 
-def find_images(root: str | Path, layout: str = "auto") -> tuple[str, Path, list[tuple[str, int]], list[str]]:
+def find_images(root: str | Path, layout: str = "auto",
+                unused: list | None = None) -> tuple[str, Path, list[tuple[str, int]], list[str]]:
     """Detect the layout under ``root``.
 
     Returns ``(layout, base, [(path relative to base, label)], class names)``, sorted by path.
-    Raises FileNotFoundError listing what was found and what was expected.
+    Entries of the layout's folders that are not used (folders named like images, Kaggle-layout
+    image files without a label in their name) are appended to ``unused`` as (path, reason).
+    Raises FileNotFoundError (:class:`MissingData`) listing what was found and what was expected.
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"Dataset folder {root} does not exist; {EXPECTED_LAYOUTS}")
+        raise MissingData(f"Dataset folder {root} does not exist; {EXPECTED_LAYOUTS}")
+    seen: list = []  # entries not used, collected per layout tried; only the detected layout's are kept
     found: tuple[str, Path, list[tuple[str, int]], list[str]] | None = None
 
     pet = root / "oxford-iiit-pet" if (root / "oxford-iiit-pet").is_dir() else root
@@ -100,23 +138,29 @@ def find_images(root: str | Path, layout: str = "auto") -> tuple[str, Path, list
 
     petimages = root / "PetImages" if (root / "PetImages").is_dir() else root
     if found is None and layout in ("auto", "microsoft") and (petimages / "Cat").is_dir() and (petimages / "Dog").is_dir():
+        seen = []
         files = [(str(p.relative_to(petimages)), label)
-                 for label, name in enumerate(("Cat", "Dog")) for p in _class_folder_files(petimages / name)]
+                 for label, name in enumerate(("Cat", "Dog")) for p in _class_folder_files(petimages / name, seen)]
         found = ("microsoft", petimages, sorted(files), list(CLASSES))
 
     if found is None and layout in ("auto", "kaggle", "demo"):
         for base in (root / "train", root):
-            names = sorted(p.name for p in base.glob("*.*") if p.is_file() and KAGGLE_NAME.match(p.name)) if base.is_dir() else []
+            entries = sorted(p for p in base.glob("*.*") if _visible(p)) if base.is_dir() else []
+            # links are kept whatever they point at (link_problem sorts them out), folders are not
+            names = [p.name for p in entries if (p.is_file() or p.is_symlink()) and KAGGLE_NAME.match(p.name)]
             if names:
                 files = [(name, CLASSES.index(name.split(".")[0].lower())) for name in names]
-                found = ("kaggle", base, files, list(CLASSES))
+                found, used = ("kaggle", base, files, list(CLASSES)), set(names)
+                seen = [(p, "a folder named like an image") if p.is_dir() and not p.is_symlink() else
+                        (p, "named like an image but not cat.N.ext or dog.N.ext, so it has no label")
+                        for p in entries if p.suffix.lower() in FORMAT_OF_SUFFIX and p.name not in used]
                 break
 
     if found is None and layout in ("auto", "folders"):
         folders = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p) and _class_folder_files(p))
         if len(folders) >= 2:
-            names = [f.name for f in folders]
-            files = [(str(p.relative_to(root)), _class_label(f.name, names)) for f in folders for p in _class_folder_files(f)]
+            names, seen = [f.name for f in folders], []
+            files = [(str(p.relative_to(root)), _class_label(f.name, names)) for f in folders for p in _class_folder_files(f, seen)]
             classes = sorted(names, key=lambda n: _class_label(n, names))
             found = ("folders", root, sorted(files), classes)
 
@@ -124,18 +168,26 @@ def find_images(root: str | Path, layout: str = "auto") -> tuple[str, Path, list
         entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
         shown = ", ".join(entries[:20]) + (f", ... ({len(entries)} entries)" if len(entries) > 20 else "")
         asked = "" if layout == "auto" else f" in the {layout!r} layout"
-        raise FileNotFoundError(f"No labelled cat/dog images found{asked} in {root}. "
-                                f"Found: {shown or 'an empty folder'}; {EXPECTED_LAYOUTS}")
+        raise MissingData(f"No labelled cat/dog images found{asked} in {root}. "
+                          f"Found: {shown or 'an empty folder'}; {EXPECTED_LAYOUTS}")
+    if unused is not None and found[0] != "oxford_pet":
+        unused += seen
     return found
 
 
 # ----------------------------------------------------------------------------- reading one image
 
-def load_image(path: str | Path, resize_size: int = 256) -> tuple[np.ndarray, str]:
-    """Decode, convert to RGB, rescale the shorter side to ``resize_size`` and centre-crop (§2).
+# EXIF orientation tag values: what a viewer does to show the image upright
+EXIF_ORIENTATIONS = {2: "mirrored", 3: "rotated 180°", 4: "flipped upside down", 5: "transposed",
+                     6: "rotated 90° clockwise", 7: "transversed", 8: "rotated 90° counter-clockwise"}
+
+
+def load_image(path: str | Path, resize_size: int = 256, exif_transpose: bool = True) -> tuple[np.ndarray, str]:
+    """Decode, turn upright by its EXIF orientation (``exif_transpose``), convert to RGB, rescale the
+    shorter side to ``resize_size`` and centre-crop (§2).
 
     Returns the uint8 (3, resize_size, resize_size) pixels and a note on what was unusual
-    (format other than the extension, colour mode converted), empty when nothing was.
+    (format other than the extension, EXIF orientation, colour mode converted), empty when nothing was.
     Raises ``BadImage`` with the reason when the file cannot be used.
     """
     path = Path(path)
@@ -151,6 +203,13 @@ def load_image(path: str | Path, resize_size: int = 256) -> tuple[np.ndarray, st
                 expected = FORMAT_OF_SUFFIX.get(path.suffix.lower())
                 if image.format != expected:
                     notes.append(f"{image.format} content with a {path.suffix or 'missing'} extension")
+                orientation = image.getexif().get(0x0112, 1)  # 0x0112: the EXIF Orientation tag
+                if orientation in EXIF_ORIENTATIONS:
+                    if exif_transpose:
+                        image = ImageOps.exif_transpose(image)
+                        notes.append(f"EXIF orientation {orientation} applied ({EXIF_ORIENTATIONS[orientation]})")
+                    else:
+                        notes.append(f"EXIF orientation {orientation} ignored (data.exif_transpose is false)")
                 if image.mode != "RGB":
                     notes.append(f"{image.mode} converted to RGB" + (" (alpha dropped)" if "A" in image.mode else ""))
                     image = image.convert("RGBA" if image.mode == "P" and "transparency" in image.info else image.mode)
@@ -170,18 +229,19 @@ class BadImage(Exception):
     """A file that cannot be used as an image; the message is the reason."""
 
 
-def _check_and_load(args: tuple[Path, int]) -> tuple[np.ndarray | None, bool, str]:
-    path, size = args
+def _check_and_load(args: tuple[Path, int, bool]) -> tuple[np.ndarray | None, bool, str]:
+    path, size, exif_transpose = args
     try:
-        pixels, note = load_image(path, size)
+        pixels, note = load_image(path, size, exif_transpose)
         return pixels, True, note
     except BadImage as error:
         return None, False, str(error)
 
 
-def _check(path: Path) -> tuple[bool, str]:
+def _check(args: tuple[Path, bool]) -> tuple[bool, str]:
     """(usable, note) of one file; decoded in full but resized to 8 pixels, which is cheap."""
-    return _check_and_load((path, 8))[1:]
+    path, exif_transpose = args
+    return _check_and_load((path, 8, exif_transpose))[1:]
 
 
 def _imap(function, items: list, num_workers: int, desc: str):
@@ -198,8 +258,9 @@ def _imap(function, items: list, num_workers: int, desc: str):
 class ImageFiles(Dataset):
     """The plain path: decode each JPEG every time. Items: (uint8 (3, R, R), label, index)."""
 
-    def __init__(self, base: Path, files: list[str], labels: list[int], resize_size: int):
+    def __init__(self, base: Path, files: list[str], labels: list[int], resize_size: int, exif_transpose: bool = True):
         self.base, self.files, self.labels, self.resize_size = base, files, labels, resize_size
+        self.exif_transpose = exif_transpose
 
     def __len__(self) -> int:
         return len(self.files)
@@ -210,7 +271,7 @@ class ImageFiles(Dataset):
         for offset in range(len(self.files)):
             i = (index + offset) % len(self.files)
             try:
-                pixels, _ = load_image(self.base / self.files[i], self.resize_size)
+                pixels, _ = load_image(self.base / self.files[i], self.resize_size, self.exif_transpose)
                 return torch.from_numpy(pixels), self.labels[i], index
             except (BadImage, OSError) as error:
                 log.warning("%s became unreadable after the check (%s); using the next image instead",
@@ -276,10 +337,10 @@ def _count(size: Size, total: int, name: str) -> int | None:
         return None
     if isinstance(size, float):
         if not 0.0 <= size <= 1.0:
-            raise ValueError(f"{name}={size}: a fraction must lie in [0, 1]")
+            raise BadOption(f"{name}={size}: a fraction must lie in [0, 1]")
         return round(size * total)
     if size < 0:
-        raise ValueError(f"{name}={size} must not be negative")
+        raise BadOption(f"{name}={size} must not be negative")
     return int(size)
 
 
@@ -296,8 +357,9 @@ class CatsDogsDataModule(L.LightningDataModule):
             ``folders`` (root/<class>/*), ``oxford_pet`` (Oxford-IIIT Pet through torchvision),
             ``demo`` (a synthetic set generated in ``root`` when missing).
         download: let ``prepare_data`` fetch a missing Microsoft archive or Oxford-IIIT Pet.
-        archive_sha256: expected SHA-256 of the Microsoft zip; None checks nothing but logs
-            the digest so it can be pinned.
+        archive_sha256: expected SHA-256 of the Microsoft zip (downloaded, or found as
+            ``root/kagglecatsanddogs_5340.zip``); None: the official archive's
+            (:data:`MICROSOFT_SHA256`); ``"any"``: not checked (the digest is logged).
         demo_images_per_class, demo_seed: size and seed of the generated demo set.
         test_size, train_size, val_size: a count, a fraction of all usable images, or
             ``"rest"``. The test images are drawn first, then the training pool, and the
@@ -308,6 +370,9 @@ class CatsDogsDataModule(L.LightningDataModule):
             ``seed_everything`` (``PL_GLOBAL_SEED``), or 0.
         batch_size, eval_batch_size: training batch (§5: 128) and evaluation batch (None: the same).
         resize_size: side of the rescaled, centre-cropped images (§2: 256).
+        exif_transpose: turn each image upright by its EXIF orientation tag before resizing, as
+            a viewer shows it (the paper does not say; on by default, every such file is listed
+            in ``bad_files.tsv`` either way).
         image_size: side of the crops fed to the network (227); the CLI links it to the model.
         random_crop, random_flip: §4.1's random crops and horizontal flips at training time
             (off: the centre crop, unflipped).
@@ -341,6 +406,7 @@ class CatsDogsDataModule(L.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         resize_size: int = 256,
+        exif_transpose: bool = True,
         image_size: int = 227,
         random_crop: bool = True,
         random_flip: bool = True,
@@ -355,7 +421,9 @@ class CatsDogsDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if image_size > resize_size:
-            raise ValueError(f"image_size={image_size} is larger than resize_size={resize_size}")
+            raise BadOption(f"image_size={image_size} is larger than resize_size={resize_size}")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise BadOption(f"batch_size={batch_size} and eval_batch_size={eval_batch_size} must be at least 1")
         self.save_hyperparameters()
         self.root = Path(root)
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".towers-cache"
@@ -371,38 +439,65 @@ class CatsDogsDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Generate or download what is missing, check every file, build the fast-path store."""
         hp = self.hparams
-        if hp.source == "demo" and not (self.root / "train").is_dir():
-            make_demo_dataset(self.root, hp.demo_images_per_class, hp.demo_seed)
-        elif hp.source == "oxford_pet" and hp.download:
-            download_oxford_pet(self.root)
-        elif hp.source in ("auto", "microsoft"):
-            try:
-                find_images(self.root, hp.source)
-            except FileNotFoundError:
-                if hp.download or (self.root / MICROSOFT_ZIP).is_file():
-                    download_microsoft(self.root, sha256=hp.archive_sha256)
+        try:
+            if hp.source == "demo" and not (self.root / "train").is_dir():
+                make_demo_dataset(self.root, hp.demo_images_per_class, hp.demo_seed)
+            elif hp.source == "oxford_pet" and hp.download:
+                download_oxford_pet(self.root)
+            elif hp.source in ("auto", "microsoft"):
+                try:
+                    find_images(self.root, hp.source)
+                except FileNotFoundError:
+                    if hp.download or (self.root / MICROSOFT_ZIP).is_file():
+                        download_microsoft(self.root, sha256=hp.archive_sha256)
+        except OSError as error:
+            if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
+                raise
+            raise NotWritable(f"cannot write the data into {self.root} ({error.strerror}: {error.filename}); "
+                              f"give --data.root a folder you may write to") from error
         self._prepare_state()
 
     def _index(self) -> None:
         """Find, check (cached), and for the fast path store the images; sets the usable file list."""
         hp = self.hparams
-        self.layout, self.base, files, self.classes = find_images(self.root, hp.source)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        unused: list[tuple[Path, str]] = []  # files under the root that are not read, and why
+        self.layout, self.base, found, self.classes = find_images(self.root, hp.source, unused)
+        files = []
+        for f, label in found:  # links to nothing or out of the data folder, files listed but missing
+            problem = link_problem(self.base / f, self.root) or (
+                None if (self.base / f).exists() else "listed by the layout but missing")
+            if problem:
+                unused.append((self.base / f, problem))
+            else:
+                files.append((f, label))
+        if not files:
+            raise MissingData(f"None of the {len(found)} files found in {self.base} can be used; "
+                              f"{unused[0][0]}: {unused[0][1]}")
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.cache_dir, os.W_OK):
+                raise PermissionError(13, "Permission denied", str(self.cache_dir))
+        except OSError as error:
+            if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
+                raise
+            raise NotWritable(f"cannot write to the cache folder {self.cache_dir} ({error.strerror}); "
+                              f"give --data.cache_dir a folder you may write to") from error
         paths = [self.base / f for f, _ in files]
         stamps = [(f, s.st_size, s.st_mtime_ns) for (f, _), s in zip(files, (p.stat() for p in paths))]
 
-        checks_path = self.cache_dir / "checks.json"
+        # the notes (and pixels) depend on exif_transpose, so each setting keeps its own check results
+        checks_path = self.cache_dir / ("checks.json" if hp.exif_transpose else "checks-exif-ignored.json")
         checks = json.loads(checks_path.read_text()) if checks_path.is_file() else {}
         fresh = {f: checks[f] for f, size, mtime in stamps if checks.get(f, [None] * 2)[:2] == [size, mtime]}
 
-        fingerprint = hashlib.sha1(json.dumps([CACHE_VERSION, hp.resize_size, stamps]).encode()).hexdigest()[:16]
+        fingerprint = hashlib.sha1(json.dumps([CACHE_VERSION, hp.resize_size, hp.exif_transpose, stamps]).encode()).hexdigest()[:16]
         self.store_path = self.cache_dir / f"store-{hp.resize_size}-{fingerprint}.npy"
         if hp.fast_path and not self.store_path.is_file():
             results = self._build_store(paths)
         else:
             todo = [i for i, (f, _, _) in enumerate(stamps) if f not in fresh]
-            results = dict(zip(todo, (r for r in _imap(_check, [paths[i] for i in todo], self.num_workers,
-                                                        f"checking images in {self.base}"))))
+            results = dict(zip(todo, (r for r in _imap(_check, [(paths[i], hp.exif_transpose) for i in todo],
+                                                        self.num_workers, f"checking images in {self.base}"))))
         if results:
             for i, (usable, note) in results.items():
                 f, size, mtime = stamps[i]
@@ -411,7 +506,11 @@ class CatsDogsDataModule(L.LightningDataModule):
 
         self.store_rows = {f: row for row, (f, _) in enumerate(files)}
         self.usable = [(f, label) for f, label in files if fresh[f][2]]
-        self._report([(f, *fresh[f][2:]) for f, _ in files if not fresh[f][2] or fresh[f][3]], len(files))
+        notes = [(self.base / f, *fresh[f][2:]) for f, _ in files if not fresh[f][2] or fresh[f][3]]
+        for f, _ in files:  # a name that is not valid UTF-8 is read, but said so
+            if f != os.fsencode(f).decode("utf-8", "replace"):
+                notes.append((self.base / f, True, "the file name is not valid UTF-8 (shown escaped)"))
+        self._report(notes + [(path, False, why) for path, why in unused], len(found) + len(unused))
 
     def _build_store(self, paths: list[Path]) -> dict[int, tuple[bool, str]]:
         """Decode every file once into rows of a uint8 .npy memmap (unreadable files keep a zero row)."""
@@ -420,7 +519,9 @@ class CatsDogsDataModule(L.LightningDataModule):
             old.unlink()  # a store of files that have since changed
         with atomic_path(self.store_path) as tmp:
             store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
-            loaded = _imap(_check_and_load, [(p, size) for p in paths], self.num_workers, f"building {self.store_path.name}")
+            allocate(tmp, shown=self.store_path)  # a full disk is an OSError here, not a SIGBUS when a row is written
+            loaded = _imap(_check_and_load, [(p, size, self.hparams.exif_transpose) for p in paths],
+                           self.num_workers, f"building {self.store_path.name}")
             for row, (pixels, usable, note) in enumerate(loaded):
                 if pixels is not None:
                     store[row] = pixels
@@ -429,14 +530,17 @@ class CatsDogsDataModule(L.LightningDataModule):
             del store
         return results
 
-    def _report(self, notes: list[tuple[str, bool, str]], total: int) -> None:
-        """One report of every skipped or converted file: logged, and written to bad_files.tsv."""
+    def _report(self, notes: list[tuple[Path, bool, str]], total: int) -> None:
+        """One report of every skipped, converted or oddly named file: logged, and written to bad_files.tsv
+        (names escaped, :func:`towers.files.shown_path`, so any name fits on its line)."""
         self.bad_files_report = self.cache_dir / "bad_files.tsv"
-        lines = ["file\taction\treason"] + [f"{self.base / f}\t{'kept' if ok else 'skipped'}\t{why}" for f, ok, why in notes]
+        notes = sorted(notes, key=lambda note: os.fsencode(note[0]))
+        lines = ["file\taction\treason"] + [f"{shown_path(path)}\t{'kept' if ok else 'skipped'}\t{why}"
+                                            for path, ok, why in notes]
         write_atomic(self.bad_files_report, "\n".join(lines) + "\n")
-        skipped = [f for f, ok, _ in notes if not ok]
+        skipped = [shown_path(path.name) for path, ok, _ in notes if not ok]
         if notes:
-            log.warning("%d of %d files skipped as unreadable, %d kept after conversion; the list with reasons: %s%s",
+            log.warning("%d of %d files skipped as unusable, %d kept with a note; the list with reasons: %s%s",
                         len(skipped), total, len(notes) - len(skipped), self.bad_files_report,
                         f" (skipped: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''})" if skipped else "")
 
@@ -448,8 +552,22 @@ class CatsDogsDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         num_classes = getattr(getattr(trainer, "lightning_module", None), "hparams", {}).get("num_classes")
         if num_classes is not None and num_classes != len(self.classes):
-            raise ValueError(f"The data has {len(self.classes)} classes {self.classes} but the model has "
-                             f"num_classes={num_classes}; set --model.num_classes {len(self.classes)}")
+            raise BadOption(f"The data has {len(self.classes)} classes {self.classes} but the model has "
+                            f"num_classes={num_classes}; set --model.num_classes {len(self.classes)}")
+        if stage in (None, "fit") and trainer is not None:  # only a trainer trains on it
+            self._check_steps(trainer)
+
+    def _check_steps(self, trainer) -> None:
+        """Refuse a training split that gives no full batch: the loader drops the last partial batch,
+        so such a run would train on nothing and still report itself finished."""
+        replicas = trainer.world_size
+        per_replica = -(-len(self.train_files) // replicas)  # DistributedSampler pads to equal shares
+        steps = per_replica // self.hparams.batch_size
+        if steps == 0:
+            shared = f", shared by {replicas} processes ({per_replica} each)" if replicas > 1 else ""
+            raise BadOption(f"the training split has {len(self.train_files)} images{shared}, fewer than one batch "
+                            f"of batch_size={self.hparams.batch_size}, so an epoch would have 0 steps; use a smaller "
+                            f"--data.batch_size or a larger --data.train_size")
 
     def _prepare_state(self) -> None:
         """Check the files, split them, compute the training statistics; every step cached on disk."""
@@ -462,11 +580,11 @@ class CatsDogsDataModule(L.LightningDataModule):
         n_test, n_pool, n_val = (_count(size, n, name) for size, name in
                                  ((hp.test_size, "test_size"), (hp.train_size, "train_size"), (hp.val_size, "val_size")))
         if n_val is None or (n_test is None and n_pool is None):
-            raise ValueError("'rest' is allowed for test_size or train_size, not for both nor for val_size")
+            raise BadOption("'rest' is allowed for test_size or train_size, not for both nor for val_size")
         n_test = n - n_pool if n_test is None else n_test
         n_pool = n - n_test if n_pool is None else n_pool
         if n_test < 0 or n_pool < 0 or n_test + n_pool > n or n_val >= n_pool:
-            raise ValueError(f"{self.base} has {n} usable images, but the splits ask for test {n_test} + training "
+            raise BadOption(f"{self.base} has {n} usable images, but the splits ask for test {n_test} + training "
                              f"pool {n_pool}, of which validation {n_val} (at least one must be left for training). "
                              f"Use smaller sizes, fractions (--data.train_size 0.8) or 'rest'; skipped files are "
                              f"listed in {self.bad_files_report}")
@@ -480,7 +598,7 @@ class CatsDogsDataModule(L.LightningDataModule):
         labels = [label for _, label in files]
         if self.hparams.fast_path:
             return ImageStore(self.store_path, [self.store_rows[f] for f, _ in files], labels)
-        return ImageFiles(self.base, [f for f, _ in files], labels, self.hparams.resize_size)
+        return ImageFiles(self.base, [f for f, _ in files], labels, self.hparams.resize_size, self.hparams.exif_transpose)
 
     def _statistics(self) -> None:
         """Mean image, mean colour and RGB covariance of the training images (cached by their list)."""
@@ -655,18 +773,25 @@ def fetch(url: str, destination: Path, sha256: str | None = None) -> str:
 def _verified(found: str, expected: str | None, what) -> str:
     """``found`` (a SHA-256 hex digest), after checking it against ``expected`` when one is given."""
     if expected is not None and found != expected.lower():
-        raise ValueError(f"Checksum mismatch for {what}: expected SHA-256 {expected}, got {found}")
+        official = (" (the official archive's; if this is another archive on purpose, pass its SHA-256 as "
+                    "--data.archive_sha256, or --data.archive_sha256 any to skip the check)"
+                    if expected.lower() == MICROSOFT_SHA256 else "")
+        raise BadOption(f"Checksum mismatch for {what}: expected SHA-256 {expected}{official}, got {found}")
     return found
 
 
 def download_microsoft(root: str | Path, url: str = MICROSOFT_URL, sha256: str | None = None) -> Path:
     """Fetch and unpack Microsoft's Cats-vs-Dogs archive into ``root/PetImages``.
 
-    A zip already at ``root/kagglecatsanddogs_5340.zip`` is used instead of the network.
+    A zip already at ``root/kagglecatsanddogs_5340.zip`` is used instead of the network. Either
+    is checked against ``sha256``: None means the official archive's (:data:`MICROSOFT_SHA256`),
+    ``"any"`` checks nothing (the digest is logged so it can be pinned).
     Everything happens in a temporary folder inside ``root``; only a complete, verified
     ``PetImages`` is moved into place, and the temporary folder is removed whatever happens.
     """
     root = Path(root)
+    unchecked = sha256 is not None and sha256.lower() == "any"
+    sha256 = None if unchecked else (sha256 or MICROSOFT_SHA256)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
     try:
@@ -686,8 +811,8 @@ def download_microsoft(root: str | Path, url: str = MICROSOFT_URL, sha256: str |
                     f"Could not download {url} ({error}). Without network, download it elsewhere and put it "
                     f"at {root / MICROSOFT_ZIP}, or unzip it so that {root}/PetImages/Cat/*.jpg and "
                     f"{root}/PetImages/Dog/*.jpg exist.") from error
-        if sha256 is None:
-            log.warning("%s has SHA-256 %s (not checked: pass --data.archive_sha256 to pin it)", archive.name, found)
+        if unchecked:
+            log.warning("%s has SHA-256 %s (not checked: --data.archive_sha256 any)", archive.name, found)
         safe_extract(archive, tmp / "extracted")
         if not (tmp / "extracted" / "PetImages").is_dir():
             raise ValueError(f"{archive} holds no PetImages folder")

@@ -13,8 +13,13 @@ and hyperband stopping) and how it ended; ``train.py`` exits with :data:`EXIT_DI
 training loss became NaN or infinite.
 """
 
+import errno
 import json
+import logging
 import math
+import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -22,9 +27,13 @@ import yaml
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from towers.files import write_atomic
+from towers.errors import DamagedCheckpoint, Diverged
+from towers.files import atomic_path, write_atomic
+
+log = logging.getLogger(__name__)
 
 # Exit status of train.py for a run stopped because its loss became NaN or infinite (1 is an uncaught
 # Python exception, 2 a command-line error). The sweep agent records such a run as "diverged".
@@ -82,11 +91,105 @@ def place_checkpoints(trainer: Trainer) -> None:
             callback.dirpath = str(folder)
 
 
-def newest_last_checkpoint(root) -> Path | None:
+def checkpoint_problem(path) -> str | None:
+    """Why the checkpoint ``path`` cannot be read, or None when it can.
+
+    Cheap: the zip's directory and the pickled structure are read, the tensors only mapped
+    (``mmap``), so a truncated file (a killed write, a full disk) is caught without reading the
+    weights; damage inside a tensor's bytes shows only when it is loaded.
+    """
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):
+            return None  # intact, only holding an object the weights-only loader refuses; Lightning decides
+        return f"cannot be unpickled: {_first_line(error)}"
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as error:
+        return _first_line(error)
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    """The first sentence of an error's message (torch's zip reader adds a paragraph of advice)."""
+    lines = str(error).strip().splitlines()
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(error).__name__
+
+
+def newest_loadable_checkpoint(folder, exclude=()) -> Path | None:
+    """The most recently written ``*.ckpt`` in ``folder`` (not below it) that :func:`checkpoint_problem` passes."""
+    skip = {Path(p).resolve() for p in exclude}
+    found = sorted((p for p in Path(folder).glob("*.ckpt") if p.is_file() and p.resolve() not in skip),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    return next((p for p in found if checkpoint_problem(p) is None), None)
+
+
+def newest_last_checkpoint(root, check: bool = False) -> Path | None:
     """The most recently written ``last*.ckpt`` anywhere under ``root`` (a run folder or a sweep run's
-    folder), or None. Symbolic links count when they point at a file (``save_last: link``)."""
-    found = [p for p in Path(root).rglob("last*.ckpt") if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    folder), or None. Symbolic links count when they point at a file (``save_last: link``).
+
+    With ``check`` (what ``train.py --ckpt_path last`` uses), a damaged one (:func:`checkpoint_problem`)
+    is passed over with a warning naming it, for the newest checkpoint beside it (the same run's folder)
+    that loads, said so too. Without, files are not opened (the sweep tests' stand-in writes JSON ones).
+    """
+    found = sorted((p for p in Path(root).rglob("last*.ckpt") if p.is_file()),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    if not check:
+        return found[0] if found else None
+    for last in found:
+        problem = checkpoint_problem(last)
+        if problem is None:
+            return last
+        fallback = newest_loadable_checkpoint(last.parent, exclude=[last, last.resolve()])
+        log.warning("%s is damaged and cannot be read (%s); %s", last, problem,
+                    f"falling back to {fallback}, the newest checkpoint of that run that loads" if fallback
+                    else "no other checkpoint of that run loads")
+        if fallback is not None:
+            return fallback
+    return None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O, but a checkpoint appears under its final name only when complete.
+
+    ``torch.save`` writes a temporary file beside the target, which is flushed to the disk and then
+    renamed onto it (:func:`towers.files.atomic_path`); a failed write (a full disk) leaves neither a
+    half-written checkpoint nor the temporary file, and is raised as an OSError naming the checkpoint.
+    A checkpoint that cannot be read is :class:`towers.errors.DamagedCheckpoint`, one line that names
+    it and the newest checkpoint beside it that loads. ``train.py`` gives it to every run.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):  # Lightning's own: it raises, or writes remotely
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            try:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            except RuntimeError as error:
+                # torch's zip writer reports a short write (what a full disk gives) as a RuntimeError
+                # ("unexpected pos ..."); told as the OSError it is, naming the checkpoint
+                space = os.statvfs(path.parent)
+                full = space.f_bavail * space.f_frsize < (1 << 20)  # checked while the partial file still holds its blocks
+                code = errno.ENOSPC if full else errno.EIO
+                raise OSError(code, os.strerror(code) + ("" if full else f" ({_first_line(error)})"), str(path)) from error
+
+    def load_checkpoint(self, path, *args, **kwargs):
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
+            problem = checkpoint_problem(path)
+            if problem is None:
+                raise  # the file reads; what failed is not the file
+            fallback = newest_loadable_checkpoint(Path(path).parent, exclude=[path])
+            raise DamagedCheckpoint(
+                f"{path} is damaged and cannot be read ({problem}); "
+                + (f"the newest checkpoint beside it that loads is {fallback}" if fallback
+                   else "no checkpoint beside it loads")) from error
 
 
 def _scalars(metrics: dict) -> dict:
@@ -108,6 +211,11 @@ class RunStatus(Callback):
     training batches and at the end of each training epoch. A diverged run stops training (no further
     steps on NaN weights), ``status.json`` says where it happened, and train.py exits with
     :data:`EXIT_DIVERGED`. ``train.py`` adds this callback to every config (``--run_status.*``).
+
+    No checkpoint of non-finite weights is written: before each validation's checkpoints (Lightning
+    runs ModelCheckpoint callbacks after all others) the flag and the weights are checked, and a
+    diverged run switches its ModelCheckpoints off, so ``last.ckpt`` and ``best-*.ckpt`` keep the last
+    finite weights. Any other save of non-finite weights is refused with :class:`towers.errors.Diverged`.
     """
 
     def __init__(self, check_every_n_steps: int = 50):
@@ -153,25 +261,50 @@ class RunStatus(Callback):
             self._check(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self._check(trainer)
+        self._check(trainer, pl_module)  # before a ModelCheckpoint that saves at the end of the epoch
 
-    def _check(self, trainer: Trainer) -> None:
+    def _check(self, trainer: Trainer, pl_module=None) -> None:
+        """Stop the run if the loss since the last check (and, given ``pl_module``, a weight) is not finite."""
         if self.status == "diverged":
             return
-        diverged = self._all_finite is not None and not bool(self._all_finite)  # the one sync
+        loss_diverged = self._all_finite is not None and not bool(self._all_finite)  # the one sync
+        weights_diverged = pl_module is not None and not loss_diverged and not _finite_weights(pl_module)
         self._all_finite = None
         # a collective: every rank calls _check at the same batches, so they agree and stop together
-        if trainer.strategy.reduce_boolean_decision(diverged, all=False):
+        if trainer.strategy.reduce_boolean_decision(loss_diverged or weights_diverged, all=False):
             self.status = "diverged"
-            self.message = (f"training loss became NaN or infinite at or before step {trainer.global_step} "
-                            f"(epoch {trainer.current_epoch}); training stopped")
+            what = "weights" if weights_diverged else "training loss"
+            self.message = (f"{what} became NaN or infinite at or before step {trainer.global_step} "
+                            f"(epoch {trainer.current_epoch}); training stopped, no checkpoint written after it")
             trainer.should_stop = True
+            for checkpoint in trainer.checkpoint_callbacks:  # the files on disk stay the last finite ones
+                checkpoint.save_top_k, checkpoint.save_last = 0, False
             self._write(trainer)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        # Called on every rank while a checkpoint is assembled, before anything is written: the guard
+        # for saves that the checks above do not precede (every_n_train_steps, a trainer.save_checkpoint).
+        if self.status == "diverged" or trainer.strategy.reduce_boolean_decision(
+                not _finite_weights(pl_module), all=False):
+            self._refuse(trainer)
+
+    def _refuse(self, trainer: Trainer) -> None:
+        if self.status != "diverged":
+            self.status = "diverged"
+            self.message = (f"weights became NaN or infinite at or before step {trainer.global_step} "
+                            f"(epoch {trainer.current_epoch}); training stopped, no checkpoint written after it")
+        self._write(trainer)
+        raise Diverged(self.message)
 
     # -- progress and the end -----------------------------------------------------------------------
     def on_validation_end(self, trainer, pl_module):
-        # on_validation_end runs after the epoch's metrics are reduced (as ModelCheckpoint relies on)
-        if trainer.sanity_checking or self._path is None or self.status != "running":
+        # on_validation_end runs after the epoch's metrics are reduced (as ModelCheckpoint relies on),
+        # and before ModelCheckpoint's: a run found diverged here saves nothing more
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == "fit":
+            self._check(trainer, pl_module)
+        if self._path is None or self.status != "running":
             return
         entry = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         entry.update(_scalars(trainer.callback_metrics))
@@ -199,10 +332,21 @@ class RunStatus(Callback):
         self._write(trainer, summary=self.summary)
 
     def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, Diverged):
+            return  # status.json already says diverged
         interrupted = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
         self.status = "interrupted" if interrupted else "failed"
         self.message = f"{type(exception).__name__}: {exception}"
-        self._write(trainer)
+        try:
+            self._write(trainer)
+        except OSError as error:  # the disk that made the run fail may refuse status.json too
+            log.error("could not record the failure in %s (%s); the failure: %s", self._path, error, self.message)
+
+
+def _finite_weights(pl_module) -> bool:
+    """True when every parameter is finite; one host-device sync per device."""
+    flags = [torch.isfinite(p).all() for p in pl_module.parameters()]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
 
 
 class SaveRunConfig(SaveConfigCallback):
