@@ -291,7 +291,8 @@ def test_demo_sweep_end_to_end_through_train_py(tmp_path):
         folder = Path(run["wandb_dir"])
         assert folder.name.startswith("offline-run-")
         _, summary, name = wandb_run_contents(folder)
-        assert name.startswith(f"t{run['params']['model.num_towers']}-s{run['params']['seed_everything']}-")
+        towers = run["params"]["model"]["num_towers"]  # sweeps/demo.yaml: one `model` value per condition
+        assert name.startswith(f"t{towers}-s{run['params']['seed_everything']}-")
         assert 0 <= summary["val/acc"] <= 1
         assert (folder / "files" / "config.yaml").exists()
         assert (folder / "files" / "bisection.json").exists()

@@ -377,7 +377,8 @@ class KernelBisectionCallback(Callback):
         change = self.last_record.get("kernel_change")
         if change is not None:
             rank_zero_info("conv1 kernels moved ||W - W0|| / ||W0|| = "
-                           + ", ".join(f"{c:.2f} (tower {k})" for k, c in enumerate(change, start=1))
+                           + ", ".join(f"{'n/a' if c is None else f'{c:.2f}'} (tower {k})"
+                                       for k, c in enumerate(change, start=1))
                            + " from their initialisation")
         rank_zero_info(f"KernelBisectionCallback: measurements took {self._cost:.2f} s, "
                        f"{100 * self._cost / max(self._fit_seconds, 1e-9):.2f}% of the {self._fit_seconds:.1f} s "
