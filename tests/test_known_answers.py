@@ -135,6 +135,16 @@ def test_the_positive_control_survives_a_lightning_checkpoint(blind_fit):
     assert color_specificity(loaded.conv1_kernels()[0], STD).max() < 1e-10
 
 
+def test_tower_parallel_refuses_the_positive_control_with_one_line(tmp_path):
+    from towers.parallel import TowerParallelStrategy
+
+    trainer = L.Trainer(strategy=TowerParallelStrategy(), accelerator="cpu", devices=2, max_steps=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="color_blind_towers is not supported with the tower_parallel"):
+        trainer.fit(tiny(color_blind_towers=[1]), datamodule=StdData())
+
+
 # --- the demo generator --------------------------------------------------------------------------
 
 def cue_features(n: int, seed: int):
