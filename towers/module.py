@@ -63,7 +63,7 @@ class TowerClassifier(L.LightningModule):
     def setup(self, stage: str) -> None:
         # Before the strategy moves the model: converting the conv weights is enough, the
         # convolutions then return NHWC and every layer after them keeps it.
-        if self.model.color_blind_towers:
+        if getattr(self.model, "color_blind_towers", None):  # (after a tower-parallel fit, self.model is the placed one)
             from towers.parallel import TowerParallelStrategy
 
             if isinstance(self.trainer.strategy, TowerParallelStrategy):
