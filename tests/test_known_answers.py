@@ -133,6 +133,15 @@ def test_the_positive_control_survives_a_lightning_checkpoint(blind_fit):
     torch.testing.assert_close(loaded.conv1_kernels(), module.conv1_kernels().detach(), rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(loaded.model.features.conv1.parametrizations.weight[0].axis, STD / STD.norm())
     assert color_specificity(loaded.conv1_kernels()[0], STD).max() < 1e-10
+    # and a run resumes from it (optimizer state of the stored tensor included), its blind tower still grey
+    resumed = tiny(color_blind_towers=[1])
+    trainer = L.Trainer(max_steps=6, default_root_dir=path.parent / "resumed", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0, accelerator="cpu", devices=1)
+    trainer.fit(resumed, datamodule=StdData(), ckpt_path=path)
+    assert trainer.global_step == 6
+    assert color_specificity(resumed.conv1_kernels()[0], STD).max() < 1e-10
+    assert not torch.allclose(resumed.conv1_kernels(), loaded.conv1_kernels())
 
 
 def test_tower_parallel_refuses_the_positive_control_with_one_line(tmp_path):
