@@ -61,16 +61,19 @@ class TowerClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes)
 
     def setup(self, stage: str) -> None:
-        # Before the strategy moves the model: converting the conv weights is enough, the
-        # convolutions then return NHWC and every layer after them keeps it.
         if getattr(self.model, "color_blind_towers", None):  # (after a tower-parallel fit, self.model is the placed one)
             from towers.parallel import TowerParallelStrategy
 
             if isinstance(self.trainer.strategy, TowerParallelStrategy):
                 raise ValueError("model.color_blind_towers is not supported with the tower_parallel strategy "
                                  "(it places plain conv1 slices per device); use one device or DDP")
-            # Before any measurement or step: grey in the units the callback scores in (raw RGB).
-            self.model.set_grey_axis(getattr(getattr(self.trainer, "datamodule", None), "input_channel_std", None))
+            # Before any measurement or step: grey in the units the callback scores in (raw RGB). Only when
+            # fitting: validating or testing keeps the axis the weights were trained with (a resumed fit
+            # gets it back from the checkpoint, which is restored after this hook).
+            if stage == "fit":
+                self.model.set_grey_axis(getattr(getattr(self.trainer, "datamodule", None), "input_channel_std", None))
+        # Before the strategy moves the model: converting the conv weights is enough, the
+        # convolutions then return NHWC and every layer after them keeps it.
         channels_last = self.hparams.channels_last
         if channels_last is None:
             channels_last = self.trainer.strategy.root_device.type == "cpu"
