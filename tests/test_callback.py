@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from analysis import kernels as analysis
 from towers import KernelBisectionCallback, TowerClassifier
-from towers.callbacks import kernel_grid
+from towers.callbacks import kernel_grid, label_width
 from towers.files import read_jsonl
 from towers.color import bisection, color_specificity
 
@@ -39,18 +39,19 @@ def trainer(root, callback, logger, max_steps):
                      limit_val_batches=0, log_every_n_steps=1, accelerator="cpu", devices=1)
 
 
-def grid_size(towers, n, columns=16, zoom=4, pad=2, gap=12, h=11, w=11):
+def grid_size(towers, n, columns=16, zoom=4, pad=2, gap=12, h=11, w=11, labels=True):
     cols = min(columns, n)
     rows = math.ceil(n / cols)
-    return pad + towers * rows * (h * zoom + pad) + (towers - 1) * gap, pad + cols * (w * zoom + pad)
+    margin = label_width(towers) if labels else 0  # the "tower k" labels on the left
+    return pad + towers * rows * (h * zoom + pad) + (towers - 1) * gap, margin + pad + cols * (w * zoom + pad)
 
 
 def test_kernel_grid_layout_scaling_and_order():
     kernels = torch.randn(3, 5, 3, 11, 11, generator=torch.Generator().manual_seed(0))
     kernels[1, 2] *= 1e-3  # a weak kernel
-    img = kernel_grid(kernels, columns=4, zoom=2, pad=1, gap=6)
+    img = kernel_grid(kernels, columns=4, zoom=2, pad=1, gap=6, labels=False)
     rows_per_tower, cell = 2, 11 * 2 + 1
-    assert img.shape == (1 + 3 * rows_per_tower * cell + 2 * 6, 1 + 4 * cell, 3) == grid_size(3, 5, 4, 2, 1, 6) + (3,)
+    assert img.shape == (1 + 3 * rows_per_tower * cell + 2 * 6, 1 + 4 * cell, 3) == grid_size(3, 5, 4, 2, 1, 6, labels=False) + (3,)
     block = rows_per_tower * cell
     for t in (1, 2):  # the 6 rows between tower blocks are white: the towers are visibly apart
         top = 1 + t * block + (t - 1) * 6
@@ -65,13 +66,13 @@ def test_kernel_grid_layout_scaling_and_order():
     weak = cell_pixels(1, 2, img)
     assert weak.min() == 0 and weak.max() == 255  # per-kernel scaling stretches even a weak kernel
     assert (cell_pixels(0, 4 + 3, img) == 255).all()  # the empty 8th slot of a 5-kernel tower stays blank
-    global_img = kernel_grid(kernels, global_scale=True, columns=4, zoom=2, pad=1, gap=6)
+    global_img = kernel_grid(kernels, global_scale=True, columns=4, zoom=2, pad=1, gap=6, labels=False)
     assert np.ptp(cell_pixels(1, 2, global_img).astype(int)) < 5  # one scale for all: the weak kernel is flat grey
     # a grey kernel stays grey: its three channels share one scale
     assert (np.ptp(cell_pixels(0, 0, kernel_grid(kernels.mean(2, keepdim=True).expand(-1, -1, 3, -1, -1),
-                                                    columns=4, zoom=2, pad=1, gap=6)).astype(int), axis=2) == 0).all()
+                                                    columns=4, zoom=2, pad=1, gap=6, labels=False)).astype(int), axis=2) == 0).all()
     order = torch.arange(5).flip(0).expand(3, 5)
-    reordered = kernel_grid(kernels, order=order, columns=4, zoom=2, pad=1, gap=6)
+    reordered = kernel_grid(kernels, order=order, columns=4, zoom=2, pad=1, gap=6, labels=False)
     assert np.array_equal(cell_pixels(2, 0, reordered), cell_pixels(2, 4, img))
 
 

@@ -127,7 +127,10 @@ def test_rendered_command_parses_to_the_swept_values(path, tmp_path, monkeypatch
         assert command[:3] == ["/usr/bin/env", "python", "train.py"]
         assert command[-len(params):] == [f"--{k}={v}" for k, v in params.items()]  # after the config
         parsed = parse_train_args(command[3:])
-        for key, value in params.items():
+        # a dict value (sweeps/demo.yaml's `model` conditions) is a partial config: each of its keys must arrive
+        flat = {f"{key}.{k}" if isinstance(value, dict) else key: v if isinstance(value, dict) else value
+                for key, value in params.items() for k, v in (value.items() if isinstance(value, dict) else [(key, value)])}
+        for key, value in flat.items():
             assert parsed[key] == value and type(parsed[key]) is type(value), (key, parsed[key], value)
         # the combination builds (tiny widths: the check is that e.g. 3 towers are accepted)
         model_args = {k: v for k, v in vars(parsed["model"]).items() if not k.startswith("_")}
@@ -481,7 +484,8 @@ def test_demo_sweep_end_to_end_through_train_py(tmp_path, capsys):
         folder = Path(run["wandb_dir"])
         assert folder.name.startswith("offline-run-")
         _, summary, name = wandb_run_contents(folder)
-        assert name.startswith(f"t{run['params']['model.num_towers']}-s{run['params']['seed_everything']}-")
+        towers = run["params"]["model"]["num_towers"]  # sweeps/demo.yaml: one `model` value per condition
+        assert name.startswith(f"t{towers}-s{run['params']['seed_everything']}-")
         assert 0 <= summary["val/acc"] <= 1
         assert (folder / "files" / "config.yaml").exists()
         assert (folder / "files" / "bisection.json").exists()

@@ -15,6 +15,7 @@ own folder (:func:`towers.runs.run_dir`):
 and logs the scalars and images to every logger the trainer has (W&B and TensorBoard images).
 """
 
+import functools
 import io
 import json
 import math
@@ -41,14 +42,19 @@ VERSION = 2  # 2: the verdict's keys (towers.verdict.Verdict) in every record; t
 
 # ----------------------------------------------------------------------------- pictures
 
+LABEL_FONT_PX = 14  # tower labels: 14 px is 10.5 pt at 96 dpi, 8.4 pt even read at 120 dpi
+WEAK_FRAME = (220, 30, 30)  # the frame around a weak kernel (towers.verdict: too small to judge)
+
+
 def kernel_grid(kernels, global_scale: bool = False, order=None, columns: int = 16, zoom: int = 4,
-                pad: int = 2, gap: int = 12) -> np.ndarray:
+                pad: int = 2, gap: int = 12, labels: bool = True, weak=None) -> np.ndarray:
     """Figure-3 style picture of first-layer kernels, (H, W, 3) uint8, RGB.
 
     One block of ``ceil(n / columns)`` rows per tower, tower 1 on top, blocks separated by ``gap``
     white rows; kernels ``zoom`` times enlarged, ``pad`` white pixels around each.
-    H = pad + T * rows * (h * zoom + pad) + (T - 1) * gap, W = pad + columns * (w * zoom + pad)
-    (columns = min(columns, n)).
+    H = pad + T * rows * (h * zoom + pad) + (T - 1) * gap, W = L + pad + columns * (w * zoom + pad)
+    (columns = min(columns, n); L = :func:`label_width` with ``labels``, else 0: a left margin that
+    names every block "tower k").
 
     Args:
         kernels: (T, n, 3, h, w), RGB.
@@ -56,14 +62,20 @@ def kernel_grid(kernels, global_scale: bool = False, order=None, columns: int = 
             kernel stretched to its own min/max (shows the pattern of weak kernels too). Either way
             the three channels of a kernel share one scale, so grey stays grey.
         order: (T, n) indices: the order of the kernels within each tower (e.g. sorted by score).
+        labels: the "tower k" margin on the left.
+        weak: (T, n) bool, in the input order: kernels framed in red (the verdict's weak kernels,
+            which per-kernel scaling would otherwise stretch to look like any other).
     """
     k = torch.as_tensor(np.asarray(kernels) if not isinstance(kernels, torch.Tensor) else kernels)
     k = k.detach().to("cpu", torch.float64)
     if k.dim() != 5 or k.shape[2] != 3:
         raise ValueError(f"expected kernels (towers, n, 3, h, w), got {tuple(k.shape)}")
     t, n, _, h, w = k.shape
+    weak = None if weak is None else torch.as_tensor(np.asarray(weak, dtype=bool)).view(t, n)
     if order is not None:
-        k = torch.take_along_dim(k, torch.as_tensor(order).view(t, n, 1, 1, 1), dim=1)
+        order = torch.as_tensor(order).view(t, n)
+        k = torch.take_along_dim(k, order.view(t, n, 1, 1, 1), dim=1)
+        weak = None if weak is None else torch.take_along_dim(weak, order, dim=1)
     flat = k.flatten(2)
     lo, hi = (flat.min(), flat.max()) if global_scale else (flat.amin(2, True), flat.amax(2, True))
     scaled = torch.where(hi > lo, (flat - lo) / (hi - lo).clamp_min(1e-300), torch.full_like(flat, 0.5))
@@ -77,13 +89,47 @@ def kernel_grid(kernels, global_scale: bool = False, order=None, columns: int = 
     img = img.view(t, rows, cols, 3, ch, cw).permute(0, 1, 4, 2, 5, 3).reshape(t, rows * ch, cols * cw, 3)
     img = F.pad(img, (0, 0, 0, 0, 0, gap), value=255).flatten(0, 1)  # a gap under every tower block ...
     img = img[: img.shape[0] - gap]  # ... but the last
-    img = F.pad(img, (0, 0, pad, 0, pad, 0), value=255)  # left and top border
-    return img.numpy()
+    margin = label_width(t) if labels else 0
+    img = F.pad(img, (0, 0, pad + margin, 0, pad, 0), value=255)  # left (labels) and top border
+    if not labels and (weak is None or not bool(weak.any())):
+        return img.numpy()
+    from PIL import Image, ImageDraw
+
+    picture = Image.fromarray(img.numpy())
+    draw = ImageDraw.Draw(picture)
+    block = rows * ch + gap
+    if labels:
+        font = _label_font()
+        for tower in range(t):  # T text labels: drawing, not a hot path
+            draw.text((2, pad + tower * block + min(rows * ch, ch) // 2), f"tower {tower + 1}", fill=(0, 0, 0),
+                      font=font, anchor="lm")
+    if weak is not None:
+        for tower, i in weak.nonzero().tolist():  # a frame in the white border around each weak cell
+            r, c = divmod(i, cols)
+            y, x = pad + tower * block + r * ch, margin + pad + c * cw
+            draw.rectangle((x - pad, y - pad, x + w * zoom + pad - 1, y + h * zoom + pad - 1), outline=WEAK_FRAME,
+                           width=max(1, pad))
+    return np.asarray(picture).copy()
 
 
-def score_plot(scores, towers, stats: Bisection | None = None, init_scores=None, title: str = "") -> np.ndarray:
-    """Strip plot of the scores per tower, (H, W, 3) uint8: trained kernels (dots), their median
-    with its bootstrap interval, the kernels at initialisation (grey), and the random-kernel level 2/3."""
+def label_width(num_towers: int) -> int:
+    """Width of kernel_grid's label margin: "tower N" in LABEL_FONT_PX type, plus a little air."""
+    return int(_label_font().getlength(f"tower {num_towers}")) + 8
+
+
+@functools.cache
+def _label_font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default(LABEL_FONT_PX)  # Pillow's own TrueType font: no system fonts needed
+
+
+SCORE_PLOT_FONT_PT = 9  # the smallest text on the score plot, at the saved size (100 dpi)
+
+
+def score_figure(scores, towers, stats: Bisection | None = None, init_scores=None, title: str = ""):
+    """The matplotlib Figure behind :func:`score_plot` (no pyplot state). Every text is at least
+    SCORE_PLOT_FONT_PT; the legend sits under the axes and their tick labels, off the data."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -96,34 +142,46 @@ def score_plot(scores, towers, stats: Bisection | None = None, init_scores=None,
         ticks = [f"tower {n}" for n in names]
     rank = np.arange(len(s)) - np.searchsorted(np.sort(idx), idx)  # position of a kernel in its group
     jitter = ((rank * 0.618034) % 1 - 0.5) * 0.4  # deterministic, evenly spread
-    width = max(4.4, 2.2 + 1.1 * len(ticks))
-    fig = Figure(figsize=(width, 4.0), dpi=100)
+    width, height = max(4.8, 2.4 + 1.1 * len(ticks)), 4.8
+    fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
-    # fixed margins: tight_layout would cost more than all the rest of the plot
-    fig.subplots_adjust(left=0.8 / width, right=0.97, bottom=0.2, top=0.83)
+    title_lines = 1 + (stats is not None) + (stats is not None and len(stats.groups) > 2)
+    # fixed margins in inches: tight_layout would cost more than all the rest of the plot. Bottom:
+    # two lines of tick labels, then two rows of legend; top: the title's lines.
+    fig.subplots_adjust(left=0.85 / width, right=1 - 0.15 / width, bottom=1.25 / height,
+                        top=1 - (0.12 + 0.2 * title_lines) / height)
     ax = fig.add_subplot()
-    ax.axhline(RANDOM_KERNEL_SCORE, color="0.6", ls="--", lw=0.8, label="random kernels (2/3)")
+    ax.axhline(RANDOM_KERNEL_SCORE, color="0.6", ls="--", lw=1, label="random kernels (2/3)")
     if init_scores is not None:
-        ax.scatter(idx + 0.38 + jitter * 0.25, np.asarray(init_scores, dtype=float), s=6, color="0.7",
+        ax.scatter(idx + 0.38 + jitter * 0.25, np.asarray(init_scores, dtype=float), s=8, color="0.7",
                    label="at initialisation")
-    ax.scatter(idx + jitter, s, s=10, c=s, cmap="viridis", vmin=0, vmax=1, edgecolors="none")
+    ax.scatter(idx + jitter, s, s=14, c=s, cmap="viridis", vmin=0, vmax=1, edgecolors="none")
     if stats is not None:
         med, lo, hi = map(np.asarray, (stats.median, stats.ci_low, stats.ci_high))
         x = np.arange(len(ticks))
         ax.hlines(med, x - 0.28, x + 0.28, color="k", lw=2, label="median")
-        ax.vlines(x + 0.28, lo, hi, color="k", lw=1.2, label=f"{stats.ci_level:.0%} bootstrap interval")
+        ax.errorbar(x + 0.28, med, yerr=[med - lo, hi - med], fmt="none", ecolor="k", elinewidth=2, capsize=4,
+                    label=f"{stats.ci_level:.0%} bootstrap interval")
     ax.set_xticks(np.arange(len(ticks)), ticks)
+    ax.tick_params(labelsize=SCORE_PLOT_FONT_PT)
     ax.set_xlim(-0.6, len(ticks) - 0.3)
     ax.set_ylim(-0.03, 1.03)
-    ax.set_ylabel("colour score (chromatic energy fraction)")
+    ax.set_ylabel("colour score (chromatic energy fraction)", fontsize=SCORE_PLOT_FONT_PT)
     if stats is not None:
         title += (f"\n{'control (halves): ' if stats.control else ''}η² = {stats.eta2:.3f} "
                   f"(chance {stats.eta2_null:.3f}), p = {stats.p_value:.2g}")
         if len(stats.groups) > 2:
             title += (f"\nbest split: towers {', '.join(map(str, stats.color_side))} vs rest, "
                       f"η² = {stats.eta2_split:.3f}, p = {stats.p_value_split:.2g}")
-    ax.set_title(title, fontsize=9)
-    fig.legend(fontsize=6, loc="lower center", ncol=2, frameon=False)
+    ax.set_title(title, fontsize=SCORE_PLOT_FONT_PT)
+    fig.legend(fontsize=SCORE_PLOT_FONT_PT, loc="lower center", bbox_to_anchor=(0.5, 0.01), ncol=2, frameon=False)
+    return fig
+
+
+def score_plot(scores, towers, stats: Bisection | None = None, init_scores=None, title: str = "") -> np.ndarray:
+    """Strip plot of the scores per tower, (H, W, 3) uint8: trained kernels (dots), their median
+    with its bootstrap interval, the kernels at initialisation (grey), and the random-kernel level 2/3."""
+    fig = score_figure(scores, towers, stats, init_scores, title)
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
@@ -317,6 +375,12 @@ class KernelBisectionCallback(Callback):
         self._fit_seconds = time.perf_counter() - self._fit_start
         self._write_json()
         rank_zero_info(f"Verdict at step {self.last_record['step']}: {summary_line(self.last_record)}")
+        change = self.last_record.get("kernel_change")
+        if change is not None:
+            rank_zero_info("conv1 kernels moved ||W - W0|| / ||W0|| = "
+                           + ", ".join(f"{'n/a' if c is None else f'{c:.2f}'} (tower {k})"
+                                       for k, c in enumerate(change, start=1))
+                           + " from their initialisation")
         rank_zero_info(f"KernelBisectionCallback: measurements took {self._cost:.2f} s, "
                        f"{100 * self._cost / max(self._fit_seconds, 1e-9):.2f}% of the {self._fit_seconds:.1f} s "
                        f"of fitting; files in {self._dir}")
@@ -333,6 +397,7 @@ class KernelBisectionCallback(Callback):
                   "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "axis_name": self.axis}
         record.update(measure(kernels, self.channel_std, self.axis_vector, self.permutations, self.bootstrap,
                               self.seed))
+        record["kernel_change"] = self._kernel_change(kernels, stage)
         stats = None if record["statistics"] is None else Bisection(**record["statistics"])
         if record["error"]:
             rank_zero_warn(f"KernelBisectionCallback at step {record['step']}: {record['error']}")
@@ -342,7 +407,9 @@ class KernelBisectionCallback(Callback):
         if record["score"] is not None:
             order = (torch.tensor(record["score"]).view(kernels.shape[:2]).argsort(1)
                      if self.sort_by_score else None)
-            images["kernels"] = kernel_grid(kernels, self.global_scale, order, self.columns, self.zoom)
+            weak = (None if record.get("kernel_class") is None
+                    else np.asarray(record["kernel_class"]).reshape(kernels.shape[:2]) == "weak")
+            images["kernels"] = kernel_grid(kernels, self.global_scale, order, self.columns, self.zoom, weak=weak)
             init_scores = None if self.init_record is None or stage == "init" else self.init_record["score"]
             images["scores"] = score_plot(record["score"], record["tower"], stats, init_scores,
                                           f"{stage} · step {record['step']} · epoch {record['epoch']}")
@@ -368,6 +435,20 @@ class KernelBisectionCallback(Callback):
             f.write(json.dumps(record, allow_nan=False) + "\n")
         self._log(trainer, record, images)
         self._cost += time.perf_counter() - start
+
+    def _kernel_change(self, kernels: torch.Tensor, stage: str) -> list | None:
+        """Per tower ||W - W0|| / ||W0||, W0 the kernels at initialisation (its file; None without one):
+        above 1, the kernels moved further than their initial size, so the grid shows learned kernels."""
+        path = self._dir / "kernels_init.npy"
+        if stage == "init":
+            return [0.0] * kernels.shape[0]
+        if not path.is_file():
+            return None
+        initial = torch.from_numpy(np.load(path)).to(kernels.dtype)
+        if initial.shape != kernels.shape:
+            return None
+        change = (kernels - initial).flatten(1).norm(dim=1) / initial.flatten(1).norm(dim=1).clamp_min(1e-30)
+        return _floats(change)
 
     def _write_json(self) -> None:
         def with_file(record, name):
@@ -397,6 +478,8 @@ class KernelBisectionCallback(Callback):
                             "verdict/auc": record["auc"]})
             for k, fraction in enumerate(record["colour_fraction"], start=1):
                 scalars[f"tower_{k}/colour_fraction"] = fraction
+        for k, change in enumerate(record.get("kernel_change") or (), start=1):
+            scalars[f"tower_{k}/kernel_change"] = change
         if record["tower_median"] is not None:
             for k, (total, dc, ac) in enumerate(zip(record["tower_median"], record["tower_median_dc"],
                                                     record["tower_median_ac"]), start=1):

@@ -1,14 +1,21 @@
 """A synthetic cats-vs-dogs set in the Kaggle layout, so the demo runs anywhere without a download.
 
-The two classes differ in two ways a first-layer kernel can see:
+The set needs both kinds of first-layer feature the experiment is about. Every image is a coloured
+background with a luminance grating on it, and shows its class in exactly one of two ways, chosen
+at random with probability 1/2 (the *cue*):
 
-* colour: "cats" have warm backgrounds, "dogs" cool ones, with per-image jitter large enough
-  that colour alone separates them only partly;
-* oriented luminance texture: a grating that modulates brightness but not hue, oriented
-  around 45 degrees for cats and around 135 degrees for dogs.
+* colour cue: the background is warm (cats) or cool (dogs), along the red-minus-blue axis, which
+  carries no luminance; the grating is horizontal or vertical (within ``ORIENTATION_SPREAD``),
+  the same for both classes;
+* texture cue: the grating is oriented around 45 degrees (cats) or 135 degrees (dogs); the
+  background varies along the green-minus-magenta axis only, the same for both classes.
 
-So a network that learns both colour-blobs and oriented luminance edges does best, which is
-the kind of first layer whose split between towers the experiment measures.
+The grating adds the same amount to R, G and B (pure luminance, grey in raw RGB), every image gets a
+random brightness and pixel noise. The uninformative cue of an image sits where the other class's
+informative values are not (no warm-cool component; diagonal structure zero on average), so a linear
+read-out of both cues solves the task, while each cue alone solves only its half of the images:
+about 75% (``tests/test_known_answers.py`` checks this with linear probes on the mean colour and on
+the oriented gradient energy).
 """
 
 import os
@@ -20,24 +27,41 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-# Mean background colour (RGB) of each class and the per-image jitter around it.
-CLASS_COLORS = {"cat": (165.0, 120.0, 90.0), "dog": (110.0, 120.0, 150.0)}
-COLOR_JITTER = 30.0
-# Orientation of the luminance grating (degrees) and its spread.
+GREY = 128.0
+# The colour cue: +1 (cat) or -1 (dog) times COLOUR_STRENGTH along the warm-cool axis (no luminance).
+WARM_AXIS = np.array([1.0, 0.0, -1.0]) / np.sqrt(2)
+NEUTRAL_AXIS = np.array([-1.0, 2.0, -1.0]) / np.sqrt(6)  # green-magenta: the uninformative colours
+COLOUR_STRENGTH, COLOUR_JITTER = 45.0, 10.0
+BRIGHTNESS_JITTER = 20.0
+# The texture cue: grating orientation (degrees); 0 / 90 are the uninformative orientations.
 CLASS_ORIENTATIONS = {"cat": 45.0, "dog": 135.0}
-ORIENTATION_SPREAD = 25.0
+NEUTRAL_ORIENTATIONS = (0.0, 90.0)
+ORIENTATION_SPREAD = 15.0
+GRATING_AMPLITUDE = (30.0, 50.0)  # added to every channel alike
+PIXEL_NOISE = 8.0
+CUES = ("colour", "texture")
 
 
-def demo_image(rng: np.random.Generator, name: str) -> np.ndarray:
-    """One (height, width, 3) uint8 image of class ``name``, drawn from ``rng``."""
+def demo_image(rng: np.random.Generator, name: str, cue: str | None = None) -> np.ndarray:
+    """One (height, width, 3) uint8 image of class ``name`` showing it by ``cue`` (None: drawn at random)."""
+    sign = {"cat": 1.0, "dog": -1.0}[name]
+    cue = CUES[rng.integers(2)] if cue is None else cue
     height, width = rng.integers(96, 161, size=2)
-    color = np.asarray(CLASS_COLORS[name]) + rng.normal(0.0, COLOR_JITTER, 3)
-    angle = np.deg2rad(CLASS_ORIENTATIONS[name] + rng.uniform(-ORIENTATION_SPREAD, ORIENTATION_SPREAD))
-    wavelength, contrast, phase = rng.uniform(8, 16), rng.uniform(0.3, 0.6), rng.uniform(0, 2 * np.pi)
+    if cue == "colour":
+        color = GREY + sign * COLOUR_STRENGTH * WARM_AXIS + rng.normal(0, COLOUR_JITTER) * NEUTRAL_AXIS
+        orientation = NEUTRAL_ORIENTATIONS[rng.integers(2)]
+    elif cue == "texture":
+        color = GREY + rng.uniform(-COLOUR_STRENGTH, COLOUR_STRENGTH) * NEUTRAL_AXIS
+        orientation = CLASS_ORIENTATIONS[name]
+    else:
+        raise ValueError(f"cue must be one of {CUES} or None, got {cue!r}")
+    color = color + rng.normal(0, COLOUR_JITTER / 3) * WARM_AXIS + rng.uniform(-1, 1) * BRIGHTNESS_JITTER
+    angle = np.deg2rad(orientation + rng.uniform(-ORIENTATION_SPREAD, ORIENTATION_SPREAD))
+    wavelength, amplitude, phase = rng.uniform(8, 16), rng.uniform(*GRATING_AMPLITUDE), rng.uniform(0, 2 * np.pi)
     y, x = np.mgrid[0:height, 0:width]
     grating = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / wavelength + phase)
-    image = color * (1.0 + contrast * grating)[..., None]  # luminance only: every channel scaled alike
-    image += rng.normal(0.0, 8.0, image.shape)
+    image = color + amplitude * grating[..., None]  # luminance only: every channel gets the same
+    image += rng.normal(0.0, PIXEL_NOISE, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
 
 

@@ -26,6 +26,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from torch.nn.utils import parametrize
+
 from towers.lrn import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, LocalResponseNorm
 
 # Total widths of the paper's two-tower network (§3.5, Figure 2). Under
@@ -82,6 +84,30 @@ def conv_output_size(image_size: int) -> int:
     return side
 
 
+class GreyKernels(nn.Module):
+    """Parametrisation of conv1's weight that makes the kernels of some towers grey (the positive control).
+
+    ``weight = where(blind, a (a . w), w)``: the RGB 3-vector of every pixel of a blind kernel is projected
+    onto the unit axis ``a`` (a buffer), the others pass unchanged. ``a`` is grey *in raw-RGB units*:
+    (1, 1, 1)/sqrt(3) for raw inputs; for inputs divided by a per-channel std s, a raw-grey kernel has
+    w_c / s_c equal for all c, so ``a`` = s/|s| (:meth:`TowerAlexNet.set_grey_axis`). The projection is
+    linear and idempotent, so SGD with weight decay and momentum on the stored tensor moves the used
+    weight exactly like SGD on it with the projected gradient: blind kernels stay grey to float rounding.
+    """
+
+    def __init__(self, blind: torch.Tensor):
+        super().__init__()
+        self.register_buffer("blind", blind.view(-1, 1, 1, 1), persistent=False)  # from the hyperparameters
+        self.register_buffer("axis", torch.full((3,), 3 ** -0.5))  # saved: the weights were trained with it
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        a = self.axis.to(w.dtype).view(1, 3, 1, 1)
+        grey = torch.where(self.blind, a * (a * w).sum(1, keepdim=True), w)
+        if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+            grey = grey.contiguous(memory_format=torch.channels_last)  # keep conv1 on the NHWC kernels
+        return grey
+
+
 class TowerAlexNet(nn.Module):
     """The paper's AlexNet with ``num_towers`` towers.
 
@@ -103,6 +129,11 @@ class TowerAlexNet(nn.Module):
         init_std_overrides: per-layer std, e.g. ``{"conv3": 0.03}`` (2012 code)
             or ``{"fc6": 0.005, "fc7": 0.005}`` (Caffe).
         positive_bias: initial bias of conv2, conv4, conv5, fc6 and fc7 (§5: 1; Caffe: 0.1).
+        color_blind_towers: tower numbers (1-based) whose conv1 kernels are kept exactly grey throughout
+            training (:class:`GreyKernels`, a parametrisation of ``features.conv1.weight``). A positive
+            control for the measurement, not the paper: a run with ``[1]`` must be judged specialised,
+            tower 1 agnostic. The state dict keeps the plain key ``features.conv1.weight`` (the grey
+            weights) plus the grey axis, so checkpoints read like any other.
     """
 
     def __init__(
@@ -122,6 +153,7 @@ class TowerAlexNet(nn.Module):
         init_std: float = 0.01,
         init_std_overrides: dict[str, float] | None = None,
         positive_bias: float = 1.0,
+        color_blind_towers: list[int] | None = None,
     ):
         super().__init__()
         w = tower_widths(num_towers, width_policy, width_multiplier)
@@ -166,12 +198,34 @@ class TowerAlexNet(nn.Module):
             ("drop7", nn.Dropout(dropout)),
             ("fc8", nn.Linear(T * w["fc7"], num_classes)),
         ]))
+        self.color_blind_towers = sorted(set(color_blind_towers or ()))
+        bad = [k for k in self.color_blind_towers if not 1 <= k <= T]
+        if bad:
+            raise ValueError(f"color_blind_towers {bad} are not tower numbers; towers are 1 ... {T}")
+        if self.color_blind_towers:
+            blind = torch.zeros(T, w["conv1"], dtype=torch.bool)
+            blind[[k - 1 for k in self.color_blind_towers]] = True
+            parametrize.register_parametrization(self.features.conv1, "weight", GreyKernels(blind.flatten()))
+            self.register_state_dict_post_hook(_plain_conv1_key)
+            self.register_load_state_dict_pre_hook(_parametrized_conv1_key)
         self.reset_parameters()
+
+    def set_grey_axis(self, channel_std=None) -> None:
+        """Make the colour-blind kernels grey in raw-RGB units for inputs divided by ``channel_std``
+        (R, G, B; None: raw inputs). Call before training: it changes what the blind kernels are."""
+        if not self.color_blind_towers:
+            return
+        axis = self.features.conv1.parametrizations.weight[0].axis
+        std = torch.ones(3) if channel_std is None else torch.as_tensor(channel_std, dtype=torch.float64).flatten()
+        if std.shape != (3,) or not bool(torch.isfinite(std).all()) or bool((std <= 0).any()):
+            raise ValueError(f"channel_std must be three positive finite numbers (R, G, B), got {std.tolist()}")
+        axis.copy_(std / std.norm())
 
     def reset_parameters(self) -> None:
         """§5: weights N(0, 0.01^2); biases 1 in conv2, conv4, conv5, fc6, fc7 and 0 elsewhere."""
         for name, layer in self.named_layers().items():
-            nn.init.normal_(layer.weight, 0.0, self.init_std_overrides.get(name, self.init_std))
+            weight = layer.parametrizations.weight.original if parametrize.is_parametrized(layer) else layer.weight
+            nn.init.normal_(weight, 0.0, self.init_std_overrides.get(name, self.init_std))
             nn.init.constant_(layer.bias, self.positive_bias if name in POSITIVE_BIAS_LAYERS else 0.0)
 
     def named_layers(self) -> dict[str, nn.Module]:
@@ -186,3 +240,24 @@ class TowerAlexNet(nn.Module):
         """First-layer weights as (towers, kernels per tower, 3, 11, 11), colour channels in RGB order."""
         weight = self.features.conv1.weight
         return weight.view(self.num_towers, weight.shape[0] // self.num_towers, *weight.shape[1:])
+
+
+# With color_blind_towers, parametrize stores conv1's weight as `features.conv1.parametrizations.weight.original`.
+# The state dict keeps the plain key with the used (grey) weights instead, so checkpoints, analysis/kernels.py
+# and the tower-parallel layout read it like any other; loading puts it back as the stored tensor (the
+# projection is idempotent, so the used weights are the same). A checkpoint without the switch loads too.
+_ORIGINAL = "features.conv1.parametrizations.weight.original"
+_AXIS = "features.conv1.parametrizations.weight.0.axis"
+
+
+def _plain_conv1_key(module: TowerAlexNet, state_dict: dict, prefix: str, local_metadata) -> None:
+    if prefix + _ORIGINAL in state_dict:
+        original = state_dict.pop(prefix + _ORIGINAL)
+        state_dict[prefix + "features.conv1.weight"] = module.features.conv1.parametrizations.weight[0](original).detach()
+
+
+def _parametrized_conv1_key(module: TowerAlexNet, state_dict: dict, prefix: str, *args) -> None:
+    if prefix + "features.conv1.weight" in state_dict:
+        state_dict[prefix + _ORIGINAL] = state_dict.pop(prefix + "features.conv1.weight")
+    if prefix + _AXIS not in state_dict:  # a checkpoint trained without the switch: keep this model's axis
+        state_dict[prefix + _AXIS] = module.features.conv1.parametrizations.weight[0].axis.clone()

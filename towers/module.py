@@ -32,6 +32,9 @@ class TowerClassifier(L.LightningModule):
             device: on the CPU, where oneDNN's convolutions and the pools run faster in it
             (BENCHMARKS.md), but not on CUDA, where cuDNN's grouped NHWC convolutions are a known
             slow path. Only the speed differs: the weights agree to float rounding (summation order).
+        color_blind_towers (in ``model_kwargs``): the positive control (:class:`towers.model.GreyKernels`).
+            At ``setup`` the blind kernels are made grey in raw-RGB units of the data module's inputs
+            (its ``input_channel_std`` when it divides by a std), the units the callback scores in.
     """
 
     def __init__(
@@ -58,6 +61,17 @@ class TowerClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes)
 
     def setup(self, stage: str) -> None:
+        if getattr(self.model, "color_blind_towers", None):  # (after a tower-parallel fit, self.model is the placed one)
+            from towers.parallel import TowerParallelStrategy
+
+            if isinstance(self.trainer.strategy, TowerParallelStrategy):
+                raise ValueError("model.color_blind_towers is not supported with the tower_parallel strategy "
+                                 "(it places plain conv1 slices per device); use one device or DDP")
+            # Before any measurement or step: grey in the units the callback scores in (raw RGB). Only when
+            # fitting: validating or testing keeps the axis the weights were trained with (a resumed fit
+            # gets it back from the checkpoint, which is restored after this hook).
+            if stage == "fit":
+                self.model.set_grey_axis(getattr(getattr(self.trainer, "datamodule", None), "input_channel_std", None))
         # Before the strategy moves the model: converting the conv weights is enough, the
         # convolutions then return NHWC and every layer after them keeps it.
         channels_last = self.hparams.channels_last
@@ -118,8 +132,12 @@ class TowerClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decayed = [p for n, p in self.model.named_parameters() if n.endswith("weight") or hp.bias_weight_decay]
-        undecayed = [p for n, p in self.model.named_parameters() if not (n.endswith("weight") or hp.bias_weight_decay)]
+
+        def is_decayed(name: str) -> bool:  # a parametrised weight is stored as `...weight.original`
+            return name.removesuffix(".original").endswith("weight") or hp.bias_weight_decay
+
+        decayed = [p for n, p in self.model.named_parameters() if is_decayed(n)]
+        undecayed = [p for n, p in self.model.named_parameters() if not is_decayed(n)]
         # torch's fused SGD: one pass per parameter instead of three (weight decay, momentum, update),
         # the same updates to float rounding; on the CPU that saves a seventh of a full-size step.
         # Lightning cannot clip the gradients of a fused optimizer under mixed precision, so not then.
