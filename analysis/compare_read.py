@@ -134,6 +134,7 @@ CONFIG_COLUMNS = {
     "seed": ("seed_everything", "seed"),
     "num_towers": ("model.num_towers", "num_towers"),
     "width_policy": ("model.width_policy", "width_policy"),
+    "color_blind": ("model.color_blind_towers",),  # the positive control's grey towers, e.g. "1"
     "precision": ("trainer.precision", "precision"),
     "data": ("data.source", "data.class_path"),  # the data set (demo or real; its data module) ...
     "data_root": ("data.root",),  # ... and where it lives
@@ -145,7 +146,7 @@ TEST_ACC, VAL_ACC = "test/acc", "val/acc"
 
 # ----------------------------------------------------------------------------- the table
 
-FIXED_COLUMNS = ["run", "sweep", "seed", "num_towers", "width_policy", "precision", "data", "data_root",
+FIXED_COLUMNS = ["run", "sweep", "seed", "num_towers", "width_policy", "color_blind", "precision", "data", "data_root",
                  "batch_size", "lr", "max_epochs", "epochs", "step", "test_acc", "val_acc",
                  "verdict", "delta_f", "delta_f_low", "delta_f_high", "p_delta_f", "auc",
                  "agnostic_tower", "specific_tower", "onset_step",
@@ -153,7 +154,8 @@ FIXED_COLUMNS = ["run", "sweep", "seed", "num_towers", "width_policy", "precisio
                  "eta2_init", "p_value_init", "omega2_init", "verdict_init", "permutations"]
 # A condition is every one of these but the seed: runs that differ in precision, data or width policy
 # are never pooled (a run whose config does not say is its own "None" condition, not a wildcard).
-CONDITION = ["num_towers", "width_policy", "precision", "data", "data_root", "batch_size", "lr", "max_epochs"]
+CONDITION = ["num_towers", "width_policy", "color_blind", "precision", "data", "data_root", "batch_size", "lr",
+             "max_epochs"]
 
 
 @dataclass
@@ -201,6 +203,8 @@ def make_run(name: str, sweep: str | None, config: dict, summary: dict, status: 
     row = {"run": name, "sweep": sweep}
     for column, keys in CONFIG_COLUMNS.items():
         row[column] = next((config[k] for k in keys if config.get(k) is not None), None)
+    if isinstance(row["color_blind"], (list, tuple)):  # a list of tower numbers, kept hashable: "1", "1,3"
+        row["color_blind"] = ",".join(map(str, row["color_blind"])) or None
     if row["num_towers"] is None:
         row["num_towers"] = last.get("num_towers") or init.get("num_towers")
     status = status or {}

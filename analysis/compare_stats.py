@@ -116,8 +116,9 @@ def condition_key(run: Run) -> tuple:
 
 
 def control_key(key: tuple) -> tuple:
-    """The one-tower control of a condition: the same hyperparameters with num_towers = 1."""
-    return tuple(1 if c == "num_towers" else v for c, v in zip(CONDITION, key))
+    """The one-tower control of a condition: the same hyperparameters with num_towers = 1 (and no
+    colour-blind tower: the positive control is compared with the same one-tower control)."""
+    return tuple(1 if c == "num_towers" else None if c == "color_blind" else v for c, v in zip(CONDITION, key))
 
 
 def conditions(runs: list[Run]) -> dict:
@@ -130,7 +131,7 @@ def conditions(runs: list[Run]) -> dict:
                                                               else v) for v in kv[0])))
 
 
-SHORT_NAMES = {"num_towers": "T", "width_policy": "width", "precision": "precision", "data": "data",
+SHORT_NAMES = {"num_towers": "T", "width_policy": "width", "color_blind": "blind", "precision": "precision", "data": "data",
                "data_root": "root", "batch_size": "batch", "lr": "lr", "max_epochs": "epochs"}
 
 
