@@ -16,7 +16,7 @@ from PIL import Image
 
 from towers.data import (CatsDogsDataModule, ImageFiles, download_microsoft, find_images, load_image,
                          safe_extract)
-from towers.demo_data import make_demo_dataset
+from towers.data.demo import make_demo_dataset
 from towers.module import TowerClassifier
 
 SMALL = dict(resize_size=32, image_size=27, num_workers=0, batch_size=8)
@@ -148,7 +148,7 @@ def test_checks_are_cached_and_a_changed_file_is_rechecked(tmp_path, monkeypatch
     kaggle_tree(tmp_path, 5)
     module(tmp_path, fast_path=False)
     # Nothing changed: no file is opened again.
-    monkeypatch.setattr("towers.data._check", lambda path: pytest.fail(f"{path} checked twice"))
+    monkeypatch.setattr("towers.data.store._check", lambda path: pytest.fail(f"{path} checked twice"))
     assert len(module(tmp_path, fast_path=False).usable) == 10
     monkeypatch.undo()
     (tmp_path / "train" / "dog.3.jpg").write_bytes(b"GIF89a broken")  # changed size and mtime
