@@ -410,6 +410,27 @@ def test_the_cli_links_the_crop_size_to_the_model(tmp_path, monkeypatch):
     assert cli.model.hparams.image_size == 67 == cli.datamodule.image_size
 
 
+def test_the_data_states_its_classes_and_the_cli_gives_the_count_to_the_model(tmp_path, monkeypatch):
+    from train import main
+
+    for c, name in enumerate(("ant", "bee", "zebra")):
+        for i in range(6):
+            jpeg(tmp_path / "three" / name / f"{i}.jpg", 10 * c + i)
+    settings = dict(SMALL, resize_size=76, image_size=67, root=str(tmp_path / "three"), source="folders",
+                    test_size=3, val_size=3, train_size="rest", batch_size=4, cache_dir=str(tmp_path / "cache"))
+    dm = CatsDogsDataModule(**settings)  # num_classes 2 by default: cat and dog
+    dm.prepare_data()
+    with pytest.raises(ValueError, match=r"3 classes \['ant', 'bee', 'zebra'\] but num_classes=2; set --data.num_classes 3"):
+        dm.setup("fit")
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    cli = main(["fit", *(f"--data.{k}={v}" for k, v in settings.items()), "--data.num_classes", "3",
+                "--model.width_multiplier", "0.125", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+                "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+                "--trainer.enable_progress_bar", "false", f"--trainer.default_root_dir={tmp_path}"])
+    assert cli.model.hparams.num_classes == 3 == cli.datamodule.num_classes
+    assert cli.model.model.classifier.fc8.out_features == 3
+
+
 def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_run(tmp_path):
     """Through Lightning itself: set_epoch on the sampler, the epoch in the draws, checkpoint resume."""
     kaggle_tree(tmp_path / "data", 12)
