@@ -9,6 +9,7 @@ image of the batch), never from global random state.
 import numpy as np
 import torch
 
+
 def crop(images: torch.Tensor, source: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
          size: int) -> torch.Tensor:
     """``size``-square crops of ``images`` (B, C, R, R): crop m is taken from image ``source[m]`` at
