@@ -74,6 +74,8 @@ class TowersCLI(LightningCLI):
         parser.add_lightning_class_args(RunStatus, "run_status")
         # The crop size is stated once, as data.image_size; the model's fc6 input follows from it.
         parser.link_arguments("data.image_size", "model.image_size")
+        # Likewise the number of classes: the data module states it (and checks the data has that many), fc8 follows.
+        parser.link_arguments("data.num_classes", "model.num_classes")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after fit, test the final weights on the held-out test split")
         parser.add_argument("--keep_freed_memory", type=bool, default=True,

@@ -21,7 +21,7 @@ An epoch is timed from ``iter(loader)`` to its last batch, so the workers' resta
 included (they are persistent, as in training, and started in a warm-up epoch that is not timed).
 
 The images are synthetic, of Cats-vs-Dogs size (long side 400-500 px, ~30 KB JPEGs at quality 85):
-``towers.demo_data``'s pictures (which it draws at 96-160 px) enlarged with PIL, plus fine pixel noise
+``towers.data.demo``'s pictures (which it draws at 96-160 px) enlarged with PIL, plus fine pixel noise
 so that the files are as large as photographs of that size. ``--data-dir`` takes any folder the data
 module reads instead (its store is built in a temporary cache folder, so the build is always timed).
 
@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from benchmarks.bench_step import Runner, add_malloc_argument, machine, malloc_as_train_py, save_results  # noqa: E402
 from towers.data import CatsDogsDataModule  # noqa: E402
-from towers.demo_data import demo_image  # noqa: E402
+from towers.data.demo import demo_image  # noqa: E402
 from towers.model import TowerAlexNet  # noqa: E402
 
 STEP = "training step"

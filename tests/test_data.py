@@ -16,7 +16,7 @@ from PIL import Image
 
 from towers.data import (CatsDogsDataModule, ImageFiles, download_microsoft, find_images, load_image,
                          safe_extract)
-from towers.demo_data import make_demo_dataset
+from towers.data.demo import make_demo_dataset
 from towers.module import TowerClassifier
 
 SMALL = dict(resize_size=32, image_size=27, num_workers=0, batch_size=8)
@@ -148,7 +148,7 @@ def test_checks_are_cached_and_a_changed_file_is_rechecked(tmp_path, monkeypatch
     kaggle_tree(tmp_path, 5)
     module(tmp_path, fast_path=False)
     # Nothing changed: no file is opened again.
-    monkeypatch.setattr("towers.data._check", lambda path: pytest.fail(f"{path} checked twice"))
+    monkeypatch.setattr("towers.data.store._check", lambda path: pytest.fail(f"{path} checked twice"))
     assert len(module(tmp_path, fast_path=False).usable) == 10
     monkeypatch.undo()
     (tmp_path / "train" / "dog.3.jpg").write_bytes(b"GIF89a broken")  # changed size and mtime
@@ -408,6 +408,27 @@ def test_the_cli_links_the_crop_size_to_the_model(tmp_path, monkeypatch):
                 "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
                 f"--trainer.default_root_dir={tmp_path}"])
     assert cli.model.hparams.image_size == 67 == cli.datamodule.image_size
+
+
+def test_the_data_states_its_classes_and_the_cli_gives_the_count_to_the_model(tmp_path, monkeypatch):
+    from train import main
+
+    for c, name in enumerate(("ant", "bee", "zebra")):
+        for i in range(6):
+            jpeg(tmp_path / "three" / name / f"{i}.jpg", 10 * c + i)
+    settings = dict(SMALL, resize_size=76, image_size=67, root=str(tmp_path / "three"), source="folders",
+                    test_size=3, val_size=3, train_size="rest", batch_size=4, cache_dir=str(tmp_path / "cache"))
+    dm = CatsDogsDataModule(**settings)  # num_classes 2 by default: cat and dog
+    dm.prepare_data()
+    with pytest.raises(ValueError, match=r"3 classes \['ant', 'bee', 'zebra'\] but num_classes=2; set --data.num_classes 3"):
+        dm.setup("fit")
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    cli = main(["fit", *(f"--data.{k}={v}" for k, v in settings.items()), "--data.num_classes", "3",
+                "--model.width_multiplier", "0.125", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+                "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+                "--trainer.enable_progress_bar", "false", f"--trainer.default_root_dir={tmp_path}"])
+    assert cli.model.hparams.num_classes == 3 == cli.datamodule.num_classes
+    assert cli.model.model.classifier.fc8.out_features == 3
 
 
 def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_run(tmp_path):

@@ -14,7 +14,7 @@ import yaml
 
 import train
 from towers.callbacks import KernelBisectionCallback, summary_line
-from towers.demo_data import make_demo_dataset
+from towers.data.demo import make_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from towers.demo_data import make_demo_dataset
+from towers.data.demo import make_demo_dataset
 from towers.runs import newest_last_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -333,11 +333,11 @@ class KernelBisectionCallback(Callback):
         if not trainer.is_global_zero:
             return
         self._fit_start, self._cost, self._fit_seconds = time.perf_counter(), 0.0, None
-        datamodule = getattr(trainer, "datamodule", None)
-        std = getattr(datamodule, "input_channel_std", None)
+        from towers.data import colour_inputs  # the data's side of the interface: towers.data.ColourInputs
+
+        std, eigenvectors = colour_inputs(getattr(trainer, "datamodule", None))
         self.channel_std = None if std is None else _floats(torch.as_tensor(std).flatten())
         if self.axis == "pca":
-            eigenvectors = getattr(datamodule, "rgb_eigenvectors", None)
             if eigenvectors is None:
                 raise ValueError("KernelBisectionCallback(axis='pca') needs trainer.datamodule.rgb_eigenvectors "
                                  "(3x3, columns the RGB principal components); this data module has none. "

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from towers.data import colour_inputs
 from towers.model import TowerAlexNet
 
 
@@ -34,7 +35,8 @@ class TowerClassifier(L.LightningModule):
             slow path. Only the speed differs: the weights agree to float rounding (summation order).
         color_blind_towers (in ``model_kwargs``): the positive control (:class:`towers.model.GreyKernels`).
             At ``setup`` the blind kernels are made grey in raw-RGB units of the data module's inputs
-            (its ``input_channel_std`` when it divides by a std), the units the callback scores in.
+            (its ``input_channel_std`` when it divides by a std, :class:`towers.data.ColourInputs`), the
+            units the callback scores in.
     """
 
     def __init__(
@@ -71,7 +73,8 @@ class TowerClassifier(L.LightningModule):
             # fitting: validating or testing keeps the axis the weights were trained with (a resumed fit
             # gets it back from the checkpoint, which is restored after this hook).
             if stage == "fit":
-                self.model.set_grey_axis(getattr(getattr(self.trainer, "datamodule", None), "input_channel_std", None))
+                input_channel_std, _ = colour_inputs(getattr(self.trainer, "datamodule", None))
+                self.model.set_grey_axis(input_channel_std)
         # Before the strategy moves the model: converting the conv weights is enough, the
         # convolutions then return NHWC and every layer after them keeps it.
         channels_last = self.hparams.channels_last
