@@ -25,7 +25,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import towers.parallel  # noqa: F401  registers `--trainer.strategy tower_parallel` with Lightning
 from towers.allocator import keep_freed_memory
-from towers.callbacks import KernelBisectionCallback, summary_line
+from towers.callbacks import KernelBisectionCallback
+from towers.measure import summary_line
 from towers.data import CatsDogsDataModule
 from towers.model import PAPER_WIDTHS, tower_widths
 from towers.module import TowerClassifier

@@ -185,9 +185,9 @@ class KernelBisectionCallback(Callback):
                      if self.sort_by_score else None)
             weak = (None if record.get("kernel_class") is None
                     else np.asarray(record["kernel_class"]).reshape(kernels.shape[:2]) == "weak")
-            images["kernels"] = kernel_grid(kernels, self.global_scale, order, self.columns, self.zoom, weak=weak)
+            images[records.GRID] = kernel_grid(kernels, self.global_scale, order, self.columns, self.zoom, weak=weak)
             init_scores = None if self.init_record is None or stage == "init" else self.init_record["score"]
-            images["scores"] = score_plot(record["score"], record["tower"], stats, init_scores,
+            images[records.SCORE_PLOT] = score_plot(record["score"], record["tower"], stats, init_scores,
                                           f"{stage} · step {record['step']} · epoch {record['epoch']}")
             pngs = {name: png_bytes(image) for name, image in images.items()}
             for name, data in pngs.items():
@@ -195,7 +195,7 @@ class KernelBisectionCallback(Callback):
                     write_png(self._dir / records.picture_file(name, init), data)
             if self.keep_history_images:
                 (self._dir / records.STEPS_DIR).mkdir(exist_ok=True)
-                write_png(self._dir / records.step_file(record["step"], ".png"), pngs["kernels"])
+                write_png(self._dir / records.step_file(record["step"], ".png"), pngs[records.GRID])
         (self._dir / records.STEPS_DIR).mkdir(exist_ok=True)  # the weights of every measurement: 140 kB at paper size
         for path in [self._dir / records.kernels_file(init) for init in baselines] + [
                 self._dir / records.step_file(record["step"], ".npy")]:

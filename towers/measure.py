@@ -63,3 +63,8 @@ def summary_line(record: dict) -> str:
     if stats:
         line += f"; η² = {stats['eta2']:.3f} (chance {stats['eta2_null']:.3f}), p {format_p(stats['p_value'], stats['permutations'])}"
     return line
+
+
+def p_text(p, permutations) -> str:
+    """A p-value as tables print it: "0.031", or "≤ 1e-4" at the permutation floor; "" for none."""
+    return "" if p is None else format_p(p, permutations).removeprefix("= ")

@@ -61,6 +61,9 @@ RUN_MARKERS = (BISECTION_FILE, STATUS_FILE)  # a folder with one of these is a r
 EXIT_DIVERGED = 3
 
 
+GRID, SCORE_PLOT = "kernels", "scores"  # the callback's two pictures: their file names and logged image keys
+
+
 def picture_file(name: str, init: bool = False) -> str:
     """``kernels.png`` / ``scores.png``, or the baseline's ``kernels_init.png`` / ``scores_init.png``."""
     return f"{name}{INIT_SUFFIX if init else ''}.png"
