@@ -18,9 +18,9 @@ import pytest
 import torch
 import yaml
 
+from analysis import compare, compare_figures
 from tests.fixtures.kernels import colour, gabor, noisy
-
-from analysis import compare, compare_figures, compare_read
+from towers import records
 
 N = 16  # kernels per tower: small, and enough for the verdict to tell a planted split
 
@@ -708,7 +708,7 @@ def test_a_run_without_a_verdict_is_named_not_counted(tmp_path):
     folder = write_run(tmp_path / "runs" / "old", 2, 0, seed=0)
     data = json.loads((folder / "bisection.json").read_text())
     for key in ("init", "last"):
-        data[key] = {k: v for k, v in data[key].items() if k not in compare_read.VERDICT_KEYS}
+        data[key] = {k: v for k, v in data[key].items() if k not in records.VERDICT_KEYS}
     (folder / "bisection.json").write_text(json.dumps(dict(data, version=1)))
     (run,) = compare.collect_local([tmp_path / "runs"])
     assert run.usable and not run.judged and run.row["verdict"] is None and run.row["eta2"] is not None
