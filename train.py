@@ -27,6 +27,7 @@ import towers.parallel  # noqa: F401  registers `--trainer.strategy tower_parall
 from towers.allocator import keep_freed_memory
 from towers.callbacks import KernelBisectionCallback
 from towers.measure import summary_line
+from towers.records import TEST_ACC
 from towers.data import CatsDogsDataModule
 from towers.model import PAPER_WIDTHS, tower_widths
 from towers.module import TowerClassifier
@@ -221,7 +222,7 @@ class TowersCLI(LightningCLI):
 def fit_summary(trainer) -> str:
     """The block that ends every fit: how it ended, test accuracy, the verdict line, the run's folder."""
     status = next((cb.status for cb in trainer.callbacks if isinstance(cb, RunStatus)), None)
-    accuracy = trainer.callback_metrics.get("test/acc")
+    accuracy = trainer.callback_metrics.get(TEST_ACC)
     bisection = next((cb for cb in trainer.callbacks if isinstance(cb, KernelBisectionCallback)), None)
     if bisection is None:
         verdict = "not measured (the config has no KernelBisectionCallback)"

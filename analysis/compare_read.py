@@ -12,19 +12,16 @@ from pathlib import Path
 import yaml
 
 from towers import records
-from towers.records import (BISECTION_FILE, CONFIG_FILE, HISTORY_FILE, KERNELS_NPY, KERNELS_PNG, RUN_MARKERS,
-                            STATUS_FILE, SWEEP_FILE, TEST_ACC, VAL_ACC, WANDB_OFFLINE_PREFIX, measurement,
-                            read_bisection, read_history, read_status)
+from towers.records import (BISECTION_FILE, CONFIG_FILE, HISTORY_FILE, HPARAMS_FILE, KERNELS_NPY, KERNELS_PNG,
+                            METRICS_CSV, RUN_MARKERS, STATUS_FILE, SWEEP_FILE, TEST_ACC, VAL_ACC, WANDB_OFFLINE_PREFIX,
+                            WANDB_SUMMARY_FILE, measurement, read_bisection, read_history, read_status)
 from towers.verdict import onset_step
 
 # ----------------------------------------------------------------------------- file formats
-# The runs' own files are named and read in towers/records.py; the other formats the runs leave
-# behind (configs, loggers' summaries, the sweep's state) are read by one function each below, so a
-# change of schema is an edit in one place. Everything after this section sees only plain dicts.
+# The runs' files are named in towers/records.py, which reads the record and status.json; the other
+# formats the runs leave behind (configs, loggers' summaries, the sweep's state) are read by one
+# function each below, so a change of schema is an edit in one place. Everything after this section sees only plain dicts.
 
-HPARAMS_FILE = "hparams.yaml"  # Lightning's loggers: the LightningModule's arguments
-WANDB_SUMMARY_FILE = "wandb-summary.json"  # W&B: the last value of every logged metric
-METRICS_CSV = "metrics.csv"  # Lightning's CSVLogger
 RUN_FILES = (BISECTION_FILE, HISTORY_FILE, KERNELS_PNG, KERNELS_NPY, STATUS_FILE, CONFIG_FILE, HPARAMS_FILE,
              WANDB_SUMMARY_FILE, METRICS_CSV)
 

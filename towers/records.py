@@ -55,6 +55,10 @@ WANDB_ONLINE_PREFIX = "run-"  # ... and of an online one
 WANDB_FILES_DIR = "files"  # the W&B run folder's files/, which `wandb sync` uploads: the run's own folder
 LAST_CHECKPOINTS = "last*.ckpt"  # ModelCheckpoint(save_last=...): last.ckpt, last-v1.ckpt, ...
 RUN_MARKERS = (BISECTION_FILE, STATUS_FILE)  # a folder with one of these is a run's own folder
+# what the loggers leave in a run's folder (analysis/compare_read.py reads them)
+HPARAMS_FILE = "hparams.yaml"  # Lightning's loggers: the LightningModule's arguments
+WANDB_SUMMARY_FILE = "wandb-summary.json"  # W&B: the last value of every logged metric
+METRICS_CSV = "metrics.csv"  # Lightning's CSVLogger
 
 # Exit status of train.py for a run stopped because its loss became NaN or infinite (1 is an uncaught
 # Python exception, 2 a command-line error). The sweep agent records such a run as "diverged".
@@ -88,7 +92,14 @@ def is_wandb_run_folder(folder: Path) -> bool:
 ETA2, ETA2_NULL, P_VALUE = "bisection/eta2", "bisection/eta2_null", "bisection/p_value"
 ETA2_SPLIT, P_VALUE_SPLIT = "bisection/eta2_split", "bisection/p_value_split"  # three or more towers
 SPECIALISED, DELTA_F, P_DELTA_F, AUC = "verdict/specialised", "verdict/delta_f", "verdict/p_delta_f", "verdict/auc"
-TEST_ACC, VAL_ACC = "test/acc", "val/acc"  # towers.module.TowerClassifier
+
+
+def accuracy_key(stage: str) -> str:
+    """What towers.module.TowerClassifier logs as a stage's accuracy: ``train/acc``, ``val/acc``, ``test/acc``."""
+    return f"{stage}/acc"
+
+
+TEST_ACC, VAL_ACC = accuracy_key("test"), accuracy_key("val")
 # The run's answer in its W&B summary, under the record's own keys (the last measurement wins).
 SUMMARY_KEYS = ("verdict", "delta_f", "delta_f_low", "delta_f_high", "p_delta_f", "colour_fraction",
                 "agnostic_tower", "specific_tower")
