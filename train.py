@@ -224,16 +224,19 @@ def fit_summary(trainer) -> str:
     status = next((cb.status for cb in trainer.callbacks if isinstance(cb, RunStatus)), None)
     accuracy = trainer.callback_metrics.get(TEST_ACC)
     bisection = next((cb for cb in trainer.callbacks if isinstance(cb, KernelBisectionCallback)), None)
+    record = (bisection.last_record if bisection is not None else None) or {}
     if bisection is None:
         verdict = "not measured (the config has no KernelBisectionCallback)"
     else:
-        record = bisection.last_record or {}
         verdict = f"{summary_line(record)} (step {record.get('step')})" if record else "not measured"
+    change = record.get("kernel_change")  # how far conv1 moved: a verdict on kernels that never moved says little
     header = f"{'=' * 24} towers: end of fit ({status or 'done'}) {'=' * 24}"
     return "\n".join([
         header,
         f"test accuracy: {float(accuracy):.4f}" if accuracy is not None else "test accuracy: not tested",
         f"verdict:       {verdict}",
+        *(["conv1 moved:   ||W - W0|| / ||W0|| = " + ", ".join(
+            "n/a" if c is None else f"{c:.2f}" for c in change) + " (per tower)"] if change else []),
         f"run folder:    {run_folder(trainer).resolve()}",
         "=" * len(header),
     ])

@@ -293,7 +293,7 @@ def montage_grid(run: Run):
         half_a[split] = True
         k, names = torch.stack([flat[half_a], flat[~half_a]]), ["half A", "half B"]
     columns, zoom, pad, gap = 16, 4, 2, 12  # kernel_grid's layout: labels go where its blocks are
-    image = kernel_grid(k, columns=columns, zoom=zoom, pad=pad, gap=gap)
+    image = kernel_grid(k, columns=columns, zoom=zoom, pad=pad, gap=gap, labels=False)  # the axes label the towers
     t, n, _, h, _ = k.shape
     block = math.ceil(n / min(columns, n)) * (h * zoom + pad)
     groups = {}  # tower (or half) -> its side, named only for a specialised run

@@ -107,13 +107,15 @@ def test_a_towers_last_row_of_blank_cells_is_dropped(tmp_path):
     assert np.abs(color_specificity(read.kernels) - color_specificity(kernels)).max() < 0.05
 
 
-def test_a_paper_style_jpeg_figure_reads_back(tmp_path):
+@pytest.mark.parametrize("zoom,max_error", [(8, 0.05), (5, JPEG_ERROR)])
+def test_a_paper_style_jpeg_figure_reads_back(tmp_path, zoom, max_error):
+    """Kernel pixels of 8 picture pixels read back within 0.05; at 5, JPEG's coarse chroma costs a little more."""
     kernels = spread_towers()
     path = tmp_path / "figure3.jpg"
-    path.write_bytes(paper_figure(kernels))
+    path.write_bytes(paper_figure(kernels, zoom=zoom))
     read = read_figure(path, towers=2)
     assert read.info()["grid"] == [8, 12] and read.offset == "global" and read.chroma == (2, 2)
-    got = assert_read_back(kernels, read, JPEG_ERROR)
+    got = assert_read_back(kernels, read, max_error)
     assert got.verdict == SPECIALISED and got.weak_count == [0, 0]
     # JPEG's chroma noise leaves the grey kernels grey: their scores stay far under the colour cut
     assert color_specificity(read.kernels[0]).max() < 0.25
@@ -159,8 +161,8 @@ def test_a_resized_figure_and_a_given_grid_read_back():
 
 def test_a_mixed_construction_reads_back_not_specialised():
     kernels = spread_towers(mixed=True)
-    picture = np.asarray(Image.open(io.BytesIO(paper_figure(kernels))).convert("RGB")) / 255
-    got = assert_read_back(kernels, read_figure(picture, towers=2, chroma=(2, 2)), JPEG_ERROR)
+    picture = np.asarray(Image.open(io.BytesIO(paper_figure(kernels, zoom=8))).convert("RGB")) / 255
+    got = assert_read_back(kernels, read_figure(picture, towers=2, chroma=(2, 2)), 0.05)
     assert got.verdict == NOT_SPECIALISED and got.agnostic_tower is None
 
 
@@ -169,7 +171,7 @@ def test_parse_grid_and_pictures_without_lines():
     with pytest.raises(FigureError, match="expected two counts"):
         parse_grid("96")
     kernels = spread_towers()
-    abutting = kernel_grid(kernels, pad=0, gap=0) / 255  # no lines at all: only a given grid can cut it
+    abutting = kernel_grid(kernels, pad=0, gap=0, labels=False) / 255  # no lines at all: only a given grid can cut it
     with pytest.raises(FigureError, match="--grid"):
         read_figure(abutting, towers=2)
     read = read_figure(abutting, towers=2, grid=(6, 16))

@@ -51,6 +51,7 @@ def tiny_demo(demo_root, out, *extra):
 def lightning_log(caplog):
     """Lightning's rank-zero info lines (its logger does not propagate to the root logger)."""
     logger = logging.getLogger("lightning.pytorch")
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")  # whatever level an earlier test left it at
     logger.addHandler(caplog.handler)
     yield caplog
     logger.removeHandler(caplog.handler)

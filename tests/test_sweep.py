@@ -492,7 +492,7 @@ def test_demo_sweep_end_to_end_through_train_py(tmp_path, capsys):
         assert (folder / "files" / "kernels.png").exists(), "kernel images belong in the W&B run folder"
         (record,) = [r.run for r in wandb_records(next(folder.glob("*.wandb"))) if r.WhichOneof("record_type") == "run"]
         assert (record.project, record.run_group, record.job_type) == \
-            (config["project"], "out", f"model={run['params']['model']}")  # the swept values but the seed
+            (config["project"], "out", f"num_towers={towers}")
     # the estimate: 2 checkpoint files (the latest epoch, last.ckpt links to it; the best) of weights and momentum
     printed = capsys.readouterr().out
     # the end table: the run's verdict, delta f and eta2 with their p, as its bisection.json says

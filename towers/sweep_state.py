@@ -92,9 +92,17 @@ def grid_size(config: dict) -> int | None:
 
 
 def condition(config: dict, params: dict) -> str:
-    """The run's condition, for W&B's job type: its swept values but the seed, e.g. ``num_towers=2``."""
+    """The run's condition, for W&B's job type: its swept values but the seed, e.g. ``num_towers=2``; a
+    swept value that is a partial config (``model: {num_towers: 2, color_blind_towers: [1]}``) by its
+    leaves, ``num_towers=2,color_blind_towers=[1]``."""
     swept = [k for k, spec in config["parameters"].items() if "value" not in spec and k not in SEED_KEYS]
-    text = ",".join(f"{k.rsplit('.', 1)[-1]}={params[k]}" for k in swept if k in params)
+
+    def leaves(key, value):
+        if isinstance(value, dict):
+            return [leaf for k, v in value.items() for leaf in leaves(k, v)]
+        return [f"{key.rsplit('.', 1)[-1]}={value}".replace(" ", "")]
+
+    text = ",".join(leaf for k in swept if k in params for leaf in leaves(k, params[k]))
     return (text or "all")[:64]  # W&B's limit for a job type
 
 
