@@ -278,7 +278,7 @@ def montage_grid(run: Run):
     verdict splits); from kernels.png when there is no kernels.npy (no tower labels then)."""
     import torch
 
-    from towers.callbacks import kernel_grid
+    from towers.figures import kernel_grid
 
     if run.kernels_npy is None:
         from PIL import Image

@@ -50,7 +50,7 @@ def _measured(towers: int, seed: int, swap: int | None) -> str:
 
 
 def _record(stage, step, epoch, towers, seed, swap, error=None):
-    """One record as KernelBisectionCallback writes it: towers.callbacks.measure + step/stage.
+    """One record as KernelBisectionCallback writes it: towers.measure.measure + step/stage.
     ``swap`` None: random kernels (initialisation)."""
     record = json.loads(_measured(towers, seed, swap))
     if error:
