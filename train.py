@@ -25,7 +25,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import towers.parallel  # noqa: F401  registers `--trainer.strategy tower_parallel` with Lightning
 from towers.allocator import keep_freed_memory
-from towers.callbacks import KernelBisectionCallback, summary_line
+from towers.callbacks import KernelBisectionCallback
+from towers.measure import summary_line
+from towers.records import TEST_ACC
 from towers.data import CatsDogsDataModule
 from towers.model import PAPER_WIDTHS, tower_widths
 from towers.module import TowerClassifier
@@ -222,7 +224,7 @@ class TowersCLI(LightningCLI):
 def fit_summary(trainer) -> str:
     """The block that ends every fit: how it ended, test accuracy, the verdict line, the run's folder."""
     status = next((cb.status for cb in trainer.callbacks if isinstance(cb, RunStatus)), None)
-    accuracy = trainer.callback_metrics.get("test/acc")
+    accuracy = trainer.callback_metrics.get(TEST_ACC)
     bisection = next((cb for cb in trainer.callbacks if isinstance(cb, KernelBisectionCallback)), None)
     record = (bisection.last_record if bisection is not None else None) or {}
     if bisection is None:

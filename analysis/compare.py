@@ -36,19 +36,16 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the compare_* modules beside this file
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # towers, from a checkout without installing
-
-from compare_figures import (FORMATS, choose_montage, fig_delta_f, fig_montage, fig_omega2,  # noqa: E402
-                             fig_over_steps, fig_specialised, fig_tower_fractions, render)
-from compare_html import git_commit, report_html  # noqa: E402
-from compare_read import (BISECTION_FILE, CONDITION, CONFIG_COLUMNS, FIXED_COLUMNS, Run,  # noqa: E402,F401
-                          collect_local, collect_wandb, flatten, load_run_folder, make_run, measurement,
-                          read_bisection, read_config, read_history, read_reference, read_status, table_columns,
-                          table_csv)
-from compare_stats import (clopper_pearson, condition_line, conditions, dersimonian_laird,  # noqa: E402,F401
-                           every_run_bound, median_interval, summarize, versus_control)
-from towers.files import write_atomic  # noqa: E402
+from analysis.compare_figures import (FORMATS, choose_montage, fig_delta_f, fig_montage, fig_omega2,
+                                      fig_over_steps, fig_specialised, fig_tower_fractions, render)
+from analysis.compare_html import git_commit, report_html
+from analysis.compare_read import (BISECTION_FILE, CONDITION, CONFIG_COLUMNS, FIXED_COLUMNS, Run,  # noqa: F401
+                                   collect_local, collect_wandb, flatten, load_run_folder, make_run, measurement,
+                                   read_bisection, read_config, read_history, read_reference, read_status,
+                                   table_columns, table_csv)
+from analysis.compare_stats import (clopper_pearson, condition_line, conditions, dersimonian_laird,  # noqa: F401
+                                    every_run_bound, median_interval, summarize, versus_control)
+from towers.files import write_atomic
 
 
 def write_report(runs: list[Run], out: Path, alpha: float = 0.05, montage: list[str] | None = None,

@@ -10,9 +10,10 @@ import textwrap
 
 import numpy as np
 
-from compare_read import KERNELS_FILE, Run
-from compare_stats import (CONDITION, condition_key, condition_label, conditions, fixed_delta_f,
-                           varying_columns)
+from analysis.compare_read import Run
+from analysis.compare_stats import (CONDITION, condition_key, condition_label, conditions, fixed_delta_f,
+                                    is_control, varying_columns)
+from towers.records import KERNELS_NPY, KERNELS_PNG
 from towers.verdict import MIN_DELTA_F, format_p
 
 MIN_FONT = 8  # pt, at the saved size
@@ -243,7 +244,7 @@ def fig_tower_fractions(runs: list[Run]):
         ax.set_xticks(range(len(group)), [f"seed {r.row['seed']}" for r in group], fontsize=MIN_FONT)
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlim(-0.6, len(group) - 0.4)
-        control = key[CONDITION.index("num_towers")] == 1
+        control = is_control(key)
         _style(ax, textwrap.fill(condition_label(key, varying, True) + (" (halves A/B)" if control else ""), 44))
         if i % cols == 0:
             ax.set_ylabel("colour fraction of a tower")
@@ -277,7 +278,7 @@ def montage_grid(run: Run):
     verdict splits); from kernels.png when there is no kernels.npy (no tower labels then)."""
     import torch
 
-    from towers.callbacks import kernel_grid
+    from towers.figures import kernel_grid
 
     if run.kernels_npy is None:
         from PIL import Image
@@ -311,7 +312,7 @@ def montage_grid(run: Run):
 def fig_montage(chosen: list[Run]):
     """The final kernel grids of the chosen runs, each block labelled with its tower (or half)."""
     if not chosen:
-        return _empty(f"no run has {KERNELS_FILE} or kernels.npy")
+        return _empty(f"no run has {KERNELS_PNG} or {KERNELS_NPY}")
     grids = [montage_grid(r) if (r.kernels_npy or r.kernels_png) else (None, []) for r in chosen]
     aspect = max([g.shape[1] / g.shape[0] for g, _ in grids if g is not None] or [1.0])
     cols = min(len(chosen), 3 if aspect < 1.5 else 2)

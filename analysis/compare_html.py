@@ -11,9 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from compare_figures import DPI
-from compare_read import Run, p_text, table_columns
-from compare_stats import condition_line
+from analysis.compare_figures import DPI
+from analysis.compare_read import Run, table_columns
+from analysis.compare_stats import condition_line
+from towers.measure import p_text
 
 SORT_SCRIPT = """
 document.querySelectorAll("table.sortable th").forEach((th, col) => th.addEventListener("click", () => {

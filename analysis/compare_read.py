@@ -4,7 +4,6 @@ folders or the W&B API, and a published figure's record (``--reference``). Part 
 import csv
 import io
 import json
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -12,65 +11,19 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from towers.files import read_jsonl  # noqa: E402
-from towers.verdict import Verdict, format_p, onset_step  # noqa: E402
+from towers import records
+from towers.records import (BISECTION_FILE, CONFIG_FILE, HISTORY_FILE, HPARAMS_FILE, KERNELS_NPY, KERNELS_PNG,
+                            METRICS_CSV, RUN_MARKERS, STATUS_FILE, SWEEP_FILE, TEST_ACC, VAL_ACC, WANDB_OFFLINE_PREFIX,
+                            WANDB_SUMMARY_FILE, measurement, read_bisection, read_history, read_status)
+from towers.verdict import onset_step
 
 # ----------------------------------------------------------------------------- file formats
-# Each format the runs leave behind is read by one function below, so a change of schema is an
-# edit in one place. Everything after this section sees only plain dicts.
+# The runs' files are named in towers/records.py, which reads the record and status.json; the other
+# formats the runs leave behind (configs, loggers' summaries, the sweep's state) are read by one
+# function each below, so a change of schema is an edit in one place. Everything after this section sees only plain dicts.
 
-BISECTION_FILE = "bisection.json"  # towers.callbacks.KernelBisectionCallback
-HISTORY_FILE = "bisection_history.jsonl"  # the same, one record per measurement
-KERNELS_FILE = "kernels.png"  # the same, the latest Figure-3 grid
-KERNELS_NPY = "kernels.npy"  # the same, the latest kernels (T, n, 3, h, w): the montage redraws them
-STATUS_FILE = "status.json"  # towers.runs.RunStatus
-SWEEP_FILE = "sweep.json"  # towers.sweep (the offline agent)
-RUN_MARKERS = (BISECTION_FILE, STATUS_FILE)  # a folder with one of these is a run's own folder
-RUN_FILES = (BISECTION_FILE, HISTORY_FILE, KERNELS_FILE, KERNELS_NPY, STATUS_FILE, "config.yaml", "hparams.yaml",
-             "wandb-summary.json", "metrics.csv")
-
-
-VERDICT_KEYS = [k for k in Verdict.__dataclass_fields__ if k not in ("control", "permutations")]
-
-
-def measurement(record: dict | None) -> dict:
-    """The numbers of one record of ``bisection.json`` / ``bisection_history.jsonl`` (empty: none)."""
-    if not record:
-        return {}
-    stats = record.get("statistics") or {}
-    return {"step": record.get("step"), "epoch": record.get("epoch"), "stage": record.get("stage"),
-            "num_towers": record.get("num_towers"), "kernels_per_tower": record.get("kernels_per_tower"),
-            "error": record.get("error"), "score": record.get("score"), "tower": record.get("tower"),
-            "tower_median": record.get("tower_median"),
-            "eta2": stats.get("eta2"), "eta2_null": stats.get("eta2_null"), "p_value": stats.get("p_value"),
-            "eta2_split": stats.get("eta2_split"), "p_value_split": stats.get("p_value_split"),
-            "omega2": stats.get("omega2"), "permutations": stats.get("permutations"),
-            # the verdict (bisection.json format 2; None in older files): every Verdict field by its name
-            **{k: record.get(k) for k in VERDICT_KEYS},
-            "control": record.get("control", stats.get("control")),
-            "p_permutations": record.get("permutations")}  # the verdict's (the p_delta_f floor)
-
-
-def read_bisection(path: Path) -> dict:
-    """``bisection.json``: {"init": measurement, "last": measurement} (format version 1 lacks the verdict's keys)."""
-    data = json.loads(Path(path).read_text())
-    if data.get("format") != "towers.bisection":
-        raise ValueError(f"{path}: not a towers.bisection file (format {data.get('format')!r})")
-    return {"init": measurement(data.get("init")), "last": measurement(data.get("last"))}
-
-
-def read_history(path: Path) -> list[dict]:
-    """``bisection_history.jsonl``: one measurement per line (a last line cut short by a killed
-    process is dropped with a warning)."""
-    return [measurement(record) for record in read_jsonl(path)]
-
-
-def read_status(path: Path) -> dict:
-    """``status.json`` of ``towers.runs.RunStatus``: how the run ended and its last metrics."""
-    data = json.loads(Path(path).read_text())
-    return {"status": data.get("status"), "message": data.get("message") or "",
-            "epoch": data.get("epoch"), "step": data.get("step"), "summary": data.get("summary") or {}}
+RUN_FILES = (BISECTION_FILE, HISTORY_FILE, KERNELS_PNG, KERNELS_NPY, STATUS_FILE, CONFIG_FILE, HPARAMS_FILE,
+             WANDB_SUMMARY_FILE, METRICS_CSV)
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
@@ -142,7 +95,6 @@ CONFIG_COLUMNS = {
     "lr": ("model.lr", "lr"),
     "max_epochs": ("trainer.max_epochs", "max_epochs"),
 }
-TEST_ACC, VAL_ACC = "test/acc", "val/acc"
 
 # ----------------------------------------------------------------------------- the table
 
@@ -262,11 +214,11 @@ def load_run_folder(folder: Path | None, name: str, alpha: float, sweep: str | N
             warnings.warn(f"run {name}: cannot read {files[file_name]}: {err}")
             return default
 
-    merged_config = {**read(read_hparams, "hparams.yaml", {}), **read(read_config, "config.yaml", {}), **(config or {})}
+    merged_config = {**read(read_hparams, HPARAMS_FILE, {}), **read(read_config, CONFIG_FILE, {}), **(config or {})}
     status_json = read(read_status, STATUS_FILE)
     merged_summary = {**numbers(status_json["summary"] if status_json else {}),
-                      **read(read_metrics_csv, "metrics.csv", {}),
-                      **read(read_wandb_summary, "wandb-summary.json", {}), **(summary or {})}
+                      **read(read_metrics_csv, METRICS_CSV, {}),
+                      **read(read_wandb_summary, WANDB_SUMMARY_FILE, {}), **(summary or {})}
     bisection = read(read_bisection, BISECTION_FILE)
     if history is None:
         history = read(read_history, HISTORY_FILE, [])
@@ -274,7 +226,7 @@ def load_run_folder(folder: Path | None, name: str, alpha: float, sweep: str | N
         status_json = dict(status_json or {}, status=status)
     message = "; ".join(m for m in [message or (status_json or {}).get("message", ""), *problems] if m)
     return make_run(name, sweep, merged_config, merged_summary, status_json, bisection, history,
-                    files.get(KERNELS_FILE), source or str(folder), alpha, fallback_status, message,
+                    files.get(KERNELS_PNG), source or str(folder), alpha, fallback_status, message,
                     files.get(KERNELS_NPY))
 
 
@@ -319,7 +271,7 @@ def collect_local(folders, alpha: float = 0.05) -> list[Run]:
             if any(resolved == c or c in resolved.parents for c in claimed):
                 continue
             claimed.add(resolved)
-            if run_folder.name == "files" and run_folder.parent.name.startswith(("offline-run-", "run-")):
+            if run_folder.name == "files" and records.is_wandb_run_folder(run_folder):
                 run_folder = run_folder.parent  # name a W&B run by its folder, offline-run-<time>-<id>
             name = str(run_folder.relative_to(folder)) if run_folder != folder else resolved.name
             runs.append(load_run_folder(resolved, name, alpha))
@@ -327,7 +279,7 @@ def collect_local(folders, alpha: float = 0.05) -> list[Run]:
         raise SystemExit(
             f"no runs found under {', '.join(map(str, folders))}: looked for {SWEEP_FILE} (a towers.sweep output "
             f"folder) and for folders holding {BISECTION_FILE} or {STATUS_FILE} (written by "
-            f"KernelBisectionCallback / RunStatus into each run's folder: wandb/offline-run-*/files/, "
+            f"KernelBisectionCallback / RunStatus into each run's folder: wandb/{WANDB_OFFLINE_PREFIX}*/files/, "
             f"lightning_logs/version_N/, or the trainer's default_root_dir)")
     return runs
 
@@ -354,16 +306,16 @@ def collect_wandb(path: str, sweep: str | None = None, api=None, cache: Path | N
         folder = cache / run.id
         folder.mkdir(parents=True, exist_ok=True)
         for f in run.files():
-            if f.name in RUN_FILES and f.name not in ("config.yaml", "wandb-summary.json"):
+            if f.name in RUN_FILES and f.name not in (CONFIG_FILE, WANDB_SUMMARY_FILE):
                 f.download(root=str(folder), replace=True)
         history = None
         if not (folder / HISTORY_FILE).is_file():  # fall back on the logged scalars
-            history = [{"step": h.get("_step"), "eta2": h.get("bisection/eta2"), "p_value": h.get("bisection/p_value"),
-                        "eta2_null": h.get("bisection/eta2_null"), "delta_f": h.get("verdict/delta_f"),
-                        "verdict": None if h.get("verdict/specialised") is None else
-                        ("specialised" if h["verdict/specialised"] else "not specialised")}
-                       for h in run.scan_history(keys=["bisection/eta2", "bisection/p_value", "verdict/delta_f",
-                                                         "verdict/specialised"])]
+            history = [{"step": h.get("_step"), "eta2": h.get(records.ETA2), "p_value": h.get(records.P_VALUE),
+                        "eta2_null": h.get(records.ETA2_NULL), "delta_f": h.get(records.DELTA_F),
+                        "verdict": None if h.get(records.SPECIALISED) is None else
+                        ("specialised" if h[records.SPECIALISED] else "not specialised")}
+                       for h in run.scan_history(keys=[records.ETA2, records.P_VALUE, records.DELTA_F,
+                                                         records.SPECIALISED])]
         sweep_name = run.sweep.id if getattr(run, "sweep", None) is not None else getattr(run, "group", None)
         summary = numbers(dict(run.summary.items()))
         runs.append(load_run_folder(folder, run.name or run.id, alpha, sweep=sweep_name,
@@ -403,7 +355,7 @@ def table_csv(runs: list[Run]) -> str:
 
 def read_reference(path: Path) -> dict:
     """The record of a published figure, as ``python analysis/kernels.py FIGURE.png --towers 2 --json OUT``
-    writes it (a record of ``towers.callbacks.measure``), or wrapped as {"last": record} like
+    writes it (a record of ``towers.measure.measure``), or wrapped as {"last": record} like
     ``bisection.json``. Returns its name (the file's stem) and the numbers the report shows."""
     path = Path(path)
     try:
@@ -419,8 +371,3 @@ def read_reference(path: Path) -> dict:
         "verdict", "delta_f", "delta_f_low", "delta_f_high", "p_delta_f", "auc", "colour_fraction",
         "colour_fraction_low", "colour_fraction_high", "agnostic_tower", "specific_tower", "towers",
         "eta2", "p_value", "omega2")}, "permutations": m["p_permutations"]}
-
-
-def p_text(p, permutations) -> str:
-    """A p-value as the report prints it: "0.031", or "≤ 1e-4" at the permutation floor."""
-    return "" if p is None else format_p(p, permutations).removeprefix("= ")

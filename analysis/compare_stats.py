@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 
-from compare_read import CONDITION, Run
+from analysis.compare_read import CONDITION, Run
 
 Z95 = 1.959963984540054  # the normal quantile of a 95% interval: the Newcombe interval's width is 2 Z SE
 
@@ -115,6 +115,11 @@ def condition_key(run: Run) -> tuple:
     return tuple(run.row[c] for c in CONDITION)
 
 
+def is_control(key: tuple) -> bool:
+    """Whether a condition is the one-tower control (its kernels judged on two random halves)."""
+    return key[CONDITION.index("num_towers")] == 1
+
+
 def control_key(key: tuple) -> tuple:
     """The one-tower control of a condition: the same hyperparameters with num_towers = 1 (and no
     colour-blind tower: the positive control is compared with the same one-tower control)."""
@@ -164,15 +169,15 @@ def summarize(runs: list[Run], alpha: float = 0.05, level: float = 0.95, seed: i
         om, om_lo, om_hi = median_interval([r.row["omega2"] for r in group], level, seed=seed)
         re = dersimonian_laird(delta[key], [se_from_interval(r.row["delta_f_low"], r.row["delta_f_high"])
                                             for r in group], level)
-        is_control = key[CONDITION.index("num_towers")] == 1
-        ctrl = None if is_control else control_key(key)
+        control = is_control(key)
+        ctrl = None if control else control_key(key)
         onsets = [r.row["onset_step"] for r in group if r.row["onset_step"] is not None]
         init_judged = [r for r in group if r.row["verdict_init"] is not None]
         init_p = [r.row["p_value_init"] for r in group if r.row["p_value_init"] is not None]
         cp_lo, cp_hi = clopper_pearson(k, n, level)
         out.append({
             "condition": dict(zip(CONDITION, key)), "label": condition_label(key, varying, short=True),
-            "control": is_control, "seeds": n, "specialised": k, "bound": every_run_bound(k, n, level),
+            "control": control, "seeds": n, "specialised": k, "bound": every_run_bound(k, n, level),
             "cp_low": cp_lo, "cp_high": cp_hi,
             "delta_f_median": med, "delta_f_low": lo, "delta_f_high": hi, "re": re,
             "control_seeds": len(delta.get(ctrl, [])) if ctrl else None,

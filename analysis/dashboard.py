@@ -21,22 +21,19 @@ seeds, the one-sided bounds and the test against the one-tower control that pane
 import argparse
 import sys
 
-# What the runs log (towers.callbacks) and the config keys train.py stores (nested, as in the YAML).
-DELTA_F, SPECIALISED, P_DELTA_F = "verdict/delta_f", "verdict/specialised", "verdict/p_delta_f"
-SUMMARY_KEYS = ("verdict", "delta_f", "colour_fraction")  # the run summary's answer (WandbLogger's summary)
-ETA2, ETA2_NULL, P_VALUE = "bisection/eta2", "bisection/eta2_null", "bisection/p_value"
-KERNELS, SCORES = "bisection/kernels", "bisection/scores"
-TEST_ACC, VAL_ACC = "test/acc", "val/acc"
+from towers.records import (DELTA_F, ETA2, ETA2_NULL, GRID, P_DELTA_F, P_VALUE, SCORE_PLOT,  # noqa: F401
+                            SPECIALISED, TEST_ACC, VAL_ACC, color_score_key, image_key)
+from towers.records import colour_fraction_key as colour_fraction
+
+# What the runs log (towers.records, the callback's keys) and the config keys train.py stores (nested, as in the YAML).
+SUMMARY_KEYS = ("verdict", "delta_f", "colour_fraction")  # the run summary's answer the comparer shows
+KERNELS, SCORES = image_key(GRID), image_key(SCORE_PLOT)
 NUM_TOWERS, LR, BATCH_SIZE, SEED = "model.num_towers", "model.lr", "data.batch_size", "seed_everything"
 PRECISION = "trainer.precision"
 
 
-def colour_fraction(k: int) -> str:
-    return f"tower_{k}/colour_fraction"
-
-
 def tower_score(k: int, init: bool = False) -> str:
-    return f"tower_{k}/color_score" + ("_init" if init else "")
+    return color_score_key(k, init=init)
 
 
 def runset(entity: str, project: str, sweep: str | None = None, group: str | None = None):

@@ -16,18 +16,18 @@ how); the record then has a ``figure`` entry that says how it was read.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python analysis/kernels.py` from anywhere
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from towers.callbacks import kernel_grid, measure, score_plot, summary_line, write_json, write_png  # noqa: E402
-from towers.color import RANDOM_KERNEL_SCORE, Bisection, bisection, color_specificity  # noqa: E402
-from towers.figure_reader import IMAGE_SUFFIXES, OFFSET_MODES, FigureError, parse_grid, read_figure  # noqa: E402
+from towers import records
+from towers.color import RANDOM_KERNEL_SCORE, Bisection, bisection, color_specificity
+from towers.figure_reader import IMAGE_SUFFIXES, OFFSET_MODES, FigureError, parse_grid, read_figure
+from towers.figures import kernel_grid, score_plot, write_png
+from towers.measure import measure, summary_line
+from towers.records import write_json
 
 CONV1 = "model.features.conv1.weight"
 
@@ -81,9 +81,10 @@ def load(path: Path, towers: int | None = None, record: str = "last", figure: di
         return out
 
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        if data.get("format") != "towers.bisection":
-            raise SystemExit(f"{path}: not a bisection.json written by KernelBisectionCallback")
+        try:
+            data = records.load_bisection(path)
+        except ValueError:
+            raise SystemExit(f"{path}: not a {records.BISECTION_FILE} written by KernelBisectionCallback") from None
         rec = data.get(record)
         if rec is None:
             raise SystemExit(f"{path}: has no {record!r} record")

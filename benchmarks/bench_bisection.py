@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -38,11 +37,10 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from benchmarks.bench_step import Runner, add_malloc_argument, machine, malloc_as_train_py, save_results  # noqa: E402
-from towers.callbacks import KernelBisectionCallback  # noqa: E402
-from towers.color import bisection, color_energy, tower_labels  # noqa: E402
-from towers.model import TowerAlexNet  # noqa: E402
+from benchmarks.bench_step import Runner, add_malloc_argument, machine, malloc_as_train_py, save_results
+from towers.callbacks import KernelBisectionCallback
+from towers.color import bisection, color_energy, tower_labels
+from towers.model import TowerAlexNet
 
 PAPER_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "paper.yaml"
 

@@ -34,7 +34,6 @@ import datetime
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,11 +43,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from benchmarks.bench_step import Runner, add_malloc_argument, machine, malloc_as_train_py, save_results  # noqa: E402
-from towers.data import CatsDogsDataModule  # noqa: E402
-from towers.data.demo import demo_image  # noqa: E402
-from towers.model import TowerAlexNet  # noqa: E402
+from benchmarks.bench_step import Runner, add_malloc_argument, machine, malloc_as_train_py, save_results
+from towers.data import CatsDogsDataModule
+from towers.data.demo import demo_image
+from towers.model import TowerAlexNet
 
 STEP = "training step"
 

@@ -60,11 +60,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from towers.allocator import keep_freed_memory  # noqa: E402
-from towers.files import write_atomic  # noqa: E402
-from towers.lrn import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE  # noqa: E402
-from towers.model import TowerAlexNet, conv_output_size, tower_widths  # noqa: E402
+from towers.allocator import keep_freed_memory
+from towers.files import write_atomic
+from towers.lrn import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE
+from towers.model import TowerAlexNet, conv_output_size, tower_widths
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BASELINE = "torchvision alexnet"

@@ -18,7 +18,6 @@ Three tables (towers.verdict's rule, its constants unchanged):
 
 import argparse
 import datetime
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +25,10 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from benchmarks.bench_step import machine, save_results  # noqa: E402
-from towers.color import bisection, color_specificity, tower_labels  # noqa: E402
-from towers.model import TowerAlexNet  # noqa: E402
-from towers.verdict import verdict  # noqa: E402
+from benchmarks.bench_step import machine, save_results
+from towers.color import bisection, color_specificity, tower_labels
+from towers.model import TowerAlexNet
+from towers.verdict import verdict
 
 INIT_ROWS = ((1, "split"), (2, "split"), (3, "per_tower"), (4, "split"))
 

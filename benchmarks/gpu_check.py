@@ -34,8 +34,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -65,9 +63,21 @@ def precision(args) -> str:
     """The precision train.py gives a run on this device when the config leaves it unset."""
     if args.precision:
         return args.precision
-    from train import default_precision
+    return train_module().default_precision("cpu" if args.cpu_dry_run else "gpu")
 
-    return default_precision("cpu" if args.cpu_dry_run else "gpu")
+
+def train_module():
+    """train.py, the CLI at the repository's root (a script beside the installed packages, not one of them)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "train.py"
+    module = sys.modules.get("train")
+    if module is not None and Path(getattr(module, "__file__", "")).resolve() == path:
+        return module
+    spec = importlib.util.spec_from_file_location("train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def model_kwargs(args) -> dict:

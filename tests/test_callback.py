@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from analysis import kernels as analysis
 from towers import KernelBisectionCallback, TowerClassifier
-from towers.callbacks import kernel_grid, label_width
+from towers.figures import kernel_grid, label_width
 from towers.files import read_jsonl
 from towers.color import bisection, color_specificity
 

@@ -1,6 +1,6 @@
 """analysis/compare.py: the table from run folders and from the W&B API, the statistics across seeds
 checked by hand, the figures (PNG, PDF, SVG), the CSV and the HTML report (opened in headless Chromium).
-The runs' records are made by towers.callbacks.measure on constructed kernels, as the callback makes them."""
+The runs' records are made by towers.measure.measure on constructed kernels, as the callback makes them."""
 
 import csv
 import functools
@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,12 +18,9 @@ import pytest
 import torch
 import yaml
 
+from analysis import compare, compare_figures
 from tests.fixtures.kernels import colour, gabor, noisy
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
-import compare  # noqa: E402
-import compare_figures  # noqa: E402
-import compare_read  # noqa: E402
+from towers import records
 
 N = 16  # kernels per tower: small, and enough for the verdict to tell a planted split
 
@@ -45,7 +41,7 @@ def kernels(towers: int, seed: int, swap: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _measured(towers: int, seed: int, swap: int | None) -> str:
-    from towers.callbacks import measure
+    from towers.measure import measure
 
     shape = (1, 2 * N) if towers == 1 else (towers, N)
     k = torch.randn(*shape, 3, 11, 11, generator=torch.Generator().manual_seed(seed)) if swap is None \
@@ -54,12 +50,12 @@ def _measured(towers: int, seed: int, swap: int | None) -> str:
 
 
 def _record(stage, step, epoch, towers, seed, swap, error=None):
-    """One record as KernelBisectionCallback writes it: towers.callbacks.measure + step/stage.
+    """One record as KernelBisectionCallback writes it: towers.measure.measure + step/stage.
     ``swap`` None: random kernels (initialisation)."""
     record = json.loads(_measured(towers, seed, swap))
     if error:
         k = torch.full((towers, N if towers > 1 else 2 * N, 3, 11, 11), float("nan"))
-        from towers.callbacks import measure
+        from towers.measure import measure
 
         record = measure(k, permutations=999, bootstrap=200)
     return {"stage": stage, "step": step, "epoch": epoch, "time": "2026-11-28T09:00:00+00:00",
@@ -81,7 +77,7 @@ def write_run(folder: Path, towers: int, swap: int, seed: int, status="finished"
         "last": dict(last, kernels_file="kernels.npy"), "history": "bisection_history.jsonl",
         "measurement_seconds": 0.1}))
     (folder / "bisection_history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    from towers.callbacks import kernel_grid, write_png
+    from towers.figures import kernel_grid, write_png
 
     k = kernels(towers, seed, swap)
     np.save(folder / "kernels.npy", k.numpy())
@@ -356,7 +352,7 @@ def test_report_records_the_commit_and_the_configs(report):
 
 
 def test_git_commit_outside_a_checkout_is_unknown(tmp_path):
-    import compare_html
+    from analysis import compare_html
 
     assert compare_html.git_commit(tmp_path) == "unknown"
 
@@ -679,8 +675,7 @@ def test_table_from_runs_written_by_the_real_callbacks(tmp_path, monkeypatch):
     assert paths["report.html"].stat().st_size > 50000
 
     # the keys the dashboard's panels read are the ones the real run logged
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
-    import dashboard
+    from analysis import dashboard
 
     # (the same scalars go to every logger, so metrics.csv lists them; W&B keeps the images by key)
     with open(tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv", newline="") as f:
@@ -713,7 +708,7 @@ def test_a_run_without_a_verdict_is_named_not_counted(tmp_path):
     folder = write_run(tmp_path / "runs" / "old", 2, 0, seed=0)
     data = json.loads((folder / "bisection.json").read_text())
     for key in ("init", "last"):
-        data[key] = {k: v for k, v in data[key].items() if k not in compare_read.VERDICT_KEYS}
+        data[key] = {k: v for k, v in data[key].items() if k not in records.VERDICT_KEYS}
     (folder / "bisection.json").write_text(json.dumps(dict(data, version=1)))
     (run,) = compare.collect_local([tmp_path / "runs"])
     assert run.usable and not run.judged and run.row["verdict"] is None and run.row["eta2"] is not None

@@ -1,13 +1,9 @@
 """analysis/dashboard.py: the W&B report's panels, built and serialised without a server."""
 
-import sys
-from pathlib import Path
-
 import wandb_workspaces.reports.v2 as wr  # the dashboard extra, also in dev
 from wandb_workspaces import expr
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
-import dashboard  # noqa: E402
+from analysis import dashboard
 
 
 def _spec(panel) -> dict:

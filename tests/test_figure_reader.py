@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 
 from analysis import kernels as analysis
 from tests.fixtures.kernels import colour, gabor, noisy, towers_of, unit
-from towers.callbacks import kernel_grid
+from towers.figures import kernel_grid
 from towers.color import color_specificity
 from towers.figure_reader import FigureError, match_chroma_resolution, parse_grid, read_figure
 from towers.verdict import NOT_SPECIALISED, SPECIALISED, verdict

@@ -13,7 +13,8 @@ import torch
 import yaml
 
 import train
-from towers.callbacks import KernelBisectionCallback, summary_line
+from towers.callbacks import KernelBisectionCallback
+from towers.measure import summary_line
 from towers.data.demo import make_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from towers import KernelBisectionCallback, TowerClassifier
-from towers.callbacks import SCORE_PLOT_FONT_PT, kernel_grid, label_width, score_figure
+from towers.figures import SCORE_PLOT_FONT_PT, kernel_grid, label_width, score_figure
 from towers.color import bisection, color_specificity, tower_labels
 from towers.data.demo import demo_image
 from towers.model import TowerAlexNet

@@ -196,7 +196,9 @@ def test_under_ddp_one_wandb_run_and_every_rank_gets_the_values(tmp_path):
     args = TINY + WANDB + ["--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}", "--model.lr=0.0123",
                            "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
     done = subprocess.run([sys.executable, str(Path(__file__).parent / "fixtures" / "ddp_fit.py"), *args],
-                          env=dict(os.environ, WANDB_MODE="offline"), capture_output=True, text=True, timeout=300)
+                          env=dict(os.environ, WANDB_MODE="offline", PYTHONPATH=os.pathsep.join(  # for `import train`
+                              filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # the swept value reached both ranks (each parsed the same command line) ...
     assert "rank 0 lr 0.0123 done" in done.stderr and "rank 1 lr 0.0123 done" in done.stderr

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from towers import sweep as agent_mod
+from towers.verdict import format_p
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -227,15 +228,13 @@ def wait_dead(pid):
     pytest.fail(f"run process {pid} outlived its agent")
 
 
-def test_the_agent_needs_no_lightning_and_agrees_with_towers_runs(tmp_path):
-    from towers import runs
-
-    assert agent_mod.EXIT_DIVERGED == runs.EXIT_DIVERGED
+def test_the_agent_needs_no_lightning(tmp_path):
+    # the agent resumes a run from its newest last*.ckpt (towers.records, which train.py uses too)
     (tmp_path / "a" / "checkpoints").mkdir(parents=True)
     for name in ("a/checkpoints/last.ckpt", "a/checkpoints/epoch=1.ckpt", "last-v1.ckpt"):
         (tmp_path / name).write_text(name)
         time.sleep(0.01)
-    assert agent_mod.newest_last_checkpoint(tmp_path) == runs.newest_last_checkpoint(tmp_path) == tmp_path / "last-v1.ckpt"
+    assert agent_mod.newest_last_checkpoint(tmp_path) == tmp_path / "last-v1.ckpt"
     loaded = subprocess.run([sys.executable, "-c", "import sys, towers.sweep; print('lightning' in sys.modules)"],
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, check=False)
     assert loaded.stdout.strip() == "False", loaded.stderr
@@ -496,6 +495,13 @@ def test_demo_sweep_end_to_end_through_train_py(tmp_path, capsys):
             (config["project"], "out", f"num_towers={towers}")
     # the estimate: 2 checkpoint files (the latest epoch, last.ckpt links to it; the best) of weights and momentum
     printed = capsys.readouterr().out
+    # the end table: the run's verdict, delta f and eta2 with their p, as its bisection.json says
+    result = runs[0]["bisection"]
+    assert result["verdict"] in ("specialised", "not specialised") and -1 <= result["delta_f"] <= 1
+    row = next(line for line in printed.splitlines() if line.startswith(runs[0]["name"] + " "))
+    p_delta_f = format_p(result["p_delta_f"], result["p_permutations"]).removeprefix("= ")
+    assert f" {result['verdict']} " in row and f" {result['delta_f']:.4g} " in row and f" {p_delta_f} " in row
+    assert f" {result['eta2']:.4g} " in row and f" {format_p(result['p_value'], result['permutations']).removeprefix('= ')} " in row
     estimate, files, parameters, per_parameter = agent_mod.train_checkpoint_bytes(config, runs[0]["params"])
     assert (files, per_parameter) == (2, 8)
     assert f"Disk: about {agent_mod._size(estimate)} of checkpoints for 1 runs (per run 2 checkpoint files x " \

@@ -2,9 +2,9 @@
 
 import importlib
 
-# Exported lazily (PEP 562): `towers.color`, `towers.files` and the sweep agent's helpers import
-# without Lightning, so the analysis scripts start in a fraction of the time and a checkpoint can be
-# scored with torch and numpy alone.
+# Exported lazily (PEP 562): `towers.color`, `towers.files`, `towers.records`, `towers.measure`,
+# `towers.figures` and the sweep agent's helpers import without Lightning, so the analysis scripts
+# start in a fraction of the time and a checkpoint can be scored with torch and numpy alone.
 _EXPORTS = {
     "CatsDogsDataModule": "towers.data",
     "KernelBisectionCallback": "towers.callbacks",

@@ -12,6 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from towers.data import colour_inputs
 from towers.model import TowerAlexNet
+from towers.records import VAL_ACC, accuracy_key
 
 
 class TowerClassifier(L.LightningModule):
@@ -99,7 +100,7 @@ class TowerClassifier(L.LightningModule):
         # (`train/loss`) is a torchmetrics mean, synced across ranks once, at the end of the epoch.
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)  # read at the bar's refresh
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log(accuracy_key("train"), self.train_acc, on_step=False, on_epoch=True)
         return loss
 
     def _eval_step(self, batch, stage: str, accuracy: MulticlassAccuracy):
@@ -113,7 +114,7 @@ class TowerClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, labels)
         accuracy(logits, labels)
         self.log(f"{stage}/loss", loss, sync_dist=True)
-        self.log(f"{stage}/acc", accuracy, prog_bar=True)
+        self.log(accuracy_key(stage), accuracy, prog_bar=True)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val", self.val_acc)
@@ -160,5 +161,5 @@ class TowerClassifier(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=0.1, patience=hp.lr_patience, min_lr=min_lr)
         return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "monitor": "val/acc", "interval": "epoch", "strict": True}}
+                "lr_scheduler": {"scheduler": scheduler, "monitor": VAL_ACC, "interval": "epoch", "strict": True}}
 

@@ -10,7 +10,7 @@ Every run of ``train.py`` writes ``status.json`` into its own folder (:func:`run
 
 The sweep agent (``towers/sweep.py``) reads it to learn a run's metrics (for the table, bayes search
 and hyperband stopping) and how it ended; ``train.py`` exits with :data:`EXIT_DIVERGED` when the
-training loss became NaN or infinite.
+training loss became NaN or infinite. The file names and :data:`EXIT_DIVERGED` are :mod:`towers.records`'.
 """
 
 import errno
@@ -32,12 +32,17 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from towers.errors import DamagedCheckpoint, Diverged
 from towers.files import atomic_path, write_atomic
+from towers.records import (  # noqa: F401  EXIT_DIVERGED and the checkpoint finders: Lightning-free, used from here by train.py
+    EXIT_DIVERGED,
+    STATUS_FILE,
+    WANDB_FILES_DIR,
+    checkpoint_problem,
+    first_line,
+    newest_last_checkpoint,
+    newest_loadable_checkpoint,
+)
 
 log = logging.getLogger(__name__)
-
-# Exit status of train.py for a run stopped because its loss became NaN or infinite (1 is an uncaught
-# Python exception, 2 a command-line error). The sweep agent records such a run as "diverged".
-EXIT_DIVERGED = 3
 
 
 def run_dir(trainer: Trainer) -> Path:
@@ -73,7 +78,7 @@ def run_folder(trainer: Trainer) -> Path:
     with ``checkpoints/`` inside. Global rank zero only, like :func:`run_dir`.
     """
     path = run_dir(trainer)
-    if isinstance(trainer.logger, WandbLogger) and trainer.is_global_zero and path.name == "files":
+    if isinstance(trainer.logger, WandbLogger) and trainer.is_global_zero and path.name == WANDB_FILES_DIR:
         return path.parent
     return path
 
@@ -89,63 +94,6 @@ def place_checkpoints(trainer: Trainer) -> None:
     for callback in trainer.checkpoint_callbacks:
         if callback.dirpath is None:
             callback.dirpath = str(folder)
-
-
-def checkpoint_problem(path) -> str | None:
-    """Why the checkpoint ``path`` cannot be read, or None when it can.
-
-    Cheap: the zip's directory and the pickled structure are read, the tensors only mapped
-    (``mmap``), so a truncated file (a killed write, a full disk) is caught without reading the
-    weights; damage inside a tensor's bytes shows only when it is loaded.
-    """
-    try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as error:
-        if "Weights only load failed" in str(error):
-            return None  # intact, only holding an object the weights-only loader refuses; Lightning decides
-        return f"cannot be unpickled: {_first_line(error)}"
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as error:
-        return _first_line(error)
-    return None
-
-
-def _first_line(error: BaseException) -> str:
-    """The first sentence of an error's message (torch's zip reader adds a paragraph of advice)."""
-    lines = str(error).strip().splitlines()
-    return lines[0].split(". ")[0].rstrip(".") if lines else type(error).__name__
-
-
-def newest_loadable_checkpoint(folder, exclude=()) -> Path | None:
-    """The most recently written ``*.ckpt`` in ``folder`` (not below it) that :func:`checkpoint_problem` passes."""
-    skip = {Path(p).resolve() for p in exclude}
-    found = sorted((p for p in Path(folder).glob("*.ckpt") if p.is_file() and p.resolve() not in skip),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
-    return next((p for p in found if checkpoint_problem(p) is None), None)
-
-
-def newest_last_checkpoint(root, check: bool = False) -> Path | None:
-    """The most recently written ``last*.ckpt`` anywhere under ``root`` (a run folder or a sweep run's
-    folder), or None. Symbolic links count when they point at a file (``save_last: link``).
-
-    With ``check`` (what ``train.py --ckpt_path last`` uses), a damaged one (:func:`checkpoint_problem`)
-    is passed over with a warning naming it, for the newest checkpoint beside it (the same run's folder)
-    that loads, said so too. Without, files are not opened (the sweep tests' stand-in writes JSON ones).
-    """
-    found = sorted((p for p in Path(root).rglob("last*.ckpt") if p.is_file()),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
-    if not check:
-        return found[0] if found else None
-    for last in found:
-        problem = checkpoint_problem(last)
-        if problem is None:
-            return last
-        fallback = newest_loadable_checkpoint(last.parent, exclude=[last, last.resolve()])
-        log.warning("%s is damaged and cannot be read (%s); %s", last, problem,
-                    f"falling back to {fallback}, the newest checkpoint of that run that loads" if fallback
-                    else "no other checkpoint of that run loads")
-        if fallback is not None:
-            return fallback
-    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -174,7 +122,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 space = os.statvfs(path.parent)
                 full = space.f_bavail * space.f_frsize < (1 << 20)  # checked while the partial file still holds its blocks
                 code = errno.ENOSPC if full else errno.EIO
-                raise OSError(code, os.strerror(code) + ("" if full else f" ({_first_line(error)})"), str(path)) from error
+                raise OSError(code, os.strerror(code) + ("" if full else f" ({first_line(error)})"), str(path)) from error
 
     def load_checkpoint(self, path, *args, **kwargs):
         try:
@@ -246,7 +194,7 @@ class RunStatus(Callback):
         self.status, self.message, self.history, self.summary = "running", "", [], None
         if trainer.is_global_zero:
             place_checkpoints(trainer)  # here because this callback is in every train.py run, before ModelCheckpoint
-            self._path = run_dir(trainer) / "status.json"
+            self._path = run_dir(trainer) / STATUS_FILE
             self._write(trainer)
 
     # -- divergence ---------------------------------------------------------------------------------

@@ -42,6 +42,9 @@ from pathlib import Path
 from tqdm import tqdm
 from wandb.sdk.lib import config_util
 
+from towers import records
+from towers.measure import p_text
+from towers.records import EXIT_DIVERGED, newest_last_checkpoint
 from towers.sweep_disk import _size, disk_estimate, train_checkpoint_bytes  # noqa: F401  (tests use them)
 from towers.sweep_state import (  # noqa: F401
     HOST,
@@ -50,7 +53,6 @@ from towers.sweep_state import (  # noqa: F401
     condition,
     grid_size,
     load_sweep,
-    newest_last_checkpoint,
     next_params,
     owner_alive,
     process_start,
@@ -66,9 +68,6 @@ MAX_ATTEMPTS = 3  # a run interrupted this often (by something other than this a
 POLL_SECONDS = 1.0
 STOP_GRACE_SECONDS = 30  # after SIGTERM, a run gets this long to save and exit before SIGKILL
 HEARTBEAT_SECONDS = 10  # an agent refreshes the heartbeat of the runs it holds this often
-# towers.runs.EXIT_DIVERGED, not imported: towers.runs loads Lightning, seconds an agent does not need
-# (tests/test_sweep.py checks the two agree)
-EXIT_DIVERGED = 3
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -275,10 +274,10 @@ class Agent:
             run["summary"] = {**run["history"][-1], **run["summary"]}
         run["message"] = status.get("message", "")
         run["reported"] = status.get("status")
-        run["status_file"] = str(folder / "status.json")
+        run["status_file"] = str(folder / records.STATUS_FILE)
         run["bisection"] = read_bisection(folder, root)
         # a W&B run folder is .../wandb/offline-run-<time>-<id>/ and status.json sits in its files/
-        is_wandb = folder.name == "files" and folder.parent.name.startswith("offline-run-")
+        is_wandb = folder.name == records.WANDB_FILES_DIR and folder.parent.name.startswith(records.WANDB_OFFLINE_PREFIX)
         run["wandb_dir"] = attempt["wandb_dir"] = str(folder.parent) if is_wandb else None
 
     def finish(self, name: str, exit_code: int) -> dict:
@@ -402,16 +401,20 @@ def _fmt(value) -> str:
 
 
 def table(sweep: Sweep) -> str:
+    """The runs, one a line: the swept values, status, the sweep's metric, the verdict with delta f and its
+    p, eta2 with its p (p at the permutation floor as a bound, "≤ 1e-4"), and the exit status."""
     metric = sweep.config.get("metric", {}).get("name")
     # the swept parameters; constants (`value:`) are the same in every run
     params = [k for k, spec in sweep.config["parameters"].items() if "value" not in spec]
-    header = ["run", *params, "status", metric or "metric", "eta2", "p_value", "exit"]
+    header = ["run", *params, "status", metric or "metric", "verdict", "delta_f", "p_delta_f", "eta2", "p_value",
+              "exit"]
     rows = []
     for run in sweep.runs:
         value = run["summary"].get(metric) if metric else None
-        bisection = run.get("bisection") or {}
+        b = run.get("bisection") or {}  # read from the run's bisection.json (read_bisection)
         rows.append([run["name"], *(_fmt(run["params"].get(p)) for p in params), run["status"], _fmt(value),
-                     _fmt(bisection.get("eta2")), _fmt(bisection.get("p_value")), _fmt(run["exit_code"])])
+                     b.get("verdict") or "", _fmt(b.get("delta_f")), p_text(b.get("p_delta_f"), b.get("p_permutations")),
+                     _fmt(b.get("eta2")), p_text(b.get("p_value"), b.get("permutations")), _fmt(run["exit_code"])])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     for run in sweep.runs:

@@ -27,14 +27,15 @@ from pathlib import Path
 import jsonschema
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 
+from towers import records
 from towers.files import write_atomic
 
 with warnings.catch_warnings():  # sweeps' pydantic models use a pydantic-1 config key; harmless
     warnings.simplefilter("ignore", UserWarning)
     import sweeps
 
-STATE_FILE = "sweep.json"
-LOCK_FILE = "sweep.json.lock"
+STATE_FILE = records.SWEEP_FILE
+LOCK_FILE = records.SWEEP_LOCK_FILE
 STALE_SECONDS = 120  # a run held by an agent on another host whose heartbeat is this old is taken over
 SEED_KEYS = ("seed_everything",)  # swept values that are not part of a run's condition
 HOST = socket.gethostname()
@@ -201,7 +202,7 @@ def _now() -> str:
 
 def read_results(run_root: Path, since: float) -> tuple[dict | None, Path | None]:
     """The newest ``status.json`` under a run's folder written by the current attempt, and its folder."""
-    candidates = [p for p in run_root.rglob("status.json") if p.stat().st_mtime >= since - 1]
+    candidates = [p for p in run_root.rglob(records.STATUS_FILE) if p.stat().st_mtime >= since - 1]
     if not candidates:
         return None, None
     path = max(candidates, key=lambda p: p.stat().st_mtime)
@@ -212,29 +213,26 @@ def read_results(run_root: Path, since: float) -> tuple[dict | None, Path | None
 
 
 def read_bisection(folder: Path, run_root: Path) -> dict | None:
-    """The final statistic of the run's ``bisection.json``: the attempt's own, else the run's newest.
+    """The final measurement of the run's ``bisection.json``: the attempt's own, else the run's newest.
 
     A run resumed from its final checkpoint trains no further and measures nothing, so its result
-    is the one the earlier attempt wrote (its epoch and step say when it was measured).
+    is the one the earlier attempt wrote (its epoch and step say when it was measured). Returns the
+    verdict, delta f, eta2 and their p-values with the permutation counts (the p floors), or None.
     """
-    found = [folder / "bisection.json"] if (folder / "bisection.json").exists() else \
-        sorted(run_root.rglob("bisection.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    own = folder / records.BISECTION_FILE
+    found = [own] if own.exists() else \
+        sorted(run_root.rglob(records.BISECTION_FILE), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in found:
         try:
-            last = json.loads(path.read_text()).get("last") or {}
+            last = records.read_bisection(path)["last"]
         except (OSError, ValueError):  # vanished, or not a bisection record: the next one
             continue
-        statistics = last.get("statistics")
-        if statistics:
-            return {"eta2": statistics.get("eta2"), "p_value": statistics.get("p_value"),
+        if last.get("eta2") is not None or last.get("verdict") is not None:
+            return {"verdict": last.get("verdict"), "delta_f": last.get("delta_f"), "p_delta_f": last.get("p_delta_f"),
+                    "p_permutations": last.get("p_permutations"), "eta2": last.get("eta2"),
+                    "p_value": last.get("p_value"), "permutations": last.get("permutations"),
                     "epoch": last.get("epoch"), "step": last.get("step"), "file": str(path)}
     return None
-
-
-def newest_last_checkpoint(root) -> Path | None:
-    """towers.runs.newest_last_checkpoint, without Lightning: the newest ``last*.ckpt`` under root."""
-    found = [p for p in Path(root).rglob("last*.ckpt") if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 # -- owners ---------------------------------------------------------------------------
