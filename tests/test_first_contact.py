@@ -20,13 +20,6 @@ from towers.data.demo import make_demo_dataset
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "demo"
-    make_demo_dataset(root, images_per_class=16, seed=0)
-    return root
-
-
 @pytest.fixture(autouse=True)
 def _clean(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py"])

@@ -20,7 +20,7 @@ from PIL import Image
 
 import train
 from test_data import jpeg, kaggle_tree, module, zip_of
-from test_train import ROOT, demo_root, tiny  # noqa: F401  (demo_root is a fixture)
+from test_train import ROOT, tiny
 from towers.data import MICROSOFT_SHA256, MICROSOFT_ZIP, download_microsoft, load_image
 from towers.errors import BadOption, DamagedCheckpoint, Diverged
 from towers.files import write_atomic

@@ -16,13 +16,6 @@ from towers.runs import newest_last_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "demo"
-    make_demo_dataset(root, images_per_class=16, seed=0)
-    return root
-
-
 def tiny(demo_root, out, *extra):
     """configs/demo.yaml made tiny: 24 training images in batches of 8 (3 steps an epoch), a narrow
     network on 67-pixel crops, a CSV logger in `out`."""
