@@ -26,14 +26,22 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import towers.parallel  # noqa: F401  registers `--trainer.strategy tower_parallel` with Lightning
 from towers.allocator import keep_freed_memory
 from towers.callbacks import KernelBisectionCallback
-from towers.measure import summary_line
-from towers.records import TEST_ACC
 from towers.data import CatsDogsDataModule
+from towers.errors import BadOption, DamagedCheckpoint, Diverged, MissingData, UserError
+from towers.measure import summary_line
 from towers.model import PAPER_WIDTHS, tower_widths
 from towers.module import TowerClassifier
-from towers.errors import BadOption, DamagedCheckpoint, Diverged, MissingData, UserError
-from towers.runs import (EXIT_DIVERGED, AtomicCheckpointIO, RunStatus, SaveRunConfig, checkpoint_problem,
-                         newest_last_checkpoint, newest_loadable_checkpoint, run_folder)
+from towers.records import TEST_ACC
+from towers.runs import (
+    EXIT_DIVERGED,
+    AtomicCheckpointIO,
+    RunStatus,
+    SaveRunConfig,
+    checkpoint_problem,
+    newest_last_checkpoint,
+    newest_loadable_checkpoint,
+    run_folder,
+)
 
 
 def _wandb_reachable() -> bool:
@@ -78,11 +86,19 @@ class TowersCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.image_size")
         # Likewise the number of classes: the data module states it (and checks the data has that many), fc8 follows.
         parser.link_arguments("data.num_classes", "model.num_classes")
-        parser.add_argument("--test_after_fit", type=bool, default=True,
-                            help="after fit, test the final weights on the held-out test split")
-        parser.add_argument("--keep_freed_memory", type=bool, default=True,
-                            help="on the CPU, glibc's malloc keeps freed memory for reuse instead of page-faulting "
-                                 "every large tensor in afresh (towers/allocator.py)")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="after fit, test the final weights on the held-out test split",
+        )
+        parser.add_argument(
+            "--keep_freed_memory",
+            type=bool,
+            default=True,
+            help="on the CPU, glibc's malloc keeps freed memory for reuse instead of page-faulting "
+            "every large tensor in afresh (towers/allocator.py)",
+        )
 
     def parse_arguments(self, parser, args):
         # `train.py --config X fit` is accepted by the top-level parser and then ignored (even by
@@ -91,9 +107,11 @@ class TowersCLI(LightningCLI):
         if isinstance(argv, (list, tuple)):
             at = next((i for i, a in enumerate(argv) if a in self.subcommands()), None)
             if at is not None and any(a == "--config" or str(a).startswith("--config=") for a in argv[:at]):
-                print(f"train.py: --config must come after the subcommand, e.g. `python train.py {argv[at]} "
-                      f"--config configs/paper.yaml ...`; given before `{argv[at]}` it would be ignored",
-                      file=sys.stderr)
+                print(
+                    f"train.py: --config must come after the subcommand, e.g. `python train.py {argv[at]} "
+                    f"--config configs/paper.yaml ...`; given before `{argv[at]}` it would be ignored",
+                    file=sys.stderr,
+                )
                 raise SystemExit(2)
         super().parse_arguments(parser, args)
 
@@ -106,8 +124,9 @@ class TowersCLI(LightningCLI):
             raise BadOption(f"model.lr={lr} is negative; a learning rate must be >= 0")
         loggers = config.trainer.logger
         loggers = loggers if isinstance(loggers, list) else [loggers]
-        wandb_loggers = [lg.init_args for lg in loggers
-                         if hasattr(lg, "class_path") and lg.class_path.endswith("WandbLogger")]
+        wandb_loggers = [
+            lg.init_args for lg in loggers if hasattr(lg, "class_path") and lg.class_path.endswith("WandbLogger")
+        ]
         for init in wandb_loggers:
             if init.get("name") is None:
                 init.name = run_name(config)
@@ -123,8 +142,10 @@ class TowersCLI(LightningCLI):
             import wandb
 
             wandb.teardown()
-            rank_zero_info("W&B: no API key or no connection to the server, so this run logs offline "
-                           "(the folder is printed below); upload it later with `wandb sync <that folder>`.")
+            rank_zero_info(
+                "W&B: no API key or no connection to the server, so this run logs offline "
+                "(the folder is printed below); upload it later with `wandb sync <that folder>`."
+            )
 
     def instantiate_classes(self):
         # A ValueError from a constructor is a value given in the config or on the command line that
@@ -154,8 +175,14 @@ class TowersCLI(LightningCLI):
             problem = checkpoint_problem(given)
             if problem is not None:
                 fallback = newest_loadable_checkpoint(Path(given).parent, exclude=[given])
-                raise DamagedCheckpoint(f"{given} is damaged and cannot be read ({problem}); " + (
-                    f"the newest checkpoint beside it that loads is {fallback}" if fallback else "no checkpoint beside it loads"))
+                raise DamagedCheckpoint(
+                    f"{given} is damaged and cannot be read ({problem}); "
+                    + (
+                        f"the newest checkpoint beside it that loads is {fallback}"
+                        if fallback
+                        else "no checkpoint beside it loads"
+                    )
+                )
         super()._parse_ckpt_path()
 
     def _resolve_last_checkpoint(self):
@@ -170,15 +197,23 @@ class TowersCLI(LightningCLI):
         root = Path(self.trainer.default_root_dir)
         found = newest_last_checkpoint(root, check=True)
         if found is None and self.subcommand != "fit":
-            raise MissingData(f"--ckpt_path last: no readable last.ckpt under {root.resolve()}; "
-                              f"give --trainer.default_root_dir of the run, or the checkpoint's path")
+            raise MissingData(
+                f"--ckpt_path last: no readable last.ckpt under {root.resolve()}; "
+                f"give --trainer.default_root_dir of the run, or the checkpoint's path"
+            )
         kwargs["ckpt_path"] = None if found is None else str(found)
-        rank_zero_info(f"Resuming from {found}" if found else
-                       f"--ckpt_path last: no last.ckpt under {root.resolve()}, so training starts from the beginning")
+        rank_zero_info(
+            f"Resuming from {found}"
+            if found
+            else f"--ckpt_path last: no last.ckpt under {root.resolve()}, so training starts from the beginning"
+        )
 
     def _before_run(self):
         self._resolve_last_checkpoint()
-        if self.config_init[self.subcommand].get("keep_freed_memory") and self.trainer.strategy.root_device.type == "cpu":
+        if (
+            self.config_init[self.subcommand].get("keep_freed_memory")
+            and self.trainer.strategy.root_device.type == "cpu"
+        ):
             keep_freed_memory()
 
     before_validate = before_test = before_predict = _before_run
@@ -190,26 +225,37 @@ class TowersCLI(LightningCLI):
         config = self.config["fit"]
         if not config.get("config"):
             epochs = self.trainer.max_epochs
-            length = (f"for {epochs} epochs{' (Lightning default)' if epochs == 1000 else ''}" if epochs and epochs > 0
-                      else f"for {self.trainer.max_steps} steps")
-            rank_zero_warn(f"train.py fit without --config: this trains TowerClassifier's defaults (the paper's "
-                           f"full-size network) {length} with no kernel measurement, no W&B logger and no "
-                           f"checkpoint of the best epoch; give --config configs/paper.yaml (or configs/demo.yaml)")
+            length = (
+                f"for {epochs} epochs{' (Lightning default)' if epochs == 1000 else ''}"
+                if epochs and epochs > 0
+                else f"for {self.trainer.max_steps} steps"
+            )
+            rank_zero_warn(
+                f"train.py fit without --config: this trains TowerClassifier's defaults (the paper's "
+                f"full-size network) {length} with no kernel measurement, no W&B logger and no "
+                f"checkpoint of the best epoch; give --config configs/paper.yaml (or configs/demo.yaml)"
+            )
         elif not any(isinstance(cb, KernelBisectionCallback) for cb in self.trainer.callbacks):
-            rank_zero_warn("this config has no towers.KernelBisectionCallback: the run trains but measures no "
-                           "colour split of the conv1 kernels (configs/paper.yaml shows how to add it)")
+            rank_zero_warn(
+                "this config has no towers.KernelBisectionCallback: the run trains but measures no "
+                "colour split of the conv1 kernels (configs/paper.yaml shows how to add it)"
+            )
         hp = self.model.hparams
         widths = tower_widths(hp.num_towers, hp.get("width_policy", "split"), hp.get("width_multiplier", 1.0))
         totals = "/".join(str(hp.num_towers * widths[name]) for name in PAPER_WIDTHS)
-        rank_zero_info(f"Model: {hp.num_towers} towers, width_policy {hp.get('width_policy', 'split')}, per tower "
-                       f"{'/'.join(str(w) for w in widths.values())} (conv1-conv5, fc6, fc7; totals {totals}), "
-                       f"{sum(p.numel() for p in self.model.parameters()):,} parameters; "
-                       f"precision {self.trainer.precision}")
+        rank_zero_info(
+            f"Model: {hp.num_towers} towers, width_policy {hp.get('width_policy', 'split')}, per tower "
+            f"{'/'.join(str(w) for w in widths.values())} (conv1-conv5, fc6, fc7; totals {totals}), "
+            f"{sum(p.numel() for p in self.model.parameters()):,} parameters; "
+            f"precision {self.trainer.precision}"
+        )
         batch = getattr(self.datamodule, "hparams", {}).get("batch_size") if self.datamodule else None
         if batch is not None and self.trainer.world_size != 1:
-            rank_zero_info(f"Global batch: {self.trainer.world_size} processes x data.batch_size {batch} = "
-                           f"{self.trainer.world_size * batch} images per step, not the config's {batch}; "
-                           f"learning rate {hp.lr} (model.lr, not scaled with the batch; README, Multi-GPU)")
+            rank_zero_info(
+                f"Global batch: {self.trainer.world_size} processes x data.batch_size {batch} = "
+                f"{self.trainer.world_size * batch} images per step, not the config's {batch}; "
+                f"learning rate {hp.lr} (model.lr, not scaled with the batch; README, Multi-GPU)"
+            )
 
     def after_fit(self):
         # Every run ends with its accuracy on the held-out test images, logged beside the kernel
@@ -233,21 +279,34 @@ def fit_summary(trainer) -> str:
         verdict = f"{summary_line(record)} (step {record.get('step')})" if record else "not measured"
     change = record.get("kernel_change")  # how far conv1 moved: a verdict on kernels that never moved says little
     header = f"{'=' * 24} towers: end of fit ({status or 'done'}) {'=' * 24}"
-    return "\n".join([
-        header,
-        f"test accuracy: {float(accuracy):.4f}" if accuracy is not None else "test accuracy: not tested",
-        f"verdict:       {verdict}",
-        *(["conv1 moved:   ||W - W0|| / ||W0|| = " + ", ".join(
-            "n/a" if c is None else f"{c:.2f}" for c in change) + " (per tower)"] if change else []),
-        f"run folder:    {run_folder(trainer).resolve()}",
-        "=" * len(header),
-    ])
+    return "\n".join(
+        [
+            header,
+            f"test accuracy: {float(accuracy):.4f}" if accuracy is not None else "test accuracy: not tested",
+            f"verdict:       {verdict}",
+            *(
+                [
+                    "conv1 moved:   ||W - W0|| / ||W0|| = "
+                    + ", ".join("n/a" if c is None else f"{c:.2f}" for c in change)
+                    + " (per tower)"
+                ]
+                if change
+                else []
+            ),
+            f"run folder:    {run_folder(trainer).resolve()}",
+            "=" * len(header),
+        ]
+    )
 
 
 def run_name(config) -> str | None:
     """A W&B run name from the config, e.g. ``t2-s0-lr0.01-b128``; parts the config lacks are left out."""
-    values = {"t": config.get("model.num_towers"), "s": config.get("seed_everything"), "lr": config.get("model.lr"),
-              "b": config.get("data.batch_size") or config.get("data.init_args.batch_size")}
+    values = {
+        "t": config.get("model.num_towers"),
+        "s": config.get("seed_everything"),
+        "lr": config.get("model.lr"),
+        "b": config.get("data.batch_size") or config.get("data.init_args.batch_size"),
+    }
     name = [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in values.items() if v is not None]
     return "-".join(name) or None
 

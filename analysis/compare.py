@@ -36,21 +36,62 @@ import argparse
 import sys
 from pathlib import Path
 
-from analysis.compare_figures import (FORMATS, choose_montage, fig_delta_f, fig_montage, fig_omega2,
-                                      fig_over_steps, fig_specialised, fig_tower_fractions, render)
+from analysis.compare_figures import (
+    FORMATS,
+    choose_montage,
+    fig_delta_f,
+    fig_montage,
+    fig_omega2,
+    fig_over_steps,
+    fig_specialised,
+    fig_tower_fractions,
+    render,
+)
 from analysis.compare_html import git_commit, report_html
-from analysis.compare_read import (BISECTION_FILE, CONDITION, CONFIG_COLUMNS, FIXED_COLUMNS, Run,  # noqa: F401
-                                   collect_local, collect_wandb, flatten, load_run_folder, make_run, measurement,
-                                   read_bisection, read_config, read_history, read_reference, read_status,
-                                   table_columns, table_csv)
-from analysis.compare_stats import (clopper_pearson, condition_line, conditions, dersimonian_laird,  # noqa: F401
-                                    every_run_bound, median_interval, summarize, versus_control)
+from analysis.compare_read import (  # noqa: F401
+    BISECTION_FILE,
+    CONDITION,
+    CONFIG_COLUMNS,
+    FIXED_COLUMNS,
+    Run,
+    collect_local,
+    collect_wandb,
+    flatten,
+    load_run_folder,
+    make_run,
+    measurement,
+    read_bisection,
+    read_config,
+    read_history,
+    read_reference,
+    read_status,
+    table_columns,
+    table_csv,
+)
+from analysis.compare_stats import (  # noqa: F401
+    clopper_pearson,
+    condition_line,
+    conditions,
+    dersimonian_laird,
+    every_run_bound,
+    median_interval,
+    summarize,
+    versus_control,
+)
 from towers.files import write_atomic
 
 
-def write_report(runs: list[Run], out: Path, alpha: float = 0.05, montage: list[str] | None = None,
-                 source: str = "", seed: int = 0, references: list[dict] | None = None, fmt: str = "png",
-                 level: float = 0.95) -> dict:
+def write_report(
+    runs: list[Run],
+    out: Path,
+    alpha: float = 0.05,
+    montage: list[str] | None = None,
+    source: str = "",
+    seed: int = 0,
+    references: list[dict] | None = None,
+    fmt: str = "png",
+    level: float = 0.95,
+) -> dict:
     """Write table.csv, the figures (as ``fmt``) and report.html into ``out``; returns {name: path}."""
     if fmt not in FORMATS:
         raise SystemExit(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -63,27 +104,41 @@ def write_report(runs: list[Run], out: Path, alpha: float = 0.05, montage: list[
             "One point per seed with its Newcombe 95% interval (filled: specialised); black square: median over "
             "seeds with its 95% bootstrap interval; grey diamond: DerSimonian–Laird random-effects estimate with "
             "the 95% prediction interval for a new run (3+ seeds); red dashes: the rule's minimum Δf; dotted: "
-            "published figures (--reference).", fig_delta_f(runs, summary, references), "delta_f_by_towers"),
+            "published figures (--reference).",
+            fig_delta_f(runs, summary, references),
+            "delta_f_by_towers",
+        ),
         "Seeds specialised": (
             "Per condition: k of n seeds called specialised and the one-sided 95% Clopper–Pearson lower bound of "
             "the fraction of runs that specialise: all of 5 seeds bound it by 0.55, of 10 by 0.74, of 29 by 0.90.",
-            fig_specialised(summary, level), "specialised"),
+            fig_specialised(summary, level),
+            "specialised",
+        ),
         "Effect by tower count (ω²)": (
             "ω² = η² less its chance level, comparable across tower counts; grey crosses: at initialisation, a "
             "calibration check (near 0), not a control. The control is the trained one-tower network.",
-            fig_omega2(runs, summary), "omega2_by_towers"),
+            fig_omega2(runs, summary),
+            "omega2_by_towers",
+        ),
         "Tower colour fractions": (
             "Per run, each tower's colour fraction (colour / (grey + colour) kernels) with its exact 95% interval, "
             "towers ranked from the least coloured; the one-tower control: its random halves A and B.",
-            fig_tower_fractions(runs), "tower_fractions"),
+            fig_tower_fractions(runs),
+            "tower_fractions",
+        ),
         "Final kernel grids": (
             "The last measured kernels of " + (", ".join(r.name for r in chosen) or "no run") + ", one block per "
             "tower (the one-tower control: per random half, where its verdict splits), each kernel stretched to "
-            "its own range.", fig_montage(chosen), "kernels_montage"),
+            "its own range.",
+            fig_montage(chosen),
+            "kernels_montage",
+        ),
         "Δf over training": (
             "When does the split appear? Each run's Δf at every measurement with the groups of its final verdict; "
             "▼: the onset (towers.verdict.onset_step: specialised with the same groups from there to the end).",
-            fig_over_steps(runs), "delta_f_over_steps"),
+            fig_over_steps(runs),
+            "delta_f_over_steps",
+        ),
     }
     paths, embedded = {}, {}
     for title, (note, fig, stem) in figures.items():
@@ -106,8 +161,15 @@ def main(argv=None) -> int:
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs of a W&B project instead")
     parser.add_argument("--sweep", metavar="ID", help="with --wandb: only the runs of this sweep")
     parser.add_argument("--out", type=Path, required=True, help="folder for report.html, table.csv, figures")
-    parser.add_argument("--reference", nargs="+", action="extend", type=Path, default=[], metavar="OUT.json",
-                        help="published figures' records (analysis/kernels.py FIGURE.png --json OUT.json)")
+    parser.add_argument(
+        "--reference",
+        nargs="+",
+        action="extend",
+        type=Path,
+        default=[],
+        metavar="OUT.json",
+        help="published figures' records (analysis/kernels.py FIGURE.png --json OUT.json)",
+    )
     parser.add_argument("--format", choices=FORMATS, default="png", help="file format of the figures (png)")
     parser.add_argument("--alpha", type=float, default=0.05, help="level of eta^2's p at initialisation (calibration)")
     parser.add_argument("--montage", nargs="+", metavar="RUN", help="runs whose kernel grids to show")

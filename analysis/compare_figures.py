@@ -11,8 +11,15 @@ import textwrap
 import numpy as np
 
 from analysis.compare_read import Run
-from analysis.compare_stats import (CONDITION, condition_key, condition_label, conditions, fixed_delta_f,
-                                    is_control, varying_columns)
+from analysis.compare_stats import (
+    CONDITION,
+    condition_key,
+    condition_label,
+    conditions,
+    fixed_delta_f,
+    is_control,
+    varying_columns,
+)
 from towers.records import KERNELS_NPY, KERNELS_PNG
 from towers.verdict import MIN_DELTA_F, format_p
 
@@ -53,8 +60,16 @@ def _legend(ax, **kw):
     """Legend to the right of the axes, never over the data."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=FONT,
-                  frameon=False, **kw)
+        ax.legend(
+            handles,
+            labels,
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1),
+            borderaxespad=0,
+            fontsize=FONT,
+            frameon=False,
+            **kw,
+        )
 
 
 def _empty(text: str):
@@ -85,10 +100,14 @@ def _positions(summary: list[dict]):
 def _colours(runs: list[Run], summary: list[dict]):
     """One colour per condition less its tower count (so a learning rate keeps its colour across T)."""
     varying = [c for c in varying_columns(runs) if c != "num_towers"]
-    rest = sorted({condition_label(tuple(s["condition"][c] for c in CONDITION), varying, True, towers=False)
-                   for s in summary})
-    return {s["label"]: (f"C{rest.index(o) % 10}", o) for s in summary for o in [condition_label(
-        tuple(s["condition"][c] for c in CONDITION), varying, True, towers=False)]}
+    rest = sorted(
+        {condition_label(tuple(s["condition"][c] for c in CONDITION), varying, True, towers=False) for s in summary}
+    )
+    return {
+        s["label"]: (f"C{rest.index(o) % 10}", o)
+        for s in summary
+        for o in [condition_label(tuple(s["condition"][c] for c in CONDITION), varying, True, towers=False)]
+    }
 
 
 YLIM = (-0.55, 1.05)  # delta f of the best split is at least 0; its intervals reach below
@@ -127,23 +146,46 @@ def fig_delta_f(runs: list[Run], summary: list[dict], references: list[dict]):
         if other:
             ax.scatter([], [], s=26, color=colour, label=once(other))
         if math.isfinite(s["delta_f_low"]):
-            ax.errorbar(x + width * 0.22, s["delta_f_median"], [[s["delta_f_median"] - s["delta_f_low"]],
-                        [s["delta_f_high"] - s["delta_f_median"]]], fmt="s", color="k", ms=5, zorder=4,
-                        label=once("median, 95% bootstrap interval"), **INTERVAL)
+            ax.errorbar(
+                x + width * 0.22,
+                s["delta_f_median"],
+                [[s["delta_f_median"] - s["delta_f_low"]], [s["delta_f_high"] - s["delta_f_median"]]],
+                fmt="s",
+                color="k",
+                ms=5,
+                zorder=4,
+                label=once("median, 95% bootstrap interval"),
+                **INTERVAL,
+            )
         re = s["re"]
         if math.isfinite(re["pi_low"]):  # clipped to the axes: with 3 seeds t_1 makes it very wide
-            ax.errorbar(x + width * 0.36, re["estimate"], [[re["estimate"] - max(re["pi_low"], YLIM[0])],
-                        [min(re["pi_high"], YLIM[1]) - re["estimate"]]], fmt="D", color="0.5", ms=5, ls="none",
-                        zorder=4, label=once("random effects, 95% prediction interval for a new run"), **INTERVAL)
-        ax.annotate(f"{s['specialised']} of {s['seeds']}", (x, YLIM[0] + 0.03), ha="center", va="bottom",
-                    fontsize=MIN_FONT)
+            ax.errorbar(
+                x + width * 0.36,
+                re["estimate"],
+                [[re["estimate"] - max(re["pi_low"], YLIM[0])], [min(re["pi_high"], YLIM[1]) - re["estimate"]]],
+                fmt="D",
+                color="0.5",
+                ms=5,
+                ls="none",
+                zorder=4,
+                label=once("random effects, 95% prediction interval for a new run"),
+                **INTERVAL,
+            )
+        ax.annotate(
+            f"{s['specialised']} of {s['seeds']}", (x, YLIM[0] + 0.03), ha="center", va="bottom", fontsize=MIN_FONT
+        )
     ax.scatter([], [], s=26, color="k", label="seed, specialised (with its Newcombe 95% interval)")
     ax.scatter([], [], s=26, facecolors="white", edgecolors="k", label="seed, not specialised")
     ax.axhline(MIN_DELTA_F, color="r", ls="--", lw=1, label=f"rule: Δf ≥ {MIN_DELTA_F:.2f}")
     ax.axhline(0, color="0.7", lw=0.8)
     for i, ref in enumerate(references):
-        ax.axhline(ref["delta_f"], color=f"C{(i + 4) % 10}", ls=":", lw=1.8,
-                   label=f"{ref['name']}: Δf {ref['delta_f']:.2f}, {ref['verdict']}")
+        ax.axhline(
+            ref["delta_f"],
+            color=f"C{(i + 4) % 10}",
+            ls=":",
+            lw=1.8,
+            label=f"{ref['name']}: Δf {ref['delta_f']:.2f}, {ref['verdict']}",
+        )
     if ticks:
         ax.set_xticks(range(len(ticks)), ticks)
         ax.set_xlim(-0.6, len(ticks) - 0.4)
@@ -163,14 +205,35 @@ def fig_specialised(summary: list[dict], level: float = 0.95):
     x = np.arange(len(summary))
     frac = np.array([s["specialised"] / s["seeds"] for s in summary])
     bound = np.array([s["bound"] for s in summary])
-    ax.errorbar(x, frac, [frac - bound, np.zeros_like(frac)], fmt="o", color="k", ms=6,
-                label=f"k of n, with the one-sided {level:.0%} lower bound", **INTERVAL)
+    ax.errorbar(
+        x,
+        frac,
+        [frac - bound, np.zeros_like(frac)],
+        fmt="o",
+        color="k",
+        ms=6,
+        label=f"k of n, with the one-sided {level:.0%} lower bound",
+        **INTERVAL,
+    )
     for xi, s in zip(x, summary):
-        ax.annotate(f"{s['specialised']} of {s['seeds']}\n≥ {s['bound']:.2f}", (xi, s["bound"]),
-                    textcoords="offset points", xytext=(0, -26), ha="center", fontsize=MIN_FONT)
+        ax.annotate(
+            f"{s['specialised']} of {s['seeds']}\n≥ {s['bound']:.2f}",
+            (xi, s["bound"]),
+            textcoords="offset points",
+            xytext=(0, -26),
+            ha="center",
+            fontsize=MIN_FONT,
+        )
     varying = [c for c in CONDITION if len({s["condition"][c] for s in summary}) > 1]
-    ax.set_xticks(x, [condition_label(tuple(s["condition"][c] for c in CONDITION), varying, True, "\n")
-                      + ("\n(control)" if s["control"] else "") for s in summary], fontsize=MIN_FONT)
+    ax.set_xticks(
+        x,
+        [
+            condition_label(tuple(s["condition"][c] for c in CONDITION), varying, True, "\n")
+            + ("\n(control)" if s["control"] else "")
+            for s in summary
+        ],
+        fontsize=MIN_FONT,
+    )
     ax.set_ylim(-0.3, 1.08)
     ax.set_xlim(-0.6, len(summary) - 0.4)
     ax.axhline(1, color="0.8", lw=0.8)
@@ -196,16 +259,36 @@ def fig_omega2(runs: list[Run], summary: list[dict]):
         group = groups[tuple(s["condition"][c] for c in CONDITION)]
         om = np.array([np.nan if r.row["omega2"] is None else r.row["omega2"] for r in group], float)
         init = np.array([r.row["omega2_init"] for r in group if r.row["omega2_init"] is not None], float)
-        ax.scatter(x + _jitter(len(om), width * 0.2), om, s=24, color=colour, zorder=3,
-                   label=None if (other or "trained") in done else (other or "trained"))
+        ax.scatter(
+            x + _jitter(len(om), width * 0.2),
+            om,
+            s=24,
+            color=colour,
+            zorder=3,
+            label=None if (other or "trained") in done else (other or "trained"),
+        )
         done.add(other or "trained")
-        ax.scatter(x + width * 0.3 + _jitter(len(init), 0.02), init, marker="x", s=20, color="0.5", zorder=2,
-                   label=None if "init" in done else "at initialisation (calibration)")
+        ax.scatter(
+            x + width * 0.3 + _jitter(len(init), 0.02),
+            init,
+            marker="x",
+            s=20,
+            color="0.5",
+            zorder=2,
+            label=None if "init" in done else "at initialisation (calibration)",
+        )
         done.add("init")
         if math.isfinite(s["omega2_low"]):
-            ax.errorbar(x - width * 0.3, s["omega2_median"], [[s["omega2_median"] - s["omega2_low"]],
-                        [s["omega2_high"] - s["omega2_median"]]], fmt="s", color="k", ms=5,
-                        label=None if "med" in done else "median, 95% bootstrap interval", **INTERVAL)
+            ax.errorbar(
+                x - width * 0.3,
+                s["omega2_median"],
+                [[s["omega2_median"] - s["omega2_low"]], [s["omega2_high"] - s["omega2_median"]]],
+                fmt="s",
+                color="k",
+                ms=5,
+                label=None if "med" in done else "median, 95% bootstrap interval",
+                **INTERVAL,
+            )
             done.add("med")
     ax.axhline(0, color="r", ls="--", lw=1, label="no effect (ω² = 0)")
     ax.set_xticks(range(len(ticks)), ticks)
@@ -236,10 +319,20 @@ def fig_tower_fractions(runs: list[Run]):
             order = np.argsort(f)
             for rank, t in enumerate(order):
                 off = (rank - (len(order) - 1) / 2) * 0.6 / max(len(order), 1)
-                ax.errorbar(j + off, f[t], [[f[t] - lo[t]], [hi[t] - f[t]]], fmt="o", ms=4,
-                            color=f"C{rank}", **INTERVAL,
-                            label=None if i or j else f"rank {rank + 1} of {most}" if most > 2
-                            else ("less coloured", "more coloured")[rank])
+                ax.errorbar(
+                    j + off,
+                    f[t],
+                    [[f[t] - lo[t]], [hi[t] - f[t]]],
+                    fmt="o",
+                    ms=4,
+                    color=f"C{rank}",
+                    **INTERVAL,
+                    label=None
+                    if i or j
+                    else f"rank {rank + 1} of {most}"
+                    if most > 2
+                    else ("less coloured", "more coloured")[rank],
+                )
         ax.axhline(0.5, color="0.6", ls=":", lw=1)
         ax.set_xticks(range(len(group)), [f"seed {r.row['seed']}" for r in group], fontsize=MIN_FONT)
         ax.set_ylim(-0.03, 1.03)
@@ -249,8 +342,16 @@ def fig_tower_fractions(runs: list[Run]):
         if i % cols == 0:
             ax.set_ylabel("colour fraction of a tower")
     handles, labels = fig.axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=FONT, frameon=False,
-               title="towers, ranked", title_fontsize=FONT)
+    fig.legend(
+        handles,
+        labels,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 0.95),
+        fontsize=FONT,
+        frameon=False,
+        title="towers, ranked",
+        title_fontsize=FONT,
+    )
     fig.subplots_adjust(hspace=0.5, wspace=0.3)
     return fig
 
@@ -298,8 +399,10 @@ def montage_grid(run: Run):
     block = math.ceil(n / min(columns, n)) * (h * zoom + pad)
     groups = {}  # tower (or half) -> its side, named only for a specialised run
     if run.row["verdict"] == "specialised":
-        groups = {**{str(t): "agnostic" for t in run.last.get("agnostic_group") or []},
-                  **{str(t): "specific" for t in run.last.get("specific_group") or []}}
+        groups = {
+            **{str(t): "agnostic" for t in run.last.get("agnostic_group") or []},
+            **{str(t): "specific" for t in run.last.get("specific_group") or []},
+        }
     labels = []
     for i, name in enumerate(names):
         top = pad + i * (block + gap)
@@ -323,9 +426,14 @@ def fig_montage(chosen: list[Run]):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.set_axis_off()
         r = run.row
-        verdict = "" if r["verdict"] is None else (
-            f"{r['verdict']}, Δf = {r['delta_f']:.2f} [{r['delta_f_low']:.2f}, {r['delta_f_high']:.2f}], "
-            f"p {format_p(r['p_delta_f'], r['permutations'])}")
+        verdict = (
+            ""
+            if r["verdict"] is None
+            else (
+                f"{r['verdict']}, Δf = {r['delta_f']:.2f} [{r['delta_f_low']:.2f}, {r['delta_f_high']:.2f}], "
+                f"p {format_p(r['p_delta_f'], r['permutations'])}"
+            )
+        )
         ax.set_title(f"{run.name}: T={r['num_towers']}, seed {r['seed']}, step {r['step']}\n{verdict}", fontsize=FONT)
         if image is None:
             ax.text(0.5, 0.5, "no kernel grid", ha="center", va="center", transform=ax.transAxes, fontsize=FONT)
@@ -360,8 +468,15 @@ def fig_over_steps(runs: list[Run]):
         ax.plot(steps, d, color=colour, lw=1.2, marker=".", ms=4, label=label)
         onset = run.row["onset_step"]
         if onset is not None:
-            ax.plot([onset], [d[steps.index(onset)]], marker="v", ms=8, color=colour, ls="none",
-                    label=None if "onset" in labelled else "onset: specialised from here on")
+            ax.plot(
+                [onset],
+                [d[steps.index(onset)]],
+                marker="v",
+                ms=8,
+                color=colour,
+                ls="none",
+                label=None if "onset" in labelled else "onset: specialised from here on",
+            )
             labelled.add("onset")
     ax.axhline(MIN_DELTA_F, color="r", ls="--", lw=1, label=f"rule: Δf ≥ {MIN_DELTA_F:.2f}")
     ax.axhline(0, color="0.7", lw=0.8)

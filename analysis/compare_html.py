@@ -52,15 +52,20 @@ def git_commit(where: Path | None = None) -> str:
     """``git rev-parse HEAD`` of the checkout holding this file (or ``where``); "unknown" outside one."""
     folder = Path(where or Path(__file__).resolve().parent)
     try:
-        out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     commit = out.stdout.strip()
     if out.returncode != 0 or not commit:
         return "unknown"
-    dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout.strip()
     return commit + (" (with uncommitted changes)" if dirty else "")
 
 
@@ -100,66 +105,130 @@ def _interval(x, lo, hi) -> str:
 
 def conditions_table(summary: list[dict], references: list[dict], level: float) -> str:
     """Per condition and per published figure: the verdict's numbers side by side."""
-    head = ["condition", "seeds specialised", f"one-sided {level:.0%} lower bound", "median Δf [bootstrap]",
-            "random effects Δf [CI]", "new run: prediction interval", "vs one-tower control p", "median ω²",
-            "onset step (median)", "at init: specialised / p < α"]
+    head = [
+        "condition",
+        "seeds specialised",
+        f"one-sided {level:.0%} lower bound",
+        "median Δf [bootstrap]",
+        "random effects Δf [CI]",
+        "new run: prediction interval",
+        "vs one-tower control p",
+        "median ω²",
+        "onset step (median)",
+        "at init: specialised / p < α",
+    ]
     rows = []
     for s in summary:
         re = s["re"]
         pi = "" if math.isnan(re["pi_low"]) else f"[{re['pi_low']:.2f}, {re['pi_high']:.2f}]"
-        ctrl = ("control" if s["control"] else "no control" if not s["control_seeds"]
-                else f"{s['control_p']:.2g} (n = {s['seeds']} vs {s['control_seeds']})")
-        rows.append([s["label"], f"{s['specialised']} of {s['seeds']}", f"{s['bound']:.2f}",
-                     _interval(s["delta_f_median"], s["delta_f_low"], s["delta_f_high"]),
-                     _interval(re["estimate"], re["ci_low"], re["ci_high"]), pi, ctrl,
-                     _interval(s["omega2_median"], s["omega2_low"], s["omega2_high"]),
-                     "" if s["onset_median"] is None else f"{s['onset_median']:g} ({s['onsets']} seeds)",
-                     f"{s['init_specialised']} of {s['init_judged']} / {s['init_significant']} of {s['init_p']}"])
+        ctrl = (
+            "control"
+            if s["control"]
+            else "no control"
+            if not s["control_seeds"]
+            else f"{s['control_p']:.2g} (n = {s['seeds']} vs {s['control_seeds']})"
+        )
+        rows.append(
+            [
+                s["label"],
+                f"{s['specialised']} of {s['seeds']}",
+                f"{s['bound']:.2f}",
+                _interval(s["delta_f_median"], s["delta_f_low"], s["delta_f_high"]),
+                _interval(re["estimate"], re["ci_low"], re["ci_high"]),
+                pi,
+                ctrl,
+                _interval(s["omega2_median"], s["omega2_low"], s["omega2_high"]),
+                "" if s["onset_median"] is None else f"{s['onset_median']:g} ({s['onsets']} seeds)",
+                f"{s['init_specialised']} of {s['init_judged']} / {s['init_significant']} of {s['init_p']}",
+            ]
+        )
     for ref in references:
-        fractions = ", ".join(_interval(f, lo, hi) for f, lo, hi in zip(
-            ref["colour_fraction"] or [], ref["colour_fraction_low"] or [], ref["colour_fraction_high"] or []))
-        rows.append([f"published: {ref['name']} (T={ref['num_towers']})", ref["verdict"], "",
-                     f"Δf {_interval(ref['delta_f'], ref['delta_f_low'], ref['delta_f_high'])}, "
-                     f"p {p_text(ref['p_delta_f'], ref['permutations'])}", "", "", "",
-                     "" if ref["omega2"] is None else f"{ref['omega2']:.3f}", "", f"colour fractions {fractions}"])
-    return ("<div class=scroll><table class=conditions><thead><tr>"
-            + "".join(f"<th>{html.escape(h)}</th>" for h in head)
-            + "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
-                                              for r in rows) + "</tbody></table></div>")
+        fractions = ", ".join(
+            _interval(f, lo, hi)
+            for f, lo, hi in zip(
+                ref["colour_fraction"] or [], ref["colour_fraction_low"] or [], ref["colour_fraction_high"] or []
+            )
+        )
+        rows.append(
+            [
+                f"published: {ref['name']} (T={ref['num_towers']})",
+                ref["verdict"],
+                "",
+                f"Δf {_interval(ref['delta_f'], ref['delta_f_low'], ref['delta_f_high'])}, "
+                f"p {p_text(ref['p_delta_f'], ref['permutations'])}",
+                "",
+                "",
+                "",
+                "" if ref["omega2"] is None else f"{ref['omega2']:.3f}",
+                "",
+                f"colour fractions {fractions}",
+            ]
+        )
+    return (
+        "<div class=scroll><table class=conditions><thead><tr>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        + "</tr></thead><tbody>"
+        + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+        + "</tbody></table></div>"
+    )
 
 
 def configs_section(runs: list[Run]) -> str:
     """Every run's config, as read, folded."""
     parts = []
     for run in runs:
-        text = yaml.safe_dump(run.config, sort_keys=True, allow_unicode=True, default_flow_style=False) if run.config \
+        text = (
+            yaml.safe_dump(run.config, sort_keys=True, allow_unicode=True, default_flow_style=False)
+            if run.config
             else "(no config found)"
+        )
         parts.append(f"<details><summary>{html.escape(run.name)}</summary><pre>{html.escape(text)}</pre></details>")
     return "\n".join(parts)
 
 
-def report_html(runs: list[Run], summary: list[dict], figures: dict, references: list[dict], source: str,
-                commit: str, level: float = 0.95) -> str:
+def report_html(
+    runs: list[Run],
+    summary: list[dict],
+    figures: dict,
+    references: list[dict],
+    source: str,
+    commit: str,
+    level: float = 0.95,
+) -> str:
     """``figures``: {title: (note, png bytes)}."""
     columns = table_columns(runs)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "\n".join(f'<tr class="{html.escape(str(r.row["status"] or ""))} '
-                     f'{html.escape(str(r.row["verdict"] or ""))}">'
-                     + "".join(_cell(r, c) for c in columns) + "</tr>" for r in runs)
+    body = "\n".join(
+        f'<tr class="{html.escape(str(r.row["status"] or ""))} '
+        f'{html.escape(str(r.row["verdict"] or ""))}">' + "".join(_cell(r, c) for c in columns) + "</tr>"
+        for r in runs
+    )
     lines = [f"<li>{html.escape(condition_line(s, level))}</li>" for s in summary]
-    lines += [f"<li>published figure {html.escape(ref['name'])}: {html.escape(ref['verdict'])}, Δf "
-              f"{_interval(ref['delta_f'], ref['delta_f_low'], ref['delta_f_high'])}, p "
-              f"{html.escape(p_text(ref['p_delta_f'], ref['permutations']))}</li>" for ref in references]
+    lines += [
+        f"<li>published figure {html.escape(ref['name'])}: {html.escape(ref['verdict'])}, Δf "
+        f"{_interval(ref['delta_f'], ref['delta_f_low'], ref['delta_f_high'])}, p "
+        f"{html.escape(p_text(ref['p_delta_f'], ref['permutations']))}</li>"
+        for ref in references
+    ]
     left_out = [r for r in runs if not r.judged]
     if left_out:
-        why = {r.name: str(r.row["status"] or "no final measurement") if not r.usable
-               else "no verdict in its bisection.json" for r in left_out}
-        lines.append("<li>Not counted in any statistic: " + ", ".join(
-            f"{html.escape(r.name)} ({html.escape(why[r.name])})" for r in left_out) + "</li>")
-    imgs = "\n".join(f"<h2>{html.escape(title)}</h2>\n<p class=note>{html.escape(note)}</p>\n"
-                     f'<img alt="{html.escape(title)}" width="{_css_width(png)}" '
-                     f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-                     for title, (note, png) in figures.items())
+        why = {
+            r.name: str(r.row["status"] or "no final measurement")
+            if not r.usable
+            else "no verdict in its bisection.json"
+            for r in left_out
+        }
+        lines.append(
+            "<li>Not counted in any statistic: "
+            + ", ".join(f"{html.escape(r.name)} ({html.escape(why[r.name])})" for r in left_out)
+            + "</li>"
+        )
+    imgs = "\n".join(
+        f"<h2>{html.escape(title)}</h2>\n<p class=note>{html.escape(note)}</p>\n"
+        f'<img alt="{html.escape(title)}" width="{_css_width(png)}" '
+        f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        for title, (note, png) in figures.items()
+    )
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -172,7 +241,7 @@ another largely colour (the verdict, towers/verdict.py, the README's "The verdic
 tower's colour fraction less the agnostic tower's. With one tower, the control, its kernels are split into two
 random halves and judged the same way. A condition is every setting but the seed (precision, data and width
 policy included: runs that differ in them are never pooled).</p>
-<ul>{''.join(lines)}</ul>
+<ul>{"".join(lines)}</ul>
 {conditions_table(summary, references, level)}
 {imgs}
 <h2>Runs</h2><p class=note>Click a column header to sort. towerK_colour_fraction: colour kernels / (grey + colour)

@@ -12,9 +12,26 @@ from pathlib import Path
 import yaml
 
 from towers import records
-from towers.records import (BISECTION_FILE, CONFIG_FILE, HISTORY_FILE, HPARAMS_FILE, KERNELS_NPY, KERNELS_PNG,
-                            METRICS_CSV, RUN_MARKERS, STATUS_FILE, SWEEP_FILE, TEST_ACC, VAL_ACC, WANDB_OFFLINE_PREFIX,
-                            WANDB_SUMMARY_FILE, measurement, read_bisection, read_history, read_status)
+from towers.records import (
+    BISECTION_FILE,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    HPARAMS_FILE,
+    KERNELS_NPY,
+    KERNELS_PNG,
+    METRICS_CSV,
+    RUN_MARKERS,
+    STATUS_FILE,
+    SWEEP_FILE,
+    TEST_ACC,
+    VAL_ACC,
+    WANDB_OFFLINE_PREFIX,
+    WANDB_SUMMARY_FILE,
+    measurement,
+    read_bisection,
+    read_history,
+    read_status,
+)
 from towers.verdict import onset_step
 
 # ----------------------------------------------------------------------------- file formats
@@ -22,8 +39,17 @@ from towers.verdict import onset_step
 # formats the runs leave behind (configs, loggers' summaries, the sweep's state) are read by one
 # function each below, so a change of schema is an edit in one place. Everything after this section sees only plain dicts.
 
-RUN_FILES = (BISECTION_FILE, HISTORY_FILE, KERNELS_PNG, KERNELS_NPY, STATUS_FILE, CONFIG_FILE, HPARAMS_FILE,
-             WANDB_SUMMARY_FILE, METRICS_CSV)
+RUN_FILES = (
+    BISECTION_FILE,
+    HISTORY_FILE,
+    KERNELS_PNG,
+    KERNELS_NPY,
+    STATUS_FILE,
+    CONFIG_FILE,
+    HPARAMS_FILE,
+    WANDB_SUMMARY_FILE,
+    METRICS_CSV,
+)
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
@@ -71,10 +97,19 @@ def read_metrics_csv(path: Path) -> dict:
 def read_sweep(path: Path) -> dict:
     """``sweep.json`` of ``towers.sweep``: the sweep's name and its runs (name, params, status)."""
     data = json.loads(Path(path).read_text())
-    return {"name": data.get("name") or Path(path).parent.name,
-            "runs": [{"name": r["name"], "params": r.get("params") or {}, "status": r.get("status"),
-                      "message": r.get("message") or "", "root": Path(path).parent / "runs" / r["name"]}
-                     for r in data.get("runs", [])]}
+    return {
+        "name": data.get("name") or Path(path).parent.name,
+        "runs": [
+            {
+                "name": r["name"],
+                "params": r.get("params") or {},
+                "status": r.get("status"),
+                "message": r.get("message") or "",
+                "root": Path(path).parent / "runs" / r["name"],
+            }
+            for r in data.get("runs", [])
+        ],
+    }
 
 
 def numbers(d: dict) -> dict:
@@ -98,16 +133,57 @@ CONFIG_COLUMNS = {
 
 # ----------------------------------------------------------------------------- the table
 
-FIXED_COLUMNS = ["run", "sweep", "seed", "num_towers", "width_policy", "color_blind", "precision", "data", "data_root",
-                 "batch_size", "lr", "max_epochs", "epochs", "step", "test_acc", "val_acc",
-                 "verdict", "delta_f", "delta_f_low", "delta_f_high", "p_delta_f", "auc",
-                 "agnostic_tower", "specific_tower", "onset_step",
-                 "eta2", "eta2_null", "p_value", "omega2", "eta2_split", "p_value_split",
-                 "eta2_init", "p_value_init", "omega2_init", "verdict_init", "permutations"]
+FIXED_COLUMNS = [
+    "run",
+    "sweep",
+    "seed",
+    "num_towers",
+    "width_policy",
+    "color_blind",
+    "precision",
+    "data",
+    "data_root",
+    "batch_size",
+    "lr",
+    "max_epochs",
+    "epochs",
+    "step",
+    "test_acc",
+    "val_acc",
+    "verdict",
+    "delta_f",
+    "delta_f_low",
+    "delta_f_high",
+    "p_delta_f",
+    "auc",
+    "agnostic_tower",
+    "specific_tower",
+    "onset_step",
+    "eta2",
+    "eta2_null",
+    "p_value",
+    "omega2",
+    "eta2_split",
+    "p_value_split",
+    "eta2_init",
+    "p_value_init",
+    "omega2_init",
+    "verdict_init",
+    "permutations",
+]
 # A condition is every one of these but the seed: runs that differ in precision, data or width policy
 # are never pooled (a run whose config does not say is its own "None" condition, not a wildcard).
-CONDITION = ["num_towers", "width_policy", "color_blind", "precision", "data", "data_root", "batch_size", "lr",
-             "max_epochs"]
+CONDITION = [
+    "num_towers",
+    "width_policy",
+    "color_blind",
+    "precision",
+    "data",
+    "data_root",
+    "batch_size",
+    "lr",
+    "max_epochs",
+]
 
 
 @dataclass
@@ -145,10 +221,21 @@ def _status(status: str | None, last: dict) -> str | None:
     return {"crashed": "failed"}.get(status, status)
 
 
-def make_run(name: str, sweep: str | None, config: dict, summary: dict, status: dict | None,
-             bisection: dict | None, history: list, kernels_png: Path | None, source: str,
-             alpha: float, fallback_status: str | None = None, message: str = "",
-             kernels_npy: Path | None = None) -> Run:
+def make_run(
+    name: str,
+    sweep: str | None,
+    config: dict,
+    summary: dict,
+    status: dict | None,
+    bisection: dict | None,
+    history: list,
+    kernels_png: Path | None,
+    source: str,
+    alpha: float,
+    fallback_status: str | None = None,
+    message: str = "",
+    kernels_npy: Path | None = None,
+) -> Run:
     """The table row of one run from what was read (the same function for both sources)."""
     bisection = bisection or {"init": {}, "last": {}}
     last, init = bisection["last"], bisection["init"]
@@ -177,8 +264,9 @@ def make_run(name: str, sweep: str | None, config: dict, summary: dict, status: 
     row["eta2_init"], row["p_value_init"] = init.get("eta2"), init.get("p_value")
     row["omega2_init"], row["verdict_init"] = init.get("omega2"), init.get("verdict")
     # per tower (the one-tower control: tower1 = half A, tower2 = half B of its random split)
-    fractions = zip(last.get("colour_fraction") or [], last.get("colour_fraction_low") or [],
-                    last.get("colour_fraction_high") or [])
+    fractions = zip(
+        last.get("colour_fraction") or [], last.get("colour_fraction_low") or [], last.get("colour_fraction_high") or []
+    )
     for k, (f, lo, hi) in enumerate(fractions, start=1):
         row[f"tower{k}_colour_fraction"], row[f"tower{k}_colour_fraction_low"] = f, lo
         row[f"tower{k}_colour_fraction_high"] = hi
@@ -189,14 +277,24 @@ def make_run(name: str, sweep: str | None, config: dict, summary: dict, status: 
     row["status"] = _status(status.get("status") or fallback_status, last)
     row["message"] = message or status.get("message") or last.get("error") or ""
     row["source"] = source
-    return Run(row=row, last=last, init=init, history=history, kernels_png=kernels_png,
-               kernels_npy=kernels_npy, config=config)
+    return Run(
+        row=row, last=last, init=init, history=history, kernels_png=kernels_png, kernels_npy=kernels_npy, config=config
+    )
 
 
-def load_run_folder(folder: Path | None, name: str, alpha: float, sweep: str | None = None,
-                    config: dict | None = None, summary: dict | None = None, status: str | None = None,
-                    fallback_status: str | None = None, message: str = "",
-                    history: list | None = None, source: str | None = None) -> Run:
+def load_run_folder(
+    folder: Path | None,
+    name: str,
+    alpha: float,
+    sweep: str | None = None,
+    config: dict | None = None,
+    summary: dict | None = None,
+    status: str | None = None,
+    fallback_status: str | None = None,
+    message: str = "",
+    history: list | None = None,
+    source: str | None = None,
+) -> Run:
     """A run from the files in its own folder (any may be missing). ``config`` / ``summary`` given
     here (a sweep's parameters, a W&B run's config) take precedence over the files'; ``status`` (the
     sweep agent's verdict) over ``status.json``, and that over ``fallback_status`` (W&B's run state).
@@ -211,23 +309,38 @@ def load_run_folder(folder: Path | None, name: str, alpha: float, sweep: str | N
             return reader(files[file_name])
         except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError, csv.Error) as err:
             problems.append(f"unreadable {file_name}: {err}")
-            warnings.warn(f"run {name}: cannot read {files[file_name]}: {err}")
+            warnings.warn(f"run {name}: cannot read {files[file_name]}: {err}", stacklevel=2)
             return default
 
     merged_config = {**read(read_hparams, HPARAMS_FILE, {}), **read(read_config, CONFIG_FILE, {}), **(config or {})}
     status_json = read(read_status, STATUS_FILE)
-    merged_summary = {**numbers(status_json["summary"] if status_json else {}),
-                      **read(read_metrics_csv, METRICS_CSV, {}),
-                      **read(read_wandb_summary, WANDB_SUMMARY_FILE, {}), **(summary or {})}
+    merged_summary = {
+        **numbers(status_json["summary"] if status_json else {}),
+        **read(read_metrics_csv, METRICS_CSV, {}),
+        **read(read_wandb_summary, WANDB_SUMMARY_FILE, {}),
+        **(summary or {}),
+    }
     bisection = read(read_bisection, BISECTION_FILE)
     if history is None:
         history = read(read_history, HISTORY_FILE, [])
     if status:
         status_json = dict(status_json or {}, status=status)
     message = "; ".join(m for m in [message or (status_json or {}).get("message", ""), *problems] if m)
-    return make_run(name, sweep, merged_config, merged_summary, status_json, bisection, history,
-                    files.get(KERNELS_PNG), source or str(folder), alpha, fallback_status, message,
-                    files.get(KERNELS_NPY))
+    return make_run(
+        name,
+        sweep,
+        merged_config,
+        merged_summary,
+        status_json,
+        bisection,
+        history,
+        files.get(KERNELS_PNG),
+        source or str(folder),
+        alpha,
+        fallback_status,
+        message,
+        files.get(KERNELS_NPY),
+    )
 
 
 def _newest_run_folder(root: Path) -> Path | None:
@@ -242,7 +355,7 @@ def _run_folders(folder: Path) -> list[Path]:
     found = {}
     for path in sorted({p.parent for marker in RUN_MARKERS for p in folder.rglob(marker)}):
         parts = path.relative_to(folder).parts
-        linked = any((folder.joinpath(*parts[:i + 1])).is_symlink() for i in range(len(parts)))
+        linked = any((folder.joinpath(*parts[: i + 1])).is_symlink() for i in range(len(parts)))
         found.setdefault(path.resolve(), []).append((linked, path))
     return [min(candidates)[1] for _, candidates in sorted(found.items())]
 
@@ -263,9 +376,18 @@ def collect_local(folders, alpha: float = 0.05) -> list[Run]:
                 run_folder = _newest_run_folder(entry["root"])
                 if entry["root"].is_dir():
                     claimed.add(entry["root"].resolve())
-                runs.append(load_run_folder(run_folder, entry["name"], alpha, sweep=sweep["name"],
-                                            config=entry["params"], status=entry["status"],
-                                            message=entry["message"], source=str(run_folder or entry["root"])))
+                runs.append(
+                    load_run_folder(
+                        run_folder,
+                        entry["name"],
+                        alpha,
+                        sweep=sweep["name"],
+                        config=entry["params"],
+                        status=entry["status"],
+                        message=entry["message"],
+                        source=str(run_folder or entry["root"]),
+                    )
+                )
         for run_folder in _run_folders(folder):
             resolved = run_folder.resolve()
             if any(resolved == c or c in resolved.parents for c in claimed):
@@ -280,7 +402,8 @@ def collect_local(folders, alpha: float = 0.05) -> list[Run]:
             f"no runs found under {', '.join(map(str, folders))}: looked for {SWEEP_FILE} (a towers.sweep output "
             f"folder) and for folders holding {BISECTION_FILE} or {STATUS_FILE} (written by "
             f"KernelBisectionCallback / RunStatus into each run's folder: wandb/{WANDB_OFFLINE_PREFIX}*/files/, "
-            f"lightning_logs/version_N/, or the trainer's default_root_dir)")
+            f"lightning_logs/version_N/, or the trainer's default_root_dir)"
+        )
     return runs
 
 
@@ -288,8 +411,9 @@ def _wandb_state(state: str | None) -> str | None:
     return {"crashed": "failed"}.get((state or "").lower(), (state or "").lower() or None)
 
 
-def collect_wandb(path: str, sweep: str | None = None, api=None, cache: Path | None = None,
-                  alpha: float = 0.05) -> list[Run]:
+def collect_wandb(
+    path: str, sweep: str | None = None, api=None, cache: Path | None = None, alpha: float = 0.05
+) -> list[Run]:
     """Every run of a W&B project (``ENTITY/PROJECT``) or of one of its sweeps, through ``wandb.Api()``.
 
     The run's own files (``bisection.json`` etc., uploaded from its ``files/`` folder) are
@@ -310,18 +434,34 @@ def collect_wandb(path: str, sweep: str | None = None, api=None, cache: Path | N
                 f.download(root=str(folder), replace=True)
         history = None
         if not (folder / HISTORY_FILE).is_file():  # fall back on the logged scalars
-            history = [{"step": h.get("_step"), "eta2": h.get(records.ETA2), "p_value": h.get(records.P_VALUE),
-                        "eta2_null": h.get(records.ETA2_NULL), "delta_f": h.get(records.DELTA_F),
-                        "verdict": None if h.get(records.SPECIALISED) is None else
-                        ("specialised" if h[records.SPECIALISED] else "not specialised")}
-                       for h in run.scan_history(keys=[records.ETA2, records.P_VALUE, records.DELTA_F,
-                                                         records.SPECIALISED])]
+            history = [
+                {
+                    "step": h.get("_step"),
+                    "eta2": h.get(records.ETA2),
+                    "p_value": h.get(records.P_VALUE),
+                    "eta2_null": h.get(records.ETA2_NULL),
+                    "delta_f": h.get(records.DELTA_F),
+                    "verdict": None
+                    if h.get(records.SPECIALISED) is None
+                    else ("specialised" if h[records.SPECIALISED] else "not specialised"),
+                }
+                for h in run.scan_history(keys=[records.ETA2, records.P_VALUE, records.DELTA_F, records.SPECIALISED])
+            ]
         sweep_name = run.sweep.id if getattr(run, "sweep", None) is not None else getattr(run, "group", None)
         summary = numbers(dict(run.summary.items()))
-        runs.append(load_run_folder(folder, run.name or run.id, alpha, sweep=sweep_name,
-                                    config=read_wandb_config(run.config), summary=summary,
-                                    fallback_status=_wandb_state(run.state), history=history,
-                                    source=f"wandb:{path}/{run.id}"))
+        runs.append(
+            load_run_folder(
+                folder,
+                run.name or run.id,
+                alpha,
+                sweep=sweep_name,
+                config=read_wandb_config(run.config),
+                summary=summary,
+                fallback_status=_wandb_state(run.state),
+                history=history,
+                source=f"wandb:{path}/{run.id}",
+            )
+        )
     if not runs:
         raise SystemExit(f"no runs found in W&B {'sweep ' + sweep + ' of ' if sweep else 'project '}{path}")
     return runs
@@ -333,11 +473,22 @@ def read_wandb_config(config: dict) -> dict:
 
 
 def table_columns(runs: list[Run]) -> list[str]:
-    towers = max([r.row.get("num_towers") or 0 for r in runs] + [len(r.last.get("colour_fraction") or []) for r in runs]
-                 + [len(r.last.get("tower_median") or []) for r in runs])
-    per_tower = [c for k in range(1, towers + 1) for c in (
-        f"tower{k}_colour_fraction", f"tower{k}_colour_fraction_low", f"tower{k}_colour_fraction_high",
-        f"tower{k}_score", f"tower{k}_score_init")]
+    towers = max(
+        [r.row.get("num_towers") or 0 for r in runs]
+        + [len(r.last.get("colour_fraction") or []) for r in runs]
+        + [len(r.last.get("tower_median") or []) for r in runs]
+    )
+    per_tower = [
+        c
+        for k in range(1, towers + 1)
+        for c in (
+            f"tower{k}_colour_fraction",
+            f"tower{k}_colour_fraction_low",
+            f"tower{k}_colour_fraction_high",
+            f"tower{k}_score",
+            f"tower{k}_score_init",
+        )
+    ]
     return FIXED_COLUMNS + per_tower + ["status", "message", "source"]
 
 
@@ -350,8 +501,8 @@ def table_csv(runs: list[Run]) -> str:
     return out.getvalue()
 
 
-
 # ----------------------------------------------------------------------------- a published figure
+
 
 def read_reference(path: Path) -> dict:
     """The record of a published figure, as ``python analysis/kernels.py FIGURE.png --towers 2 --json OUT``
@@ -364,10 +515,34 @@ def read_reference(path: Path) -> dict:
         raise SystemExit(f"--reference {path}: cannot read it as JSON: {err}") from None
     record = data.get("last") if isinstance(data, dict) and isinstance(data.get("last"), dict) else data
     if not isinstance(record, dict) or record.get("delta_f") is None or record.get("verdict") is None:
-        raise SystemExit(f"--reference {path}: no verdict in it (write it with python analysis/kernels.py "
-                         f"FIGURE.png --towers 2 --json {path.name})")
+        raise SystemExit(
+            f"--reference {path}: no verdict in it (write it with python analysis/kernels.py "
+            f"FIGURE.png --towers 2 --json {path.name})"
+        )
     m = measurement(record)
-    return {"name": path.stem, "source": str(path), "num_towers": m["num_towers"], **{k: m[k] for k in (
-        "verdict", "delta_f", "delta_f_low", "delta_f_high", "p_delta_f", "auc", "colour_fraction",
-        "colour_fraction_low", "colour_fraction_high", "agnostic_tower", "specific_tower", "towers",
-        "eta2", "p_value", "omega2")}, "permutations": m["p_permutations"]}
+    return {
+        "name": path.stem,
+        "source": str(path),
+        "num_towers": m["num_towers"],
+        **{
+            k: m[k]
+            for k in (
+                "verdict",
+                "delta_f",
+                "delta_f_low",
+                "delta_f_high",
+                "p_delta_f",
+                "auc",
+                "colour_fraction",
+                "colour_fraction_low",
+                "colour_fraction_high",
+                "agnostic_tower",
+                "specific_tower",
+                "towers",
+                "eta2",
+                "p_value",
+                "omega2",
+            )
+        },
+        "permutations": m["p_permutations"],
+    }

@@ -30,8 +30,9 @@ def median_interval(values, level: float = 0.95, resamples: int = 9999, seed: in
         return med, math.nan, math.nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # all-equal values: a degenerate (but correct) interval
-        ci = stats.bootstrap((x,), np.median, confidence_level=level, n_resamples=resamples,
-                             method="percentile", random_state=seed).confidence_interval
+        ci = stats.bootstrap(
+            (x,), np.median, confidence_level=level, n_resamples=resamples, method="percentile", random_state=seed
+        ).confidence_interval
     return med, float(ci.low), float(ci.high)
 
 
@@ -77,14 +78,23 @@ def dersimonian_laird(estimates, standard_errors, level: float = 0.95) -> dict:
     y, v = y[keep], se[keep] ** 2
     k = int(y.size)
     nan = math.nan
-    out = {"k": k, "estimate": nan, "se": nan, "tau2": nan, "q": nan, "ci_low": nan, "ci_high": nan,
-           "pi_low": nan, "pi_high": nan}
+    out = {
+        "k": k,
+        "estimate": nan,
+        "se": nan,
+        "tau2": nan,
+        "q": nan,
+        "ci_low": nan,
+        "ci_high": nan,
+        "pi_low": nan,
+        "pi_high": nan,
+    }
     if k == 0:
         return out
     w = 1 / v
     ybar = float((w * y).sum() / w.sum())
     q = float((w * (y - ybar) ** 2).sum())
-    c = float(w.sum() - (w ** 2).sum() / w.sum())
+    c = float(w.sum() - (w**2).sum() / w.sum())
     tau2 = max(0.0, (q - (k - 1)) / c) if k > 1 and c > 0 else 0.0
     ws = 1 / (v + tau2)
     mu = float((ws * y).sum() / ws.sum())
@@ -92,7 +102,7 @@ def dersimonian_laird(estimates, standard_errors, level: float = 0.95) -> dict:
     z = stats.norm.ppf(0.5 + level / 2)
     out.update(estimate=mu, se=se_mu, tau2=tau2, q=q, ci_low=mu - z * se_mu, ci_high=mu + z * se_mu)
     if k >= 3:
-        half = stats.t.ppf(0.5 + level / 2, k - 2) * math.sqrt(tau2 + se_mu ** 2)
+        half = stats.t.ppf(0.5 + level / 2, k - 2) * math.sqrt(tau2 + se_mu**2)
         out.update(pi_low=mu - half, pi_high=mu + half)
     return out
 
@@ -132,20 +142,34 @@ def conditions(runs: list[Run]) -> dict:
     for run in runs:
         if run.judged:
             groups.setdefault(condition_key(run), []).append(run)
-    return dict(sorted(groups.items(), key=lambda kv: tuple((v is None, str(v) if not isinstance(v, (int, float))
-                                                              else v) for v in kv[0])))
+    return dict(
+        sorted(
+            groups.items(),
+            key=lambda kv: tuple((v is None, str(v) if not isinstance(v, (int, float)) else v) for v in kv[0]),
+        )
+    )
 
 
-SHORT_NAMES = {"num_towers": "T", "width_policy": "width", "color_blind": "blind", "precision": "precision", "data": "data",
-               "data_root": "root", "batch_size": "batch", "lr": "lr", "max_epochs": "epochs"}
+SHORT_NAMES = {
+    "num_towers": "T",
+    "width_policy": "width",
+    "color_blind": "blind",
+    "precision": "precision",
+    "data": "data",
+    "data_root": "root",
+    "batch_size": "batch",
+    "lr": "lr",
+    "max_epochs": "epochs",
+}
 
 
-def condition_label(key: tuple, varying: list[str], short: bool = False, sep: str = ", ",
-                    towers: bool = True) -> str:
+def condition_label(key: tuple, varying: list[str], short: bool = False, sep: str = ", ", towers: bool = True) -> str:
     """``T=2, lr=0.01``: the tower count and the CONDITION columns that differ between runs."""
-    parts = [f"{SHORT_NAMES[c] if short else c}={v:g}" if isinstance(v, float)
-             else f"{SHORT_NAMES[c] if short else c}={v}"
-             for c, v in zip(CONDITION, key) if c in varying or (c == "num_towers" and towers)]
+    parts = [
+        f"{SHORT_NAMES[c] if short else c}={v:g}" if isinstance(v, float) else f"{SHORT_NAMES[c] if short else c}={v}"
+        for c, v in zip(CONDITION, key)
+        if c in varying or (c == "num_towers" and towers)
+    ]
     return sep.join(parts)
 
 
@@ -167,27 +191,46 @@ def summarize(runs: list[Run], alpha: float = 0.05, level: float = 0.95, seed: i
         k = sum(r.row["verdict"] == "specialised" for r in group)
         med, lo, hi = median_interval(delta[key], level, seed=seed)
         om, om_lo, om_hi = median_interval([r.row["omega2"] for r in group], level, seed=seed)
-        re = dersimonian_laird(delta[key], [se_from_interval(r.row["delta_f_low"], r.row["delta_f_high"])
-                                            for r in group], level)
+        re = dersimonian_laird(
+            delta[key], [se_from_interval(r.row["delta_f_low"], r.row["delta_f_high"]) for r in group], level
+        )
         control = is_control(key)
         ctrl = None if control else control_key(key)
         onsets = [r.row["onset_step"] for r in group if r.row["onset_step"] is not None]
         init_judged = [r for r in group if r.row["verdict_init"] is not None]
         init_p = [r.row["p_value_init"] for r in group if r.row["p_value_init"] is not None]
         cp_lo, cp_hi = clopper_pearson(k, n, level)
-        out.append({
-            "condition": dict(zip(CONDITION, key)), "label": condition_label(key, varying, short=True),
-            "control": control, "seeds": n, "specialised": k, "bound": every_run_bound(k, n, level),
-            "cp_low": cp_lo, "cp_high": cp_hi,
-            "delta_f_median": med, "delta_f_low": lo, "delta_f_high": hi, "re": re,
-            "control_seeds": len(delta.get(ctrl, [])) if ctrl else None,
-            "control_p": versus_control(delta[key], delta[ctrl]) if ctrl in delta else math.nan,
-            "omega2_median": om, "omega2_low": om_lo, "omega2_high": om_hi,
-            "eta2_median": float(np.median([r.row["eta2"] for r in group if r.row["eta2"] is not None] or [math.nan])),
-            "onset_median": float(np.median(onsets)) if onsets else None, "onsets": len(onsets),
-            "init_specialised": sum(r.row["verdict_init"] == "specialised" for r in init_judged),
-            "init_judged": len(init_judged), "init_significant": sum(p < alpha for p in init_p), "init_p": len(init_p),
-            "runs": [r.name for r in group]})
+        out.append(
+            {
+                "condition": dict(zip(CONDITION, key)),
+                "label": condition_label(key, varying, short=True),
+                "control": control,
+                "seeds": n,
+                "specialised": k,
+                "bound": every_run_bound(k, n, level),
+                "cp_low": cp_lo,
+                "cp_high": cp_hi,
+                "delta_f_median": med,
+                "delta_f_low": lo,
+                "delta_f_high": hi,
+                "re": re,
+                "control_seeds": len(delta.get(ctrl, [])) if ctrl else None,
+                "control_p": versus_control(delta[key], delta[ctrl]) if ctrl in delta else math.nan,
+                "omega2_median": om,
+                "omega2_low": om_lo,
+                "omega2_high": om_hi,
+                "eta2_median": float(
+                    np.median([r.row["eta2"] for r in group if r.row["eta2"] is not None] or [math.nan])
+                ),
+                "onset_median": float(np.median(onsets)) if onsets else None,
+                "onsets": len(onsets),
+                "init_specialised": sum(r.row["verdict_init"] == "specialised" for r in init_judged),
+                "init_judged": len(init_judged),
+                "init_significant": sum(p < alpha for p in init_p),
+                "init_p": len(init_p),
+                "runs": [r.name for r in group],
+            }
+        )
     return out
 
 
@@ -200,17 +243,23 @@ def condition_line(s: dict, level: float = 0.95) -> str:
     0.19); median Δf 0.41 [0.30, 0.52]; random effects 0.40 (prediction for a new run [..]); vs
     one-tower control p = 0.004"."""
     pct = f"{level:.0%}"
-    line = (f"{s['label']}{' (one-tower control, random halves)' if s['control'] else ''}: {s['specialised']} of "
-            f"{s['seeds']} seeds specialised (one-sided {pct} lower bound {_num(s['bound'])}); "
-            f"median Δf {_num(s['delta_f_median'])} [{_num(s['delta_f_low'])}, {_num(s['delta_f_high'])}]")
+    line = (
+        f"{s['label']}{' (one-tower control, random halves)' if s['control'] else ''}: {s['specialised']} of "
+        f"{s['seeds']} seeds specialised (one-sided {pct} lower bound {_num(s['bound'])}); "
+        f"median Δf {_num(s['delta_f_median'])} [{_num(s['delta_f_low'])}, {_num(s['delta_f_high'])}]"
+    )
     re = s["re"]
     if re["k"] >= 3:
-        line += (f"; random effects {_num(re['estimate'])} [{_num(re['ci_low'])}, {_num(re['ci_high'])}], "
-                 f"a new run {pct} in [{_num(re['pi_low'])}, {_num(re['pi_high'])}]")
+        line += (
+            f"; random effects {_num(re['estimate'])} [{_num(re['ci_low'])}, {_num(re['ci_high'])}], "
+            f"a new run {pct} in [{_num(re['pi_low'])}, {_num(re['pi_high'])}]"
+        )
     if not s["control"]:
         if s["control_seeds"]:
-            line += (f"; vs one-tower control ({s['control_seeds']} seeds) p = {_num(s['control_p'], '.2g')} "
-                     f"(one-sided Mann-Whitney on the seeds' Δf)")
+            line += (
+                f"; vs one-tower control ({s['control_seeds']} seeds) p = {_num(s['control_p'], '.2g')} "
+                f"(one-sided Mann-Whitney on the seeds' Δf)"
+            )
         else:
             line += "; no one-tower control with the same settings"
     if s["onsets"]:

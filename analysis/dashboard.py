@@ -21,8 +21,20 @@ seeds, the one-sided bounds and the test against the one-tower control that pane
 import argparse
 import sys
 
-from towers.records import (DELTA_F, ETA2, ETA2_NULL, GRID, P_DELTA_F, P_VALUE, SCORE_PLOT,  # noqa: F401
-                            SPECIALISED, TEST_ACC, VAL_ACC, color_score_key, image_key)
+from towers.records import (  # noqa: F401
+    DELTA_F,
+    ETA2,
+    ETA2_NULL,
+    GRID,
+    P_DELTA_F,
+    P_VALUE,
+    SCORE_PLOT,
+    SPECIALISED,
+    TEST_ACC,
+    VAL_ACC,
+    color_score_key,
+    image_key,
+)
 from towers.records import colour_fraction_key as colour_fraction
 
 # What the runs log (towers.records, the callback's keys) and the config keys train.py stores (nested, as in the YAML).
@@ -56,13 +68,27 @@ def panels(max_towers: int = 4) -> dict:
     fractions = [colour_fraction(k) for k in range(1, max_towers + 1)]
     return {
         "The verdict by tower count": [
-            wr.ScatterPlot(title="Δf per run (seed) against tower count (1 tower: its random halves)", x=towers,
-                           y=wr.SummaryMetric(DELTA_F)),
-            wr.BarPlot(title="fraction of runs specialised, by tower count (mean of verdict/specialised)",
-                       metrics=[SPECIALISED], groupby=towers, groupby_aggfunc="mean", groupby_rangefunc="none",
-                       orientation="v"),
-            wr.BarPlot(title="Δf by tower count: median over runs, min-max", metrics=[DELTA_F], groupby=towers,
-                       groupby_aggfunc="median", groupby_rangefunc="minmax", orientation="v"),
+            wr.ScatterPlot(
+                title="Δf per run (seed) against tower count (1 tower: its random halves)",
+                x=towers,
+                y=wr.SummaryMetric(DELTA_F),
+            ),
+            wr.BarPlot(
+                title="fraction of runs specialised, by tower count (mean of verdict/specialised)",
+                metrics=[SPECIALISED],
+                groupby=towers,
+                groupby_aggfunc="mean",
+                groupby_rangefunc="none",
+                orientation="v",
+            ),
+            wr.BarPlot(
+                title="Δf by tower count: median over runs, min-max",
+                metrics=[DELTA_F],
+                groupby=towers,
+                groupby_aggfunc="median",
+                groupby_rangefunc="minmax",
+                orientation="v",
+            ),
             wr.LinePlot(title="Δf over training, run by run", x="Step", y=[DELTA_F]),
         ],
         "The verdict run by run": [
@@ -73,61 +99,114 @@ def panels(max_towers: int = 4) -> dict:
         ],
         "Tower colour fractions": [
             wr.LinePlot(title="colour fraction per tower over training", x="Step", y=fractions),
-            wr.BarPlot(title="colour fraction per tower by tower count: median over runs, min-max", metrics=fractions,
-                       groupby=towers, groupby_aggfunc="median", groupby_rangefunc="minmax", orientation="v"),
+            wr.BarPlot(
+                title="colour fraction per tower by tower count: median over runs, min-max",
+                metrics=fractions,
+                groupby=towers,
+                groupby_aggfunc="median",
+                groupby_rangefunc="minmax",
+                orientation="v",
+            ),
         ],
         "η² by tower count (beside the verdict)": [
             wr.ScatterPlot(title="η² per run (seed) against tower count", x=towers, y=wr.SummaryMetric(ETA2)),
-            wr.BarPlot(title="η² by tower count: median over runs, min-max; chance (T-1)/(K-1)",
-                       metrics=[ETA2, ETA2_NULL], groupby=towers, groupby_aggfunc="median",
-                       groupby_rangefunc="minmax", orientation="v"),
-            wr.LinePlot(title="η² over training, by tower count", x="Step", y=[ETA2], groupby=towers,
-                        groupby_aggfunc="median", groupby_rangefunc="minmax"),
+            wr.BarPlot(
+                title="η² by tower count: median over runs, min-max; chance (T-1)/(K-1)",
+                metrics=[ETA2, ETA2_NULL],
+                groupby=towers,
+                groupby_aggfunc="median",
+                groupby_rangefunc="minmax",
+                orientation="v",
+            ),
+            wr.LinePlot(
+                title="η² over training, by tower count",
+                x="Step",
+                y=[ETA2],
+                groupby=towers,
+                groupby_aggfunc="median",
+                groupby_rangefunc="minmax",
+            ),
             wr.LinePlot(title="permutation p-value over training", x="Step", y=[P_VALUE], log_y=True),
         ],
         "Per-tower colour scores": [
-            wr.LinePlot(title="median colour score per tower over training", x="Step",
-                        y=[tower_score(k) for k in range(1, max_towers + 1)]),
-            wr.BarPlot(title="median colour score per tower, trained and at initialisation",
-                       metrics=[m for k in range(1, max_towers + 1) for m in (tower_score(k), tower_score(k, True))],
-                       groupby=towers, groupby_aggfunc="median", groupby_rangefunc="minmax", orientation="v"),
+            wr.LinePlot(
+                title="median colour score per tower over training",
+                x="Step",
+                y=[tower_score(k) for k in range(1, max_towers + 1)],
+            ),
+            wr.BarPlot(
+                title="median colour score per tower, trained and at initialisation",
+                metrics=[m for k in range(1, max_towers + 1) for m in (tower_score(k), tower_score(k, True))],
+                groupby=towers,
+                groupby_aggfunc="median",
+                groupby_rangefunc="minmax",
+                orientation="v",
+            ),
         ],
         "Kernel grids, run by run": [
-            wr.MediaBrowser(title="first-layer kernels (Figure 3), one column per run", media_keys=[KERNELS],
-                            num_columns=4, mode="gallery", gallery_axis="run"),
-            wr.MediaBrowser(title="kernel colour scores per tower", media_keys=[SCORES], num_columns=4,
-                            mode="gallery", gallery_axis="run"),
+            wr.MediaBrowser(
+                title="first-layer kernels (Figure 3), one column per run",
+                media_keys=[KERNELS],
+                num_columns=4,
+                mode="gallery",
+                gallery_axis="run",
+            ),
+            wr.MediaBrowser(
+                title="kernel colour scores per tower",
+                media_keys=[SCORES],
+                num_columns=4,
+                mode="gallery",
+                gallery_axis="run",
+            ),
         ],
         "Accuracy against learning rate and batch size": [
-            wr.ScatterPlot(title="test accuracy against learning rate", x=wr.Config(LR),
-                           y=wr.SummaryMetric(TEST_ACC), log_x=True),
-            wr.ScatterPlot(title="test accuracy against batch size", x=wr.Config(BATCH_SIZE),
-                           y=wr.SummaryMetric(TEST_ACC), log_x=True),
-            wr.ScatterPlot(title="validation accuracy against learning rate", x=wr.Config(LR),
-                           y=wr.SummaryMetric(VAL_ACC), log_x=True),
+            wr.ScatterPlot(
+                title="test accuracy against learning rate", x=wr.Config(LR), y=wr.SummaryMetric(TEST_ACC), log_x=True
+            ),
+            wr.ScatterPlot(
+                title="test accuracy against batch size",
+                x=wr.Config(BATCH_SIZE),
+                y=wr.SummaryMetric(TEST_ACC),
+                log_x=True,
+            ),
+            wr.ScatterPlot(
+                title="validation accuracy against learning rate",
+                x=wr.Config(LR),
+                y=wr.SummaryMetric(VAL_ACC),
+                log_x=True,
+            ),
             wr.ScatterPlot(title="Δf against learning rate", x=wr.Config(LR), y=wr.SummaryMetric(DELTA_F), log_x=True),
         ],
     }
 
 
-def build_report(entity: str, project: str, sweep: str | None = None, group: str | None = None,
-                 max_towers: int = 4, report=None):
+def build_report(
+    entity: str, project: str, sweep: str | None = None, group: str | None = None, max_towers: int = 4, report=None
+):
     """The report object (not saved). ``report``: an existing ``wr.Report`` whose blocks to replace."""
     import wandb_workspaces.reports.v2 as wr
 
     scope = f"sweep {sweep}" if sweep else f"group {group}" if group else f"project {project}"
-    blocks = [wr.P(f"Do the first-layer kernels split into a colour-agnostic and a colour-specific tower, across the "
-                   f"runs of {scope}? The verdict of every run (specialised or not), Δf (the specific tower's colour "
-                   "fraction less the agnostic tower's) and each tower's colour fraction; η² of the colour scores "
-                   "with its p beside them; the kernel grids side by side. Group only runs of one precision, data "
-                   "set and width policy. The statistics across seeds (k of n specialised with its one-sided bound, "
-                   "the test against the one-tower control): python analysis/compare.py.")]
+    blocks = [
+        wr.P(
+            f"Do the first-layer kernels split into a colour-agnostic and a colour-specific tower, across the "
+            f"runs of {scope}? The verdict of every run (specialised or not), Δf (the specific tower's colour "
+            "fraction less the agnostic tower's) and each tower's colour fraction; η² of the colour scores "
+            "with its p beside them; the kernel grids side by side. Group only runs of one precision, data "
+            "set and width policy. The statistics across seeds (k of n specialised with its one-sided bound, "
+            "the test against the one-tower control): python analysis/compare.py."
+        )
+    ]
     for title, section in panels(max_towers).items():
         blocks += [wr.H2(title), wr.PanelGrid(runsets=[runset(entity, project, sweep, group)], panels=section)]
     if report is None:
-        report = wr.Report(entity=entity, project=project, title=f"towers: the verdict, {scope}",
-                           description="verdict, Δf, tower colour fractions, η² and kernel grids across runs",
-                           width="fluid")
+        report = wr.Report(
+            entity=entity,
+            project=project,
+            title=f"towers: the verdict, {scope}",
+            description="verdict, Δf, tower colour fractions, η² and kernel grids across runs",
+            width="fluid",
+        )
     report.blocks = blocks
     return report
 
@@ -159,8 +238,10 @@ def main(argv=None) -> int:
     try:
         import wandb_workspaces.reports.v2 as wr
     except ImportError:
-        raise SystemExit("analysis/dashboard.py needs wandb-workspaces: pip install wandb-workspaces "
-                         "(or pip install -e '.[dashboard]')") from None
+        raise SystemExit(
+            "analysis/dashboard.py needs wandb-workspaces: pip install wandb-workspaces "
+            "(or pip install -e '.[dashboard]')"
+        ) from None
     existing = None if args.dry_run or not args.update else wr.Report.from_url(args.update)
     report = build_report(args.entity, args.project, args.sweep, args.group, args.max_towers, existing)
     print(describe(report))

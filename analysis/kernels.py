@@ -39,11 +39,15 @@ def _split_towers(weights: torch.Tensor, towers: int | None, source: str) -> tor
             raise SystemExit(f"{source}: holds {weights.shape[0]} towers, but --towers {towers} was given")
         return weights
     if weights.dim() != 4 or weights.shape[1] != 3:
-        raise SystemExit(f"{source}: expected first-layer weights (K, 3, h, w) or (towers, K/towers, 3, h, w), "
-                         f"got shape {tuple(weights.shape)} (TensorFlow's (h, w, 3, K) needs a transpose)")
+        raise SystemExit(
+            f"{source}: expected first-layer weights (K, 3, h, w) or (towers, K/towers, 3, h, w), "
+            f"got shape {tuple(weights.shape)} (TensorFlow's (h, w, 3, K) needs a transpose)"
+        )
     if towers is None:
-        raise SystemExit(f"{source}: a bare weight tensor does not say how many towers it had; give --towers "
-                         f"(1 for a one-tower network; 2 for the paper's, kernels 0..K/2-1 being the first tower)")
+        raise SystemExit(
+            f"{source}: a bare weight tensor does not say how many towers it had; give --towers "
+            f"(1 for a one-tower network; 2 for the paper's, kernels 0..K/2-1 being the first tower)"
+        )
     if towers < 1 or weights.shape[0] % towers:
         raise SystemExit(f"{source}: {weights.shape[0]} kernels cannot be split into {towers} equal towers")
     return weights.view(towers, weights.shape[0] // towers, *weights.shape[1:])
@@ -65,8 +69,10 @@ def load(path: Path, towers: int | None = None, record: str = "last", figure: di
 
     if path.suffix.lower() in IMAGE_SUFFIXES:
         if towers is None:
-            raise SystemExit(f"{path}: a picture does not say how many towers its rows hold; give --towers "
-                             f"(2 for the paper's Figure 3: GPU 1's kernels on top)")
+            raise SystemExit(
+                f"{path}: a picture does not say how many towers its rows hold; give --towers "
+                f"(2 for the paper's Figure 3: GPU 1's kernels on top)"
+            )
         try:
             read = read_figure(path, towers, **(figure or {}))
         except FigureError as e:
@@ -74,10 +80,13 @@ def load(path: Path, towers: int | None = None, record: str = "last", figure: di
         info = read.info()
         for note in read.notes:
             print(f"note: {note}", file=sys.stderr)
-        out.update(kernels=torch.from_numpy(read.kernels), figure=info,
-                   source=f"{path} (picture: {info['grid'][0]}x{info['grid'][1]} cells of "
-                          f"{info['cell_px'][0]:g}x{info['cell_px'][1]:g} px, {read.blank} blank; display offset "
-                          f"removed {'per kernel' if read.offset == 'kernel' else 'globally'})")
+        out.update(
+            kernels=torch.from_numpy(read.kernels),
+            figure=info,
+            source=f"{path} (picture: {info['grid'][0]}x{info['grid'][1]} cells of "
+            f"{info['cell_px'][0]:g}x{info['cell_px'][1]:g} px, {read.blank} blank; display offset "
+            f"removed {'per kernel' if read.offset == 'kernel' else 'globally'})",
+        )
         return out
 
     if path.suffix == ".json":
@@ -91,10 +100,18 @@ def load(path: Path, towers: int | None = None, record: str = "last", figure: di
         if rec.get("score") is None:
             raise SystemExit(f"{path}: the {record!r} record has no scores: {rec.get('error')}")
         stats = rec["statistics"] or {}
-        settings.update(channel_std=rec["channel_std"], axis=rec["axis"], permutations=stats.get("permutations"),
-                        bootstrap=stats.get("bootstrap"), seed=stats.get("seed"))
-        out.update(record=rec, init=data.get("init") if record != "init" else None,
-                   source=f"{path} ({record} record: {rec['stage']}, step {rec['step']}, epoch {rec['epoch']})")
+        settings.update(
+            channel_std=rec["channel_std"],
+            axis=rec["axis"],
+            permutations=stats.get("permutations"),
+            bootstrap=stats.get("bootstrap"),
+            seed=stats.get("seed"),
+        )
+        out.update(
+            record=rec,
+            init=data.get("init") if record != "init" else None,
+            source=f"{path} ({record} record: {rec['stage']}, step {rec['step']}, epoch {rec['epoch']})",
+        )
         kernels_file = path.parent / rec.get("kernels_file", "")
         if rec.get("kernels_file") and kernels_file.is_file():
             kernels = torch.from_numpy(np.load(kernels_file))
@@ -102,8 +119,11 @@ def load(path: Path, towers: int | None = None, record: str = "last", figure: di
             if np.allclose(scores, np.asarray(rec["score"], dtype=float), rtol=0, atol=1e-12):
                 out["kernels"] = kernels
             else:
-                print(f"warning: {kernels_file.name} does not hold the kernels of this record (written at "
-                      f"another step?); no grid", file=sys.stderr)
+                print(
+                    f"warning: {kernels_file.name} does not hold the kernels of this record (written at "
+                    f"another step?); no grid",
+                    file=sys.stderr,
+                )
         else:
             print(f"warning: no kernels file {rec.get('kernels_file')!r} beside {path.name}; no grid", file=sys.stderr)
         return out
@@ -123,8 +143,10 @@ def load(path: Path, towers: int | None = None, record: str = "last", figure: di
         return out
     if not isinstance(obj, dict) or CONV1 not in obj.get("state_dict", {}):
         keys = list(obj.get("state_dict", obj))[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise SystemExit(f"{path}: neither a weight tensor nor a TowerClassifier checkpoint with {CONV1!r} "
-                         f"(found {keys}); export conv1's weights as a (K, 3, h, w) array instead")
+        raise SystemExit(
+            f"{path}: neither a weight tensor nor a TowerClassifier checkpoint with {CONV1!r} "
+            f"(found {keys}); export conv1's weights as a (K, 3, h, w) array instead"
+        )
     num_towers = obj.get("hyper_parameters", {}).get("num_towers")
     if num_towers is None and towers is None:
         raise SystemExit(f"{path}: the checkpoint has no hyper_parameters.num_towers; give --towers")
@@ -136,9 +158,11 @@ def load(path: Path, towers: int | None = None, record: str = "last", figure: di
         settings.update({k: state.get(k) for k in settings})
         out["init"] = state.get("init")
     else:
-        print("warning: the checkpoint has no KernelBisectionCallback state, so the input channel std is unknown; "
-              "scores assume the network saw raw (mean-subtracted) RGB. Pass --channel-std if it did not.",
-              file=sys.stderr)
+        print(
+            "warning: the checkpoint has no KernelBisectionCallback state, so the input channel std is unknown; "
+            "scores assume the network saw raw (mean-subtracted) RGB. Pass --channel-std if it did not.",
+            file=sys.stderr,
+        )
     out["source"] = f"{path} (checkpoint, epoch {obj.get('epoch')}, step {obj.get('global_step')})"
     return out
 
@@ -175,12 +199,19 @@ def analyse(path: Path, args, stem: str) -> dict:
         kernels = kernels.flip(2)
 
     if kernels is not None and (loaded["record"] is None or args.channel_std or args.axis or args.bgr):
-        rec = measure(kernels, settings["channel_std"], settings["axis"], settings["permutations"],
-                      settings["bootstrap"], settings["seed"])
+        rec = measure(
+            kernels,
+            settings["channel_std"],
+            settings["axis"],
+            settings["permutations"],
+            settings["bootstrap"],
+            settings["seed"],
+        )
     else:  # the saved scores, statistic recomputed with the settings asked for
         rec = dict(loaded["record"])
-        rec["statistics"] = bisection(rec["score"], rec["tower"], settings["permutations"], settings["seed"],
-                                      settings["bootstrap"]).to_dict()
+        rec["statistics"] = bisection(
+            rec["score"], rec["tower"], settings["permutations"], settings["seed"], settings["bootstrap"]
+        ).to_dict()
     if rec["error"]:
         raise SystemExit(f"{path}: {rec['error']}")
     rec["source"] = loaded["source"]
@@ -188,17 +219,24 @@ def analyse(path: Path, args, stem: str) -> dict:
         rec["figure"] = loaded["figure"]
 
     print(loaded["source"])
-    print(f"{rec['num_towers']} tower(s) x {rec['kernels_per_tower']} kernels of {rec['kernel_size'][0]}x"
-          f"{rec['kernel_size'][1]}; channels {'BGR->RGB' if args.bgr else 'RGB'}; "
-          + (f"weights divided by input std {settings['channel_std']}" if settings["channel_std"]
-             else "inputs taken as raw RGB (no std)")
-          + f"; grey axis {np.round(rec['axis'], 4).tolist()}")
+    print(
+        f"{rec['num_towers']} tower(s) x {rec['kernels_per_tower']} kernels of {rec['kernel_size'][0]}x"
+        f"{rec['kernel_size'][1]}; channels {'BGR->RGB' if args.bgr else 'RGB'}; "
+        + (
+            f"weights divided by input std {settings['channel_std']}"
+            if settings["channel_std"]
+            else "inputs taken as raw RGB (no std)"
+        )
+        + f"; grey axis {np.round(rec['axis'], 4).tolist()}"
+    )
     print(table(rec))
     init = loaded["init"]
     if init and init.get("statistics"):
-        print(f"at initialisation (step {init['step']}): eta2 = {init['statistics']['eta2']:.3f}, "
-              f"p = {init['statistics']['p_value']:.2g}, tower medians "
-              + ", ".join(f"{m:.3f}" for m in init["tower_median"]))
+        print(
+            f"at initialisation (step {init['step']}): eta2 = {init['statistics']['eta2']:.3f}, "
+            f"p = {init['statistics']['p_value']:.2g}, tower medians "
+            + ", ".join(f"{m:.3f}" for m in init["tower_median"])
+        )
     else:
         print(f"(no initialisation record here: i.i.d. Gaussian kernels score {RANDOM_KERNEL_SCORE:.3f} on average)")
     print(summary_line(rec))
@@ -206,9 +244,12 @@ def analyse(path: Path, args, stem: str) -> dict:
     out = args.out or path.parent
     out.mkdir(parents=True, exist_ok=True)
     stats = Bisection(**rec["statistics"])
-    write_png(out / f"{stem}_scores.png", score_plot(rec["score"], rec["tower"], stats,
-                                                     init["score"] if init and init.get("score") else None,
-                                                     f"{path.name}"))
+    write_png(
+        out / f"{stem}_scores.png",
+        score_plot(
+            rec["score"], rec["tower"], stats, init["score"] if init and init.get("score") else None, f"{path.name}"
+        ),
+    )
     if kernels is not None:
         order = torch.tensor(rec["score"]).view(kernels.shape[:2]).argsort(1) if args.sort else None
         write_png(out / f"{stem}_kernels.png", kernel_grid(kernels, args.global_scale, order))
@@ -216,8 +257,10 @@ def analyse(path: Path, args, stem: str) -> dict:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, rec)
-    print(f"wrote {out / stem}_{{{'kernels,' if kernels is not None else ''}scores}}.png and {stem}_bisection.json"
-          + (f", and {args.json}" if args.json else ""))
+    print(
+        f"wrote {out / stem}_{{{'kernels,' if kernels is not None else ''}scores}}.png and {stem}_bisection.json"
+        + (f", and {args.json}" if args.json else "")
+    )
     return rec
 
 
@@ -226,8 +269,10 @@ def _stems(paths: list[Path], record: str, shared_out: bool) -> list[str]:
     --out folder get their parent folders' names in front until the names differ."""
     suffix = ["_init" if record == "init" and p.suffix == ".json" else "" for p in paths]
     for depth in range(max(len(p.parts) for p in paths)):
-        stems = ["_".join(p.parent.parts[len(p.parent.parts) - depth:] + (p.stem,)) + s if depth else p.stem + s
-                 for p, s in zip(paths, suffix)]
+        stems = [
+            "_".join(p.parent.parts[len(p.parent.parts) - depth :] + (p.stem,)) + s if depth else p.stem + s
+            for p, s in zip(paths, suffix)
+        ]
         if not shared_out or len(set(stems)) == len(stems):
             return stems
     raise SystemExit("the same input is given twice")
@@ -237,34 +282,58 @@ def main(argv=None) -> dict | list[dict]:
     """Returns the record of the one input, or the list of records of several (one that could not be
     measured: ``{"source", "error", "verdict": None}``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("paths", type=Path, nargs="+", metavar="path",
-                        help="checkpoint (.ckpt/.pt), weight array (.pt/.npy), bisection.json or a picture of a "
-                             "kernel grid (.png/.jpg/...); several at once")
+    parser.add_argument(
+        "paths",
+        type=Path,
+        nargs="+",
+        metavar="path",
+        help="checkpoint (.ckpt/.pt), weight array (.pt/.npy), bisection.json or a picture of a "
+        "kernel grid (.png/.jpg/...); several at once",
+    )
     parser.add_argument("--out", type=Path, help="folder for the grid, plot and JSON (default: beside each input)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the (one) input's record to OUT")
     parser.add_argument("--towers", type=int, help="tower count of a bare (K, 3, h, w) array or of a picture")
-    parser.add_argument("--bgr", action="store_true",
-                        help="the weights' colour channels are in BGR order (Caffe, OpenCV)")
+    parser.add_argument(
+        "--bgr", action="store_true", help="the weights' colour channels are in BGR order (Caffe, OpenCV)"
+    )
     parser.add_argument("--record", choices=["last", "init"], default="last", help="which record of a bisection.json")
-    parser.add_argument("--channel-std", type=float, nargs=3, metavar=("R", "G", "B"),
-                        help="per-channel std the inputs were divided by (default: from the checkpoint, else none)")
-    parser.add_argument("--axis", type=float, nargs=3, metavar=("R", "G", "B"),
-                        help="grey axis in RGB (default: from the checkpoint, else (1,1,1)/sqrt(3))")
+    parser.add_argument(
+        "--channel-std",
+        type=float,
+        nargs=3,
+        metavar=("R", "G", "B"),
+        help="per-channel std the inputs were divided by (default: from the checkpoint, else none)",
+    )
+    parser.add_argument(
+        "--axis",
+        type=float,
+        nargs=3,
+        metavar=("R", "G", "B"),
+        help="grey axis in RGB (default: from the checkpoint, else (1,1,1)/sqrt(3))",
+    )
     parser.add_argument("--permutations", type=int)
     parser.add_argument("--bootstrap", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--global-scale", action="store_true", help="one colour scale for all kernels in the grid")
     parser.add_argument("--sort", action="store_true", help="order each tower's kernels by score in the grid")
     picture = parser.add_argument_group("pictures of kernel grids (towers.figure_reader)")
-    picture.add_argument("--grid", metavar="ROWSxCOLS", help="the grid's rows and columns (default: found from "
-                                                             "the separating lines)")
+    picture.add_argument(
+        "--grid", metavar="ROWSxCOLS", help="the grid's rows and columns (default: found from the separating lines)"
+    )
     picture.add_argument("--kernel-size", type=int, default=11, help="pixels of a kernel's side (default 11)")
-    picture.add_argument("--offset", choices=OFFSET_MODES, default="auto",
-                         help="the display's grey offset to remove: per kernel, one global, or as the picture shows "
-                              "(auto: per kernel when every kernel is stretched to the full range)")
-    picture.add_argument("--jpeg-chroma", metavar="HxV",
-                         help="the chroma subsampling of the JPEG the picture once was, e.g. 2x2 (4:2:0) for a figure "
-                              "taken from a PDF as PNG; 1x1 for none (default: a JPEG file's own, else 1x1)")
+    picture.add_argument(
+        "--offset",
+        choices=OFFSET_MODES,
+        default="auto",
+        help="the display's grey offset to remove: per kernel, one global, or as the picture shows "
+        "(auto: per kernel when every kernel is stretched to the full range)",
+    )
+    picture.add_argument(
+        "--jpeg-chroma",
+        metavar="HxV",
+        help="the chroma subsampling of the JPEG the picture once was, e.g. 2x2 (4:2:0) for a figure "
+        "taken from a PDF as PNG; 1x1 for none (default: a JPEG file's own, else 1x1)",
+    )
     args = parser.parse_args(argv)
     if args.json and len(args.paths) > 1:
         parser.error("--json writes one input's record; with several inputs use --out")

@@ -48,15 +48,23 @@ PAPER_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "paper.yaml"
 def paper_schedule(path: Path = PAPER_CONFIG) -> dict:
     """Epochs, training images per epoch and the callback's interval, as configs/paper.yaml sets them."""
     config = yaml.safe_load(path.read_text())
-    every = [c.get("init_args", {}).get("every_n_epochs", 5) for c in config["trainer"]["callbacks"]
-             if c["class_path"].endswith("KernelBisectionCallback")]
+    every = [
+        c.get("init_args", {}).get("every_n_epochs", 5)
+        for c in config["trainer"]["callbacks"]
+        if c["class_path"].endswith("KernelBisectionCallback")
+    ]
     if not every:
         raise ValueError(f"{path} has no KernelBisectionCallback")
     max_epochs, every = config["trainer"]["max_epochs"], every[0]
     # at initialisation, every `every` epochs, and at the end unless that was an interval measurement
     measurements = 1 + max_epochs // every + (max_epochs % every != 0)
-    return dict(config=str(path.name), max_epochs=max_epochs, every_n_epochs=every, measurements=measurements,
-                images_per_epoch=config["data"]["train_size"] - config["data"]["val_size"])
+    return dict(
+        config=str(path.name),
+        max_epochs=max_epochs,
+        every_n_epochs=every,
+        measurements=measurements,
+        images_per_epoch=config["data"]["train_size"] - config["data"]["val_size"],
+    )
 
 
 def time_bisection(num_towers: int, permutations: int, repeats: int) -> dict:
@@ -70,8 +78,15 @@ def time_bisection(num_towers: int, permutations: int, repeats: int) -> dict:
         start = time.perf_counter()
         bisection(scores, towers, permutations, seed=seed)
         times.append(time.perf_counter() - start)
-    return dict(towers=num_towers, kernels=int(scores.numel()), permutations=permutations, repeats=repeats,
-                ms=1000 * statistics.median(times), ms_min=1000 * min(times), ms_max=1000 * max(times))
+    return dict(
+        towers=num_towers,
+        kernels=int(scores.numel()),
+        permutations=permutations,
+        repeats=repeats,
+        ms=1000 * statistics.median(times),
+        ms_min=1000 * min(times),
+        ms_max=1000 * max(times),
+    )
 
 
 class TimedKernelBisectionCallback(KernelBisectionCallback):
@@ -100,34 +115,60 @@ def time_callback(num_towers: int, measurements: int, logger: str, permutations:
     callback = TimedKernelBisectionCallback(every_n_epochs=None, every_n_steps=1, permutations=permutations)
     if logger == "wandb":
         from lightning.pytorch.loggers import WandbLogger
+
         os.environ["WANDB_MODE"] = "offline"  # a benchmark uploads nothing
         os.environ.setdefault("WANDB_SILENT", "true")
         run_logger = WandbLogger(project="towers-bench", save_dir=str(folder), offline=True)
     elif logger == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
+
         run_logger = TensorBoardLogger(str(folder))
     else:
         run_logger = False
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=measurements - 1, logger=run_logger,
-                        callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(folder), num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=measurements - 1,
+        logger=run_logger,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(folder),
+        num_sanity_val_steps=0,
+    )
     model = TowerClassifier(num_towers=num_towers, num_classes=2, image_size=67, lr_schedule="constant")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no validation loop, few workers: Lightning's advice, not our concern
         trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=2))
     if run_logger and logger == "wandb":
         import wandb
+
         wandb.finish()
     first, rest = callback.seconds[0], callback.seconds[1:]
-    return dict(towers=num_towers, logger=logger, measurements=len(callback.seconds), first_ms=1000 * first,
-                ms=1000 * statistics.median(rest), ms_min=1000 * min(rest), ms_max=1000 * max(rest))
+    return dict(
+        towers=num_towers,
+        logger=logger,
+        measurements=len(callback.seconds),
+        first_ms=1000 * first,
+        ms=1000 * statistics.median(rest),
+        ms_min=1000 * min(rest),
+        ms_max=1000 * max(rest),
+    )
 
 
 def step_rate(batch_size: int, steps: int) -> float:
     """images/s of bench_step's training step for the 2-tower paper model (227 px, full width), in
     channels_last, as TowerClassifier trains on the CPU."""
-    runner = Runner(TowerAlexNet(2, num_classes=2), 227, batch_size, torch.device("cpu"), bf16=False,
-                    compile_=False, channels_last=True)
+    runner = Runner(
+        TowerAlexNet(2, num_classes=2),
+        227,
+        batch_size,
+        torch.device("cpu"),
+        bf16=False,
+        compile_=False,
+        channels_last=True,
+    )
     runner.y = runner.y % 2
     runner.timed(1)  # warm-up
     times = [runner.timed(1) for _ in tqdm(range(steps), desc="training step", leave=False)]
@@ -137,19 +178,31 @@ def step_rate(batch_size: int, steps: int) -> float:
 def table(rows: list[dict], kind: str) -> str:
     if kind == "bisection":
         lines = ["| towers | kernels | permutations | ms (min–max) |", "|---|---|---|---|"]
-        lines += [f"| {r['towers']} | {r['kernels']} | {r['permutations']} | {r['ms']:.0f} ({r['ms_min']:.0f}–{r['ms_max']:.0f}) |"
-                  for r in rows]
+        lines += [
+            f"| {r['towers']} | {r['kernels']} | {r['permutations']} | {r['ms']:.0f} ({r['ms_min']:.0f}–{r['ms_max']:.0f}) |"
+            for r in rows
+        ]
     elif kind == "callback":
-        lines = ["| towers | logger | measurements | first ms | ms per measurement after it (min–max) |",
-                 "|---|---|---|---|---|"]
-        lines += [f"| {r['towers']} | {r['logger']} | {r['measurements']} | {r['first_ms']:.0f} | "
-                  f"{r['ms']:.0f} ({r['ms_min']:.0f}–{r['ms_max']:.0f}) |" for r in rows]
+        lines = [
+            "| towers | logger | measurements | first ms | ms per measurement after it (min–max) |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['towers']} | {r['logger']} | {r['measurements']} | {r['first_ms']:.0f} | "
+            f"{r['ms']:.0f} ({r['ms_min']:.0f}–{r['ms_max']:.0f}) |"
+            for r in rows
+        ]
     else:
-        lines = ["| towers | step rate from | images/s | epoch s | measurements s per run | training s per run | share | images/s at which the share is 1% |",
-                 "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['towers']} | {r['rate_from']} | {r['images_per_s']:.1f} | {r['epoch_s']:.0f} | "
-                  f"{r['measurement_s_per_run']:.1f} | {r['training_s_per_run']:.0f} | {r['share']:.4%} | "
-                  f"{r['images_per_s_at_1_percent']:.0f} |" for r in rows]
+        lines = [
+            "| towers | step rate from | images/s | epoch s | measurements s per run | training s per run | share | images/s at which the share is 1% |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['towers']} | {r['rate_from']} | {r['images_per_s']:.1f} | {r['epoch_s']:.0f} | "
+            f"{r['measurement_s_per_run']:.1f} | {r['training_s_per_run']:.0f} | {r['share']:.4%} | "
+            f"{r['images_per_s_at_1_percent']:.0f} |"
+            for r in rows
+        ]
     return "\n".join(lines)
 
 
@@ -159,8 +212,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--permutations", type=int, default=9999)
     parser.add_argument("--repeats", type=int, help="timed calls of bisection (default 7; --quick 2)")
     parser.add_argument("--measurements", type=int, help="callback measurements per fit (default 8; --quick 3)")
-    parser.add_argument("--logger", choices=["wandb", "tensorboard", "none"],
-                        help="the fit's logger (default wandb offline, as configs/paper.yaml; --quick none)")
+    parser.add_argument(
+        "--logger",
+        choices=["wandb", "tensorboard", "none"],
+        help="the fit's logger (default wandb offline, as configs/paper.yaml; --quick none)",
+    )
     parser.add_argument("--images-per-s", type=float, nargs="+", default=[], help="training rates to relate to")
     parser.add_argument("--data-json", type=Path, help="take the training step's rate from this bench_data JSON")
     parser.add_argument("--steps", type=int, help="timed training steps when measuring the rate (default 3)")
@@ -202,16 +258,34 @@ def main(argv: list[str] | None = None) -> dict:
             epoch_s = schedule["images_per_epoch"] / rate
             cost = (r["first_ms"] + (schedule["measurements"] - 1) * r["ms"]) / 1000
             training = schedule["max_epochs"] * epoch_s
-            share_rows.append(dict(towers=r["towers"], rate_from=rate_from, images_per_s=rate, epoch_s=epoch_s,
-                                   measurement_s_per_run=cost, training_s_per_run=training, share=cost / training,
-                                   # the training rate at which the measurements would cost 1% of the run
-                                   images_per_s_at_1_percent=0.01 * schedule["max_epochs"] * schedule["images_per_epoch"] / cost))
+            share_rows.append(
+                dict(
+                    towers=r["towers"],
+                    rate_from=rate_from,
+                    images_per_s=rate,
+                    epoch_s=epoch_s,
+                    measurement_s_per_run=cost,
+                    training_s_per_run=training,
+                    share=cost / training,
+                    # the training rate at which the measurements would cost 1% of the run
+                    images_per_s_at_1_percent=0.01 * schedule["max_epochs"] * schedule["images_per_epoch"] / cost,
+                )
+            )
     if share_rows:
         print(table(share_rows, "share"), flush=True)
 
     info["loadavg_at_end"] = os.getloadavg()
-    return save_results("bench_bisection", args.out, argv, started, info, paper_schedule=schedule,
-                        bisection=bisection_rows, callback=callback_rows, share=share_rows)
+    return save_results(
+        "bench_bisection",
+        args.out,
+        argv,
+        started,
+        info,
+        paper_schedule=schedule,
+        bisection=bisection_rows,
+        callback=callback_rows,
+        share=share_rows,
+    )
 
 
 if __name__ == "__main__":

@@ -70,14 +70,29 @@ def make_dataset(root: Path, count: int, long_side: tuple[int, int], seed: int =
     return dict(images=count, mean_kb=float(np.mean(sizes)) / 1024, mean_megapixels=float(np.mean(pixels)) / 1e6)
 
 
-def data_module(root: Path, cache: Path, fast_path: bool, workers: int, batch_size: int,
-                resize_size: int, image_size: int) -> CatsDogsDataModule:
+def data_module(
+    root: Path, cache: Path, fast_path: bool, workers: int, batch_size: int, resize_size: int, image_size: int
+) -> CatsDogsDataModule:
     """The paper's training pipeline (configs/paper.yaml's data section) on every image of ``root``."""
     return CatsDogsDataModule(
-        root=str(root), source="auto", test_size=0, val_size=0, train_size="rest", seed=0,
-        batch_size=batch_size, resize_size=resize_size, image_size=image_size, random_crop=True,
-        random_flip=True, mean="pixel", pca_noise_std=0.1, fast_path=fast_path, cache_dir=str(cache),
-        num_workers=workers, pin_memory=False)
+        root=str(root),
+        source="auto",
+        test_size=0,
+        val_size=0,
+        train_size="rest",
+        seed=0,
+        batch_size=batch_size,
+        resize_size=resize_size,
+        image_size=image_size,
+        random_crop=True,
+        random_flip=True,
+        mean="pixel",
+        pca_noise_std=0.1,
+        fast_path=fast_path,
+        cache_dir=str(cache),
+        num_workers=workers,
+        pin_memory=False,
+    )
 
 
 class Pipeline:
@@ -104,13 +119,17 @@ class Pipeline:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| pipeline | workers | images/s | × training step | ms per batch (min–max) | augmentation ms per batch |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| pipeline | workers | images/s | × training step | ms per batch (min–max) | augmentation ms per batch |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         workers = "–" if r["workers"] is None else r["workers"]
         augment = "–" if r["augment_ms_per_batch"] is None else f"{r['augment_ms_per_batch']:.0f}"
-        lines.append(f"| {r['pipeline']} | {workers} | {r['images_per_s']:.1f} | {r['ratio_to_step']:.1f} | "
-                     f"{r['ms_per_batch']:.0f} ({r['ms_per_batch_min']:.0f}–{r['ms_per_batch_max']:.0f}) | {augment} |")
+        lines.append(
+            f"| {r['pipeline']} | {workers} | {r['images_per_s']:.1f} | {r['ratio_to_step']:.1f} | "
+            f"{r['ms_per_batch']:.0f} ({r['ms_per_batch_min']:.0f}–{r['ms_per_batch_max']:.0f}) | {augment} |"
+        )
     return "\n".join(lines)
 
 
@@ -145,7 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_data-") as tmp:
         tmp = Path(tmp)
         if args.data_dir:
-            root, dataset = args.data_dir, dict(images=None, mean_kb=None, mean_megapixels=None, folder=str(args.data_dir))
+            root, dataset = (
+                args.data_dir,
+                dict(images=None, mean_kb=None, mean_megapixels=None, folder=str(args.data_dir)),
+            )
         else:
             root = tmp / "images"
             dataset = make_dataset(root, count, (100, 130) if args.quick else (400, 500))
@@ -157,17 +179,26 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         build.prepare_data()
         build_seconds = time.perf_counter() - start
-        store_build = dict(images=len(build.usable), seconds=build_seconds,
-                           images_per_s=len(build.usable) / build_seconds, workers=cores,
-                           store_mb=build.store_path.stat().st_size / 2**20)
+        store_build = dict(
+            images=len(build.usable),
+            seconds=build_seconds,
+            images_per_s=len(build.usable) / build_seconds,
+            workers=cores,
+            store_mb=build.store_path.stat().st_size / 2**20,
+        )
         dataset["images"] = len(build.usable)
-        print(f"store build (decode + check every file, write the store, training statistics): "
-              f"{build_seconds:.1f} s for {len(build.usable)} images, {store_build['images_per_s']:.0f} images/s "
-              f"with {cores} processes", flush=True)
+        print(
+            f"store build (decode + check every file, write the store, training statistics): "
+            f"{build_seconds:.1f} s for {len(build.usable)} images, {store_build['images_per_s']:.0f} images/s "
+            f"with {cores} processes",
+            flush=True,
+        )
 
         model = TowerAlexNet(2, num_classes=2, width_multiplier=width, image_size=image_size)
         # channels_last, as TowerClassifier trains on the CPU
-        step = Runner(model, image_size, batch_size, torch.device("cpu"), bf16=False, compile_=False, channels_last=True)
+        step = Runner(
+            model, image_size, batch_size, torch.device("cpu"), bf16=False, compile_=False, channels_last=True
+        )
         step.y = step.y % 2  # Runner draws 1000-class labels; the paper config has 2 classes
 
         pipelines = {}
@@ -189,26 +220,54 @@ def main(argv: list[str] | None = None) -> dict:
                 epochs[key].append(pipeline.run_epoch())
 
         step_rates = [batch_size / t for t in step_times]
-        rows = [dict(pipeline=STEP, workers=None, images_per_s=statistics.median(step_rates), ratio_to_step=1.0,
-                     ms_per_batch=1000 * statistics.median(step_times), ms_per_batch_min=1000 * min(step_times),
-                     ms_per_batch_max=1000 * max(step_times), augment_ms_per_batch=None)]
+        rows = [
+            dict(
+                pipeline=STEP,
+                workers=None,
+                images_per_s=statistics.median(step_rates),
+                ratio_to_step=1.0,
+                ms_per_batch=1000 * statistics.median(step_times),
+                ms_per_batch_min=1000 * min(step_times),
+                ms_per_batch_max=1000 * max(step_times),
+                augment_ms_per_batch=None,
+            )
+        ]
         for (name, w), runs in epochs.items():
             per_batch = [seconds / (images / batch_size) for images, seconds, _ in runs]
-            rows.append(dict(
-                pipeline=name, workers=w,
-                images_per_s=statistics.median(images / seconds for images, seconds, _ in runs),
-                ratio_to_step=statistics.median(images / seconds / r for (images, seconds, _), r in zip(runs, step_rates)),
-                ms_per_batch=1000 * statistics.median(per_batch), ms_per_batch_min=1000 * min(per_batch),
-                ms_per_batch_max=1000 * max(per_batch),
-                augment_ms_per_batch=1000 * statistics.median(a / (images / batch_size) for images, _, a in runs)))
+            rows.append(
+                dict(
+                    pipeline=name,
+                    workers=w,
+                    images_per_s=statistics.median(images / seconds for images, seconds, _ in runs),
+                    ratio_to_step=statistics.median(
+                        images / seconds / r for (images, seconds, _), r in zip(runs, step_rates)
+                    ),
+                    ms_per_batch=1000 * statistics.median(per_batch),
+                    ms_per_batch_min=1000 * min(per_batch),
+                    ms_per_batch_max=1000 * max(per_batch),
+                    augment_ms_per_batch=1000 * statistics.median(a / (images / batch_size) for images, _, a in runs),
+                )
+            )
         for pipeline in pipelines.values():
             del pipeline.loader  # shuts the persistent workers down before the folder goes
 
     info["loadavg_at_end"] = os.getloadavg()
     print(f"\n{table(rows)}")
-    return save_results("bench_data", args.out, argv, started, info, dataset=dataset, batch_size=batch_size,
-                        resize_size=resize_size, image_size=image_size, width_multiplier=width, rounds=rounds,
-                        store_build=store_build, results=rows)
+    return save_results(
+        "bench_data",
+        args.out,
+        argv,
+        started,
+        info,
+        dataset=dataset,
+        batch_size=batch_size,
+        resize_size=resize_size,
+        image_size=image_size,
+        width_multiplier=width,
+        rounds=rounds,
+        store_build=store_build,
+        results=rows,
+    )
 
 
 if __name__ == "__main__":

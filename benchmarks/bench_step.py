@@ -91,30 +91,61 @@ class NaiveTowerAlexNet(nn.Module):
     only: the package's model runs the towers as grouped convolutions.
     """
 
-    def __init__(self, num_towers: int = 2, num_classes: int = 1000, width_multiplier: float = 1.0,
-                 image_size: int = 227, dropout: float = 0.5):
+    def __init__(
+        self,
+        num_towers: int = 2,
+        num_classes: int = 1000,
+        width_multiplier: float = 1.0,
+        image_size: int = 227,
+        dropout: float = 0.5,
+    ):
         super().__init__()
         w, T = tower_widths(num_towers, "split", width_multiplier), num_towers
 
         def lrn():
             return nn.LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
 
-        self.lower = nn.ModuleList(nn.Sequential(OrderedDict([
-            ("conv1", nn.Conv2d(3, w["conv1"], 11, stride=4)), ("relu1", nn.ReLU(inplace=True)), ("norm1", lrn()),
-            ("pool1", nn.MaxPool2d(3, stride=2)),
-            ("conv2", nn.Conv2d(w["conv1"], w["conv2"], 5, padding=2)), ("relu2", nn.ReLU(inplace=True)),
-            ("norm2", lrn()), ("pool2", nn.MaxPool2d(3, stride=2)),
-        ])) for _ in range(T))
-        self.upper = nn.ModuleList(nn.Sequential(OrderedDict([
-            ("conv3", nn.Conv2d(T * w["conv2"], w["conv3"], 3, padding=1)), ("relu3", nn.ReLU(inplace=True)),
-            ("conv4", nn.Conv2d(w["conv3"], w["conv4"], 3, padding=1)), ("relu4", nn.ReLU(inplace=True)),
-            ("conv5", nn.Conv2d(w["conv4"], w["conv5"], 3, padding=1)), ("relu5", nn.ReLU(inplace=True)),
-            ("pool5", nn.MaxPool2d(3, stride=2)),
-        ])) for _ in range(T))
+        self.lower = nn.ModuleList(
+            nn.Sequential(
+                OrderedDict(
+                    [
+                        ("conv1", nn.Conv2d(3, w["conv1"], 11, stride=4)),
+                        ("relu1", nn.ReLU(inplace=True)),
+                        ("norm1", lrn()),
+                        ("pool1", nn.MaxPool2d(3, stride=2)),
+                        ("conv2", nn.Conv2d(w["conv1"], w["conv2"], 5, padding=2)),
+                        ("relu2", nn.ReLU(inplace=True)),
+                        ("norm2", lrn()),
+                        ("pool2", nn.MaxPool2d(3, stride=2)),
+                    ]
+                )
+            )
+            for _ in range(T)
+        )
+        self.upper = nn.ModuleList(
+            nn.Sequential(
+                OrderedDict(
+                    [
+                        ("conv3", nn.Conv2d(T * w["conv2"], w["conv3"], 3, padding=1)),
+                        ("relu3", nn.ReLU(inplace=True)),
+                        ("conv4", nn.Conv2d(w["conv3"], w["conv4"], 3, padding=1)),
+                        ("relu4", nn.ReLU(inplace=True)),
+                        ("conv5", nn.Conv2d(w["conv4"], w["conv5"], 3, padding=1)),
+                        ("relu5", nn.ReLU(inplace=True)),
+                        ("pool5", nn.MaxPool2d(3, stride=2)),
+                    ]
+                )
+            )
+            for _ in range(T)
+        )
         side = conv_output_size(image_size)
         self.classifier = nn.Sequential(
-            nn.Linear(T * w["conv5"] * side * side, T * w["fc6"]), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(T * w["fc6"], T * w["fc7"]), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(T * w["conv5"] * side * side, T * w["fc6"]),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(T * w["fc6"], T * w["fc7"]),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
             nn.Linear(T * w["fc7"], num_classes),
         )
 
@@ -131,10 +162,11 @@ class NaiveTowerAlexNet(nn.Module):
             for name in ("conv1", "conv2", "conv3", "conv4", "conv5"):
                 mine = getattr(lower if name in ("conv1", "conv2") else upper, name)
                 n = mine.out_channels
-                mine.weight.copy_(layers[name].weight[k * n:(k + 1) * n])
-                mine.bias.copy_(layers[name].bias[k * n:(k + 1) * n])
-        for mine, theirs in zip([m for m in self.classifier if isinstance(m, nn.Linear)],
-                                [layers["fc6"], layers["fc7"], layers["fc8"]]):
+                mine.weight.copy_(layers[name].weight[k * n : (k + 1) * n])
+                mine.bias.copy_(layers[name].bias[k * n : (k + 1) * n])
+        for mine, theirs in zip(
+            [m for m in self.classifier if isinstance(m, nn.Linear)], [layers["fc6"], layers["fc7"], layers["fc8"]]
+        ):
             mine.load_state_dict(theirs.state_dict())
         return self
 
@@ -167,12 +199,25 @@ def build_models(quick: bool) -> dict[str, tuple[nn.Module, int]]:
 
 
 CHANNELS_LAST = " channels_last"
-MODEL_NAMES = [BASELINE, BASELINE + CHANNELS_LAST, "towers-1", "towers-2", "towers-2" + CHANNELS_LAST, "towers-4",
-               "towers-2 nn.LRN", "towers-2 no LRN", "towers-2 no LRN" + CHANNELS_LAST, "naive-2"]
+MODEL_NAMES = [
+    BASELINE,
+    BASELINE + CHANNELS_LAST,
+    "towers-1",
+    "towers-2",
+    "towers-2" + CHANNELS_LAST,
+    "towers-4",
+    "towers-2 nn.LRN",
+    "towers-2 no LRN",
+    "towers-2 no LRN" + CHANNELS_LAST,
+    "naive-2",
+]
 
 # what the LRN share of a model is measured against
-NO_LRN = {"towers-2": "towers-2 no LRN", "towers-2 nn.LRN": "towers-2 no LRN",
-          "towers-2" + CHANNELS_LAST: "towers-2 no LRN" + CHANNELS_LAST}
+NO_LRN = {
+    "towers-2": "towers-2 no LRN",
+    "towers-2 nn.LRN": "towers-2 no LRN",
+    "towers-2" + CHANNELS_LAST: "towers-2 no LRN" + CHANNELS_LAST,
+}
 
 
 def rss_bytes(field: str) -> int | None:
@@ -203,8 +248,9 @@ class Runner:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=memory_format).train()
         # fused, as towers.TowerClassifier trains, and the same for every model: one pass per parameter
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,
-                                         fused=device.type in ("cpu", "cuda"))
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=device.type in ("cpu", "cuda")
+        )
         generator = torch.Generator().manual_seed(0)
         self.x = torch.randn(batch_size, 3, side, side, generator=generator).to(device, memory_format=memory_format)
         self.y = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
@@ -275,24 +321,46 @@ class LRNTimer:
 def lrn_layers(model: nn.Module) -> list[nn.Module]:
     """norm1 and norm2 of a TowerAlexNet (either LRN), none of any other model."""
     features = getattr(model, "features", None)
-    return [layer for name in ("norm1", "norm2")
-            if not isinstance(layer := getattr(features, name, nn.Identity()), nn.Identity)]
+    return [
+        layer
+        for name in ("norm1", "norm2")
+        if not isinstance(layer := getattr(features, name, nn.Identity()), nn.Identity)
+    ]
 
 
 def modes(device: torch.device) -> list[dict]:
     if device.type == "cuda":
-        return [dict(name=f"cuda bf16{' compile' if c else ''}{' channels_last' if cl else ''}",
-                     bf16=True, compile_=c, channels_last=cl) for c in (False, True) for cl in (False, True)]
+        return [
+            dict(
+                name=f"cuda bf16{' compile' if c else ''}{' channels_last' if cl else ''}",
+                bf16=True,
+                compile_=c,
+                channels_last=cl,
+            )
+            for c in (False, True)
+            for cl in (False, True)
+        ]
     return [dict(name="cpu fp32", bf16=False, compile_=False, channels_last=False)]
 
 
-def measure(batch_size: int, device: torch.device, mode: dict, quick: bool, warmup: int, rounds: int,
-            steps_per_round: int, only: list[str] | None) -> list[dict]:
+def measure(
+    batch_size: int,
+    device: torch.device,
+    mode: dict,
+    quick: bool,
+    warmup: int,
+    rounds: int,
+    steps_per_round: int,
+    only: list[str] | None,
+) -> list[dict]:
     from tqdm.auto import tqdm
 
     built = build_models(quick)
-    names = [n for n in built if (only is None or n in only or n == BASELINE)
-             and not (n.endswith(CHANNELS_LAST) and device.type == "cuda")]  # CUDA's modes cover the format
+    names = [
+        n
+        for n in built
+        if (only is None or n in only or n == BASELINE) and not (n.endswith(CHANNELS_LAST) and device.type == "cuda")
+    ]  # CUDA's modes cover the format
     mode_args = {k: v for k, v in mode.items() if k != "name"}
     runners = {}
     for name in names:
@@ -320,19 +388,31 @@ def measure(batch_size: int, device: torch.device, mode: dict, quick: bool, warm
     for name, runner in runners.items():
         t = times[name]
         row = dict(
-            model=name, mode=mode["name"], batch_size=batch_size, image_size=runner.x.shape[-1],
+            model=name,
+            mode=mode["name"],
+            batch_size=batch_size,
+            image_size=runner.x.shape[-1],
             parameters=sum(p.numel() for p in runner.model.parameters()),
             images_per_s=batch_size / statistics.median(t),
-            step_ms=1000 * statistics.median(t), step_ms_min=1000 * min(t), step_ms_max=1000 * max(t),
+            step_ms=1000 * statistics.median(t),
+            step_ms_min=1000 * min(t),
+            step_ms_max=1000 * max(t),
             ratio_to_alexnet=statistics.median(b / m for b, m in zip(times[BASELINE], t)),
             ratio_ci95=median_ci95([b / m for b, m in zip(times[BASELINE], t)]),
-            lrn_ms=None, lrn_share_timed=None, lrn_share_timed_ci95=None,
-            lrn_share_removed=None, lrn_share_removed_ci95=None, peak_memory_mb=None,
+            lrn_ms=None,
+            lrn_share_timed=None,
+            lrn_share_timed_ci95=None,
+            lrn_share_removed=None,
+            lrn_share_removed_ci95=None,
+            peak_memory_mb=None,
         )
         if name in lrn_times:  # the LRN layers' own time in each step, over the step
             shares = [lrn / m for lrn, m in zip(lrn_times[name], t)]
-            row.update(lrn_ms=1000 * statistics.median(lrn_times[name]), lrn_share_timed=statistics.median(shares),
-                       lrn_share_timed_ci95=median_ci95(shares))
+            row.update(
+                lrn_ms=1000 * statistics.median(lrn_times[name]),
+                lrn_share_timed=statistics.median(shares),
+                lrn_share_timed_ci95=median_ci95(shares),
+            )
         if NO_LRN.get(name) in times:  # what removing the LRN layers saves, in the same rounds
             shares = [1 - n / m for n, m in zip(times[NO_LRN[name]], t)]
             row.update(lrn_share_removed=statistics.median(shares), lrn_share_removed_ci95=median_ci95(shares))
@@ -355,9 +435,12 @@ def median_ci95(per_round: list[float]) -> list[float] | None:
 
 
 def add_malloc_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's malloc as it is; by default freed memory is kept for reuse, as train.py "
-                             "does on the CPU (towers/allocator.py), for every model in the process alike")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is; by default freed memory is kept for reuse, as train.py "
+        "does on the CPU (towers/allocator.py), for every model in the process alike",
+    )
 
 
 def malloc_as_train_py(args: argparse.Namespace, device: torch.device) -> bool:
@@ -367,9 +450,15 @@ def malloc_as_train_py(args: argparse.Namespace, device: torch.device) -> bool:
 
 
 def machine() -> dict:
-    info = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
-                threads=torch.get_num_threads(), cpu=platform.processor(), cpu_count=os.cpu_count(),
-                mkldnn=torch.backends.mkldnn.is_available())
+    info = dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        torchvision=torchvision.__version__,
+        threads=torch.get_num_threads(),
+        cpu=platform.processor(),
+        cpu_count=os.cpu_count(),
+        mkldnn=torch.backends.mkldnn.is_available(),
+    )
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -378,8 +467,9 @@ def machine() -> dict:
     except OSError:
         pass
     # the allocator decides what a fresh activation costs on the CPU (page faults; BENCHMARKS.md)
-    info["allocator_env"] = {k: v for k, v in os.environ.items()
-                             if k.startswith("MALLOC_") or k in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")}
+    info["allocator_env"] = {
+        k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
+    }
     try:
         info["transparent_hugepage"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
     except OSError:
@@ -400,24 +490,32 @@ def table(rows: list[dict]) -> str:
     def interval(ci, spec=".2f"):
         return "" if not ci else f" ({ci[0]:{spec}}–{ci[1]:{spec}})"
 
-    lines = ["| mode | batch | model | px | images/s | × alexnet (95% CI) | step ms (min–max) | peak MB | LRN ms "
-             "| LRN share: timed (95% CI) | LRN share: removed (95% CI) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | batch | model | px | images/s | × alexnet (95% CI) | step ms (min–max) | peak MB | LRN ms "
+        "| LRN share: timed (95% CI) | LRN share: removed (95% CI) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['batch_size']} | {r['model']} | {r['image_size']} | "
-                     f"{r['images_per_s']:.1f} | {r['ratio_to_alexnet']:.2f}{interval(r.get('ratio_ci95'))} | "
-                     f"{r['step_ms']:.0f} ({r['step_ms_min']:.0f}–{r['step_ms_max']:.0f}) | "
-                     f"{fmt(r['peak_memory_mb'], '.0f')} | {fmt(r.get('lrn_ms'), '.0f')} | "
-                     f"{fmt(r.get('lrn_share_timed'), '.1%')}{interval(r.get('lrn_share_timed_ci95'), '.1%')} | "
-                     f"{fmt(r.get('lrn_share_removed'), '.1%')}{interval(r.get('lrn_share_removed_ci95'), '.1%')} |")
+        lines.append(
+            f"| {r['mode']} | {r['batch_size']} | {r['model']} | {r['image_size']} | "
+            f"{r['images_per_s']:.1f} | {r['ratio_to_alexnet']:.2f}{interval(r.get('ratio_ci95'))} | "
+            f"{r['step_ms']:.0f} ({r['step_ms_min']:.0f}–{r['step_ms_max']:.0f}) | "
+            f"{fmt(r['peak_memory_mb'], '.0f')} | {fmt(r.get('lrn_ms'), '.0f')} | "
+            f"{fmt(r.get('lrn_share_timed'), '.1%')}{interval(r.get('lrn_share_timed_ci95'), '.1%')} | "
+            f"{fmt(r.get('lrn_share_removed'), '.1%')}{interval(r.get('lrn_share_removed_ci95'), '.1%')} |"
+        )
     return "\n".join(lines)
 
 
 def save_results(name: str, out: Path | None, argv, started, info: dict, **results) -> dict:
     """Write what was measured, on which machine and by which command, as JSON (atomically)."""
-    payload = dict(benchmark=name, started=started.isoformat(),
-                   command=[f"benchmarks/{name}.py", *(argv if argv is not None else sys.argv[1:])],
-                   machine=info, **results)
+    payload = dict(
+        benchmark=name,
+        started=started.isoformat(),
+        command=[f"benchmarks/{name}.py", *(argv if argv is not None else sys.argv[1:])],
+        machine=info,
+        **results,
+    )
     out = out or RESULTS_DIR / f"{name}-{started:%Y%m%dT%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(payload, indent=2))
@@ -439,8 +537,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_step-<time>.json)")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
     if args.threads:
@@ -462,8 +565,9 @@ def main(argv: list[str] | None = None) -> dict:
             rows += measure(batch_size, device, mode, args.quick, warmup, rounds, steps, args.models)
             print(table([r for r in rows if r["mode"] == mode["name"] and r["batch_size"] == batch_size]), flush=True)
     print(f"\n{table(rows)}")
-    return save_results("bench_step", args.out, argv, started, info,
-                        warmup=warmup, rounds=rounds, steps_per_round=steps, results=rows)
+    return save_results(
+        "bench_step", args.out, argv, started, info, warmup=warmup, rounds=rounds, steps_per_round=steps, results=rows
+    )
 
 
 if __name__ == "__main__":

@@ -54,9 +54,14 @@ def at_initialisation(num_towers: int, width_policy: str, seeds: int, permutatio
         called += v.specialised
         delta_sig += v.p_delta_f < 0.05
         eta_sig += b.p_value < 0.05
-    return {"num_towers": num_towers, "width_policy": width_policy, "kernels": int(kernels.shape[0] * kernels.shape[1]),
-            "specialised": rate(called, seeds), "p_delta_f_below_0.05": rate(delta_sig, seeds),
-            "eta2_p_below_0.05": rate(eta_sig, seeds)}
+    return {
+        "num_towers": num_towers,
+        "width_policy": width_policy,
+        "kernels": int(kernels.shape[0] * kernels.shape[1]),
+        "specialised": rate(called, seeds),
+        "p_delta_f_below_0.05": rate(delta_sig, seeds),
+        "eta2_p_below_0.05": rate(eta_sig, seeds),
+    }
 
 
 def grey_or_colour(p_colour: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
@@ -97,8 +102,10 @@ def main(argv=None) -> dict:
     for t, policy in INIT_ROWS:
         row = at_initialisation(t, policy, args.seeds, args.permutations)
         init.append(row)
-        print(f"{t} ({policy}){'':<{16 - len(str(t)) - len(policy) - 3}}{row['kernels']:>8}  "
-              f"{fmt(row['specialised']):<28}{fmt(row['p_delta_f_below_0.05']):<28}{fmt(row['eta2_p_below_0.05']):<28}")
+        print(
+            f"{t} ({policy}){'':<{16 - len(str(t)) - len(policy) - 3}}{row['kernels']:>8}  "
+            f"{fmt(row['specialised']):<28}{fmt(row['p_delta_f_below_0.05']):<28}{fmt(row['eta2_p_below_0.05']):<28}"
+        )
 
     print("\nExchangeable mixtures (no tower effect): called specialised; delta-f p < 0.05")
     mixtures = []
@@ -115,9 +122,18 @@ def main(argv=None) -> dict:
         power.append({"p_grey_agnostic": p_grey, "p_colour_specific": p_colour, "specialised": r})
         print(f"  agnostic tower {100 * p_grey:.0f}% grey, specific tower {100 * p_colour:.0f}% colour: {fmt(r)}")
 
-    return save_results("calibration", args.out, argv, started, machine(),
-                        seeds=args.seeds, permutations=args.permutations, initialisation=init,
-                        mixtures=mixtures, power=power)
+    return save_results(
+        "calibration",
+        args.out,
+        argv,
+        started,
+        machine(),
+        seeds=args.seeds,
+        permutations=args.permutations,
+        initialisation=init,
+        mixtures=mixtures,
+        power=power,
+    )
 
 
 if __name__ == "__main__":

@@ -81,24 +81,32 @@ def train_module():
 
 
 def model_kwargs(args) -> dict:
-    return dict(num_towers=args.num_towers, num_classes=2, width_multiplier=args.width_multiplier,
-                image_size=args.image_size)
+    return dict(
+        num_towers=args.num_towers, num_classes=2, width_multiplier=args.width_multiplier, image_size=args.image_size
+    )
 
 
 # --- 1. equivalence ---------------------------------------------------------------------------------
+
 
 def check_equivalence(args) -> bool:
     from towers.model import TowerAlexNet
     from towers.parallel import TowerParallelAlexNet
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    devices = [f"cuda:{i}" for i in range(min(2, torch.cuda.device_count()))] if not args.cpu_dry_run else ["cpu", "cpu"]
+    devices = (
+        [f"cuda:{i}" for i in range(min(2, torch.cuda.device_count()))] if not args.cpu_dry_run else ["cpu", "cpu"]
+    )
     torch.manual_seed(0)
     model = TowerAlexNet(**model_kwargs(args), init_std=0.03, dropout=0.0).to(devices[0])
     placed = TowerParallelAlexNet(model, devices)
-    wrong = [(d, name, p.device) for d, device in enumerate(placed.devices)
-             for part in (placed.conv1_to_pool2[d], placed.conv3_to_pool5[d])
-             for name, p in part.named_parameters() if p.device != device]
+    wrong = [
+        (d, name, p.device)
+        for d, device in enumerate(placed.devices)
+        for part in (placed.conv1_to_pool2[d], placed.conv3_to_pool5[d])
+        for name, p in part.named_parameters()
+        if p.device != device
+    ]
     x = torch.randn(8, 3, args.image_size, args.image_size, device=devices[0]) * 50
     y = torch.arange(8, device=devices[0]) % 2
     outs = []
@@ -115,17 +123,29 @@ def check_equivalence(args) -> bool:
     with torch.no_grad(), torch.autocast(torch.device(devices[0]).type, dtype=half):
         half_err = ((placed(x).float() - outs[0]).abs().max() / outs[0].abs().max()).item()
     ok = not wrong and out_err < 1e-4 and grad_err < 1e-3
-    print(f"towers on {devices} (tower k on device k % {len(placed.devices)}: {placed.towers_on_device}); "
-          f"parameters on the wrong device: {wrong or 'none'}")
-    print(f"fp32, TF32 off: max relative difference to the single-device model: outputs {out_err:.1e}, "
-          f"gradients {grad_err:.1e} -> {'OK' if ok else 'FAILED'}")
+    print(
+        f"towers on {devices} (tower k on device k % {len(placed.devices)}: {placed.towers_on_device}); "
+        f"parameters on the wrong device: {wrong or 'none'}"
+    )
+    print(
+        f"fp32, TF32 off: max relative difference to the single-device model: outputs {out_err:.1e}, "
+        f"gradients {grad_err:.1e} -> {'OK' if ok else 'FAILED'}"
+    )
     print(f"{half} autocast vs fp32 single-device outputs: {half_err:.1e} (rounding, for information)")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return {"ok": ok, "devices": devices, "wrong_device": [str(w) for w in wrong], "fp32_output_error": out_err,
-            "fp32_gradient_error": grad_err, "half_dtype": str(half), "half_output_error": half_err}
+    return {
+        "ok": ok,
+        "devices": devices,
+        "wrong_device": [str(w) for w in wrong],
+        "fp32_output_error": out_err,
+        "fp32_gradient_error": grad_err,
+        "half_dtype": str(half),
+        "half_output_error": half_err,
+    }
 
 
 # --- 2. throughput, one subprocess per run --------------------------------------------------------
+
 
 def train_one(args) -> None:
     """Child process: train warmup + steps with one strategy, print one RESULT line (rank 0)."""
@@ -141,8 +161,13 @@ def train_one(args) -> None:
         def setup(self, stage):
             device, n = self.trainer.strategy.root_device, args.batch_size
             g = torch.Generator(device=device).manual_seed(self.trainer.global_rank)
-            self.batches = [(torch.randn(n, 3, args.image_size, args.image_size, device=device, generator=g),
-                             torch.randint(0, 2, (n,), device=device, generator=g)) for _ in range(4)]
+            self.batches = [
+                (
+                    torch.randn(n, 3, args.image_size, args.image_size, device=device, generator=g),
+                    torch.randint(0, 2, (n,), device=device, generator=g),
+                )
+                for _ in range(4)
+            ]
 
         def train_dataloader(self):  # batch_size=None: the items are whole batches already
             return DataLoader([self.batches[i % 4] for i in range(args.warmup + args.steps)], batch_size=None)
@@ -189,17 +214,40 @@ def train_one(args) -> None:
                 for d, device in enumerate(placed.devices):
                     assert all(p.device == device for p in placed.conv1_to_pool2[d].parameters())
                     assert all(p.device == device for p in placed.conv3_to_pool5[d].parameters())
-            print("RESULT " + json.dumps(dict(
-                mode=args.mode, gpus=args.devices, precision=trainer.precision, images_per_s=images / seconds,
-                channels_last=args.mode == "single_channels_last", compiled=args.mode == "single_compile",
-                ms_per_step=1000 * seconds / args.steps, peak_gib=memory)), flush=True)
+            print(
+                "RESULT "
+                + json.dumps(
+                    dict(
+                        mode=args.mode,
+                        gpus=args.devices,
+                        precision=trainer.precision,
+                        images_per_s=images / seconds,
+                        channels_last=args.mode == "single_channels_last",
+                        compiled=args.mode == "single_compile",
+                        ms_per_step=1000 * seconds / args.steps,
+                        peak_gib=memory,
+                    )
+                ),
+                flush=True,
+            )
 
     strategy = TowerParallelStrategy() if args.mode == "tower" else "ddp" if args.mode == "ddp" else "auto"
     trainer = L.Trainer(
-        accelerator="cpu" if args.cpu_dry_run else "gpu", devices=args.devices, strategy=strategy,
-        precision=precision(args), benchmark=not args.cpu_dry_run, max_steps=args.warmup + args.steps,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False, callbacks=[Timer()])
+        accelerator="cpu" if args.cpu_dry_run else "gpu",
+        devices=args.devices,
+        strategy=strategy,
+        precision=precision(args),
+        benchmark=not args.cpu_dry_run,
+        max_steps=args.warmup + args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        callbacks=[Timer()],
+    )
     channels_last = args.mode == "single_channels_last"
     module = Classifier(**model_kwargs(args), lr_schedule="constant", channels_last=channels_last)
     # Lightning trains a compiled LightningModule as it is (its forward compiled; the warmup steps compile)
@@ -215,53 +263,94 @@ def run_all(args) -> int:
     ok = equivalence["ok"]
 
     default = precision(args)
-    runs = [("single", 1, "32-true"), ("single", 1, default), ("single_channels_last", 1, default),
-            ("single_compile", 1, default), ("tower", 1, default)]
+    runs = [
+        ("single", 1, "32-true"),
+        ("single", 1, default),
+        ("single_channels_last", 1, default),
+        ("single_compile", 1, default),
+        ("tower", 1, default),
+    ]
     skipped = []
     if args.skip_compile or args.cpu_dry_run:
         # on the CPU the LRN runs as Numba loops (towers/lrn.py), which dynamo cannot trace; on CUDA it is
         # tensor operations, which it compiles
         runs.remove(("single_compile", 1, default))
-        skipped.append("single_compile: " + ("--skip-compile" if args.skip_compile else
-                                             "not on the CPU (dynamo cannot trace the LRN's Numba loops)"))
+        skipped.append(
+            "single_compile: "
+            + ("--skip-compile" if args.skip_compile else "not on the CPU (dynamo cannot trace the LRN's Numba loops)")
+        )
         print(f"skipped {skipped[-1]}")
     if default == "32-true":  # the first two are the same run
         runs.remove(("single", 1, default))
     if gpus >= 2:
         runs += [("tower", 2, default), ("ddp", gpus, default)]
-    common = [f"--num-towers={args.num_towers}", f"--batch-size={args.batch_size}", f"--image-size={args.image_size}",
-              f"--width-multiplier={args.width_multiplier}", f"--warmup={args.warmup}", f"--steps={args.steps}"]
+    common = [
+        f"--num-towers={args.num_towers}",
+        f"--batch-size={args.batch_size}",
+        f"--image-size={args.image_size}",
+        f"--width-multiplier={args.width_multiplier}",
+        f"--warmup={args.warmup}",
+        f"--steps={args.steps}",
+    ]
     if args.cpu_dry_run:
         common.append("--cpu-dry-run")
     results, failures = [], []
     for mode, devices, prec in runs:
-        cmd = [sys.executable, str(Path(__file__).resolve()), f"--mode={mode}", f"--devices={devices}",
-               f"--precision={prec}", *common]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            f"--mode={mode}",
+            f"--devices={devices}",
+            f"--precision={prec}",
+            *common,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not found:
             print(f"{mode} on {devices} device(s), {prec} FAILED (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-            failures.append({"mode": mode, "gpus": devices, "precision": prec, "exit": proc.returncode,
-                             "stderr": proc.stderr[-3000:]})
+            failures.append(
+                {
+                    "mode": mode,
+                    "gpus": devices,
+                    "precision": prec,
+                    "exit": proc.returncode,
+                    "stderr": proc.stderr[-3000:],
+                }
+            )
             ok = False
             continue
-        results.append(json.loads(found[0][len("RESULT "):]))
+        results.append(json.loads(found[0][len("RESULT ") :]))
 
-    print(f"\nAlexNet, {args.num_towers} towers, {args.image_size}px, width x{args.width_multiplier}, "
-          f"batch {args.batch_size} per process, {args.steps} timed steps after {args.warmup}"
-          + (" (CPU dry run: timings meaningless)" if args.cpu_dry_run else ""))
+    print(
+        f"\nAlexNet, {args.num_towers} towers, {args.image_size}px, width x{args.width_multiplier}, "
+        f"batch {args.batch_size} per process, {args.steps} timed steps after {args.warmup}"
+        + (" (CPU dry run: timings meaningless)" if args.cpu_dry_run else "")
+    )
     print(f"{'mode':<22}{'GPUs':>5}{'precision':>12}{'images/s':>11}{'ms/step':>9}  peak GiB per GPU (rank 0's)")
     for r in results:
-        print(f"{r['mode']:<22}{r['gpus']:>5}{r['precision']:>12}{r['images_per_s']:>11.0f}{r['ms_per_step']:>9.1f}  {r['peak_gib']}")
+        print(
+            f"{r['mode']:<22}{r['gpus']:>5}{r['precision']:>12}{r['images_per_s']:>11.0f}{r['ms_per_step']:>9.1f}  {r['peak_gib']}"
+        )
     from towers.files import write_atomic
 
     seconds = time.perf_counter() - start
-    report = {"ok": ok, "devices": names, "torch": torch.__version__, "cuda": torch.version.cuda,
-              "default_precision": default, "cpu_dry_run": args.cpu_dry_run,
-              "settings": {k: getattr(args, k) for k in ("num_towers", "batch_size", "image_size", "width_multiplier",
-                                                          "warmup", "steps")},
-              "equivalence": equivalence, "runs": results, "failures": failures, "skipped": skipped,
-              "seconds": round(seconds, 1)}
+    report = {
+        "ok": ok,
+        "devices": names,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "default_precision": default,
+        "cpu_dry_run": args.cpu_dry_run,
+        "settings": {
+            k: getattr(args, k)
+            for k in ("num_towers", "batch_size", "image_size", "width_multiplier", "warmup", "steps")
+        },
+        "equivalence": equivalence,
+        "runs": results,
+        "failures": failures,
+        "skipped": skipped,
+        "seconds": round(seconds, 1),
+    }
     write_atomic(args.out, json.dumps(report, indent=1))
     print(f"{'OK' if ok else 'FAILED'} in {seconds:.0f} s; wrote {args.out}")
     return 0 if ok else 1
@@ -270,7 +359,9 @@ def run_all(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.cpu_dry_run and not torch.cuda.is_available():
-        print("no GPU, skipped: torch.cuda.is_available() is False (use --cpu-dry-run to exercise the script on the CPU)")
+        print(
+            "no GPU, skipped: torch.cuda.is_available() is False (use --cpu-dry-run to exercise the script on the CPU)"
+        )
         return 0
     if args.mode:
         train_one(args)

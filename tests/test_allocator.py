@@ -24,8 +24,9 @@ for _ in range(8):
 
 
 def faults_per_step(mode: str) -> list[int]:
-    result = subprocess.run([sys.executable, "-c", STEPS, mode], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", STEPS, mode], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
     return [int(line) for line in result.stdout.split()]
 
 

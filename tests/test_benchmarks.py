@@ -3,8 +3,15 @@ import platform
 
 import torch
 
-from benchmarks.bench_step import (BASELINE, CHANNELS_LAST, MODEL_NAMES, NaiveTowerAlexNet, TowerwiseTorchLRN, main,
-                                   median_ci95)
+from benchmarks.bench_step import (
+    BASELINE,
+    CHANNELS_LAST,
+    MODEL_NAMES,
+    NaiveTowerAlexNet,
+    TowerwiseTorchLRN,
+    main,
+    median_ci95,
+)
 from towers.lrn import local_response_norm
 from towers.model import TowerAlexNet
 
@@ -27,9 +34,26 @@ def test_towerwise_torch_lrn_is_towers_lrn():
 def test_quick_benchmark_writes_a_row_per_model(tmp_path):
     out = tmp_path / "step.json"
     cl = "towers-2" + CHANNELS_LAST
-    payload = main(["--quick", "--batch-sizes", "2", "--warmup", "0", "--rounds", "5", "--device", "cpu",
-                    "--models", "towers-2", "towers-2 no LRN", cl, "towers-2 no LRN" + CHANNELS_LAST,
-                    "--out", str(out)])
+    payload = main(
+        [
+            "--quick",
+            "--batch-sizes",
+            "2",
+            "--warmup",
+            "0",
+            "--rounds",
+            "5",
+            "--device",
+            "cpu",
+            "--models",
+            "towers-2",
+            "towers-2 no LRN",
+            cl,
+            "towers-2 no LRN" + CHANNELS_LAST,
+            "--out",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(payload["results"]))
     rows = {r["model"]: r for r in saved["results"]}
@@ -97,15 +121,20 @@ def test_quick_bisection_benchmark_relates_the_cost_to_the_paper_run(tmp_path):
     from benchmarks.bench_bisection import paper_schedule
 
     out = tmp_path / "bisection.json"
-    payload = bench_bisection(["--quick", "--towers", "2", "4", "--permutations", "999",
-                               "--images-per-s", "10", "--out", str(out)])
+    payload = bench_bisection(
+        ["--quick", "--towers", "2", "4", "--permutations", "999", "--images-per-s", "10", "--out", str(out)]
+    )
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(payload))
     schedule = saved["paper_schedule"]
     assert schedule == paper_schedule()
     # configs/paper.yaml: 90 epochs, every 5 -> at initialisation + 18 times; 24,000 - 1,000 images
-    assert (schedule["max_epochs"], schedule["every_n_epochs"], schedule["measurements"],
-            schedule["images_per_epoch"]) == (90, 5, 19, 23000)
+    assert (
+        schedule["max_epochs"],
+        schedule["every_n_epochs"],
+        schedule["measurements"],
+        schedule["images_per_epoch"],
+    ) == (90, 5, 19, 23000)
     assert [(r["towers"], r["kernels"], r["permutations"]) for r in saved["bisection"]] == [(2, 96, 999), (4, 96, 999)]
     assert all(0 < r["ms_min"] <= r["ms"] <= r["ms_max"] for r in saved["bisection"])
     assert [(r["towers"], r["measurements"]) for r in saved["callback"]] == [(2, 3), (4, 3)]

@@ -14,29 +14,41 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from analysis import kernels as analysis
 from towers import KernelBisectionCallback, TowerClassifier
+from towers.color import bisection, color_specificity
 from towers.figures import kernel_grid, label_width
 from towers.files import read_jsonl
-from towers.color import bisection, color_specificity
 
 SIZE = 67  # conv1 11/4 -> 15, pool -> 7, ..., pool5 -> 1: the smallest input the network takes comfortably
 
 
 def loader(n=32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(torch.randn(n, 3, SIZE, SIZE, generator=g), torch.randint(0, 2, (n,), generator=g)),
-                      batch_size=8)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 3, SIZE, SIZE, generator=g), torch.randint(0, 2, (n,), generator=g)), batch_size=8
+    )
 
 
 def tiny_model(num_towers=2):
     # width 0.125: 12 conv1 kernels in all; a large rate so the kernels move in a few steps
-    return TowerClassifier(num_towers=num_towers, width_multiplier=0.125, image_size=SIZE, lr=0.05,
-                           lr_schedule="constant")
+    return TowerClassifier(
+        num_towers=num_towers, width_multiplier=0.125, image_size=SIZE, lr=0.05, lr_schedule="constant"
+    )
 
 
 def trainer(root, callback, logger, max_steps):
-    return L.Trainer(max_steps=max_steps, default_root_dir=root, logger=logger, callbacks=[callback],
-                     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                     limit_val_batches=0, log_every_n_steps=1, accelerator="cpu", devices=1)
+    return L.Trainer(
+        max_steps=max_steps,
+        default_root_dir=root,
+        logger=logger,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        accelerator="cpu",
+        devices=1,
+    )
 
 
 def grid_size(towers, n, columns=16, zoom=4, pad=2, gap=12, h=11, w=11, labels=True):
@@ -51,17 +63,21 @@ def test_kernel_grid_layout_scaling_and_order():
     kernels[1, 2] *= 1e-3  # a weak kernel
     img = kernel_grid(kernels, columns=4, zoom=2, pad=1, gap=6, labels=False)
     rows_per_tower, cell = 2, 11 * 2 + 1
-    assert img.shape == (1 + 3 * rows_per_tower * cell + 2 * 6, 1 + 4 * cell, 3) == grid_size(3, 5, 4, 2, 1, 6, labels=False) + (3,)
+    assert (
+        img.shape
+        == (1 + 3 * rows_per_tower * cell + 2 * 6, 1 + 4 * cell, 3)
+        == grid_size(3, 5, 4, 2, 1, 6, labels=False) + (3,)
+    )
     block = rows_per_tower * cell
     for t in (1, 2):  # the 6 rows between tower blocks are white: the towers are visibly apart
         top = 1 + t * block + (t - 1) * 6
-        assert (img[top:top + 6] == 255).all()
-        assert (img[top - cell + 1:top - 1] != 255).any() and (img[top + 6:top + 6 + cell - 1] != 255).any()
+        assert (img[top : top + 6] == 255).all()
+        assert (img[top - cell + 1 : top - 1] != 255).any() and (img[top + 6 : top + 6 + cell - 1] != 255).any()
 
     def cell_pixels(t, i, image):
         r, c = divmod(i, 4)
         y, x = 1 + t * (block + 6) + r * cell, 1 + c * cell
-        return image[y:y + 22, x:x + 22]
+        return image[y : y + 22, x : x + 22]
 
     weak = cell_pixels(1, 2, img)
     assert weak.min() == 0 and weak.max() == 255  # per-kernel scaling stretches even a weak kernel
@@ -69,8 +85,24 @@ def test_kernel_grid_layout_scaling_and_order():
     global_img = kernel_grid(kernels, global_scale=True, columns=4, zoom=2, pad=1, gap=6, labels=False)
     assert np.ptp(cell_pixels(1, 2, global_img).astype(int)) < 5  # one scale for all: the weak kernel is flat grey
     # a grey kernel stays grey: its three channels share one scale
-    assert (np.ptp(cell_pixels(0, 0, kernel_grid(kernels.mean(2, keepdim=True).expand(-1, -1, 3, -1, -1),
-                                                    columns=4, zoom=2, pad=1, gap=6, labels=False)).astype(int), axis=2) == 0).all()
+    assert (
+        np.ptp(
+            cell_pixels(
+                0,
+                0,
+                kernel_grid(
+                    kernels.mean(2, keepdim=True).expand(-1, -1, 3, -1, -1),
+                    columns=4,
+                    zoom=2,
+                    pad=1,
+                    gap=6,
+                    labels=False,
+                ),
+            ).astype(int),
+            axis=2,
+        )
+        == 0
+    ).all()
     order = torch.arange(5).flip(0).expand(3, 5)
     reordered = kernel_grid(kernels, order=order, columns=4, zoom=2, pad=1, gap=6, labels=False)
     assert np.array_equal(cell_pixels(2, 0, reordered), cell_pixels(2, 4, img))
@@ -88,25 +120,40 @@ def run(tmp_path_factory):
     fit.fit(model, loader())
     ckpt = root / "final.ckpt"
     fit.save_checkpoint(ckpt)
-    return {"root": root, "dir": root / "lightning_logs" / "version_0", "model": model, "trainer": fit,
-            "ckpt": ckpt, "callback": callback}
+    return {
+        "root": root,
+        "dir": root / "lightning_logs" / "version_0",
+        "model": model,
+        "trainer": fit,
+        "ckpt": ckpt,
+        "callback": callback,
+    }
 
 
 def test_run_folder_holds_grids_plots_weights_and_records(run):
     d = run["dir"]
-    for name in ("kernels.png", "kernels_init.png", "scores.png", "scores_init.png", "kernels.npy",
-                 "kernels_init.npy", "bisection.json", "bisection_history.jsonl"):
+    for name in (
+        "kernels.png",
+        "kernels_init.png",
+        "scores.png",
+        "scores_init.png",
+        "kernels.npy",
+        "kernels_init.npy",
+        "bisection.json",
+        "bisection_history.jsonl",
+    ):
         assert (d / name).is_file(), name
-    assert sorted(p.name for p in (d / "kernels").iterdir()) == [f"step_{s:07d}.{ext}" for s in (0, 3, 6)
-                                                                 for ext in ("npy", "png")]
+    assert sorted(p.name for p in (d / "kernels").iterdir()) == [
+        f"step_{s:07d}.{ext}" for s in (0, 3, 6) for ext in ("npy", "png")
+    ]
     assert not list(d.glob(".*.tmp"))  # no temporary file left behind
 
     grid = np.asarray(Image.open(d / "kernels.png").convert("RGB"))
     height, width = grid_size(2, 6)  # 12 kernels: 6 per tower, one row each
     assert grid.shape == (height, width, 3)
     gap_top = 2 + 46  # pad + one row of 44-pixel cells and its 2-pixel border
-    assert (grid[gap_top:gap_top + 12] == 255).all()
-    assert (grid[2:46] != 255).any() and (grid[gap_top + 12:gap_top + 12 + 44] != 255).any()
+    assert (grid[gap_top : gap_top + 12] == 255).all()
+    assert (grid[2:46] != 255).any() and (grid[gap_top + 12 : gap_top + 12 + 44] != 255).any()
     assert not np.array_equal(grid, np.asarray(Image.open(d / "kernels_init.png").convert("RGB")))  # it trained
     plot = Image.open(d / "scores.png")
     assert plot.size[0] > 300 and plot.size[1] > 300
@@ -133,17 +180,39 @@ def test_bisection_json_and_history_follow_the_schema(run):
         assert record["num_towers"] == 2 and record["kernels_per_tower"] == 6 and record["kernel_size"] == [11, 11]
         assert record["tower"] == [1] * 6 + [2] * 6 and record["error"] is None
         assert record["channel_std"] is None and record["axis_name"] == "luminance"
-        assert np.allclose(record["axis"], [3 ** -0.5] * 3)
+        assert np.allclose(record["axis"], [3**-0.5] * 3)
         assert np.allclose(np.add(record["score_dc"], record["score_ac"]), record["score"])
         stats = record["statistics"]
-        assert {"eta2", "p_value", "eta2_null", "eta2_split", "p_value_split", "median", "ci_low", "ci_high",
-                "color_group", "groups", "control", "permutations", "seed"} <= set(stats)
+        assert {
+            "eta2",
+            "p_value",
+            "eta2_null",
+            "eta2_split",
+            "p_value_split",
+            "median",
+            "ci_low",
+            "ci_high",
+            "color_group",
+            "groups",
+            "control",
+            "permutations",
+            "seed",
+        } <= set(stats)
         assert stats["permutations"] == 999 and stats["groups"] == [1, 2] and not stats["control"]
         assert stats["median"] == pytest.approx(record["tower_median"])
         # the verdict's keys, beside the statistics
         assert record["verdict"] in ("specialised", "not specialised") and len(record["colour_fraction"]) == 2
-        assert {"delta_f", "delta_f_low", "delta_f_high", "p_delta_f", "agnostic_tower", "specific_tower",
-                "kernel_class", "sensitivity", "rule"} <= set(record)
+        assert {
+            "delta_f",
+            "delta_f_low",
+            "delta_f_high",
+            "p_delta_f",
+            "agnostic_tower",
+            "specific_tower",
+            "kernel_class",
+            "sensitivity",
+            "rule",
+        } <= set(record)
     assert init["verdict"] == "not specialised" and init["colour_fraction"] == [1.0, 1.0]  # random kernels: colour
     assert init["score"] != last["score"]
     # the final record is the trained model's kernels, measured
@@ -166,11 +235,22 @@ def test_scalars_reach_the_csv_logger_and_images_tensorboard(run):
             if value != "" and key.startswith(("bisection/", "tower_")):
                 by_step.setdefault(int(row["step"]), {})[key] = float(value)
     assert sorted(by_step) == [0, 3, 6]
-    expected = {"bisection/eta2", "bisection/p_value", "bisection/eta2_null", "tower_1/color_score",
-                "tower_2/color_score", "tower_1/color_score_dc", "tower_1/color_score_ac"}
+    expected = {
+        "bisection/eta2",
+        "bisection/p_value",
+        "bisection/eta2_null",
+        "tower_1/color_score",
+        "tower_2/color_score",
+        "tower_1/color_score_dc",
+        "tower_1/color_score_ac",
+    }
     assert expected <= set(by_step[6]) and expected <= set(by_step[0])
-    assert {"bisection/eta2_init", "bisection/p_value_init", "tower_1/color_score_init",
-            "tower_2/color_score_init"} <= set(by_step[0])
+    assert {
+        "bisection/eta2_init",
+        "bisection/p_value_init",
+        "tower_1/color_score_init",
+        "tower_2/color_score_init",
+    } <= set(by_step[0])
     last = json.loads((run["dir"] / "bisection.json").read_text())["last"]
     assert by_step[6]["bisection/eta2"] == pytest.approx(last["statistics"]["eta2"])
     assert by_step[6]["tower_2/color_score"] == pytest.approx(last["tower_median"][1])
@@ -192,8 +272,9 @@ def test_analysis_script_gives_the_callbacks_numbers(run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"eta2 = {last['statistics']['eta2']:.3f}" in printed and "at initialisation (step 0)" in printed
     assert (tmp_path / "final_kernels.png").is_file() and (tmp_path / "final_scores.png").is_file()
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "final_kernels.png")),
-                          np.asarray(Image.open(run["dir"] / "kernels.png")))
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "final_kernels.png")), np.asarray(Image.open(run["dir"] / "kernels.png"))
+    )
 
     from_json = analysis.main([str(run["dir"] / "bisection.json"), "--out", str(tmp_path)])
     assert from_json["statistics"] == last["statistics"]
@@ -242,7 +323,9 @@ def test_one_tower_gets_the_control_statistic_without_any_logger(tmp_path):
     assert grid.shape == grid_size(1, 12) + (3,)
     # epoch 0 ended at step 4, which is also the end: one record for it, marked "end"
     assert [(r["step"], r["stage"]) for r in read_jsonl(tmp_path / "bisection_history.jsonl")] == [
-        (0, "init"), (4, "interval")]
+        (0, "init"),
+        (4, "interval"),
+    ]
     assert last["stage"] == "end"
 
 
@@ -275,8 +358,9 @@ def test_wandb_gets_the_images_and_the_files_go_into_its_run_folder(tmp_path, mo
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = WandbLogger(save_dir=tmp_path, offline=True, project="towers-test")
     L.seed_everything(0)
-    trainer(tmp_path, KernelBisectionCallback(every_n_epochs=None, permutations=999), logger,
-            max_steps=2).fit(tiny_model(), loader(16))
+    trainer(tmp_path, KernelBisectionCallback(every_n_epochs=None, permutations=999), logger, max_steps=2).fit(
+        tiny_model(), loader(16)
+    )
     files = tmp_path.joinpath(logger.experiment.dir)
     logger.experiment.finish()
     assert (files / "bisection.json").is_file() and (files / "kernels.png").is_file()

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from towers.color import (RANDOM_KERNEL_SCORE, bisection, color_energy, color_specificity, control_halves,
-                          tower_labels)
+from towers.color import RANDOM_KERNEL_SCORE, bisection, color_energy, color_specificity, control_halves, tower_labels
 
 B = 9999
 
@@ -62,8 +61,9 @@ def test_scores_are_taken_in_raw_rgb_units():
     # the network saw x_c / std_c; a kernel w_c = g * std_c is grey for the raw image
     std = torch.tensor([0.2, 0.5, 1.0])
     seen_by_network = grey(10) * std.view(1, 3, 1, 1)
-    assert torch.allclose(color_specificity(seen_by_network, channel_std=std), torch.zeros(10, dtype=torch.float64),
-                          atol=1e-12)
+    assert torch.allclose(
+        color_specificity(seen_by_network, channel_std=std), torch.zeros(10, dtype=torch.float64), atol=1e-12
+    )
     assert (color_specificity(seen_by_network) > 0.1).all()
     with pytest.raises(ValueError, match="positive"):
         color_specificity(seen_by_network, channel_std=[1.0, 0.0, 1.0])
@@ -73,8 +73,9 @@ def test_grey_axis_can_be_the_datas_first_principal_component():
     axis = torch.tensor([0.62, 0.58, 0.53])
     along_axis = torch.randn(10, 1, 11, 11) * axis.view(1, 3, 1, 1)
     assert torch.allclose(color_specificity(along_axis, axis=axis), torch.zeros(10, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(color_specificity(along_axis, axis=-3 * axis), torch.zeros(10, dtype=torch.float64),
-                          atol=1e-12)  # sign and length of the axis do not matter
+    assert torch.allclose(
+        color_specificity(along_axis, axis=-3 * axis), torch.zeros(10, dtype=torch.float64), atol=1e-12
+    )  # sign and length of the axis do not matter
     assert (color_specificity(along_axis) > 1e-3).all()
 
 
@@ -136,7 +137,11 @@ def test_renumbering_towers_and_reordering_kernels_changes_nothing():
     mapping = torch.tensor([0, 4, 1, 3, 2])  # tower t -> mapping[t]
     renamed4 = bisection(four[order], mapping[tower_labels(4, 24)][order], permutations=B)
     assert (renamed4.eta2, renamed4.p_value, renamed4.eta2_split, renamed4.p_value_split) == (
-        base4.eta2, base4.p_value, base4.eta2_split, base4.p_value_split)
+        base4.eta2,
+        base4.p_value,
+        base4.eta2_split,
+        base4.p_value_split,
+    )
     assert renamed4.color_side == [int(mapping[t]) for t in base4.color_side]
 
 
@@ -233,11 +238,13 @@ def test_the_colour_score_imports_without_lightning():
     import sys
     from pathlib import Path
 
-    code = ("import sys, towers.color, towers.files\n"
-            "assert not [m for m in sys.modules if m.startswith('lightning')], 'Lightning was imported'\n"
-            "import towers\n"
-            "assert towers.TowerAlexNet.__name__ == 'TowerAlexNet'\n"
-            "try:\n    towers.NoSuchThing\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)\n")
+    code = (
+        "import sys, towers.color, towers.files\n"
+        "assert not [m for m in sys.modules if m.startswith('lightning')], 'Lightning was imported'\n"
+        "import towers\n"
+        "assert towers.TowerAlexNet.__name__ == 'TowerAlexNet'\n"
+        "try:\n    towers.NoSuchThing\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)\n"
+    )
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

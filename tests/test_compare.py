@@ -27,6 +27,7 @@ N = 16  # kernels per tower: small, and enough for the verdict to tell a planted
 
 # ----------------------------------------------------------------------------- fixtures in the runs' formats
 
+
 def kernels(towers: int, seed: int, swap: int) -> torch.Tensor:
     """(towers, N, 3, 11, 11): tower 1 grey but for ``swap`` colour kernels, the others colour but for
     ``swap`` grey ones (swap N/2: no split); one tower: 2N kernels, N grey and N colour in random order."""
@@ -34,8 +35,8 @@ def kernels(towers: int, seed: int, swap: int) -> torch.Tensor:
     if towers == 1:
         order = torch.randperm(2 * N, generator=torch.Generator().manual_seed(seed))
         return torch.cat([grey[:N], coloured[:N]])[order][None]
-    blocks = [torch.cat([grey[:N - swap], coloured[:swap]])]
-    blocks += [torch.cat([coloured[i * N:i * N + N - swap], grey[i * N:i * N + swap]]) for i in range(1, towers)]
+    blocks = [torch.cat([grey[: N - swap], coloured[:swap]])]
+    blocks += [torch.cat([coloured[i * N : i * N + N - swap], grey[i * N : i * N + swap]]) for i in range(1, towers)]
     return torch.stack(blocks)
 
 
@@ -44,8 +45,11 @@ def _measured(towers: int, seed: int, swap: int | None) -> str:
     from towers.measure import measure
 
     shape = (1, 2 * N) if towers == 1 else (towers, N)
-    k = torch.randn(*shape, 3, 11, 11, generator=torch.Generator().manual_seed(seed)) if swap is None \
+    k = (
+        torch.randn(*shape, 3, 11, 11, generator=torch.Generator().manual_seed(seed))
+        if swap is None
         else kernels(towers, seed, swap)
+    )
     return json.dumps(measure(k, permutations=999, bootstrap=200, seed=seed))
 
 
@@ -58,24 +62,52 @@ def _record(stage, step, epoch, towers, seed, swap, error=None):
         from towers.measure import measure
 
         record = measure(k, permutations=999, bootstrap=200)
-    return {"stage": stage, "step": step, "epoch": epoch, "time": "2026-11-28T09:00:00+00:00",
-            "axis_name": "luminance", **record}
+    return {
+        "stage": stage,
+        "step": step,
+        "epoch": epoch,
+        "time": "2026-11-28T09:00:00+00:00",
+        "axis_name": "luminance",
+        **record,
+    }
 
 
-def write_run(folder: Path, towers: int, swap: int, seed: int, status="finished", diverged=False,
-              layout="wandb", config=None, acc=0.75, precision="32-true"):
+def write_run(
+    folder: Path,
+    towers: int,
+    swap: int,
+    seed: int,
+    status="finished",
+    diverged=False,
+    layout="wandb",
+    config=None,
+    acc=0.75,
+    precision="32-true",
+):
     """A run's own folder as the callbacks leave it, plus its logger's files."""
     folder.mkdir(parents=True, exist_ok=True)
     init = _record("init", 0, 0, towers, seed, None)
-    history = [init, _record("interval", 10, 1, towers, seed, max(swap, N // 2 - 2)),
-               _record("interval", 15, 1, towers, seed, swap)]
-    last = (_record("end", 15, 1, towers, seed, swap, error=True) if diverged
-            else _record("end", 20, 2, towers, seed, swap))
+    history = [
+        init,
+        _record("interval", 10, 1, towers, seed, max(swap, N // 2 - 2)),
+        _record("interval", 15, 1, towers, seed, swap),
+    ]
+    last = (
+        _record("end", 15, 1, towers, seed, swap, error=True) if diverged else _record("end", 20, 2, towers, seed, swap)
+    )
     history.append(last)
-    (folder / "bisection.json").write_text(json.dumps({
-        "format": "towers.bisection", "version": 2, "init": dict(init, kernels_file="kernels_init.npy"),
-        "last": dict(last, kernels_file="kernels.npy"), "history": "bisection_history.jsonl",
-        "measurement_seconds": 0.1}))
+    (folder / "bisection.json").write_text(
+        json.dumps(
+            {
+                "format": "towers.bisection",
+                "version": 2,
+                "init": dict(init, kernels_file="kernels_init.npy"),
+                "last": dict(last, kernels_file="kernels.npy"),
+                "history": "bisection_history.jsonl",
+                "measurement_seconds": 0.1,
+            }
+        )
+    )
     (folder / "bisection_history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     from towers.figures import kernel_grid, write_png
 
@@ -83,22 +115,38 @@ def write_run(folder: Path, towers: int, swap: int, seed: int, status="finished"
     np.save(folder / "kernels.npy", k.numpy())
     write_png(folder / "kernels.png", kernel_grid(k))
     summary = {"val/acc": acc, "test/acc": acc - 0.05, "train/loss": 0.4}
-    (folder / "status.json").write_text(json.dumps({
-        "status": "diverged" if diverged else status, "step": last["step"], "epoch": last["epoch"],
-        "message": "loss NaN" if diverged else "", "history": [dict(epoch=0, step=10, **summary)],
-        "summary": summary}))
-    config = config or {"seed_everything": seed, "model": {"num_towers": towers, "lr": 0.01, "width_policy": "split"},
-                        "data": {"class_path": "towers.data.CatsDogsDataModule",
-                                 "init_args": {"batch_size": 32, "source": "demo", "root": "data/demo"}},
-                        "trainer": {"max_epochs": 2, "precision": precision}}
+    (folder / "status.json").write_text(
+        json.dumps(
+            {
+                "status": "diverged" if diverged else status,
+                "step": last["step"],
+                "epoch": last["epoch"],
+                "message": "loss NaN" if diverged else "",
+                "history": [dict(epoch=0, step=10, **summary)],
+                "summary": summary,
+            }
+        )
+    )
+    config = config or {
+        "seed_everything": seed,
+        "model": {"num_towers": towers, "lr": 0.01, "width_policy": "split"},
+        "data": {
+            "class_path": "towers.data.CatsDogsDataModule",
+            "init_args": {"batch_size": 32, "source": "demo", "root": "data/demo"},
+        },
+        "trainer": {"max_epochs": 2, "precision": precision},
+    }
     if layout == "wandb":  # W&B's own files/ layout: config.yaml as {key: {value: ...}}, wandb-summary.json
         wb = {k: {"value": v} for k, v in config.items()}
         wb["_wandb"] = {"value": {"cli_version": "0.31.0"}}
         (folder / "config.yaml").write_text(yaml.safe_dump(wb))
-        (folder / "wandb-summary.json").write_text(json.dumps({**summary, "bisection/kernels": {"_type": "images/separated"}}))
+        (folder / "wandb-summary.json").write_text(
+            json.dumps({**summary, "bisection/kernels": {"_type": "images/separated"}})
+        )
     elif layout == "csv":  # Lightning CSVLogger version dir: hparams.yaml + metrics.csv, no config.yaml
-        (folder / "hparams.yaml").write_text(yaml.safe_dump(
-            {"num_towers": towers, "lr": 0.02, "width_policy": "per_tower"}))
+        (folder / "hparams.yaml").write_text(
+            yaml.safe_dump({"num_towers": towers, "lr": 0.02, "width_policy": "per_tower"})
+        )
         (folder / "metrics.csv").write_text("epoch,step,test/acc,val/acc\n0,9,,0.6\n1,19,,0.7\n1,19,0.66,\n")
         (folder / "status.json").unlink()
     return folder
@@ -115,12 +163,31 @@ def make_sweep(root: Path) -> Path:
     for i, (towers, seed, swap) in enumerate(GRID):
         name = f"run-{i:03d}"
         diverged = i == len(GRID) - 1
-        write_run(sweep / "runs" / name / "wandb" / f"offline-run-20261128_0900{i:02d}-id{i}" / "files",
-                  towers, swap, seed, diverged=diverged)
-        runs.append({"name": name, "params": {"model.num_towers": towers, "seed_everything": seed},
-                     "status": "diverged" if diverged else "finished", "message": "", "attempts": []})
-    runs.append({"name": "run-007", "params": {"model.num_towers": 2, "seed_everything": 4}, "status": "failed",
-                 "message": "exit status 1; see the log", "attempts": []})
+        write_run(
+            sweep / "runs" / name / "wandb" / f"offline-run-20261128_0900{i:02d}-id{i}" / "files",
+            towers,
+            swap,
+            seed,
+            diverged=diverged,
+        )
+        runs.append(
+            {
+                "name": name,
+                "params": {"model.num_towers": towers, "seed_everything": seed},
+                "status": "diverged" if diverged else "finished",
+                "message": "",
+                "attempts": [],
+            }
+        )
+    runs.append(
+        {
+            "name": "run-007",
+            "params": {"model.num_towers": 2, "seed_everything": 4},
+            "status": "failed",
+            "message": "exit status 1; see the log",
+            "attempts": [],
+        }
+    )
     (sweep / "runs" / "run-007").mkdir(parents=True)
     (sweep / "sweep.json").write_text(json.dumps({"name": "demo", "sweep": {}, "runs": runs}))
     return sweep
@@ -152,28 +219,49 @@ def report(folders, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- the table
 
+
 def test_table_from_sweep_and_lightning_folders(folders):
     runs = compare.collect_local(list(folders))
     rows = {r.name: r.row for r in runs}
     assert list(rows) == [f"run-{i:03d}" for i in range(8)] + ["version_0"]
     r = rows["run-004"]
-    assert (r["sweep"], r["seed"], r["num_towers"], r["width_policy"], r["batch_size"], r["lr"], r["max_epochs"]) \
-        == ("demo", 1, 2, "split", 32, 0.01, 2)
+    assert (r["sweep"], r["seed"], r["num_towers"], r["width_policy"], r["batch_size"], r["lr"], r["max_epochs"]) == (
+        "demo",
+        1,
+        2,
+        "split",
+        32,
+        0.01,
+        2,
+    )
     assert (r["precision"], r["data"], r["data_root"]) == ("32-true", "demo", "data/demo")
     assert (r["epochs"], r["step"], r["status"]) == (2, 20, "finished")
     assert r["test_acc"] == pytest.approx(0.70) and r["val_acc"] == pytest.approx(0.75)
     bis = json.loads(next((folders[0] / "runs" / "run-004").rglob("bisection.json")).read_text())
     last, init = bis["last"], bis["init"]
-    for key in ("verdict", "delta_f", "delta_f_low", "delta_f_high", "p_delta_f", "auc", "agnostic_tower",
-                "specific_tower"):
+    for key in (
+        "verdict",
+        "delta_f",
+        "delta_f_low",
+        "delta_f_high",
+        "p_delta_f",
+        "auc",
+        "agnostic_tower",
+        "specific_tower",
+    ):
         assert r[key] == last[key], key
     assert r["verdict"] == "specialised" and (r["agnostic_tower"], r["specific_tower"]) == (1, 2)
-    assert (r["eta2"], r["p_value"], r["omega2"]) == (last["statistics"]["eta2"], last["statistics"]["p_value"],
-                                                     last["statistics"]["omega2"])
+    assert (r["eta2"], r["p_value"], r["omega2"]) == (
+        last["statistics"]["eta2"],
+        last["statistics"]["p_value"],
+        last["statistics"]["omega2"],
+    )
     assert r["eta2_init"] == init["statistics"]["eta2"] and r["verdict_init"] == init["verdict"]
     assert [r["tower1_colour_fraction"], r["tower2_colour_fraction"]] == last["colour_fraction"]
-    assert [r["tower1_colour_fraction_low"], r["tower2_colour_fraction_high"]] == \
-        [last["colour_fraction_low"][0], last["colour_fraction_high"][1]]
+    assert [r["tower1_colour_fraction_low"], r["tower2_colour_fraction_high"]] == [
+        last["colour_fraction_low"][0],
+        last["colour_fraction_high"][1],
+    ]
     assert r["tower1_colour_fraction"] == 2 / N and r["tower2_colour_fraction"] == 1 - 2 / N  # two kernels swapped
     assert r["onset_step"] == 15  # specialised at steps 15 and 20, not at 10 (near half and half)
     assert "color_tower" not in r and "color_tower" not in compare.FIXED_COLUMNS
@@ -185,7 +273,13 @@ def test_table_from_sweep_and_lightning_folders(folders):
     assert (failed["status"], failed["seed"], failed["num_towers"], failed["verdict"]) == ("failed", 4, 2, None)
     assert "exit status 1" in failed["message"]
     v = rows["version_0"]  # Lightning CSV log dir: hparams.yaml and metrics.csv
-    assert (v["num_towers"], v["lr"], v["width_policy"], v["test_acc"], v["val_acc"]) == (2, 0.02, "per_tower", 0.66, 0.7)
+    assert (v["num_towers"], v["lr"], v["width_policy"], v["test_acc"], v["val_acc"]) == (
+        2,
+        0.02,
+        "per_tower",
+        0.66,
+        0.7,
+    )
     assert v["status"] is None and v["verdict"] == "not specialised" and v["agnostic_tower"] is None
     judged = [r.name for r in runs if r.judged]
     assert judged == ["run-000", "run-001", "run-002", "run-003", "run-004", "run-005", "version_0"]
@@ -224,6 +318,7 @@ def test_no_runs_found_says_what_it_looked_for(tmp_path):
 
 
 # ----------------------------------------------------------------------------- statistics by hand
+
 
 def test_every_run_bound_is_the_one_sided_clopper_pearson_bound():
     # n of n: the bound solves p^n = 0.05
@@ -273,9 +368,19 @@ def test_median_and_bootstrap_interval():
 
 def _row(towers, seed, delta, specialised, precision="32-true", lr=0.01):
     row = {c: None for c in compare.FIXED_COLUMNS}
-    row.update(run=f"t{towers}s{seed}{precision}lr{lr}", seed=seed, num_towers=towers, lr=lr, precision=precision,
-               delta_f=delta, delta_f_low=delta - 0.2, delta_f_high=delta + 0.2, omega2=delta / 2,
-               verdict="specialised" if specialised else "not specialised", status="finished")
+    row.update(
+        run=f"t{towers}s{seed}{precision}lr{lr}",
+        seed=seed,
+        num_towers=towers,
+        lr=lr,
+        precision=precision,
+        delta_f=delta,
+        delta_f_low=delta - 0.2,
+        delta_f_high=delta + 0.2,
+        omega2=delta / 2,
+        verdict="specialised" if specialised else "not specialised",
+        status="finished",
+    )
     return compare.Run(row=row, last={"stage": "end"})
 
 
@@ -287,8 +392,12 @@ def test_summary_by_condition_never_pools_precisions():
     runs += [_row(1, s, 0.3, False, precision="bf16-mixed") for s in range(2)]
     runs.append(compare.Run(row=dict(runs[0].row, run="diverged", status="diverged"), last={"stage": "end"}))
     summary = {s["label"]: s for s in compare.summarize(runs)}
-    assert set(summary) == {"T=1, precision=32-true", "T=2, precision=32-true", "T=1, precision=bf16-mixed",
-                            "T=2, precision=bf16-mixed"}
+    assert set(summary) == {
+        "T=1, precision=32-true",
+        "T=2, precision=32-true",
+        "T=1, precision=bf16-mixed",
+        "T=2, precision=bf16-mixed",
+    }
     fp32 = summary["T=2, precision=32-true"]
     assert (fp32["seeds"], fp32["specialised"]) == (5, 4)  # the diverged run is no seed; bf16 runs not pooled
     assert fp32["bound"] == pytest.approx(compare.every_run_bound(4, 5))
@@ -297,21 +406,30 @@ def test_summary_by_condition_never_pools_precisions():
     assert fp32["control_p"] == pytest.approx(compare.versus_control([0.5, 0.6, 0.7, 0.4, 0.1], [0.0, 0.05, 0.1]))
     se = 0.4 / (2 * 1.959963984540054)
     assert fp32["re"]["estimate"] == pytest.approx(
-        compare.dersimonian_laird([0.5, 0.6, 0.7, 0.4, 0.1], [se] * 5)["estimate"])
+        compare.dersimonian_laird([0.5, 0.6, 0.7, 0.4, 0.1], [se] * 5)["estimate"]
+    )
     bf16 = summary["T=2, precision=bf16-mixed"]
     assert bf16["control_seeds"] == 2 and bf16["control_p"] == pytest.approx(
-        compare.versus_control([0.05] * 3, [0.3, 0.3]))
+        compare.versus_control([0.05] * 3, [0.3, 0.3])
+    )
     line = compare.condition_line(fp32)
-    assert line.startswith("T=2, precision=32-true: 4 of 5 seeds specialised (one-sided 95% lower bound 0.34); "
-                           "median Δf 0.50 [")
+    assert line.startswith(
+        "T=2, precision=32-true: 4 of 5 seeds specialised (one-sided 95% lower bound 0.34); median Δf 0.50 ["
+    )
     assert f"vs one-tower control (3 seeds) p = {fp32['control_p']:.2g}" in line
     assert "(one-tower control, random halves)" in compare.condition_line(summary["T=1, precision=32-true"])
 
 
 # ----------------------------------------------------------------------------- figures, CSV, HTML
 
-FIGURES = ("delta_f_by_towers", "specialised", "omega2_by_towers", "tower_fractions", "kernels_montage",
-           "delta_f_over_steps")
+FIGURES = (
+    "delta_f_by_towers",
+    "specialised",
+    "omega2_by_towers",
+    "tower_fractions",
+    "kernels_montage",
+    "delta_f_over_steps",
+)
 
 
 def test_figures_csv_and_html_are_written(report):
@@ -331,8 +449,10 @@ def test_figures_csv_and_html_are_written(report):
     assert page.count("<tr class=") == len(runs)
     settings = "width=split, precision=32-true, data=demo, root=data/demo, batch=32, lr=0.01, epochs=2"
     assert f"<li>T=2, {settings}: 3 of 3 seeds specialised (one-sided 95% lower bound 0.37); median Δf " in page
-    delta = {t: [r.row["delta_f"] for r in runs if r.judged and r.row["num_towers"] == t and r.row["lr"] == 0.01]
-             for t in (1, 2)}
+    delta = {
+        t: [r.row["delta_f"] for r in runs if r.judged and r.row["num_towers"] == t and r.row["lr"] == 0.01]
+        for t in (1, 2)
+    }
     assert f"vs one-tower control (3 seeds) p = {compare.versus_control(delta[2], delta[1]):.2g}" in page
     assert f"<li>T=1, {settings} (one-tower control, random halves): 0 of 3 seeds specialised" in page
     assert "run-006 (diverged)" in page and "run-007 (failed)" in page
@@ -343,8 +463,9 @@ def test_figures_csv_and_html_are_written(report):
 def test_report_records_the_commit_and_the_configs(report):
     _, paths = report
     page = paths["report.html"].read_text()
-    head = subprocess.run(["git", "-C", str(Path(compare.__file__).parent), "rev-parse", "HEAD"],
-                          capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(Path(compare.__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     commit = re.search(r"<code id=commit>(.*?)</code>", page).group(1)
     assert commit.split()[0] == (head or "unknown")
     assert page.count("<details><summary>") == 9  # every run's config, the failed one's too
@@ -362,8 +483,9 @@ def test_reference_is_shown_beside_the_runs(report, tmp_path):
     plain = compare.read_reference(write_reference(tmp_path / "plain.json", wrapped=False))
     wrapped = compare.read_reference(write_reference(tmp_path / "wrapped.json", wrapped=True))
     record = json.loads(_measured(2, 11, 1))
-    assert {k: v for k, v in plain.items() if k not in ("name", "source")} == \
-        {k: v for k, v in wrapped.items() if k not in ("name", "source")}
+    assert {k: v for k, v in plain.items() if k not in ("name", "source")} == {
+        k: v for k, v in wrapped.items() if k not in ("name", "source")
+    }
     assert (plain["delta_f"], plain["verdict"], plain["num_towers"]) == (record["delta_f"], record["verdict"], 2)
     page = paths["report.html"].read_text()
     assert f"published figure figure3: {record['verdict']}, Δf {record['delta_f']:.2f} [" in page
@@ -383,16 +505,22 @@ def test_figures_are_fit_for_a_paper(report):
     runs, _ = report
     summary = compare.summarize(runs)
     chosen = compare_figures.choose_montage(runs, None)
-    figures = {"delta_f": compare_figures.fig_delta_f(runs, summary, []),
-               "specialised": compare_figures.fig_specialised(summary),
-               "omega2": compare_figures.fig_omega2(runs, summary),
-               "fractions": compare_figures.fig_tower_fractions(runs),
-               "montage": compare_figures.fig_montage(chosen), "steps": compare_figures.fig_over_steps(runs)}
+    figures = {
+        "delta_f": compare_figures.fig_delta_f(runs, summary, []),
+        "specialised": compare_figures.fig_specialised(summary),
+        "omega2": compare_figures.fig_omega2(runs, summary),
+        "fractions": compare_figures.fig_tower_fractions(runs),
+        "montage": compare_figures.fig_montage(chosen),
+        "steps": compare_figures.fig_over_steps(runs),
+    }
     for name, fig in figures.items():
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
-        small = [(t.get_text(), t.get_fontsize()) for t in fig.findobj(Text)
-                 if t.get_visible() and t.get_text().strip() and t.get_fontsize() < compare_figures.MIN_FONT]
+        small = [
+            (t.get_text(), t.get_fontsize())
+            for t in fig.findobj(Text)
+            if t.get_visible() and t.get_text().strip() and t.get_fontsize() < compare_figures.MIN_FONT
+        ]
         assert not small, (name, small)
         for ax in fig.axes:
             legend = ax.get_legend()
@@ -418,25 +546,43 @@ def test_format_pdf_and_svg(report, tmp_path, fmt, magic):
 
 def test_cli_on_folders(folders, tmp_path, capsys):
     ref = write_reference(tmp_path / "fig3.json", wrapped=True)
-    assert compare.main([str(f) for f in folders] + ["--out", str(tmp_path), "--montage", "run-004", "run-000",
-                                                     "--reference", str(ref)]) == 0
+    assert (
+        compare.main(
+            [str(f) for f in folders]
+            + ["--out", str(tmp_path), "--montage", "run-004", "run-000", "--reference", str(ref)]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "9 runs (7 finished, 1 diverged, 1 failed)" not in out  # version_0 has no status.json
     assert "9 runs (6 finished, 1 diverged, 1 failed, 1 unknown)" in out and "report:" in out
     assert "T=2, width=split, batch=32, lr=0.01, epochs=2, data=demo: 3 of 3 seeds specialised" not in out
     assert "published fig3: specialised" in out
     lines = [line.strip() for line in out.splitlines()]
-    assert any(line.startswith("T=2, width=split, precision=32-true, data=demo, root=data/demo, batch=32, "
-                               "lr=0.01, epochs=2: 3 of 3 seeds specialised") for line in lines), out
-    assert any(line.startswith("T=2, width=per_tower, precision=None, data=None, root=None, batch=None, lr=0.02, "
-                               "epochs=None: 0 of 1 seeds specialised") for line in lines), out
+    assert any(
+        line.startswith(
+            "T=2, width=split, precision=32-true, data=demo, root=data/demo, batch=32, "
+            "lr=0.01, epochs=2: 3 of 3 seeds specialised"
+        )
+        for line in lines
+    ), out
+    assert any(
+        line.startswith(
+            "T=2, width=per_tower, precision=None, data=None, root=None, batch=None, lr=0.02, "
+            "epochs=None: 0 of 1 seeds specialised"
+        )
+        for line in lines
+    ), out
     assert (tmp_path / "report.html").stat().st_size > 10000
     with pytest.raises(SystemExit, match="no run named nope"):
         compare.main([str(folders[0]), "--out", str(tmp_path), "--montage", "nope"])
     with pytest.raises(SystemExit) as exit_:  # argparse: one line, status 2
         compare.main([str(folders[0]), "--out", str(tmp_path), "--format", "jpg"])
     assert exit_.value.code == 2
+
+
 # ----------------------------------------------------------------------------- the W&B public API path
+
 
 class FakeFile:
     """wandb.apis.public.File: .name, .download(root, replace)."""
@@ -459,7 +605,9 @@ class FakeRun:
         wandb_config = yaml.safe_load((folder / "config.yaml").read_text())
         self.config = {k: v["value"] for k, v in wandb_config.items()}
         self.summary = json.loads((folder / "wandb-summary.json").read_text())
-        self.state = "finished" if json.loads((folder / "status.json").read_text())["status"] == "finished" else "failed"
+        self.state = (
+            "finished" if json.loads((folder / "status.json").read_text())["status"] == "finished" else "failed"
+        )
         self.sweep, self.group = None, sweep_group
 
     def files(self, names=None, pattern=None, per_page=50):
@@ -487,8 +635,9 @@ class FakeApi:
 def test_wandb_api_gives_the_same_table(folders, tmp_path):
     sweep = folders[0]
     local = [r for r in compare.collect_local([sweep]) if r.row["run"] != "run-007"]  # run-007 never synced
-    fake = FakeApi([FakeRun(next((sweep / "runs" / r.name).rglob("bisection.json")).parent, r.name, "demo")
-                    for r in local])
+    fake = FakeApi(
+        [FakeRun(next((sweep / "runs" / r.name).rglob("bisection.json")).parent, r.name, "demo") for r in local]
+    )
     remote = compare.collect_wandb("me/towers", api=fake, cache=tmp_path)
     assert fake.paths == ["me/towers"]
     assert len(remote) == len(local)
@@ -509,18 +658,41 @@ def test_wandb_history_from_the_logged_scalars_when_no_history_file(folders, tmp
 
         def scan_history(self, keys=None, page_size=1000, min_step=0, max_step=None, use_cache=True):
             assert keys == ["bisection/eta2", "bisection/p_value", "verdict/delta_f", "verdict/specialised"]
-            return iter([{"_step": 0, "bisection/eta2": 0.05, "bisection/p_value": 0.6, "verdict/delta_f": 0.1,
-                          "verdict/specialised": 0.0},
-                         {"_step": 10, "bisection/eta2": 0.3, "bisection/p_value": 0.01, "verdict/delta_f": 0.8,
-                          "verdict/specialised": 1.0},
-                         {"_step": 20, "bisection/eta2": 0.4, "bisection/p_value": 0.001, "verdict/delta_f": 0.9,
-                          "verdict/specialised": 1.0}])
+            return iter(
+                [
+                    {
+                        "_step": 0,
+                        "bisection/eta2": 0.05,
+                        "bisection/p_value": 0.6,
+                        "verdict/delta_f": 0.1,
+                        "verdict/specialised": 0.0,
+                    },
+                    {
+                        "_step": 10,
+                        "bisection/eta2": 0.3,
+                        "bisection/p_value": 0.01,
+                        "verdict/delta_f": 0.8,
+                        "verdict/specialised": 1.0,
+                    },
+                    {
+                        "_step": 20,
+                        "bisection/eta2": 0.4,
+                        "bisection/p_value": 0.001,
+                        "verdict/delta_f": 0.9,
+                        "verdict/specialised": 1.0,
+                    },
+                ]
+            )
 
     folder = next((folders[0] / "runs" / "run-004").rglob("bisection.json")).parent
-    (run,) = compare.collect_wandb("me/towers", api=FakeApi([RunWithoutHistoryFile(folder, "run-004", "demo")]),
-                                   cache=tmp_path)
+    (run,) = compare.collect_wandb(
+        "me/towers", api=FakeApi([RunWithoutHistoryFile(folder, "run-004", "demo")]), cache=tmp_path
+    )
     assert [(h["step"], h["eta2"], h["p_value"], h["delta_f"], h["verdict"]) for h in run.history] == [
-        (0, 0.05, 0.6, 0.1, "not specialised"), (10, 0.3, 0.01, 0.8, "specialised"), (20, 0.4, 0.001, 0.9, "specialised")]
+        (0, 0.05, 0.6, 0.1, "not specialised"),
+        (10, 0.3, 0.01, 0.8, "specialised"),
+        (20, 0.4, 0.001, 0.9, "specialised"),
+    ]
     assert run.row["onset_step"] == 10  # from the logged verdict/specialised
     assert run.row["delta_f"] == json.loads((folder / "bisection.json").read_text())["last"]["delta_f"]
 
@@ -530,8 +702,9 @@ def test_wandb_cli_writes_the_same_csv(folders, tmp_path, monkeypatch):
 
     sweep = folders[0]
     local = [r for r in compare.collect_local([sweep]) if r.row["run"] != "run-007"]
-    fake = FakeApi([FakeRun(next((sweep / "runs" / r.name).rglob("bisection.json")).parent, r.name, "demo")
-                    for r in local])
+    fake = FakeApi(
+        [FakeRun(next((sweep / "runs" / r.name).rglob("bisection.json")).parent, r.name, "demo") for r in local]
+    )
     monkeypatch.setattr(wandb, "Api", lambda *a, **k: fake)
     assert compare.main(["--wandb", "me/towers", "--out", str(tmp_path / "w")]) == 0
     with open(tmp_path / "w" / "table.csv", newline="") as f:
@@ -568,9 +741,24 @@ def test_report_opens_in_headless_chromium(report):
         probe = Path(profile) / "probe.html"
         probe.write_text(page)
         dom = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}/u",
-             "--window-size=1400,900", "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=60).stdout
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={profile}/u",
+                "--window-size=1400,900",
+                "--dump-dom",
+                probe.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
     found = re.search(r'<pre id="check">(.*?)</pre>', dom)
     assert found, dom[-2000:]
     check = json.loads(found.group(1).replace("&quot;", '"'))
@@ -588,6 +776,7 @@ def test_report_opens_in_headless_chromium(report):
 
 # ----------------------------------------------------------------------------- runs made by the real callbacks
 
+
 def _real_fit(root: Path, towers: int, seed: int, logger: str):
     """A few steps of a real TowerClassifier fit on random tensors with KernelBisectionCallback,
     RunStatus and train.py's SaveRunConfig (config.yaml in the run folder, nested config to the
@@ -603,24 +792,50 @@ def _real_fit(root: Path, towers: int, seed: int, logger: str):
     from towers.runs import RunStatus, SaveRunConfig
 
     parser = ArgumentParser()
-    for key, kind in (("seed_everything", int), ("model.num_towers", int), ("model.lr", float),
-                      ("model.width_policy", str), ("data.batch_size", int), ("trainer.max_epochs", int),
-                      ("trainer.precision", str)):
+    for key, kind in (
+        ("seed_everything", int),
+        ("model.num_towers", int),
+        ("model.lr", float),
+        ("model.width_policy", str),
+        ("data.batch_size", int),
+        ("trainer.max_epochs", int),
+        ("trainer.precision", str),
+    ):
         parser.add_argument(f"--{key}", type=kind)
-    config = parser.parse_args([f"--seed_everything={seed}", f"--model.num_towers={towers}", "--model.lr=0.01",
-                                "--model.width_policy=split", "--data.batch_size=8", "--trainer.max_epochs=2",
-                                "--trainer.precision=32-true"])
+    config = parser.parse_args(
+        [
+            f"--seed_everything={seed}",
+            f"--model.num_towers={towers}",
+            "--model.lr=0.01",
+            "--model.width_policy=split",
+            "--data.batch_size=8",
+            "--trainer.max_epochs=2",
+            "--trainer.precision=32-true",
+        ]
+    )
     L.seed_everything(seed)
     g = torch.Generator().manual_seed(seed)
     data = TensorDataset(torch.randn(16, 3, 67, 67, generator=g), torch.randint(0, 2, (16,), generator=g))
     loader = DataLoader(data, batch_size=8)
     model = TowerClassifier(num_towers=towers, num_classes=2, lr=0.01, width_multiplier=0.125, image_size=67)
     log = WandbLogger(save_dir=str(root), offline=True, project="towers") if logger == "wandb" else CSVLogger(str(root))
-    callbacks = [KernelBisectionCallback(every_n_steps=2, permutations=999, bootstrap=200), RunStatus(),
-                 SaveRunConfig(parser, config)]
-    trainer = L.Trainer(max_epochs=2, logger=log, default_root_dir=str(root), accelerator="cpu", devices=1,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        log_every_n_steps=1, callbacks=callbacks)
+    callbacks = [
+        KernelBisectionCallback(every_n_steps=2, permutations=999, bootstrap=200),
+        RunStatus(),
+        SaveRunConfig(parser, config),
+    ]
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=log,
+        default_root_dir=str(root),
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        callbacks=callbacks,
+    )
     trainer.fit(model, loader, loader)
     trainer.test(model, loader, verbose=False)
     if logger == "wandb":
@@ -635,8 +850,15 @@ def test_table_from_runs_written_by_the_real_callbacks(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     sweep_file = tmp_path / "grid.yaml"
-    sweep_file.write_text(yaml.safe_dump({"program": "train.py", "method": "grid", "parameters": {
-        "model.num_towers": {"values": [1, 2]}, "seed_everything": {"values": [0]}}}))
+    sweep_file.write_text(
+        yaml.safe_dump(
+            {
+                "program": "train.py",
+                "method": "grid",
+                "parameters": {"model.num_towers": {"values": [1, 2]}, "seed_everything": {"values": [0]}},
+            }
+        )
+    )
     sweep = Sweep(sweep_file, tmp_path / "grid")  # the agent's own state file, written by its own class
     for towers in (1, 2):
         run = sweep.new_run({"model.num_towers": towers, "seed_everything": 0})
@@ -652,14 +874,28 @@ def test_table_from_runs_written_by_the_real_callbacks(tmp_path, monkeypatch):
         r = rows[name]
         folder = next(Path(r["source"]).rglob("bisection.json")) if Path(r["source"]).is_dir() else None
         bis = json.loads(folder.read_text())
-        assert (r["num_towers"], r["seed"], r["lr"], r["batch_size"], r["max_epochs"], r["width_policy"]) == \
-            (towers, seed, 0.01, 8, 2, "split"), r
+        assert (r["num_towers"], r["seed"], r["lr"], r["batch_size"], r["max_epochs"], r["width_policy"]) == (
+            towers,
+            seed,
+            0.01,
+            8,
+            2,
+            "split",
+        ), r
         assert r["status"] == "finished" and r["epochs"] == 2 and r["step"] == 4
         assert r["eta2"] == bis["last"]["statistics"]["eta2"] and r["p_value"] == bis["last"]["statistics"]["p_value"]
         assert r["eta2_null"] == pytest.approx(1 / 11)  # 12 conv1 kernels at width 0.125, two groups
         assert r["eta2_init"] == bis["init"]["statistics"]["eta2"]
         assert r["precision"] == "32-true" and r["omega2"] == bis["last"]["statistics"]["omega2"]
-        for key in ("verdict", "delta_f", "delta_f_low", "delta_f_high", "p_delta_f", "agnostic_tower", "specific_tower"):
+        for key in (
+            "verdict",
+            "delta_f",
+            "delta_f_low",
+            "delta_f_high",
+            "p_delta_f",
+            "agnostic_tower",
+            "specific_tower",
+        ):
             assert r[key] == bis["last"][key], key
         assert [r["tower1_colour_fraction"], r["tower2_colour_fraction"]] == bis["last"]["colour_fraction"]
         assert [r[f"tower{k}_score"] for k in range(1, towers + 1)] == bis["last"]["tower_median"]
@@ -680,10 +916,21 @@ def test_table_from_runs_written_by_the_real_callbacks(tmp_path, monkeypatch):
     # (the same scalars go to every logger, so metrics.csv lists them; W&B keeps the images by key)
     with open(tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv", newline="") as f:
         logged = set(next(csv.reader(f)))
-    scalars = {dashboard.ETA2, dashboard.ETA2_NULL, dashboard.P_VALUE, dashboard.TEST_ACC, dashboard.VAL_ACC,
-               dashboard.DELTA_F, dashboard.SPECIALISED, dashboard.P_DELTA_F, dashboard.colour_fraction(1),
-               dashboard.colour_fraction(2), dashboard.tower_score(1), dashboard.tower_score(2),
-               dashboard.tower_score(2, init=True)}
+    scalars = {
+        dashboard.ETA2,
+        dashboard.ETA2_NULL,
+        dashboard.P_VALUE,
+        dashboard.TEST_ACC,
+        dashboard.VAL_ACC,
+        dashboard.DELTA_F,
+        dashboard.SPECIALISED,
+        dashboard.P_DELTA_F,
+        dashboard.colour_fraction(1),
+        dashboard.colour_fraction(2),
+        dashboard.tower_score(1),
+        dashboard.tower_score(2),
+        dashboard.tower_score(2, init=True),
+    }
     assert scalars <= logged, scalars - logged
     media = next((tmp_path / "grid" / "runs" / "run-001").rglob("media")) / "images"
     images = {f"{p.parent.relative_to(media).as_posix()}/{p.name.split('_')[0]}" for p in media.rglob("*.png")}

@@ -15,14 +15,25 @@ def test_report_sections_and_panel_types():
     report = dashboard.build_report("me", "towers", sweep="abc123")
     assert (report.entity, report.project) == ("me", "towers") and "sweep abc123" in report.title
     headings = [b.text for b in report.blocks if isinstance(b, wr.H2)]
-    assert headings == ["The verdict by tower count", "The verdict run by run", "Tower colour fractions",
-                        "η² by tower count (beside the verdict)", "Per-tower colour scores",
-                        "Kernel grids, run by run", "Accuracy against learning rate and batch size"]
+    assert headings == [
+        "The verdict by tower count",
+        "The verdict run by run",
+        "Tower colour fractions",
+        "η² by tower count (beside the verdict)",
+        "Per-tower colour scores",
+        "Kernel grids, run by run",
+        "Accuracy against learning rate and batch size",
+    ]
     grids = [b for b in report.blocks if isinstance(b, wr.PanelGrid)]
     assert [[type(p).__name__ for p in g.panels] for g in grids] == [
-        ["ScatterPlot", "BarPlot", "BarPlot", "LinePlot"], ["BarPlot", "BarPlot", "RunComparer"],
-        ["LinePlot", "BarPlot"], ["ScatterPlot", "BarPlot", "LinePlot", "LinePlot"], ["LinePlot", "BarPlot"],
-        ["MediaBrowser", "MediaBrowser"], ["ScatterPlot"] * 4]
+        ["ScatterPlot", "BarPlot", "BarPlot", "LinePlot"],
+        ["BarPlot", "BarPlot", "RunComparer"],
+        ["LinePlot", "BarPlot"],
+        ["ScatterPlot", "BarPlot", "LinePlot", "LinePlot"],
+        ["LinePlot", "BarPlot"],
+        ["MediaBrowser", "MediaBrowser"],
+        ["ScatterPlot"] * 4,
+    ]
     for g in grids:  # every grid shows the sweep's runs only
         (runset,) = g.runsets
         (flt,) = (f.to_model().model_dump() for f in expr.string_to_filterexpr_list(runset.filters))
@@ -33,8 +44,10 @@ def test_verdict_panels_serialise_to_the_logged_keys():
     sections = dashboard.panels(max_towers=3)
     scatter, fraction, median, steps = (_spec(p) for p in sections["The verdict by tower count"])
     assert scatter["viewType"] == "Scatter Plot"
-    assert (scatter["config"]["xAxis"], scatter["config"]["yAxis"]) == \
-        ("config:model.value.num_towers", "summary:verdict/delta_f")
+    assert (scatter["config"]["xAxis"], scatter["config"]["yAxis"]) == (
+        "config:model.value.num_towers",
+        "summary:verdict/delta_f",
+    )
     assert fraction["viewType"] == "Bar Chart" and fraction["config"]["metrics"] == ["verdict/specialised"]
     assert (fraction["config"]["groupBy"], fraction["config"]["groupAgg"]) == ("model.value.num_towers", "mean")
     assert median["config"]["metrics"] == ["verdict/delta_f"] and median["config"]["groupAgg"] == "median"
@@ -46,8 +59,11 @@ def test_verdict_panels_serialise_to_the_logged_keys():
     lines, bars = (_spec(p) for p in sections["Tower colour fractions"])
     assert lines["config"]["metrics"] == bars["config"]["metrics"] == [f"tower_{k}/colour_fraction" for k in (1, 2, 3)]
     assert (bars["config"]["groupBy"], bars["config"]["groupAgg"]) == ("model.value.num_towers", "median")
-    assert (dashboard.DELTA_F, dashboard.SPECIALISED, dashboard.colour_fraction(2)) == \
-        ("verdict/delta_f", "verdict/specialised", "tower_2/colour_fraction")
+    assert (dashboard.DELTA_F, dashboard.SPECIALISED, dashboard.colour_fraction(2)) == (
+        "verdict/delta_f",
+        "verdict/specialised",
+        "tower_2/colour_fraction",
+    )
 
 
 def test_panels_serialise_to_the_logged_keys():
@@ -55,8 +71,10 @@ def test_panels_serialise_to_the_logged_keys():
     eta2_section = sections["η² by tower count (beside the verdict)"]
     eta2_scatter, eta2_bar, eta2_steps, p_steps = (_spec(p) for p in eta2_section)
     assert eta2_scatter["viewType"] == "Scatter Plot"
-    assert (eta2_scatter["config"]["xAxis"], eta2_scatter["config"]["yAxis"]) == \
-        ("config:model.value.num_towers", "summary:bisection/eta2")
+    assert (eta2_scatter["config"]["xAxis"], eta2_scatter["config"]["yAxis"]) == (
+        "config:model.value.num_towers",
+        "summary:bisection/eta2",
+    )
     assert eta2_bar["viewType"] == "Bar Chart"
     assert eta2_bar["config"]["metrics"] == ["bisection/eta2", "bisection/eta2_null"]
     assert (eta2_bar["config"]["groupBy"], eta2_bar["config"]["groupAgg"]) == ("model.value.num_towers", "median")
@@ -64,15 +82,26 @@ def test_panels_serialise_to_the_logged_keys():
     assert p_steps["config"]["metrics"] == ["bisection/p_value"] and p_steps["config"]["yLogScale"] is True
     per_tower_lines, per_tower_bar = (_spec(p) for p in sections["Per-tower colour scores"])
     assert per_tower_lines["config"]["metrics"] == [f"tower_{k}/color_score" for k in (1, 2, 3)]
-    assert per_tower_bar["config"]["metrics"] == ["tower_1/color_score", "tower_1/color_score_init",
-                                                  "tower_2/color_score", "tower_2/color_score_init",
-                                                  "tower_3/color_score", "tower_3/color_score_init"]
+    assert per_tower_bar["config"]["metrics"] == [
+        "tower_1/color_score",
+        "tower_1/color_score_init",
+        "tower_2/color_score",
+        "tower_2/color_score_init",
+        "tower_3/color_score",
+        "tower_3/color_score_init",
+    ]
     kernels, scores = (_spec(p) for p in sections["Kernel grids, run by run"])
     assert kernels["viewType"] == "Media Browser" and kernels["config"]["mediaKeys"] == ["bisection/kernels"]
     assert kernels["config"]["gallerySettings"] == {"axis": "run"} and kernels["config"]["columnCount"] == 4
     assert scores["config"]["mediaKeys"] == ["bisection/scores"]
-    acc_lr, acc_batch, val_lr, delta_lr = (_spec(p)["config"] for p in sections["Accuracy against learning rate and batch size"])
-    assert (acc_lr["xAxis"], acc_lr["yAxis"], acc_lr["xAxisLogScale"]) == ("config:model.value.lr", "summary:test/acc", True)
+    acc_lr, acc_batch, val_lr, delta_lr = (
+        _spec(p)["config"] for p in sections["Accuracy against learning rate and batch size"]
+    )
+    assert (acc_lr["xAxis"], acc_lr["yAxis"], acc_lr["xAxisLogScale"]) == (
+        "config:model.value.lr",
+        "summary:test/acc",
+        True,
+    )
     assert (acc_batch["xAxis"], acc_batch["yAxis"]) == ("config:data.value.batch_size", "summary:test/acc")
     assert (val_lr["yAxis"], delta_lr["yAxis"]) == ("summary:val/acc", "summary:verdict/delta_f")
 
@@ -102,4 +131,8 @@ def test_save_is_what_main_calls(monkeypatch, capsys):
     monkeypatch.setattr(wr.Report, "save", lambda self, *a, **k: saved.append(self) or self)
     monkeypatch.setattr(wr.Report, "url", property(lambda self: "https://wandb.example/r"))
     assert dashboard.main(["--entity", "me", "--project", "towers"]) == 0
-    assert len(saved) == 1 and isinstance(saved[0], wr.Report) and "saved: https://wandb.example/r" in capsys.readouterr().out
+    assert (
+        len(saved) == 1
+        and isinstance(saved[0], wr.Report)
+        and "saved: https://wandb.example/r" in capsys.readouterr().out
+    )

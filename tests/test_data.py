@@ -2,8 +2,8 @@
 
 import hashlib
 import io
-import shutil
 import logging
+import shutil
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,8 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from towers.data import (CatsDogsDataModule, ImageFiles, download_microsoft, find_images, load_image,
-                         safe_extract)
+from towers.data import CatsDogsDataModule, ImageFiles, download_microsoft, find_images, load_image, safe_extract
 from towers.data.demo import make_demo_dataset
 from towers.module import TowerClassifier
 
@@ -48,6 +47,7 @@ def module(root: Path, **kwargs) -> CatsDogsDataModule:
 
 # ----------------------------------------------------------------------------- layouts
 
+
 def test_each_layout_is_detected_with_cat_0_dog_1(tmp_path):
     jpeg(tmp_path / "ms" / "PetImages" / "Cat" / "1.jpg", 0)
     jpeg(tmp_path / "ms" / "PetImages" / "Dog" / "1.jpg", 1)
@@ -77,7 +77,9 @@ def test_each_layout_is_detected_with_cat_0_dog_1(tmp_path):
     layout, _, files, classes = find_images(tmp_path / "three")
     assert (layout, classes, sorted(label for _, label in files)) == ("folders", ["ant", "bee", "zebra"], [0, 1, 2])
     assert find_images(tmp_path / "oxford")[0::2] == (
-        "oxford_pet", [("images/Abyssinian_1.jpg", 0), ("images/beagle_7.jpg", 1)])
+        "oxford_pet",
+        [("images/Abyssinian_1.jpg", 0), ("images/beagle_7.jpg", 1)],
+    )
 
 
 def test_unknown_or_empty_layout_says_what_was_found_and_expected(tmp_path):
@@ -100,6 +102,7 @@ def test_unknown_or_empty_layout_says_what_was_found_and_expected(tmp_path):
 
 # ----------------------------------------------------------------------------- bad files
 
+
 def bad_file_zoo(root: Path) -> dict[str, str]:
     """Twelve good images and the zoo; returns {file name: what the report must say}."""
     kaggle_tree(root, 6)
@@ -114,11 +117,17 @@ def bad_file_zoo(root: Path) -> dict[str, str]:
     jpeg(train / "dog.106.png", 106, mode="P", fmt="PNG")
     jpeg(train / "dog.107.png", 107, mode="RGBA", fmt="PNG")
     jpeg(train / "dog.108.jpg", 108, size=(64, 64))  # above the (lowered) decompression-bomb limit
-    return {"cat.100.jpg": "skipped\tempty file", "cat.101.jpg": "skipped\tcannot be decoded",
-            "dog.102.jpg": "skipped\tnot an image", "dog.108.jpg": "skipped\tlarger than Pillow's decompression-bomb",
-            "dog.103.jpg": "kept\tPNG content with a .jpg extension", "cat.104.jpg": "kept\tCMYK converted to RGB",
-            "cat.105.jpg": "kept\tL converted to RGB", "dog.106.png": "kept\tP converted to RGB",
-            "dog.107.png": "kept\tRGBA converted to RGB (alpha dropped)"}
+    return {
+        "cat.100.jpg": "skipped\tempty file",
+        "cat.101.jpg": "skipped\tcannot be decoded",
+        "dog.102.jpg": "skipped\tnot an image",
+        "dog.108.jpg": "skipped\tlarger than Pillow's decompression-bomb",
+        "dog.103.jpg": "kept\tPNG content with a .jpg extension",
+        "cat.104.jpg": "kept\tCMYK converted to RGB",
+        "cat.105.jpg": "kept\tL converted to RGB",
+        "dog.106.png": "kept\tP converted to RGB",
+        "dog.107.png": "kept\tRGBA converted to RGB (alpha dropped)",
+    }
 
 
 @pytest.mark.parametrize("fast_path", [True, False])
@@ -137,7 +146,7 @@ def test_bad_file_zoo_is_reported_once_and_skipped(tmp_path, monkeypatch, caplog
     assert not used & {"cat.100.jpg", "cat.101.jpg", "dog.102.jpg", "dog.108.jpg"}
     # the convertible ones come out as RGB uint8 (3, R, R), on either path
     data = dm.dataset(dm.usable)
-    for i, (f, _) in enumerate(dm.usable):
+    for i, (_file, _) in enumerate(dm.usable):
         image, label, index = data[i]
         assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and index == i
     cmyk = load_image(tmp_path / "train" / "cat.104.jpg", 32)[0]
@@ -169,6 +178,7 @@ def test_a_file_broken_after_the_check_does_not_crash_the_epoch(tmp_path, caplog
 
 # ----------------------------------------------------------------------------- splits
 
+
 def test_splits_are_disjoint_deterministic_and_independent_of_the_training_seed(tmp_path):
     kaggle_tree(tmp_path, 30)
     a = module(tmp_path, test_size=10, val_size=5, train_size="rest", split_seed=1, seed=0)
@@ -189,6 +199,7 @@ def test_splits_are_disjoint_deterministic_and_independent_of_the_training_seed(
 
 # ----------------------------------------------------------------------------- augmentation
 
+
 def coordinate_module(resize_size=32, image_size=27, **kwargs) -> CatsDogsDataModule:
     """A module whose statistics are set by hand, for testing the batch transform alone."""
     dm = CatsDogsDataModule(resize_size=resize_size, image_size=image_size, num_workers=0, seed=7, **kwargs)
@@ -201,8 +212,9 @@ def coordinate_module(resize_size=32, image_size=27, **kwargs) -> CatsDogsDataMo
 def coordinate_images(n: int, size: int) -> torch.Tensor:
     """Channel 0 holds the row, channel 1 the column, channel 2 the image index."""
     grid = torch.arange(size)
-    images = torch.stack([grid[:, None].expand(size, size), grid[None, :].expand(size, size),
-                          torch.zeros(size, size, dtype=torch.long)])
+    images = torch.stack(
+        [grid[:, None].expand(size, size), grid[None, :].expand(size, size), torch.zeros(size, size, dtype=torch.long)]
+    )
     images = images.repeat(n, 1, 1, 1)
     images[:, 2] = torch.arange(n)[:, None, None]
     return images.to(torch.uint8)
@@ -215,10 +227,10 @@ def test_random_crops_stay_inside_and_flips_mirror_columns():
     x = dm.transform(coordinate_images(n, 32), draws)
     assert x.shape == (n, 3, size, size)
     steps = torch.arange(size).float()
-    assert torch.equal(x[:, 0, :, 0], draws["top"][:, None] + steps)           # rows: top .. top + 26
+    assert torch.equal(x[:, 0, :, 0], draws["top"][:, None] + steps)  # rows: top .. top + 26
     cols = torch.where(draws["flip"][:, None], size - 1 - steps, steps) + draws["left"][:, None]
-    assert torch.equal(x[:, 1, 0, :], cols)                                    # columns, reversed when flipped
-    assert torch.equal(x[:, 2, 0, 0], torch.arange(n).float())                 # each crop from its own image
+    assert torch.equal(x[:, 1, 0, :], cols)  # columns, reversed when flipped
+    assert torch.equal(x[:, 2, 0, 0], torch.arange(n).float())  # each crop from its own image
     assert x[:, :2].min() >= 0 and x[:, :2].max() <= 31
     assert set(draws["top"].tolist()) == set(range(room + 1)) == set(draws["left"].tolist())
     assert 0.35 < draws["flip"].float().mean() < 0.65
@@ -254,11 +266,11 @@ def test_pca_noise_has_the_stored_covariance_structure():
     images = torch.full((n, 3, 8, 8), 128, dtype=torch.uint8)
     x = dm.transform(images, dm.draw_augmentation(torch.arange(n), epoch=3))
     noise = x[:, :, 0, 0] - 128
-    assert torch.allclose(x, noise[:, :, None, None] + 128)     # one colour shift per image, every pixel alike
+    assert torch.allclose(x, noise[:, :, None, None] + 128)  # one colour shift per image, every pixel alike
     empirical = torch.cov(noise.T.double())
-    expected = 0.1 ** 2 * covariance.double()
+    expected = 0.1**2 * covariance.double()
     assert torch.linalg.norm(empirical - expected) / torch.linalg.norm(expected) < 0.05
-    assert dm.transform(images).eq(128).all()                   # no noise at evaluation
+    assert dm.transform(images).eq(128).all()  # no noise at evaluation
 
 
 def test_training_statistics_are_those_of_the_training_pixels(tmp_path):
@@ -312,8 +324,9 @@ def test_training_order_and_draws_do_not_depend_on_global_rng(tmp_path):
         torch.manual_seed(global_seed)
         np.random.seed(global_seed)
         dm = module(tmp_path, seed=5)
-        dm.trainer = SimpleNamespace(training=True, testing=False, predicting=False, current_epoch=3,
-                                     world_size=1, global_rank=0)
+        dm.trainer = SimpleNamespace(
+            training=True, testing=False, predicting=False, current_epoch=3, world_size=1, global_rank=0
+        )
         loader = dm.train_dataloader()
         loader.sampler.set_epoch(3)
         batch = dm.on_before_batch_transfer(next(iter(loader)), 0)
@@ -324,6 +337,7 @@ def test_training_order_and_draws_do_not_depend_on_global_rng(tmp_path):
 
 
 # ----------------------------------------------------------------------------- downloads
+
 
 def zip_of(path: Path, members: dict[str, bytes]) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
@@ -344,8 +358,10 @@ def test_extraction_refuses_a_member_escaping_the_target(tmp_path):
 def test_microsoft_download_checks_the_checksum_and_leaves_nothing_on_failure(tmp_path):
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), "red").save(buffer, "JPEG")
-    archive = zip_of(tmp_path / "kagglecatsanddogs_5340.zip",
-                     {"PetImages/Cat/1.jpg": buffer.getvalue(), "PetImages/Dog/1.jpg": buffer.getvalue()})
+    archive = zip_of(
+        tmp_path / "kagglecatsanddogs_5340.zip",
+        {"PetImages/Cat/1.jpg": buffer.getvalue(), "PetImages/Dog/1.jpg": buffer.getvalue()},
+    )
     root = tmp_path / "data"
     with pytest.raises(ValueError, match="Checksum mismatch"):
         download_microsoft(root, url=archive.as_uri(), sha256="0" * 64)
@@ -368,6 +384,7 @@ def test_microsoft_download_checks_the_checksum_and_leaves_nothing_on_failure(tm
 
 # ----------------------------------------------------------------------------- demo and training
 
+
 def test_demo_generator_is_deterministic_per_seed(tmp_path):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         make_demo_dataset(tmp_path / name, images_per_class=3, seed=seed)
@@ -381,13 +398,30 @@ def test_demo_generator_is_deterministic_per_seed(tmp_path):
 def test_the_data_module_feeds_tower_classifier(tmp_path):
     L.seed_everything(0)
     root = tmp_path / "demo"
-    dm = CatsDogsDataModule(root=str(root), source="demo", demo_images_per_class=12, test_size=8, val_size=8,
-                            train_size="rest", resize_size=76, image_size=67, batch_size=4, num_workers=0,
-                            ten_patch_test=True)
+    dm = CatsDogsDataModule(
+        root=str(root),
+        source="demo",
+        demo_images_per_class=12,
+        test_size=8,
+        val_size=8,
+        train_size="rest",
+        resize_size=76,
+        image_size=67,
+        batch_size=4,
+        num_workers=0,
+        ten_patch_test=True,
+    )
     model = TowerClassifier(width_multiplier=0.125, image_size=dm.image_size)
     before = model.model.features.conv1.weight.detach().clone()
-    trainer = L.Trainer(max_steps=2, limit_val_batches=1, limit_test_batches=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=2,
+        limit_val_batches=1,
+        limit_test_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, dm)
     assert (root / "train" / "cat.0.jpg").is_file()  # prepare_data generated the demo set
     assert torch.isfinite(trainer.callback_metrics["train/loss_step"])
@@ -400,13 +434,44 @@ def test_the_cli_links_the_crop_size_to_the_model(tmp_path, monkeypatch):
     from train import main
 
     monkeypatch.setattr("sys.argv", ["train.py"])
-    cli = main(["fit", "--data.root", str(tmp_path / "demo"), "--data.source", "demo",
-                "--data.demo_images_per_class", "8", "--data.test_size", "4", "--data.val_size", "4",
-                "--data.train_size", "rest", "--data.resize_size", "76", "--data.image_size", "67",
-                "--data.batch_size", "4", "--data.num_workers", "0", "--model.width_multiplier", "0.125",
-                "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
-                "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
-                f"--trainer.default_root_dir={tmp_path}"])
+    cli = main(
+        [
+            "fit",
+            "--data.root",
+            str(tmp_path / "demo"),
+            "--data.source",
+            "demo",
+            "--data.demo_images_per_class",
+            "8",
+            "--data.test_size",
+            "4",
+            "--data.val_size",
+            "4",
+            "--data.train_size",
+            "rest",
+            "--data.resize_size",
+            "76",
+            "--data.image_size",
+            "67",
+            "--data.batch_size",
+            "4",
+            "--data.num_workers",
+            "0",
+            "--model.width_multiplier",
+            "0.125",
+            "--trainer.max_steps",
+            "1",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     assert cli.model.hparams.image_size == 67 == cli.datamodule.image_size
 
 
@@ -416,17 +481,46 @@ def test_the_data_states_its_classes_and_the_cli_gives_the_count_to_the_model(tm
     for c, name in enumerate(("ant", "bee", "zebra")):
         for i in range(6):
             jpeg(tmp_path / "three" / name / f"{i}.jpg", 10 * c + i)
-    settings = dict(SMALL, resize_size=76, image_size=67, root=str(tmp_path / "three"), source="folders",
-                    test_size=3, val_size=3, train_size="rest", batch_size=4, cache_dir=str(tmp_path / "cache"))
+    settings = dict(
+        SMALL,
+        resize_size=76,
+        image_size=67,
+        root=str(tmp_path / "three"),
+        source="folders",
+        test_size=3,
+        val_size=3,
+        train_size="rest",
+        batch_size=4,
+        cache_dir=str(tmp_path / "cache"),
+    )
     dm = CatsDogsDataModule(**settings)  # num_classes 2 by default: cat and dog
     dm.prepare_data()
-    with pytest.raises(ValueError, match=r"3 classes \['ant', 'bee', 'zebra'\] but num_classes=2; set --data.num_classes 3"):
+    with pytest.raises(
+        ValueError, match=r"3 classes \['ant', 'bee', 'zebra'\] but num_classes=2; set --data.num_classes 3"
+    ):
         dm.setup("fit")
     monkeypatch.setattr("sys.argv", ["train.py"])
-    cli = main(["fit", *(f"--data.{k}={v}" for k, v in settings.items()), "--data.num_classes", "3",
-                "--model.width_multiplier", "0.125", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
-                "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-                "--trainer.enable_progress_bar", "false", f"--trainer.default_root_dir={tmp_path}"])
+    cli = main(
+        [
+            "fit",
+            *(f"--data.{k}={v}" for k, v in settings.items()),
+            "--data.num_classes",
+            "3",
+            "--model.width_multiplier",
+            "0.125",
+            "--trainer.max_steps",
+            "1",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     assert cli.model.hparams.num_classes == 3 == cli.datamodule.num_classes
     assert cli.model.model.classifier.fc8.out_features == 3
 
@@ -445,10 +539,23 @@ def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_run(tmp_path):
     def fit(max_epochs, ckpt_path=None, global_seed=0):
         torch.manual_seed(global_seed)  # the data must not depend on it
         record = Record()
-        dm = CatsDogsDataModule(root=str(tmp_path / "data"), **dict(SMALL, resize_size=76, image_size=67), seed=3,
-                                test_size=4, val_size=4, train_size="rest")
-        trainer = L.Trainer(max_epochs=max_epochs, limit_val_batches=0, logger=False, callbacks=[record],
-                            default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False)
+        dm = CatsDogsDataModule(
+            root=str(tmp_path / "data"),
+            **dict(SMALL, resize_size=76, image_size=67),
+            seed=3,
+            test_size=4,
+            val_size=4,
+            train_size="rest",
+        )
+        trainer = L.Trainer(
+            max_epochs=max_epochs,
+            limit_val_batches=0,
+            logger=False,
+            callbacks=[record],
+            default_root_dir=tmp_path,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         model = TowerClassifier(width_multiplier=0.125, image_size=67, lr_schedule="constant")
         trainer.fit(model, dm, ckpt_path=ckpt_path)
         return record.seen, trainer

@@ -12,9 +12,9 @@ from scipy.stats import spearmanr
 
 from analysis import kernels as analysis
 from tests.fixtures.kernels import colour, gabor, noisy, towers_of, unit
-from towers.figures import kernel_grid
 from towers.color import color_specificity
 from towers.figure_reader import FigureError, match_chroma_resolution, parse_grid, read_figure
+from towers.figures import kernel_grid
 from towers.verdict import NOT_SPECIALISED, SPECIALISED, verdict
 
 B = 999
@@ -29,7 +29,7 @@ def spread_towers(mixed: bool = False) -> torch.Tensor:
     chroma = torch.randn(48, 3, generator=g)
     chroma = chroma - chroma.mean(1, keepdim=True)
     chroma = chroma / chroma.norm(dim=1, keepdim=True)  # unit, orthogonal to grey
-    grey_axis = torch.ones(3) / 3 ** 0.5
+    grey_axis = torch.ones(3) / 3**0.5
     tint = grey_axis + torch.linspace(0, 0.5, 48)[:, None] * chroma
     grey_tower = unit(gabor(48, 0)[:, :1] * tint[:, :, None, None])
     desaturated = chroma[:24] + torch.linspace(0, 1, 24)[:, None] * grey_axis
@@ -37,13 +37,15 @@ def spread_towers(mixed: bool = False) -> torch.Tensor:
     colour_tower = torch.cat([gratings, colour(48, 1)[24:]])
     grey_tower, colour_tower = noisy(grey_tower, seed=3), noisy(colour_tower, seed=4)
     if mixed:
-        return towers_of(torch.cat([grey_tower[::2], colour_tower[::2]]),
-                         torch.cat([grey_tower[1::2], colour_tower[1::2]]))
+        return towers_of(
+            torch.cat([grey_tower[::2], colour_tower[::2]]), torch.cat([grey_tower[1::2], colour_tower[1::2]])
+        )
     return towers_of(grey_tower, colour_tower)
 
 
-def paper_figure(kernels: torch.Tensor, columns: int = 12, zoom: int = 5, line: int = 2, line_level: int = 20,
-                 scale: float = 1.0) -> bytes:
+def paper_figure(
+    kernels: torch.Tensor, columns: int = 12, zoom: int = 5, line: int = 2, line_level: int = 20, scale: float = 1.0
+) -> bytes:
     """Figure 3 as a publication would show it: one global min/max for all kernels (one grey offset),
     kernels enlarged, dark separating lines, tower after tower with no extra gap, the whole picture
     optionally resized (bicubic), saved as JPEG at quality 75 (4:2:0 chroma, Pillow's default)."""
@@ -186,8 +188,19 @@ def test_analysis_script_reads_figures_and_several_inputs(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--towers"):
         analysis.main([str(tmp_path / "figure3.jpg")])
     out = tmp_path / "figure3.json"
-    rec = analysis.main([str(tmp_path / "figure3.jpg"), "--towers", "2", "--permutations", str(B),
-                         "--bootstrap", "200", "--json", str(out)])
+    rec = analysis.main(
+        [
+            str(tmp_path / "figure3.jpg"),
+            "--towers",
+            "2",
+            "--permutations",
+            str(B),
+            "--bootstrap",
+            "200",
+            "--json",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["verdict"] == rec["verdict"] == SPECIALISED and saved["delta_f"] == rec["delta_f"]
     assert saved["figure"]["grid"] == [8, 12] and saved["figure"]["offset"] == "global"
@@ -196,17 +209,18 @@ def test_analysis_script_reads_figures_and_several_inputs(tmp_path, capsys):
     # several inputs of every kind; one that cannot be read does not stop the others
     (tmp_path / "notes.png").write_bytes(b"not a picture")
     inputs = [tmp_path / name for name in ("kernels.png", "notes.png", "figure3.jpg", "conv1.npy")]
-    records = analysis.main([str(p) for p in inputs] + ["--towers", "2", "--permutations", str(B),
-                                                        "--bootstrap", "200", "--out", str(tmp_path / "out")])
+    records = analysis.main(
+        [str(p) for p in inputs]
+        + ["--towers", "2", "--permutations", str(B), "--bootstrap", "200", "--out", str(tmp_path / "out")]
+    )
     assert [r["verdict"] for r in records] == [SPECIALISED, None, SPECIALISED, SPECIALISED]
     assert "cannot be read as a picture" in records[1]["error"]
     printed = capsys.readouterr().out
     assert printed.count("specialised: Δf = 1.00") >= 6  # once under each table, once in the summary
-    summary = printed[printed.rindex("summary"):].splitlines()[1:]
+    summary = printed[printed.rindex("summary") :].splitlines()[1:]
     assert [line.split()[0] for line in summary] == [str(p) for p in inputs]
     assert "no verdict: " in summary[1]
     assert (tmp_path / "out" / "figure3_bisection.json").is_file()
     with pytest.raises(SystemExit) as exit:
-        analysis.main([str(tmp_path / "kernels.png"), str(tmp_path / "conv1.npy"), "--towers", "2",
-                       "--json", str(out)])
+        analysis.main([str(tmp_path / "kernels.png"), str(tmp_path / "conv1.npy"), "--towers", "2", "--json", str(out)])
     assert exit.value.code == 2 and "--json writes one input's record" in capsys.readouterr().err

@@ -15,7 +15,6 @@ import yaml
 import train
 from towers.callbacks import KernelBisectionCallback
 from towers.measure import summary_line
-from towers.data.demo import make_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,11 +32,24 @@ def _clean(monkeypatch):
 def tiny_demo(demo_root, out, *extra):
     """configs/demo.yaml as `make demo` runs it (its W&B logger, checkpoints and kernel callback), made tiny:
     24 training images in batches of 8, a narrow network on 67-pixel crops, one epoch."""
-    return ["fit", "--config", str(ROOT / "configs/demo.yaml"), f"--data.root={demo_root}", "--data.test_size=4",
-            "--data.val_size=4", "--data.batch_size=8", "--data.num_workers=0", "--data.resize_size=76",
-            "--data.image_size=67", "--model.width_multiplier=0.125", f"--trainer.default_root_dir={out}",
-            "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            *extra]
+    return [
+        "fit",
+        "--config",
+        str(ROOT / "configs/demo.yaml"),
+        f"--data.root={demo_root}",
+        "--data.test_size=4",
+        "--data.val_size=4",
+        "--data.batch_size=8",
+        "--data.num_workers=0",
+        "--data.resize_size=76",
+        "--data.image_size=67",
+        "--model.width_multiplier=0.125",
+        f"--trainer.default_root_dir={out}",
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -69,8 +81,9 @@ def test_a_config_before_the_subcommand_gets_one_clear_line(capsys):
     assert len(err.splitlines()) == 1 and "--config must come after the subcommand" in err
 
 
-def test_two_demo_runs_each_keep_everything_in_one_folder_and_end_with_the_summary(demo_root, tmp_path, capsys,
-                                                                                  lightning_log):
+def test_two_demo_runs_each_keep_everything_in_one_folder_and_end_with_the_summary(
+    demo_root, tmp_path, capsys, lightning_log
+):
     import wandb
 
     import analysis.kernels
@@ -86,9 +99,18 @@ def test_two_demo_runs_each_keep_everything_in_one_folder_and_end_with_the_summa
     assert len(folders) == 2
     for cli, folder in zip(clis, sorted(folders, key=lambda f: (f / "files" / "status.json").stat().st_mtime)):
         files = folder / "files"
-        for name in ("config.yaml", "status.json", "bisection.json", "kernels.npy", "kernels_init.npy",
-                     "kernels.png", "scores.png", "kernels/step_0000000.npy", "kernels/step_0000003.npy",
-                     "kernels/step_0000003.png"):
+        for name in (
+            "config.yaml",
+            "status.json",
+            "bisection.json",
+            "kernels.npy",
+            "kernels_init.npy",
+            "kernels.png",
+            "scores.png",
+            "kernels/step_0000000.npy",
+            "kernels/step_0000003.npy",
+            "kernels/step_0000003.png",
+        ):
             assert (files / name).is_file(), (folder.name, name)
         assert (folder / "checkpoints" / "last.ckpt").exists()
         assert len(list((folder / "checkpoints").glob("best-*.ckpt"))) == 1
@@ -114,17 +136,33 @@ def test_two_demo_runs_each_keep_everything_in_one_folder_and_end_with_the_summa
     records = {id(r): r for r in lightning_log.records}  # one record reaches caplog's handler twice if Lightning's
     lines = [r.getMessage() for r in records.values() if r.getMessage().startswith("Model: 3 towers")]  # propagates
     params = sum(p.numel() for p in clis[1].model.parameters())
-    assert lines == [(f"Model: 3 towers, width_policy split, per tower 4/11/16/16/11/171/171 (conv1-conv5, fc6, fc7; "
-                      f"totals 12/33/48/48/33/513/513), {params:,} parameters; precision 32-true")]
+    assert lines == [
+        (
+            f"Model: 3 towers, width_policy split, per tower 4/11/16/16/11/171/171 (conv1-conv5, fc6, fc7; "
+            f"totals 12/33/48/48/33/513/513), {params:,} parameters; precision 32-true"
+        )
+    ]
 
 
 def test_fit_without_a_config_or_without_the_kernel_callback_warns(demo_root, tmp_path, capsys):
-    tiny = [f"--data.root={demo_root}", "--data.source=demo", "--data.test_size=4", "--data.val_size=4",
-            "--data.train_size=rest",
-            "--data.batch_size=8", "--data.num_workers=0", "--data.resize_size=76", "--data.image_size=67",
-            "--model.width_multiplier=0.0625", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-            "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            "--test_after_fit=false"]
+    tiny = [
+        f"--data.root={demo_root}",
+        "--data.source=demo",
+        "--data.test_size=4",
+        "--data.val_size=4",
+        "--data.train_size=rest",
+        "--data.batch_size=8",
+        "--data.num_workers=0",
+        "--data.resize_size=76",
+        "--data.image_size=67",
+        "--model.width_multiplier=0.0625",
+        "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=0",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--test_after_fit=false",
+    ]
     no_config = r"without --config: .*paper's full-size network\) for 1 steps with no kernel measurement"
     with pytest.warns(UserWarning, match=no_config):
         train.main(["fit", *tiny, f"--trainer.default_root_dir={tmp_path / 'a'}"])

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from towers import KernelBisectionCallback, TowerClassifier
-from towers.figures import SCORE_PLOT_FONT_PT, kernel_grid, label_width, score_figure
 from towers.color import bisection, color_specificity, tower_labels
 from towers.data.demo import demo_image
+from towers.figures import SCORE_PLOT_FONT_PT, kernel_grid, label_width, score_figure
 from towers.model import TowerAlexNet
 from towers.runs import run_dir
 
@@ -23,8 +23,9 @@ STD = torch.tensor([30.0, 60.0, 90.0])  # a data module that divides by very une
 
 def tiny(**kwargs) -> TowerClassifier:
     # 6 conv1 kernels per tower; a large rate so the kernels move in a few steps
-    return TowerClassifier(num_towers=2, width_multiplier=0.125, image_size=SIZE, lr=0.05, lr_schedule="constant",
-                           **kwargs)
+    return TowerClassifier(
+        num_towers=2, width_multiplier=0.125, image_size=SIZE, lr=0.05, lr_schedule="constant", **kwargs
+    )
 
 
 class StdData(L.LightningDataModule):
@@ -34,8 +35,10 @@ class StdData(L.LightningDataModule):
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(0)
-        return DataLoader(TensorDataset(torch.randn(32, 3, SIZE, SIZE, generator=g),
-                                        torch.randint(0, 2, (32,), generator=g)), batch_size=8)
+        return DataLoader(
+            TensorDataset(torch.randn(32, 3, SIZE, SIZE, generator=g), torch.randint(0, 2, (32,), generator=g)),
+            batch_size=8,
+        )
 
 
 def raw_rgb_spread(kernels, std=None) -> torch.Tensor:
@@ -68,7 +71,7 @@ def test_blind_kernels_stay_grey_under_the_fused_sgd_the_module_configures():
     assert raw_rgb_spread(after[1:]).min() > 0.3  # tower 2: as coloured as random kernels
     assert (after - before)[0].norm() > 1e-3 * before[0].norm()  # the blind tower did learn, in grey
     stored_chroma = stored[:6] - stored[:6].mean(1, keepdim=True)  # the stored tensor is not grey: the
-    assert stored_chroma.norm() > 0.1 * stored[:6].norm()          # projection, not the optimiser, keeps it so
+    assert stored_chroma.norm() > 0.1 * stored[:6].norm()  # projection, not the optimiser, keeps it so
 
 
 def test_grey_means_grey_in_raw_rgb_when_inputs_are_divided_by_a_std():
@@ -102,9 +105,18 @@ def blind_fit(tmp_path_factory):
     L.seed_everything(0)
     module = tiny(color_blind_towers=[1])
     callback = KernelBisectionCallback(every_n_epochs=1, permutations=999, bootstrap=200)
-    trainer = L.Trainer(max_steps=4, default_root_dir=root, logger=False, callbacks=[callback],
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        limit_val_batches=0, accelerator="cpu", devices=1)
+    trainer = L.Trainer(
+        max_steps=4,
+        default_root_dir=root,
+        logger=False,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(module, datamodule=StdData())
     trainer.save_checkpoint(root / "blind.ckpt")
     return module, run_dir(trainer), root / "blind.ckpt"
@@ -135,9 +147,17 @@ def test_the_positive_control_survives_a_lightning_checkpoint(blind_fit):
     assert color_specificity(loaded.conv1_kernels()[0], STD).max() < 1e-10
     # and a run resumes from it (optimizer state of the stored tensor included), its blind tower still grey
     resumed = tiny(color_blind_towers=[1])
-    trainer = L.Trainer(max_steps=6, default_root_dir=path.parent / "resumed", logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        limit_val_batches=0, accelerator="cpu", devices=1)
+    trainer = L.Trainer(
+        max_steps=6,
+        default_root_dir=path.parent / "resumed",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(resumed, datamodule=StdData(), ckpt_path=path)
     assert trainer.global_step == 6
     assert color_specificity(resumed.conv1_kernels()[0], STD).max() < 1e-10
@@ -147,14 +167,23 @@ def test_the_positive_control_survives_a_lightning_checkpoint(blind_fit):
 def test_tower_parallel_refuses_the_positive_control_with_one_line(tmp_path):
     from towers.parallel import TowerParallelStrategy
 
-    trainer = L.Trainer(strategy=TowerParallelStrategy(), accelerator="cpu", devices=2, max_steps=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        strategy=TowerParallelStrategy(),
+        accelerator="cpu",
+        devices=2,
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match="color_blind_towers is not supported with the tower_parallel"):
         trainer.fit(tiny(color_blind_towers=[1]), datamodule=StdData())
 
 
 # --- the demo generator --------------------------------------------------------------------------
+
 
 def cue_features(n: int, seed: int):
     """Per image: mean RGB (the colour cue) and the luminance structure tensor (the texture cue:
@@ -204,6 +233,7 @@ def test_the_demo_needs_both_cues():
 
 # --- figures -------------------------------------------------------------------------------------
 
+
 def test_kernel_grids_name_their_towers_and_frame_weak_kernels():
     kernels = torch.randn(2, 4, 3, 11, 11, generator=torch.Generator().manual_seed(0))
     weak = np.zeros((2, 4), bool)
@@ -214,10 +244,10 @@ def test_kernel_grids_name_their_towers_and_frame_weak_kernels():
     assert labelled.shape == (plain.shape[0], plain.shape[1] + margin, 3)
     assert (labelled[:, :margin] < 128).any()  # text in the margin
     block = (plain.shape[0] + 12) // 2  # the label of each tower sits beside its own block
-    assert (labelled[:block - 12, :margin] < 128).any() and (labelled[block:, :margin] < 128).any()
+    assert (labelled[: block - 12, :margin] < 128).any() and (labelled[block:, :margin] < 128).any()
     framed = labelled[:, margin:]
     changed = (framed != plain).any(-1)
-    assert changed.any() and not changed[:(plain.shape[0] - 12) // 2].any()  # framed, in tower 2 only
+    assert changed.any() and not changed[: (plain.shape[0] - 12) // 2].any()  # framed, in tower 2 only
     assert (plain[changed] == 255).all()  # in the white border: the kernels keep every pixel
     assert (framed[changed] == (220, 30, 30)).all()
 
@@ -228,8 +258,11 @@ def test_score_plot_text_is_legible_and_its_legend_covers_no_data():
     fig = score_figure(scores, towers, bisection(scores, towers, 999, 0, 200), scores, "end · step 10")
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    texts = [t for t in fig.findobj(lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text"))
-             if t.get_text().strip() and t.get_visible()]
+    texts = [
+        t
+        for t in fig.findobj(lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text"))
+        if t.get_text().strip() and t.get_visible()
+    ]
     assert texts and min(t.get_fontsize() for t in texts) >= SCORE_PLOT_FONT_PT >= 8
     ax, legend = fig.axes[0], fig.legends[0]
     legend_box = legend.get_window_extent(renderer)

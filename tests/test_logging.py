@@ -17,11 +17,20 @@ from towers.runs import EXIT_DIVERGED, run_dir
 
 # Once the data module is merged, train.py takes the crop size once, as data.image_size (linked to the model's).
 HAS_DATA = importlib.util.find_spec("towers.data") is not None
-TINY = ["--model.width_multiplier=0.0625", f"--{'data' if HAS_DATA else 'model'}.image_size=67", "--trainer.max_epochs=2",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        "--trainer.log_every_n_steps=1", "--run_status.check_every_n_steps=2"]
-WANDB = ["--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.init_args.project=towers",
-         "--trainer.logger.init_args.log_model=false"]
+TINY = [
+    "--model.width_multiplier=0.0625",
+    f"--{'data' if HAS_DATA else 'model'}.image_size=67",
+    "--trainer.max_epochs=2",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.log_every_n_steps=1",
+    "--run_status.check_every_n_steps=2",
+]
+WANDB = [
+    "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+    "--trainer.logger.init_args.project=towers",
+    "--trainer.logger.init_args.log_model=false",
+]
 
 
 def loaders(n=16):
@@ -63,8 +72,8 @@ def wandb_records(path: Path):
         if block - pos % block < 7:  # block trailer too small for a header: padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk = data[pos + 7:pos + 7 + length]
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
             continue
@@ -137,8 +146,15 @@ def test_a_diverging_run_stops_and_is_recorded_as_diverged(tmp_path):
     healthy = fit(TINY + [f"--trainer.default_root_dir={tmp_path / 'healthy'}", "--trainer.logger=false"])
     assert json.loads((tmp_path / "healthy" / "status.json").read_text())["status"] == "finished"
     assert train.exit_status(healthy) == 0
-    cli = fit(TINY + [f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--model.lr=1e8",
-                      "--trainer.max_epochs=5"])
+    cli = fit(
+        TINY
+        + [
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false",
+            "--model.lr=1e8",
+            "--trainer.max_epochs=5",
+        ]
+    )
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["status"] == "diverged" and "NaN or infinite" in status["message"]
     assert cli.trainer.global_step < 20  # stopped, not run on for 5 epochs of NaN weights
@@ -155,8 +171,14 @@ def test_a_resumed_run_reports_the_history_of_all_its_epochs(tmp_path):
 
 
 def test_csv_logger_and_disabled_wandb_work(tmp_path, monkeypatch):
-    cli = fit(TINY + [f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-                      f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    cli = fit(
+        TINY
+        + [
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
     folder = run_dir(cli.trainer)
     assert (folder / "config.yaml").exists() and (folder / "metrics.csv").exists()
     assert json.loads((folder / "status.json").read_text())["status"] == "finished"
@@ -193,12 +215,31 @@ def test_under_ddp_one_wandb_run_and_every_rank_gets_the_values(tmp_path):
     import os
     import subprocess
 
-    args = TINY + WANDB + ["--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}", "--model.lr=0.0123",
-                           "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
-    done = subprocess.run([sys.executable, str(Path(__file__).parent / "fixtures" / "ddp_fit.py"), *args],
-                          env=dict(os.environ, WANDB_MODE="offline", PYTHONPATH=os.pathsep.join(  # for `import train`
-                              filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))),
-                          capture_output=True, text=True, timeout=300)
+    args = (
+        TINY
+        + WANDB
+        + [
+            "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--model.lr=0.0123",
+            "--trainer.strategy=ddp",
+            "--trainer.devices=2",
+            "--trainer.accelerator=cpu",
+        ]
+    )
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "fixtures" / "ddp_fit.py"), *args],
+        env=dict(
+            os.environ,
+            WANDB_MODE="offline",
+            PYTHONPATH=os.pathsep.join(  # for `import train`
+                filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
+            ),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     # the swept value reached both ranks (each parsed the same command line) ...
     assert "rank 0 lr 0.0123 done" in done.stderr and "rank 1 lr 0.0123 done" in done.stderr

@@ -8,8 +8,9 @@ from towers.model import TowerAlexNet
 
 # The two implementations: compiled loops (CPU, float32/64, size 5, beta 3/4) and tensor operations.
 BOTH = pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "tensor-ops"])
-FORMATS = pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
-                                  ids=["nchw", "channels_last"])
+FORMATS = pytest.mark.parametrize(
+    "memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"]
+)
 
 
 def lrn_by_the_formula(a, size, alpha, beta, k):
@@ -19,7 +20,7 @@ def lrn_by_the_formula(a, size, alpha, beta, k):
     out = torch.empty_like(a)
     for c in range(n_channels):
         lo, hi = max(0, c - size // 2), min(n_channels - 1, c + (size - 1) // 2)
-        out[:, c] = a[:, c] / (k + alpha / size * (a[:, lo:hi + 1] ** 2).sum(1)) ** beta
+        out[:, c] = a[:, c] / (k + alpha / size * (a[:, lo : hi + 1] ** 2).sum(1)) ** beta
     return out
 
 
@@ -53,13 +54,25 @@ def test_compiled_lrn_matches_the_formula_within_each_tower(groups, dtype, k, me
 @BOTH
 def test_lrn_agrees_with_torch_for_one_group(compiled):
     a = torch.randn(3, 16, 7, 7, dtype=torch.float64) * 30
-    torch.testing.assert_close(local_response_norm(a, 1, compiled=compiled), nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(a))
+    torch.testing.assert_close(
+        local_response_norm(a, 1, compiled=compiled), nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(a)
+    )
 
 
-@pytest.mark.parametrize("groups, size, beta, k, compiled", [
-    (1, 5, 0.75, 2.0, True), (2, 5, 0.75, 1.0, True), (3, 5, 0.75, 2.0, True), (4, 5, 0.75, 2.0, True),
-    (1, 5, 0.75, 2.0, False), (2, 5, 0.75, 1.0, False), (3, 4, 0.5, 2.0, False), (4, 3, 1.0, 2.0, False),
-    (2, 1, 0.75, 2.0, False)])
+@pytest.mark.parametrize(
+    "groups, size, beta, k, compiled",
+    [
+        (1, 5, 0.75, 2.0, True),
+        (2, 5, 0.75, 1.0, True),
+        (3, 5, 0.75, 2.0, True),
+        (4, 5, 0.75, 2.0, True),
+        (1, 5, 0.75, 2.0, False),
+        (2, 5, 0.75, 1.0, False),
+        (3, 4, 0.5, 2.0, False),
+        (4, 3, 1.0, 2.0, False),
+        (2, 1, 0.75, 2.0, False),
+    ],
+)
 @FORMATS
 def test_lrn_gradient_is_the_formulas(groups, size, beta, k, compiled, memory_format):
     torch.manual_seed(0)
@@ -69,8 +82,8 @@ def test_lrn_gradient_is_the_formulas(groups, size, beta, k, compiled, memory_fo
     for dtype in (torch.float64, torch.float32):
         x = a.detach().to(dtype).requires_grad_()
         g = torch.randn_like(x)
-        ours, = torch.autograd.grad(local_response_norm(x, groups, size, 1e-2, beta, k, compiled), x, g)
-        theirs, = torch.autograd.grad(per_tower_formula(x, groups, size, 1e-2, beta, k), x, g)
+        (ours,) = torch.autograd.grad(local_response_norm(x, groups, size, 1e-2, beta, k, compiled), x, g)
+        (theirs,) = torch.autograd.grad(per_tower_formula(x, groups, size, 1e-2, beta, k), x, g)
         torch.testing.assert_close(ours, theirs)
 
 
@@ -109,8 +122,7 @@ def test_lrn_takes_any_strides(compiled):
     out = local_response_norm(x, 2, compiled=compiled)
     torch.testing.assert_close(out, per_tower_formula(x.detach(), 2))
     g = torch.randn_like(out)
-    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0],
-                               torch.autograd.grad(per_tower_formula(x, 2), x, g)[0])
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(per_tower_formula(x, 2), x, g)[0])
 
 
 def test_compiled_lrn_uses_torchs_thread_count():

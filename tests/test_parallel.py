@@ -58,8 +58,14 @@ class RandomData(L.LightningDataModule):
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0)
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     return L.Trainer(**{**defaults, **kwargs})
 
 
@@ -73,12 +79,17 @@ def assert_states_close(got: dict, want: dict, rtol: float = 1e-4):
 
 # --- tower parallel -------------------------------------------------------------------------------
 
+
 @pytest.mark.filterwarnings("ignore:.*meta parameter")
-@pytest.mark.parametrize("num_towers, width_policy, towers_on_device",
-                         [(2, "split", [[0], [1]]), (4, "split", [[0, 2], [1, 3]]), (3, "per_tower", [[0, 2], [1]])])
+@pytest.mark.parametrize(
+    "num_towers, width_policy, towers_on_device",
+    [(2, "split", [[0], [1]]), (4, "split", [[0, 2], [1, 3]]), (3, "per_tower", [[0, 2], [1]])],
+)
 def test_tower_k_is_placed_on_device_k_round_robin(num_towers, width_policy, towers_on_device):
     # Two distinct device types, so a piece on the wrong device shows; "meta" holds shapes only.
-    model = TowerAlexNet(num_towers=num_towers, width_policy=width_policy, **{k: TINY[k] for k in ("width_multiplier", "image_size")})
+    model = TowerAlexNet(
+        num_towers=num_towers, width_policy=width_policy, **{k: TINY[k] for k in ("width_multiplier", "image_size")}
+    )
     placed = TowerParallelAlexNet(model, ["cpu", "meta"])
     assert placed.towers_on_device == towers_on_device
     k1 = model.features.conv1.out_channels // num_towers
@@ -96,19 +107,30 @@ def test_tower_k_is_placed_on_device_k_round_robin(num_towers, width_policy, tow
     assert {p.device.type for p in placed.classifier.parameters()} == {"cpu"}  # fc layers on the head device
 
 
-@pytest.mark.parametrize("num_towers, num_devices, width_policy, conv1_lrn_before_relu", [
-    (2, 2, "split", False),
-    (4, 2, "split", False),  # round-robin: towers 0, 2 | 1, 3
-    (3, 2, "per_tower", True),  # uneven: two towers on one device, one on the other
-    (4, 3, "split", False),
-    (2, 1, "split", False),
-    (1, 2, "split", False),  # more devices than towers
-])
+@pytest.mark.parametrize(
+    "num_towers, num_devices, width_policy, conv1_lrn_before_relu",
+    [
+        (2, 2, "split", False),
+        (4, 2, "split", False),  # round-robin: towers 0, 2 | 1, 3
+        (3, 2, "per_tower", True),  # uneven: two towers on one device, one on the other
+        (4, 3, "split", False),
+        (2, 1, "split", False),
+        (1, 2, "split", False),  # more devices than towers
+    ],
+)
 @pytest.mark.filterwarnings("ignore:.*stay idle")
-def test_forward_and_gradients_match_the_single_device_model(num_towers, num_devices, width_policy, conv1_lrn_before_relu):
+def test_forward_and_gradients_match_the_single_device_model(
+    num_towers, num_devices, width_policy, conv1_lrn_before_relu
+):
     torch.manual_seed(0)
-    model = TowerAlexNet(num_towers=num_towers, width_policy=width_policy, conv1_lrn_before_relu=conv1_lrn_before_relu,
-                         width_multiplier=0.125, image_size=67, init_std=0.03)
+    model = TowerAlexNet(
+        num_towers=num_towers,
+        width_policy=width_policy,
+        conv1_lrn_before_relu=conv1_lrn_before_relu,
+        width_multiplier=0.125,
+        image_size=67,
+        init_std=0.03,
+    )
     placed = TowerParallelAlexNet(model, ["cpu"] * num_devices)
     x, y = torch.randn(4, 3, 67, 67) * 50, torch.tensor([0, 1, 1, 0])
 
@@ -158,8 +180,14 @@ def single_and_tower_parallel(tmp_path_factory):
     parallel, parallel_trainer = fit(TowerParallelStrategy(), 2)
     single_trainer.save_checkpoint(tmp / "single.ckpt")
     parallel_trainer.save_checkpoint(tmp / "parallel.ckpt")
-    return dict(initial=initial, single=single, parallel=parallel, single_trainer=single_trainer,
-                parallel_trainer=parallel_trainer, tmp=tmp)
+    return dict(
+        initial=initial,
+        single=single,
+        parallel=parallel,
+        single_trainer=single_trainer,
+        parallel_trainer=parallel_trainer,
+        tmp=tmp,
+    )
 
 
 def test_strategy_places_towers_and_optimizer_steps_the_placed_parameters(single_and_tower_parallel):
@@ -179,7 +207,8 @@ def test_strategy_places_towers_and_optimizer_steps_the_placed_parameters(single
         change = (single_state[key] - before).abs().max().item()
         assert (parallel_state[key] - single_state[key]).abs().max().item() <= 1e-3 * change + 1e-7, key
     assert run["single_trainer"].callback_metrics["train/loss"] == pytest.approx(
-        trainer.callback_metrics["train/loss"].item(), rel=1e-5)
+        trainer.callback_metrics["train/loss"].item(), rel=1e-5
+    )
 
 
 def test_the_same_checkpoint_loads_single_device_and_tower_parallel(single_and_tower_parallel):
@@ -222,13 +251,24 @@ def test_cli_takes_the_strategy_by_class_path_and_by_name():
 
     common = ["--trainer.logger", "false", "--model.num_towers", "4", "--model.width_multiplier", "0.125"]
     for strategy in ("towers.TowerParallelStrategy", "towers.parallel.TowerParallelStrategy", "tower_parallel"):
-        cli = LightningCLI(TowerClassifier, run=False, args=[
-            "--trainer.strategy", strategy, "--trainer.accelerator", "cpu", "--trainer.devices", "2", *common])
+        cli = LightningCLI(
+            TowerClassifier,
+            run=False,
+            args=["--trainer.strategy", strategy, "--trainer.accelerator", "cpu", "--trainer.devices", "2", *common],
+        )
         assert isinstance(cli.trainer.strategy, TowerParallelStrategy)
         assert cli.trainer.strategy.parallel_devices == [torch.device("cpu")] * 2
-    cli = LightningCLI(TowerClassifier, run=False, args=[
-        "--trainer.strategy", "towers.TowerParallelStrategy", "--trainer.strategy.init_args.devices", "[cpu, cpu, cpu]",
-        *common])
+    cli = LightningCLI(
+        TowerClassifier,
+        run=False,
+        args=[
+            "--trainer.strategy",
+            "towers.TowerParallelStrategy",
+            "--trainer.strategy.init_args.devices",
+            "[cpu, cpu, cpu]",
+            *common,
+        ],
+    )
     assert cli.trainer.strategy.parallel_devices == [torch.device("cpu")] * 3
 
 
@@ -245,12 +285,19 @@ def test_gpu_check_says_skipped_and_exits_0_without_a_gpu(monkeypatch, capsys):
 
 # --- DDP: two gloo processes in a subprocess -------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(out)], cwd=out, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), str(out)],
+        cwd=out,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     return out, ranks
@@ -272,8 +319,11 @@ def test_ddp_syncs_the_metrics_across_ranks(ddp_run):
     # alone each rank would say 1.0 and 0.0; synced, both say 0.5. The loss is the mean over both.
     assert [rank["constant_local_acc"] for rank in ranks] == [1.0, 0.0]
     assert [rank["constant_val_acc"] for rank in ranks] == [0.5, 0.5]
-    assert ranks[0]["constant_val_loss"] == ranks[1]["constant_val_loss"] == pytest.approx(
-        ranks[0]["constant_union_loss"], rel=1e-5)
+    assert (
+        ranks[0]["constant_val_loss"]
+        == ranks[1]["constant_val_loss"]
+        == pytest.approx(ranks[0]["constant_union_loss"], rel=1e-5)
+    )
     assert ranks[0]["param_sum"] == ranks[1]["param_sum"]  # DDP kept the replicas identical
 
 
@@ -322,14 +372,21 @@ def ddp_worker(out: Path) -> None:
     data = RandomData()
     module = TowerClassifier(num_towers=2, **TINY)
     trainer = quiet_trainer(
-        strategy="ddp", devices=2, max_epochs=1, enable_checkpointing=True,
+        strategy="ddp",
+        devices=2,
+        max_epochs=1,
+        enable_checkpointing=True,
         logger=WandbLogger(save_dir=str(out), project="towers-test", offline=True),
-        callbacks=[KernelsOnRankZero(), ModelCheckpoint(dirpath=out / "checkpoints")])
+        callbacks=[KernelsOnRankZero(), ModelCheckpoint(dirpath=out / "checkpoints")],
+    )
     trainer.fit(module, data)
     rank = trainer.global_rank
-    result = {"train_indices": list(data.train.seen), "val_indices": list(data.val.seen),
-              "fit_val_acc": trainer.callback_metrics["val/acc"].item(),
-              "param_sum": sum(p.double().sum().item() for p in module.parameters())}
+    result = {
+        "train_indices": list(data.train.seen),
+        "val_indices": list(data.val.seen),
+        "fit_val_acc": trainer.callback_metrics["val/acc"].item(),
+        "param_sum": sum(p.double().sum().item() for p in module.parameters()),
+    }
     module.eval()
     with torch.no_grad():  # the same model on every rank: accuracy over all validation data, in one process
         logits = module(data.val.images)
@@ -339,7 +396,9 @@ def ddp_worker(out: Path) -> None:
         module.model.classifier.fc8.weight.zero_()
         module.model.classifier.fc8.bias.copy_(torch.tensor([2.0, 0.0]))
         own = [i for i in range(len(data.val)) if i % 2 == rank]  # DistributedSampler: rank r reads r, r+2, ...
-        result["constant_local_acc"] = (module(data.val.images[own]).argmax(1) == data.val.labels[own]).float().mean().item()
+        result["constant_local_acc"] = (
+            (module(data.val.images[own]).argmax(1) == data.val.labels[own]).float().mean().item()
+        )
         result["constant_union_loss"] = F.cross_entropy(module(data.val.images), data.val.labels).item()
     metrics = trainer.validate(module, data, verbose=False)[0]
     result["constant_val_acc"], result["constant_val_loss"] = metrics["val/acc"], metrics["val/loss"]

@@ -17,10 +17,10 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from PIL import Image
-
-import train
 from test_data import jpeg, kaggle_tree, module, zip_of
 from test_train import ROOT, tiny
+
+import train
 from towers.data import MICROSOFT_SHA256, MICROSOFT_ZIP, download_microsoft, load_image
 from towers.errors import BadOption, DamagedCheckpoint, Diverged
 from towers.files import write_atomic
@@ -40,19 +40,24 @@ def report_lines(dm) -> list[str]:
 
 # ----------------------------------------------------------------------------- names, links, EXIF
 
+
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_file_names_that_are_not_utf8_are_reported_escaped_and_never_fatal(tmp_path, fast_path):
     root = microsoft_tree(tmp_path / "data", 4)
     cat = os.fsencode(root / "PetImages" / "Cat")
-    good = Path(os.fsdecode(cat + b"/caf\xe9.jpg"))         # Latin-1, not UTF-8: a readable image
-    broken = Path(os.fsdecode(cat + b"/\xff\xfe.jpg"))      # and one that is not an image
+    good = Path(os.fsdecode(cat + b"/caf\xe9.jpg"))  # Latin-1, not UTF-8: a readable image
+    broken = Path(os.fsdecode(cat + b"/\xff\xfe.jpg"))  # and one that is not an image
     jpeg(good, 99)
     broken.write_bytes(b"not an image")
     dm = module(root, fast_path=fast_path)
     lines = report_lines(dm)
-    assert any(line.startswith(str(root / "PetImages/Cat/caf\\xe9.jpg") + "\tkept\t") and "not valid UTF-8" in line
-               for line in lines), lines
-    assert any(line.startswith(str(root / "PetImages/Cat/\\xff\\xfe.jpg") + "\tskipped\tnot an image") for line in lines)
+    assert any(
+        line.startswith(str(root / "PetImages/Cat/caf\\xe9.jpg") + "\tkept\t") and "not valid UTF-8" in line
+        for line in lines
+    ), lines
+    assert any(
+        line.startswith(str(root / "PetImages/Cat/\\xff\\xfe.jpg") + "\tskipped\tnot an image") for line in lines
+    )
     assert dm.bad_files_report.read_bytes().decode("utf-8")  # the report itself is valid UTF-8
     assert (str(good.relative_to(root / "PetImages")), 0) in dm.usable and len(dm.usable) == 9
 
@@ -86,20 +91,23 @@ def test_exif_orientation_is_applied_by_default_and_can_be_switched_off(tmp_path
 def test_every_file_under_the_root_that_is_not_used_gets_a_line(tmp_path):
     root = microsoft_tree(tmp_path / "data", 4)
     cat, dog = root / "PetImages" / "Cat", root / "PetImages" / "Dog"
-    (cat / "folder.jpg").mkdir()                                       # a folder named like an image
-    (cat / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")           # a link to nothing
+    (cat / "folder.jpg").mkdir()  # a folder named like an image
+    (cat / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")  # a link to nothing
     outside = jpeg(tmp_path / "elsewhere" / "secret.jpg", 7)
-    (dog / "escape.jpg").symlink_to(outside)                          # a link out of the data folder
-    (dog / "inside.jpg").symlink_to(cat / "0.jpg")                    # a link inside it: used
+    (dog / "escape.jpg").symlink_to(outside)  # a link out of the data folder
+    (dog / "inside.jpg").symlink_to(cat / "0.jpg")  # a link inside it: used
     exif_image(dog / "sideways.png", 8)
     for exif_transpose, action in ((True, "applied"), (False, "ignored")):
-        dm = module(root, fast_path=True, exif_transpose=exif_transpose,
-                    cache_dir=str(tmp_path / f"cache-{exif_transpose}"))
+        dm = module(
+            root, fast_path=True, exif_transpose=exif_transpose, cache_dir=str(tmp_path / f"cache-{exif_transpose}")
+        )
         lines = report_lines(dm)
-        expect = {cat / "folder.jpg": "a folder named like an image",
-                  cat / "gone.jpg": "skipped\ta symbolic link to",
-                  dog / "escape.jpg": "outside the data folder (refused)",
-                  dog / "sideways.png": f"kept\tEXIF orientation 8 {action}"}
+        expect = {
+            cat / "folder.jpg": "a folder named like an image",
+            cat / "gone.jpg": "skipped\ta symbolic link to",
+            dog / "escape.jpg": "outside the data folder (refused)",
+            dog / "sideways.png": f"kept\tEXIF orientation 8 {action}",
+        }
         for path, text in expect.items():
             assert sum(line.startswith(f"{path}\t") and text in line for line in lines) == 1, (path, lines)
         assert len(lines) == len(expect)
@@ -112,11 +120,13 @@ def test_every_file_under_the_root_that_is_not_used_gets_a_line(tmp_path):
     jpeg(kaggle / "train" / "kitten.jpg", 3)
     lines = report_lines(module(kaggle))
     assert any(line.startswith(f"{kaggle / 'train' / 'cat.50.jpg'}\tskipped\ta folder named like") for line in lines)
-    assert any(line.startswith(f"{kaggle / 'train' / 'kitten.jpg'}\tskipped\tnamed like an image but not")
-               for line in lines)
+    assert any(
+        line.startswith(f"{kaggle / 'train' / 'kitten.jpg'}\tskipped\tnamed like an image but not") for line in lines
+    )
 
 
 # ----------------------------------------------------------------------------- full disks
+
 
 def enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
@@ -142,6 +152,7 @@ def test_a_failed_write_names_the_file_and_leaves_no_temporary_file(tmp_path, mo
 
 def half_then_enospc(real_save):
     """A torch.save that writes half of the checkpoint, then fails as a full disk does."""
+
     def save(obj, f, *args, **kwargs):
         if not hasattr(f, "write"):
             return real_save(obj, f, *args, **kwargs)
@@ -149,24 +160,29 @@ def half_then_enospc(real_save):
         real_save(obj, buffer, *args, **kwargs)
         f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
+
     return save
 
 
 def test_a_full_disk_while_checkpointing_fails_the_run_in_one_line(demo_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch, "save", half_then_enospc(torch.save))
-    status = train.command_line(["fit", *tiny(demo_root, tmp_path, "--trainer.max_steps=2",
-                                              "--trainer.limit_val_batches=1")])
+    status = train.command_line(
+        ["fit", *tiny(demo_root, tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=1")]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1 and "Traceback" not in "\n".join(err)
     run_folder = tmp_path / "lightning_logs" / "version_0"
-    assert err[-1] == (f"train.py: error: No space left on device: {run_folder / 'checkpoints' / 'epoch=0-step=2.ckpt'}; "
-                       f"the run stopped (disk full)")
+    assert err[-1] == (
+        f"train.py: error: No space left on device: {run_folder / 'checkpoints' / 'epoch=0-step=2.ckpt'}; "
+        f"the run stopped (disk full)"
+    )
     record = json.loads((run_folder / "status.json").read_text())
     assert record["status"] == "failed" and "No space left on device" in record["message"]
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("*.tmp"))  # nothing half-written
 
 
 # ----------------------------------------------------------------------------- divergence
+
 
 class PoisonAt(Callback):
     """Sets every weight to NaN after the training step that reaches ``step``."""
@@ -205,6 +221,7 @@ def test_a_diverged_run_keeps_its_last_finite_checkpoints(demo_root, tmp_path, s
 
 # ----------------------------------------------------------------------------- damaged checkpoints
 
+
 def test_a_truncated_checkpoint_is_named_and_last_falls_back_to_one_that_loads(demo_root, tmp_path, capsys, caplog):
     args = tiny(demo_root, tmp_path, "--trainer.limit_val_batches=1")
     assert train.command_line(["fit", *args, "--trainer.max_epochs=2"]) == 0
@@ -221,8 +238,10 @@ def test_a_truncated_checkpoint_is_named_and_last_falls_back_to_one_that_loads(d
     capsys.readouterr()
     assert train.command_line(["fit", *args, "--trainer.max_epochs=3", f"--ckpt_path={newest}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"train.py: error: {newest} is damaged and cannot be read ({checkpoint_problem(newest)}); "
-                       f"the newest checkpoint beside it that loads is {fallback}")
+    assert err[-1] == (
+        f"train.py: error: {newest} is damaged and cannot be read ({checkpoint_problem(newest)}); "
+        f"the newest checkpoint beside it that loads is {fallback}"
+    )
     # --ckpt_path last resumes from the fallback
     assert train.command_line(["fit", *args, "--trainer.max_epochs=3", "--ckpt_path=last"]) == 0
     resumed = tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
@@ -243,34 +262,42 @@ def test_checkpoint_io_writes_complete_files_only_and_names_damaged_ones(tmp_pat
     monkeypatch.undo()
     io_.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, tmp_path / "b.ckpt")
     (tmp_path / "b.ckpt").write_bytes((tmp_path / "b.ckpt").read_bytes()[:100])
-    with pytest.raises(DamagedCheckpoint, match=f"{tmp_path / 'b.ckpt'} is damaged and cannot be read .*"
-                                                f"the newest checkpoint beside it that loads is {tmp_path / 'a.ckpt'}"):
+    with pytest.raises(
+        DamagedCheckpoint,
+        match=f"{tmp_path / 'b.ckpt'} is damaged and cannot be read .*"
+        f"the newest checkpoint beside it that loads is {tmp_path / 'a.ckpt'}",
+    ):
         io_.load_checkpoint(tmp_path / "b.ckpt")
 
 
 # ----------------------------------------------------------------------------- configs that cannot train
+
 
 def test_a_batch_larger_than_the_training_split_is_refused_with_the_numbers(demo_root, tmp_path, capsys):
     status = train.command_line(["fit", *tiny(demo_root, tmp_path, "--data.batch_size=64")])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and err[-1] == (
         "train.py: error: the training split has 24 images, fewer than one batch of batch_size=64, so an epoch "
-        "would have 0 steps; use a smaller --data.batch_size or a larger --data.train_size")
+        "would have 0 steps; use a smaller --data.batch_size or a larger --data.train_size"
+    )
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
 # ----------------------------------------------------------------------------- the archive's checksum
+
 
 def test_the_official_archive_hash_is_pinned_and_checked_for_a_local_archive(tmp_path, caplog):
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), "red").save(buffer, "JPEG")
     root = tmp_path / "data"
     root.mkdir()
-    archive = zip_of(root / MICROSOFT_ZIP, {"PetImages/Cat/1.jpg": buffer.getvalue(),
-                                             "PetImages/Dog/1.jpg": buffer.getvalue()})
+    archive = zip_of(
+        root / MICROSOFT_ZIP, {"PetImages/Cat/1.jpg": buffer.getvalue(), "PetImages/Dog/1.jpg": buffer.getvalue()}
+    )
     assert MICROSOFT_SHA256 == "b7974bd00a84a99921f36ee4403f089853777b5ae8d151c76a86e64900334af9"
-    with pytest.raises(BadOption, match=f"expected SHA-256 {MICROSOFT_SHA256} \\(the official archive's; .*"
-                                        "--data.archive_sha256 any"):
+    with pytest.raises(
+        BadOption, match=f"expected SHA-256 {MICROSOFT_SHA256} \\(the official archive's; .*--data.archive_sha256 any"
+    ):
         download_microsoft(root, url="http://127.0.0.1:9/unused.zip")  # no hash given: the official one
     assert sorted(p.name for p in root.iterdir()) == [MICROSOFT_ZIP]  # nothing extracted
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
@@ -281,18 +308,25 @@ def test_the_official_archive_hash_is_pinned_and_checked_for_a_local_archive(tmp
 
 # ----------------------------------------------------------------------------- user errors
 
-@pytest.mark.parametrize("option, message", [
-    ("--model.num_towers=0", "num_towers must be at least 1, got 0"),
-    ("--model.lr=-0.01", "model.lr=-0.01 is negative"),
-    ("--data.image_size=80", "image_size=80 is larger than resize_size=76"),
-    ("--data.train_size=1000", "usable images, but the splits ask for test 4 + training pool 1000"),
-    ("--data.source=kaggle --data.root=/nonexistent/towers-data", "Dataset folder /nonexistent/towers-data does not exist"),
-])
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("--model.num_towers=0", "num_towers must be at least 1, got 0"),
+        ("--model.lr=-0.01", "model.lr=-0.01 is negative"),
+        ("--data.image_size=80", "image_size=80 is larger than resize_size=76"),
+        ("--data.train_size=1000", "usable images, but the splits ask for test 4 + training pool 1000"),
+        (
+            "--data.source=kaggle --data.root=/nonexistent/towers-data",
+            "Dataset folder /nonexistent/towers-data does not exist",
+        ),
+    ],
+)
 def test_user_errors_are_one_line_and_exit_2(demo_root, tmp_path, capsys, monkeypatch, option, message):
     args = ["fit", *tiny(demo_root, tmp_path, "--trainer.logger=false"), *option.split()]
     assert train.command_line(args) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and f"train.py: error: " in err and message in err.split("train.py: error: ")[-1]
+    assert "Traceback" not in err and "train.py: error: " in err and message in err.split("train.py: error: ")[-1]
     monkeypatch.setenv("TOWERS_DEBUG", "1")
     with pytest.raises(ValueError if "nonexistent" not in option else FileNotFoundError):
         train.command_line(args)
@@ -310,17 +344,31 @@ def test_a_read_only_cache_folder_is_a_user_error(demo_root, tmp_path, capsys, m
     args = ["fit", *tiny(demo_root, tmp_path, "--trainer.logger=false", f"--data.cache_dir={tmp_path / 'cache'}")]
     assert train.command_line(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"train.py: error: cannot write to the cache folder {tmp_path / 'cache'} (Permission denied); "
-                       f"give --data.cache_dir a folder you may write to")
+    assert err[-1] == (
+        f"train.py: error: cannot write to the cache folder {tmp_path / 'cache'} (Permission denied); "
+        f"give --data.cache_dir a folder you may write to"
+    )
 
 
 def test_train_py_user_error_in_a_real_process_has_no_traceback(demo_root, tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(ROOT))
-    bad = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", *tiny(demo_root, tmp_path, "--model.num_towers=0")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "fit", *tiny(demo_root, tmp_path, "--model.num_towers=0")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == "train.py: error: num_towers must be at least 1, got 0"
     # jsonargparse's own errors keep their exit status 2
-    typo = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--data.batch_size=many"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    typo = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "fit", "--data.batch_size=many"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert typo.returncode == 2 and "Traceback" not in typo.stderr and "data.batch_size" in typo.stderr

@@ -73,8 +73,9 @@ def wandb_agent_command(config, params, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "environ", dict(os.environ, WANDB_DIR=str(tmp_path)))  # the agent writes env
     agent = wandb_agent.Agent(api=None, queue=None, sweep_id="test")
     agent._sweep_command = copy.deepcopy(config["command"])  # as the agent receives it from the server
-    agent._command_run({"run_id": "r1", "program": config["program"],
-                        "args": {k: {"value": v} for k, v in params.items()}})
+    agent._command_run(
+        {"run_id": "r1", "program": config["program"], "args": {k: {"value": v} for k, v in params.items()}}
+    )
     return captured["command"]
 
 
@@ -108,7 +109,9 @@ def parse_train_args(argv):
             pass
 
     assert argv[0] == "fit"
-    cli = ParseOnly(train.TowerClassifier, train.CatsDogsDataModule, args=argv, save_config_callback=train.SaveRunConfig)
+    cli = ParseOnly(
+        train.TowerClassifier, train.CatsDogsDataModule, args=argv, save_config_callback=train.SaveRunConfig
+    )
     return cli.config["fit"]
 
 
@@ -126,11 +129,14 @@ def test_rendered_command_parses_to_the_swept_values(path, tmp_path, monkeypatch
         command = wandb_agent_command(config, params, tmp_path, monkeypatch)
         assert command == agent_mod.render_command(config, params)  # the offline agent renders the same
         assert command[:3] == ["/usr/bin/env", "python", "train.py"]
-        assert command[-len(params):] == [f"--{k}={v}" for k, v in params.items()]  # after the config
+        assert command[-len(params) :] == [f"--{k}={v}" for k, v in params.items()]  # after the config
         parsed = parse_train_args(command[3:])
         # a dict value (sweeps/demo.yaml's `model` conditions) is a partial config: each of its keys must arrive
-        flat = {f"{key}.{k}" if isinstance(value, dict) else key: v if isinstance(value, dict) else value
-                for key, value in params.items() for k, v in (value.items() if isinstance(value, dict) else [(key, value)])}
+        flat = {
+            f"{key}.{k}" if isinstance(value, dict) else key: v if isinstance(value, dict) else value
+            for key, value in params.items()
+            for k, v in (value.items() if isinstance(value, dict) else [(key, value)])
+        }
         for key, value in flat.items():
             assert parsed[key] == value and type(parsed[key]) is type(value), (key, parsed[key], value)
         # the combination builds (tiny widths: the check is that e.g. 3 towers are accepted)
@@ -182,10 +188,23 @@ def test_the_sweep_and_its_runs_log_to_one_wandb_project(path, tmp_path, monkeyp
 
 # -- the offline agent ------------------------------------------------------------------------------
 def write_sweep(tmp_path, parameters, method="grid", **extra):
-    config = {"program": str(FIXTURES / "standin_train.py"), "method": method, "project": "towers-test",
-              "metric": {"name": "val/acc", "goal": "maximize"}, "parameters": parameters,
-              "command": ["${env}", "${interpreter}", "${program}", "fit", "--config",
-                          str(FIXTURES / "standin.yaml"), "${args}"], **extra}
+    config = {
+        "program": str(FIXTURES / "standin_train.py"),
+        "method": method,
+        "project": "towers-test",
+        "metric": {"name": "val/acc", "goal": "maximize"},
+        "parameters": parameters,
+        "command": [
+            "${env}",
+            "${interpreter}",
+            "${program}",
+            "fit",
+            "--config",
+            str(FIXTURES / "standin.yaml"),
+            "${args}",
+        ],
+        **extra,
+    }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -208,8 +227,13 @@ def standin_starts(out, name):
 def agent_process(path, out, log, *args):
     """An agent in a process of its own (so it can be killed), its output in the file log."""
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, "-m", "towers.sweep", str(path), "--out", str(out), *args],
-                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=f, stderr=f)
+        return subprocess.Popen(
+            [sys.executable, "-m", "towers.sweep", str(path), "--out", str(out), *args],
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            stdout=f,
+            stderr=f,
+        )
 
 
 def wait_until(condition, agent, what, log):
@@ -235,15 +259,26 @@ def test_the_agent_needs_no_lightning(tmp_path):
         (tmp_path / name).write_text(name)
         time.sleep(0.01)
     assert agent_mod.newest_last_checkpoint(tmp_path) == tmp_path / "last-v1.ckpt"
-    loaded = subprocess.run([sys.executable, "-c", "import sys, towers.sweep; print('lightning' in sys.modules)"],
-                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, check=False)
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, towers.sweep; print('lightning' in sys.modules)"],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert loaded.stdout.strip() == "False", loaded.stderr
 
 
 def test_failed_and_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path, capsys):
-    path = write_sweep(tmp_path, {"model.lr": {"values": [0.01, 5.0]},
-                                  "standin.fail_at_epoch": {"values": [99, 1]},
-                                  "standin.diverge_above_lr": {"value": 1.0}})
+    path = write_sweep(
+        tmp_path,
+        {
+            "model.lr": {"values": [0.01, 5.0]},
+            "standin.fail_at_epoch": {"values": [99, 1]},
+            "standin.diverge_above_lr": {"value": 1.0},
+        },
+    )
     out = tmp_path / "out"
     assert agent_mod.main([str(path), "--out", str(out), "--jobs", "2"]) == 0
     runs = {(r["params"]["model.lr"], r["params"]["standin.fail_at_epoch"]): r for r in state(out)["runs"]}
@@ -257,7 +292,7 @@ def test_failed_and_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path, c
         assert "NaN or infinite" in runs[key]["message"]
     printed = capsys.readouterr().out
     assert "Disk: no estimate until a run of" in printed  # the stand-in is not train.py: nothing to measure yet
-    table = printed[printed.index("run "):]
+    table = printed[printed.index("run ") :]
     assert "diverged" in table and "failed" in table and failed["log"] in table
     row = next(line for line in table.splitlines() if line.startswith(runs[0.01, 99]["name"]))
     assert "0.8333" in row and "0.2" in row and "0.002" in row  # val/acc, eta2, p_value of bisection.json
@@ -265,15 +300,24 @@ def test_failed_and_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path, c
     assert agent_mod.main([str(path), "--out", str(out)]) == 0
     assert len(state(out)["runs"]) == 4
     assert all(len(r["attempts"]) == 1 for r in state(out)["runs"])
-    largest = max((out / "runs" / r["name"] / "checkpoints" / "last.ckpt").stat().st_size
-                  for r in state(out)["runs"] if (out / "runs" / r["name"] / "checkpoints").exists())
+    largest = max(
+        (out / "runs" / r["name"] / "checkpoints" / "last.ckpt").stat().st_size
+        for r in state(out)["runs"]
+        if (out / "runs" / r["name"] / "checkpoints").exists()
+    )
     assert f"Disk: about {agent_mod._size(4 * largest)} of checkpoints for 4 runs" in capsys.readouterr().out
 
 
 def test_gpus_give_each_run_its_own_gpu_and_never_one_gpu_two_runs(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    path = write_sweep(tmp_path, {"model.num_towers": {"values": [1, 2, 3]}, "seed_everything": {"values": [0, 1]},
-                                  "standin.sleep": {"value": 0.15}})
+    path = write_sweep(
+        tmp_path,
+        {
+            "model.num_towers": {"values": [1, 2, 3]},
+            "seed_everything": {"values": [0, 1]},
+            "standin.sleep": {"value": 0.15},
+        },
+    )
     out = tmp_path / "out"
     assert agent_mod.main([str(path), "--out", str(out), "--gpus", "3,7"]) == 0
     runs = state(out)["runs"]
@@ -293,8 +337,9 @@ def test_gpus_give_each_run_its_own_gpu_and_never_one_gpu_two_runs(tmp_path, mon
         assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(starts)), (gpu, starts)
 
 
-def test_gpu_ids_count_within_the_agents_own_visible_devices_and_bad_options_get_one_line(tmp_path, monkeypatch,
-                                                                                           capsys):
+def test_gpu_ids_count_within_the_agents_own_visible_devices_and_bad_options_get_one_line(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6")  # e.g. the GPUs SLURM gave the job
     path = write_sweep(tmp_path, {"model.lr": {"values": [0.01]}})
     out = tmp_path / "out"
@@ -302,8 +347,14 @@ def test_gpu_ids_count_within_the_agents_own_visible_devices_and_bad_options_get
     (seen,) = standin_starts(out, "run-000")
     assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "6"
     capsys.readouterr()
-    for bad in (["--gpus", "2"], ["--gpus", "0,0"], ["--jobs", "3", "--gpus", "0,1"], ["--shard", "2/2"],
-                ["--shard", "1"], ["--shard", "0/3"]):  # the last: this sweep was split into 2
+    for bad in (
+        ["--gpus", "2"],
+        ["--gpus", "0,0"],
+        ["--jobs", "3", "--gpus", "0,1"],
+        ["--shard", "2/2"],
+        ["--shard", "1"],
+        ["--shard", "0/3"],
+    ):  # the last: this sweep was split into 2
         with pytest.raises(SystemExit) as stopped:
             agent_mod.main([str(path), "--out", str(out), *bad])
         err = capsys.readouterr().err
@@ -311,8 +362,14 @@ def test_gpu_ids_count_within_the_agents_own_visible_devices_and_bad_options_get
 
 
 def test_three_shards_split_a_grid_and_a_killed_shard_resumes_its_own_runs(tmp_path):
-    path = write_sweep(tmp_path, {"model.num_towers": {"values": [1, 2, 3]}, "seed_everything": {"values": [0, 1]},
-                                  "standin.sleep": {"value": 0.5}})
+    path = write_sweep(
+        tmp_path,
+        {
+            "model.num_towers": {"values": [1, 2, 3]},
+            "seed_everything": {"values": [0, 1]},
+            "standin.sleep": {"value": 0.5},
+        },
+    )
     out = tmp_path / "out"
     logs = [tmp_path / f"agent{i}.log" for i in range(3)]
     agents = [agent_process(path, out, logs[i], "--shard", f"{i}/3") for i in range(3)]
@@ -335,8 +392,9 @@ def test_three_shards_split_a_grid_and_a_killed_shard_resumes_its_own_runs(tmp_p
                 agent.wait()
     runs = state(out)["runs"]
     assert [r["name"] for r in runs] == [f"run-{k:03d}" for k in range(6)]
-    assert {(r["params"]["model.num_towers"], r["params"]["seed_everything"]) for r in runs} == \
-        set(itertools.product([1, 2, 3], [0, 1]))
+    assert {(r["params"]["model.num_towers"], r["params"]["seed_everything"]) for r in runs} == set(
+        itertools.product([1, 2, 3], [0, 1])
+    )
     shard_of = {agents[0].pid: 0, agents[1].pid: 1, agents[2].pid: 2, os.getpid(): 1}
     for k, run in enumerate(runs):  # each run by its own shard, every epoch exactly once
         assert run["status"] == "finished" and run["owner"] is None
@@ -358,8 +416,12 @@ def test_a_run_is_held_while_its_owner_lives_here_or_beats_elsewhere(tmp_path):
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         now = time.time()
-        here = {"host": sweep_state.HOST, "pid": sleeper.pid, "start": sweep_state.process_start(sleeper.pid),
-                "heartbeat": now - 3600}  # on this host the pid decides, not the heartbeat
+        here = {
+            "host": sweep_state.HOST,
+            "pid": sleeper.pid,
+            "start": sweep_state.process_start(sleeper.pid),
+            "heartbeat": now - 3600,
+        }  # on this host the pid decides, not the heartbeat
         elsewhere = {"host": "other-node", "pid": 1, "start": 0, "heartbeat": now - 10}
         assert sweep_state.owner_alive(here, now) and sweep_state.owner_alive(elsewhere, now)
         assert not sweep_state.owner_alive(dict(here, start=here["start"] + 1), now)  # the pid reused
@@ -380,8 +442,14 @@ def test_a_run_is_held_while_its_owner_lives_here_or_beats_elsewhere(tmp_path):
 
 
 def test_two_agents_started_at_once_on_one_state_run_each_run_once(tmp_path):
-    path = write_sweep(tmp_path, {"model.num_towers": {"values": [1, 2]}, "seed_everything": {"values": [0, 1]},
-                                  "standin.sleep": {"value": 0.2}})
+    path = write_sweep(
+        tmp_path,
+        {
+            "model.num_towers": {"values": [1, 2]},
+            "seed_everything": {"values": [0, 1]},
+            "standin.sleep": {"value": 0.2},
+        },
+    )
     out = tmp_path / "out"
     logs = [tmp_path / f"agent{i}.log" for i in range(2)]
     agents = [agent_process(path, out, log) for log in logs]
@@ -398,8 +466,9 @@ def test_two_agents_started_at_once_on_one_state_run_each_run_once(tmp_path):
 def test_a_run_that_ended_while_its_agent_was_killed_is_recorded_from_its_files(tmp_path, capsys):
     # the stand-in writes its last checkpoint, status.json and bisection.json, then SIGKILLs the agent
     marker = tmp_path / "agent-killed"
-    path = write_sweep(tmp_path, {"model.num_towers": {"values": [2]},
-                                  "standin.kill_agent_at_end": {"value": str(marker)}})
+    path = write_sweep(
+        tmp_path, {"model.num_towers": {"values": [2]}, "standin.kill_agent_at_end": {"value": str(marker)}}
+    )
     out = tmp_path / "out"
     agent = agent_process(path, out, tmp_path / "agent.log")
     assert agent.wait(timeout=150) == -signal.SIGKILL, (tmp_path / "agent.log").read_text()
@@ -421,9 +490,15 @@ def test_hyperband_stops_runs_that_fall_behind(tmp_path):
     # The stand-in's val/acc at every epoch is lower the further lr is from 0.01. Hyperband with
     # eta 2 keeps a running run while its best value is in the better half of the values the runs
     # had at the same epoch: the 0.02 run passes (second of two), the 0.3 and 0.5 runs fall behind.
-    path = write_sweep(tmp_path, {"model.lr": {"values": [0.01, 0.02, 0.3, 0.5]},
-                                  "standin.sleep": {"value": 0.4}, "trainer.max_epochs": {"value": 5}},
-                       early_terminate={"type": "hyperband", "min_iter": 1, "eta": 2})
+    path = write_sweep(
+        tmp_path,
+        {
+            "model.lr": {"values": [0.01, 0.02, 0.3, 0.5]},
+            "standin.sleep": {"value": 0.4},
+            "trainer.max_epochs": {"value": 5},
+        },
+        early_terminate={"type": "hyperband", "min_iter": 1, "eta": 2},
+    )
     out = tmp_path / "out"
     assert agent_mod.main([str(path), "--out", str(out)]) == 0
     runs = state(out)["runs"]
@@ -461,10 +536,15 @@ def test_demo_sweep_end_to_end_through_train_py(tmp_path, capsys):
 
     config = yaml.safe_load((ROOT / "sweeps/demo.yaml").read_text())
     tiny = tmp_path / "tiny.yaml"
-    tiny.write_text(yaml.safe_dump({
-        "model": {"width_multiplier": 0.125},
-        "data": {"root": str(tmp_path / "demo-data"), "demo_images_per_class": 16, "batch_size": 8},
-        "trainer": {"max_epochs": 1, "enable_progress_bar": False, "enable_model_summary": False}}))
+    tiny.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"width_multiplier": 0.125},
+                "data": {"root": str(tmp_path / "demo-data"), "demo_images_per_class": 16, "batch_size": 8},
+                "trainer": {"max_epochs": 1, "enable_progress_bar": False, "enable_model_summary": False},
+            }
+        )
+    )
     at = config["command"].index("${args}")
     config["command"][at:at] = ["--config", str(tiny)]
     path = tmp_path / "demo.yaml"
@@ -491,8 +571,7 @@ def test_demo_sweep_end_to_end_through_train_py(tmp_path, capsys):
         assert 0 <= run["bisection"]["eta2"] <= 1 and 0 < run["bisection"]["p_value"] <= 1
         assert (folder / "files" / "kernels.png").exists(), "kernel images belong in the W&B run folder"
         (record,) = [r.run for r in wandb_records(next(folder.glob("*.wandb"))) if r.WhichOneof("record_type") == "run"]
-        assert (record.project, record.run_group, record.job_type) == \
-            (config["project"], "out", f"num_towers={towers}")
+        assert (record.project, record.run_group, record.job_type) == (config["project"], "out", f"num_towers={towers}")
     # the estimate: 2 checkpoint files (the latest epoch, last.ckpt links to it; the best) of weights and momentum
     printed = capsys.readouterr().out
     # the end table: the run's verdict, delta f and eta2 with their p, as its bisection.json says
@@ -501,11 +580,16 @@ def test_demo_sweep_end_to_end_through_train_py(tmp_path, capsys):
     row = next(line for line in printed.splitlines() if line.startswith(runs[0]["name"] + " "))
     p_delta_f = format_p(result["p_delta_f"], result["p_permutations"]).removeprefix("= ")
     assert f" {result['verdict']} " in row and f" {result['delta_f']:.4g} " in row and f" {p_delta_f} " in row
-    assert f" {result['eta2']:.4g} " in row and f" {format_p(result['p_value'], result['permutations']).removeprefix('= ')} " in row
+    assert (
+        f" {result['eta2']:.4g} " in row
+        and f" {format_p(result['p_value'], result['permutations']).removeprefix('= ')} " in row
+    )
     estimate, files, parameters, per_parameter = agent_mod.train_checkpoint_bytes(config, runs[0]["params"])
     assert (files, per_parameter) == (2, 8)
-    assert f"Disk: about {agent_mod._size(estimate)} of checkpoints for 1 runs (per run 2 checkpoint files x " \
-           f"{parameters / 1e6:.1f}M parameters x 8 bytes" in printed
+    assert (
+        f"Disk: about {agent_mod._size(estimate)} of checkpoints for 1 runs (per run 2 checkpoint files x "
+        f"{parameters / 1e6:.1f}M parameters x 8 bytes" in printed
+    )
     written = [p for p in (out / "runs" / runs[0]["name"]).rglob("*.ckpt") if not p.is_symlink()]
     assert len(written) == 2
     assert 0.9 < sum(p.stat().st_size for p in written) / estimate < 1.1

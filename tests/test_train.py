@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import train
-from towers.data.demo import make_demo_dataset
 from towers.runs import newest_last_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,17 +18,37 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny(demo_root, out, *extra):
     """configs/demo.yaml made tiny: 24 training images in batches of 8 (3 steps an epoch), a narrow
     network on 67-pixel crops, a CSV logger in `out`."""
-    return ["--config", str(ROOT / "configs/demo.yaml"), f"--data.root={demo_root}", "--data.test_size=4",
-            "--data.val_size=4", "--data.batch_size=8", "--data.num_workers=0", "--data.resize_size=76",
-            "--data.image_size=67", "--model.width_multiplier=0.125", f"--trainer.default_root_dir={out}",
-            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={out}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra]
+    return [
+        "--config",
+        str(ROOT / "configs/demo.yaml"),
+        f"--data.root={demo_root}",
+        "--data.test_size=4",
+        "--data.val_size=4",
+        "--data.batch_size=8",
+        "--data.num_workers=0",
+        "--data.resize_size=76",
+        "--data.image_size=67",
+        "--model.width_multiplier=0.125",
+        f"--trainer.default_root_dir={out}",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={out}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *extra,
+    ]
 
 
 def run_train(args, **kwargs):
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
 
 
 def last_checkpoint(out: Path) -> Path:
@@ -72,11 +91,33 @@ def test_same_seed_same_kernels_bit_for_bit(demo_root, tmp_path):
 def test_channels_last_on_the_cpu_changes_the_speed_not_the_training(demo_root, tmp_path):
     """The default (channels_last=None) trains NHWC on the CPU; the weights it learns are those of the
     standard format up to float rounding (summation order inside oneDNN's kernels)."""
-    auto = train.main(["fit", *tiny(demo_root, tmp_path / "auto", "--trainer.max_steps=3", "--seed_everything=3",
-                                    "--trainer.limit_val_batches=1", "--test_after_fit=false")])
-    standard = train.main(["fit", *tiny(demo_root, tmp_path / "nchw", "--trainer.max_steps=3", "--seed_everything=3",
-                                        "--trainer.limit_val_batches=1", "--test_after_fit=false",
-                                        "--model.channels_last=false")])
+    auto = train.main(
+        [
+            "fit",
+            *tiny(
+                demo_root,
+                tmp_path / "auto",
+                "--trainer.max_steps=3",
+                "--seed_everything=3",
+                "--trainer.limit_val_batches=1",
+                "--test_after_fit=false",
+            ),
+        ]
+    )
+    standard = train.main(
+        [
+            "fit",
+            *tiny(
+                demo_root,
+                tmp_path / "nchw",
+                "--trainer.max_steps=3",
+                "--seed_everything=3",
+                "--trainer.limit_val_batches=1",
+                "--test_after_fit=false",
+                "--model.channels_last=false",
+            ),
+        ]
+    )
     assert auto.model.model.features.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert standard.model.model.features.conv1.weight.is_contiguous()
     assert not standard.model.model.features.conv1.weight.is_contiguous(memory_format=torch.channels_last)
@@ -91,8 +132,18 @@ def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(de
 
     # Killed with SIGKILL at step 4, in the second epoch: only the end-of-epoch-1 checkpoint survives.
     broken = tmp_path / "broken"
-    killed = run_train(["fit", *tiny(demo_root, broken, *epochs, "--trainer.callbacks+=tests.fixtures.kill_switch.KillAtStep",
-                                     "--trainer.callbacks.init_args.step=4")])
+    killed = run_train(
+        [
+            "fit",
+            *tiny(
+                demo_root,
+                broken,
+                *epochs,
+                "--trainer.callbacks+=tests.fixtures.kill_switch.KillAtStep",
+                "--trainer.callbacks.init_args.step=4",
+            ),
+        ]
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert torch.load(last_checkpoint(broken), map_location="cpu", weights_only=True)["global_step"] == 3
 
@@ -110,14 +161,26 @@ def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(de
 @pytest.mark.parametrize("strategy", ["ddp", "tower_parallel"])
 def test_two_cpu_devices_through_train_py(demo_root, tmp_path, strategy):
     """The README's multi-device commands, on two CPU processes (gloo) or two CPU 'devices'."""
-    result = run_train(["fit", *tiny(demo_root, tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
-                                     f"--trainer.strategy={strategy}", "--trainer.accelerator=cpu",
-                                     "--trainer.devices=2")])
+    result = run_train(
+        [
+            "fit",
+            *tiny(
+                demo_root,
+                tmp_path,
+                "--trainer.max_steps=2",
+                "--trainer.limit_val_batches=1",
+                f"--trainer.strategy={strategy}",
+                "--trainer.accelerator=cpu",
+                "--trainer.devices=2",
+            ),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(tmp_path.rglob("bisection.json"))) == 1  # the kernel callback ran on rank 0 only
     # DDP doubles the global batch: said once, by rank zero, with the learning rate; tower-parallel is one process
-    said = (result.stdout + result.stderr).count("Global batch: 2 processes x data.batch_size 8 = 16 images per "
-                                                 "step, not the config's 8; learning rate 0.01")
+    said = (result.stdout + result.stderr).count(
+        "Global batch: 2 processes x data.batch_size 8 = 16 images per step, not the config's 8; learning rate 0.01"
+    )
     assert said == (1 if strategy == "ddp" else 0)
     checkpoint = last_checkpoint(tmp_path)
     single = train.TowerClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
@@ -129,12 +192,20 @@ def test_without_a_wandb_key_a_shipped_config_trains_offline(demo_root, tmp_path
     """The usual first run: no W&B account, WANDB_MODE unset. The run must log offline, not ask for a key."""
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
     env.update(HOME=str(tmp_path / "home"), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), PYTHONPATH=str(ROOT))
-    args = tiny(demo_root, tmp_path / "run", "--trainer.max_steps=1", "--trainer.limit_val_batches=1",
-                "--test_after_fit=false")
+    args = tiny(
+        demo_root, tmp_path / "run", "--trainer.max_steps=1", "--trainer.limit_val_batches=1", "--test_after_fit=false"
+    )
     at = args.index("--trainer.logger=lightning.pytorch.loggers.CSVLogger")
-    del args[at:at + 2]  # keep configs/demo.yaml's WandbLogger
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", *args], cwd=ROOT, env=env,
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    del args[at : at + 2]  # keep configs/demo.yaml's WandbLogger
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "fit", *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
     assert (run / "files" / "bisection.json").exists()
@@ -151,9 +222,15 @@ def test_sgd_is_torchs_fused_one_and_steps_as_the_loop_implementation_does():
     assert fused.defaults["fused"] and [g["weight_decay"] for g in fused.param_groups] == [5e-4, 0.0]
     # the same updates as the one-tensor-at-a-time loop (decay, momentum, step), to float rounding: the
     # fused kernel's scalar tail rounds a multiply-add once, so a few elements differ in the last bits
-    loop = torch.optim.SGD([{"params": [p.detach().clone().requires_grad_() for p in g["params"]],
-                             "weight_decay": g["weight_decay"]} for g in fused.param_groups],
-                           lr=0.01, momentum=0.9, foreach=False)
+    loop = torch.optim.SGD(
+        [
+            {"params": [p.detach().clone().requires_grad_() for p in g["params"]], "weight_decay": g["weight_decay"]}
+            for g in fused.param_groups
+        ],
+        lr=0.01,
+        momentum=0.9,
+        foreach=False,
+    )
     fused_params, loop_params = ([p for g in opt.param_groups for p in g["params"]] for opt in (fused, loop))
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):

@@ -5,8 +5,19 @@ import pytest
 import torch
 
 from tests.fixtures.kernels import colour, gabor, noisy, towers_of
-from towers.verdict import (COLOUR_CUT, MIN_DELTA_F, NOT_SPECIALISED, SENSITIVITY_CUTS, SPECIALISED, WEAK_FRACTION,
-                            classify, format_p, newcombe_interval, onset_step, verdict)
+from towers.verdict import (
+    COLOUR_CUT,
+    MIN_DELTA_F,
+    NOT_SPECIALISED,
+    SENSITIVITY_CUTS,
+    SPECIALISED,
+    WEAK_FRACTION,
+    classify,
+    format_p,
+    newcombe_interval,
+    onset_step,
+    verdict,
+)
 
 B = 1999
 
@@ -116,9 +127,12 @@ def test_newcombe_interval_and_p_formatting():
 
 def test_onset_uses_the_final_labelling_and_never_the_smallest_p():
     s, n = SPECIALISED, NOT_SPECIALISED
-    history = [{"step": 0, "verdict": n}, {"step": 10, "verdict": s, "agnostic_group": [2], "specific_group": [1]},
-               {"step": 20, "verdict": s, "agnostic_group": [1], "specific_group": [2]},
-               {"step": 30, "verdict": s, "agnostic_group": [1], "specific_group": [2]}]
+    history = [
+        {"step": 0, "verdict": n},
+        {"step": 10, "verdict": s, "agnostic_group": [2], "specific_group": [1]},
+        {"step": 20, "verdict": s, "agnostic_group": [1], "specific_group": [2]},
+        {"step": 30, "verdict": s, "agnostic_group": [1], "specific_group": [2]},
+    ]
     assert onset_step(history) == 20  # step 10 had the towers the other way round
     assert onset_step(history[:1]) is None
     assert onset_step(history + [{"step": 40, "verdict": n}]) is None

@@ -94,9 +94,16 @@ class KernelBisectionCallback(Callback):
 
     # --- state in checkpoints: the baseline, and the settings analysis/kernels.py needs to agree
     def state_dict(self) -> dict:
-        return {"version": records.VERSION, "init": self.init_record, "channel_std": self.channel_std,
-                "axis": self.axis_vector, "axis_name": self.axis, "permutations": self.permutations,
-                "bootstrap": self.bootstrap, "seed": self.seed}
+        return {
+            "version": records.VERSION,
+            "init": self.init_record,
+            "channel_std": self.channel_std,
+            "axis": self.axis_vector,
+            "axis_name": self.axis,
+            "permutations": self.permutations,
+            "bootstrap": self.bootstrap,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.init_record = state_dict.get("init")
@@ -104,8 +111,10 @@ class KernelBisectionCallback(Callback):
     # --- hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not callable(getattr(pl_module, "conv1_kernels", None)):
-            raise TypeError(f"KernelBisectionCallback needs a LightningModule with conv1_kernels() returning "
-                            f"(towers, kernels per tower, 3, h, w); {type(pl_module).__name__} has none")
+            raise TypeError(
+                f"KernelBisectionCallback needs a LightningModule with conv1_kernels() returning "
+                f"(towers, kernels per tower, 3, h, w); {type(pl_module).__name__} has none"
+            )
         if not trainer.is_global_zero:
             return
         self._fit_start, self._cost, self._fit_seconds = time.perf_counter(), 0.0, None
@@ -115,9 +124,11 @@ class KernelBisectionCallback(Callback):
         self.channel_std = None if std is None else floats(torch.as_tensor(std).flatten())
         if self.axis == "pca":
             if eigenvectors is None:
-                raise ValueError("KernelBisectionCallback(axis='pca') needs trainer.datamodule.rgb_eigenvectors "
-                                 "(3x3, columns the RGB principal components); this data module has none. "
-                                 "Use axis='luminance'.")
+                raise ValueError(
+                    "KernelBisectionCallback(axis='pca') needs trainer.datamodule.rgb_eigenvectors "
+                    "(3x3, columns the RGB principal components); this data module has none. "
+                    "Use axis='luminance'."
+                )
             self.axis_vector = floats(torch.as_tensor(eigenvectors)[:, 0])
         else:
             self.axis_vector = floats(unit_axis())
@@ -125,20 +136,30 @@ class KernelBisectionCallback(Callback):
         if self.init_record is not None:  # resumed: the baseline came with the checkpoint
             self._write_json()
         elif trainer.ckpt_path is not None:
-            rank_zero_warn("KernelBisectionCallback: resuming from a checkpoint without its initial kernels; "
-                           "the run has no initialisation baseline.")
+            rank_zero_warn(
+                "KernelBisectionCallback: resuming from a checkpoint without its initial kernels; "
+                "the run has no initialisation baseline."
+            )
         else:
             self._measure(trainer, pl_module, "init")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if (trainer.is_global_zero and self.every_n_steps and step % self.every_n_steps == 0
-                and not self._measured(step)):
+        if (
+            trainer.is_global_zero
+            and self.every_n_steps
+            and step % self.every_n_steps == 0
+            and not self._measured(step)
+        ):
             self._measure(trainer, pl_module, "interval")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if (trainer.is_global_zero and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-                and not self._measured(trainer.global_step)):
+        if (
+            trainer.is_global_zero
+            and self.every_n_epochs
+            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+            and not self._measured(trainer.global_step)
+        ):
             self._measure(trainer, pl_module, "interval")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -153,13 +174,16 @@ class KernelBisectionCallback(Callback):
         rank_zero_info(f"Verdict at step {self.last_record['step']}: {summary_line(self.last_record)}")
         change = self.last_record.get("kernel_change")
         if change is not None:
-            rank_zero_info("conv1 kernels moved ||W - W0|| / ||W0|| = "
-                           + ", ".join(f"{'n/a' if c is None else f'{c:.2f}'} (tower {k})"
-                                       for k, c in enumerate(change, start=1))
-                           + " from their initialisation")
-        rank_zero_info(f"KernelBisectionCallback: measurements took {self._cost:.2f} s, "
-                       f"{100 * self._cost / max(self._fit_seconds, 1e-9):.2f}% of the {self._fit_seconds:.1f} s "
-                       f"of fitting; files in {self._dir}")
+            rank_zero_info(
+                "conv1 kernels moved ||W - W0|| / ||W0|| = "
+                + ", ".join(f"{'n/a' if c is None else f'{c:.2f}'} (tower {k})" for k, c in enumerate(change, start=1))
+                + " from their initialisation"
+            )
+        rank_zero_info(
+            f"KernelBisectionCallback: measurements took {self._cost:.2f} s, "
+            f"{100 * self._cost / max(self._fit_seconds, 1e-9):.2f}% of the {self._fit_seconds:.1f} s "
+            f"of fitting; files in {self._dir}"
+        )
 
     # --- the measurement
     def _measured(self, step: int) -> bool:
@@ -169,10 +193,16 @@ class KernelBisectionCallback(Callback):
     def _measure(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         start = time.perf_counter()
         kernels = pl_module.conv1_kernels().detach().to("cpu", torch.float32)  # the one host copy
-        record = {"stage": stage, "step": trainer.global_step, "epoch": trainer.current_epoch,
-                  "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "axis_name": self.axis}
-        record.update(measure(kernels, self.channel_std, self.axis_vector, self.permutations, self.bootstrap,
-                              self.seed))
+        record = {
+            "stage": stage,
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "axis_name": self.axis,
+        }
+        record.update(
+            measure(kernels, self.channel_std, self.axis_vector, self.permutations, self.bootstrap, self.seed)
+        )
         record["kernel_change"] = self._kernel_change(kernels, stage)
         stats = None if record["statistics"] is None else Bisection(**record["statistics"])
         if record["error"]:
@@ -181,14 +211,21 @@ class KernelBisectionCallback(Callback):
         baselines = (False, True) if stage == "init" else (False,)  # the latest files, and the baseline's own
         images = {}
         if record["score"] is not None:
-            order = (torch.tensor(record["score"]).view(kernels.shape[:2]).argsort(1)
-                     if self.sort_by_score else None)
-            weak = (None if record.get("kernel_class") is None
-                    else np.asarray(record["kernel_class"]).reshape(kernels.shape[:2]) == "weak")
+            order = torch.tensor(record["score"]).view(kernels.shape[:2]).argsort(1) if self.sort_by_score else None
+            weak = (
+                None
+                if record.get("kernel_class") is None
+                else np.asarray(record["kernel_class"]).reshape(kernels.shape[:2]) == "weak"
+            )
             images[records.GRID] = kernel_grid(kernels, self.global_scale, order, self.columns, self.zoom, weak=weak)
             init_scores = None if self.init_record is None or stage == "init" else self.init_record["score"]
-            images[records.SCORE_PLOT] = score_plot(record["score"], record["tower"], stats, init_scores,
-                                          f"{stage} · step {record['step']} · epoch {record['epoch']}")
+            images[records.SCORE_PLOT] = score_plot(
+                record["score"],
+                record["tower"],
+                stats,
+                init_scores,
+                f"{stage} · step {record['step']} · epoch {record['epoch']}",
+            )
             pngs = {name: png_bytes(image) for name, image in images.items()}
             for name, data in pngs.items():
                 for init in baselines:
@@ -198,7 +235,8 @@ class KernelBisectionCallback(Callback):
                 write_png(self._dir / records.step_file(record["step"], ".png"), pngs[records.GRID])
         (self._dir / records.STEPS_DIR).mkdir(exist_ok=True)  # the weights of every measurement: 140 kB at paper size
         for path in [self._dir / records.kernels_file(init) for init in baselines] + [
-                self._dir / records.step_file(record["step"], ".npy")]:
+            self._dir / records.step_file(record["step"], ".npy")
+        ]:
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.save(f, kernels.numpy())
 
@@ -227,8 +265,10 @@ class KernelBisectionCallback(Callback):
         return floats(change)
 
     def _write_json(self) -> None:
-        records.write_json(self._dir / records.BISECTION_FILE, records.bisection_file(
-            self.init_record, self.last_record, self._cost, self._fit_seconds))
+        records.write_json(
+            self._dir / records.BISECTION_FILE,
+            records.bisection_file(self.init_record, self.last_record, self._cost, self._fit_seconds),
+        )
 
     def _log(self, trainer: Trainer, record: dict, images: dict) -> None:
         scalars = records.record_metrics(record)
@@ -236,8 +276,9 @@ class KernelBisectionCallback(Callback):
         for logger in trainer.loggers:
             for name, image in images.items():
                 if isinstance(logger, WandbLogger):
-                    logger.log_image(key=records.image_key(name), images=[image], step=record["step"],
-                                     caption=[caption])
+                    logger.log_image(
+                        key=records.image_key(name), images=[image], step=record["step"], caption=[caption]
+                    )
                 elif isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_image(records.image_key(name), image, record["step"], dataformats="HWC")
             if scalars:

@@ -48,8 +48,10 @@ def as_kernels(kernels) -> torch.Tensor:
     if w.dim() == 5:
         w = w.flatten(0, 1)
     if w.dim() != 4 or w.shape[1] != 3:
-        raise ValueError(f"expected kernels of shape (K, 3, h, w) or (towers, K/towers, 3, h, w) with the "
-                         f"colour channels on axis -3, got {tuple(w.shape)}")
+        raise ValueError(
+            f"expected kernels of shape (K, 3, h, w) or (towers, K/towers, 3, h, w) with the "
+            f"colour channels on axis -3, got {tuple(w.shape)}"
+        )
     return w
 
 
@@ -170,12 +172,19 @@ class Bisection:
         return asdict(self)
 
     def summary(self) -> str:
-        side = "" if len(self.groups) == 2 else (
-            f"; best bipartition {self.color_side} vs rest: eta2 = {self.eta2_split:.3f}, "
-            f"p = {self.p_value_split:.2g}")
+        side = (
+            ""
+            if len(self.groups) == 2
+            else (
+                f"; best bipartition {self.color_side} vs rest: eta2 = {self.eta2_split:.3f}, "
+                f"p = {self.p_value_split:.2g}"
+            )
+        )
         kind = "one-tower control (two random halves of the kernels)" if self.control else "towers"
-        return (f"{kind}: eta2 = {self.eta2:.3f} (chance {self.eta2_null:.3f}), p = {self.p_value:.2g} "
-                f"({self.permutations} permutations, floor {self.p_floor:.2g}){side}")
+        return (
+            f"{kind}: eta2 = {self.eta2:.3f} (chance {self.eta2_null:.3f}), p = {self.p_value:.2g} "
+            f"({self.permutations} permutations, floor {self.p_floor:.2g}){side}"
+        )
 
 
 def _split_ss(sums: np.ndarray, sizes: np.ndarray, sides: np.ndarray) -> np.ndarray:
@@ -205,8 +214,9 @@ def _medians(values: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return ((lower + upper) / 2)[..., 0]
 
 
-def bisection(scores, towers, permutations: int = 9999, seed: int = 0, bootstrap: int = 2000,
-              ci_level: float = 0.95) -> Bisection:
+def bisection(
+    scores, towers, permutations: int = 9999, seed: int = 0, bootstrap: int = 2000, ci_level: float = 0.95
+) -> Bisection:
     """eta^2 of the scores by tower, a permutation p-value, and per-tower medians with bootstrap intervals.
 
     Args:
@@ -222,8 +232,11 @@ def bisection(scores, towers, permutations: int = 9999, seed: int = 0, bootstrap
     a canonical order first (towers by their sorted scores, kernels by score), so renumbering the
     towers gives exactly the same numbers.
     """
-    s = (scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor)
-         else np.asarray(scores, dtype=np.float64)).ravel()
+    s = (
+        scores.detach().cpu().double().numpy()
+        if isinstance(scores, torch.Tensor)
+        else np.asarray(scores, dtype=np.float64)
+    ).ravel()
     labels = (towers.cpu().numpy() if isinstance(towers, torch.Tensor) else np.asarray(towers)).ravel()
     k = s.size
     if labels.size != k:
@@ -232,8 +245,9 @@ def bisection(scores, towers, permutations: int = 9999, seed: int = 0, bootstrap
         raise ValueError(f"use at least 999 permutations (p-value floor 0.001), got {permutations}")
     bad = np.flatnonzero(~np.isfinite(s)).tolist()
     if bad:
-        raise ValueError(f"scores of kernels {bad[:10]}{'...' if len(bad) > 10 else ''} are not finite "
-                         f"(all-zero or NaN weights)")
+        raise ValueError(
+            f"scores of kernels {bad[:10]}{'...' if len(bad) > 10 else ''} are not finite (all-zero or NaN weights)"
+        )
 
     names, index = np.unique(labels, return_inverse=True)
     names = [n.item() if isinstance(n, np.generic) else n for n in names]
@@ -273,7 +287,7 @@ def bisection(scores, towers, permutations: int = 9999, seed: int = 0, bootstrap
     rng = np.random.default_rng(seed)
     tol = 1e-12  # the identity permutation must count as ">=" despite rounding in another summation order
     hits = hits_split = 0
-    chunk = max(1, min(permutations, 2 ** 22 // max(k, len(sides))))
+    chunk = max(1, min(permutations, 2**22 // max(k, len(sides))))
     for start in range(0, permutations, chunk):
         perm = rng.random((min(chunk, permutations - start), k)).argsort(1)
         eta2_perm, split_perm = _eta2(x[perm], onehot, sizes, sides, ss_total)
@@ -308,10 +322,24 @@ def bisection(scores, towers, permutations: int = 9999, seed: int = 0, bootstrap
 
     back = [canon_names.index(n) for n in names]  # report in the sorted order of the labels
     return Bisection(
-        groups=names, sizes=[int(counts[j]) for j in back],
-        mean=[float(means[j]) for j in back], median=[float(medians[j]) for j in back],
-        ci_low=[float(ci[0, j]) for j in back], ci_high=[float(ci[1, j]) for j in back],
-        color_group=canon_names[best], eta2=eta2_obs, eta2_null=(g - 1) / (k - 1), p_value=p_value,
-        eta2_split=split_obs, p_value_split=p_split, color_side=color_side, control=control,
-        permutations=permutations, bootstrap=bootstrap, ci_level=ci_level, seed=seed,
-        omega2=(ss_between - (g - 1) * ms_within) / (ss_total + ms_within), control_split=control_split)
+        groups=names,
+        sizes=[int(counts[j]) for j in back],
+        mean=[float(means[j]) for j in back],
+        median=[float(medians[j]) for j in back],
+        ci_low=[float(ci[0, j]) for j in back],
+        ci_high=[float(ci[1, j]) for j in back],
+        color_group=canon_names[best],
+        eta2=eta2_obs,
+        eta2_null=(g - 1) / (k - 1),
+        p_value=p_value,
+        eta2_split=split_obs,
+        p_value_split=p_split,
+        color_side=color_side,
+        control=control,
+        permutations=permutations,
+        bootstrap=bootstrap,
+        ci_level=ci_level,
+        seed=seed,
+        omega2=(ss_between - (g - 1) * ms_within) / (ss_total + ms_within),
+        control_split=control_split,
+    )

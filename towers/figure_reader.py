@@ -95,10 +95,18 @@ class FigureKernels:
     def info(self) -> dict:
         h = [b - a for a, b in self.rows]
         w = [b - a for a, b in self.cols]
-        return {"grid": [len(self.rows), len(self.cols)], "cell_px": [float(np.median(h)), float(np.median(w))],
-                "kernel_size": list(self.kernels.shape[3:]), "separator_level": self.separator_level,
-                "row_blocks": self.row_blocks, "blank_cells": self.blank, "offset": self.offset,
-                "offset_value": self.offset_value, "chroma_subsampling": list(self.chroma), "notes": list(self.notes)}
+        return {
+            "grid": [len(self.rows), len(self.cols)],
+            "cell_px": [float(np.median(h)), float(np.median(w))],
+            "kernel_size": list(self.kernels.shape[3:]),
+            "separator_level": self.separator_level,
+            "row_blocks": self.row_blocks,
+            "blank_cells": self.blank,
+            "offset": self.offset,
+            "offset_value": self.offset_value,
+            "chroma_subsampling": list(self.chroma),
+            "notes": list(self.notes),
+        }
 
 
 def load_image(path) -> tuple[np.ndarray, tuple[int, int]]:
@@ -166,6 +174,7 @@ def parse_grid(text: str) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- the grid
 
+
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """[(start, stop)] of the runs of True in a 1-D bool array."""
     edges = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]]).astype(np.int8)))
@@ -174,6 +183,7 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 def _trim(lum: np.ndarray) -> tuple[slice, slice]:
     """The box inside the picture's uniform outer margin (rows or columns of one level, any level)."""
+
     def inner(spread):
         busy = np.flatnonzero(spread >= min(UNIFORM * np.median(spread), FLAT))
         if busy.size == 0:
@@ -225,13 +235,15 @@ def _cells_on_axis(lum: np.ndarray, level: float, count: int | None, axis: int, 
     if len(cells) < 2 and count is None:
         raise FigureError(f"found no separating lines between the cell {name}; give --grid ROWSxCOLS")
     if sizes.max() > IRREGULAR * sizes.min() + 1:
-        raise FigureError(f"the cell {name} found are of irregular size ({sizes.min()} to {sizes.max()} px): "
-                          f"crop the picture to the kernel grid, or give --grid ROWSxCOLS")
+        raise FigureError(
+            f"the cell {name} found are of irregular size ({sizes.min()} to {sizes.max()} px): "
+            f"crop the picture to the kernel grid, or give --grid ROWSxCOLS"
+        )
     cores = []
     for a, b in cells:  # a few dozen cells
         d = distance[a:b]
         n = len(d)
-        middle = np.median(d[n // 4: n - n // 4]) if n >= 4 else 0.0
+        middle = np.median(d[n // 4 : n - n // 4]) if n >= 4 else 0.0
         clean = d >= EDGE * middle
         cap = n // 6
         start = min(int(np.argmax(clean)) if clean.any() else 0, cap)
@@ -260,6 +272,7 @@ def _blocks(rows: list) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- cells to kernels
+
 
 def _area_weights(bands: list, size: int, extent: int) -> np.ndarray:
     """(bands, size, extent): row i of band j averages the picture pixels under the i-th of ``size``
@@ -302,8 +315,14 @@ def remove_offset(cells: np.ndarray, offset: str = "auto") -> tuple[np.ndarray, 
     return cells - level, offset, level
 
 
-def read_figure(picture, towers: int, grid: tuple[int, int] | None = None, size: int = 11,
-                offset: str = "auto", chroma: tuple[int, int] | None = None) -> FigureKernels:
+def read_figure(
+    picture,
+    towers: int,
+    grid: tuple[int, int] | None = None,
+    size: int = 11,
+    offset: str = "auto",
+    chroma: tuple[int, int] | None = None,
+) -> FigureKernels:
     """Kernels (towers, n, 3, size, size) from a picture of a kernel grid (a path or an (H, W, 3) array
     in [0, 1]); rows go to the towers top to bottom, equally. ``chroma``: the chroma subsampling of the
     JPEG the picture was (h, v), e.g. (2, 2) for 4:2:0; None: read from the file (a JPEG's own), or
@@ -330,18 +349,24 @@ def read_figure(picture, towers: int, grid: tuple[int, int] | None = None, size:
     if cols is None:
         cols = col_cores = _split((-box[1].start, image.shape[1] - box[1].start), grid[1])
     if len(rows) % towers:
-        raise FigureError(f"found {len(rows)} rows of cells, which cannot go to {towers} towers equally; "
-                          f"give --grid ROWSxCOLS if that count is wrong")
+        raise FigureError(
+            f"found {len(rows)} rows of cells, which cannot go to {towers} towers equally; "
+            f"give --grid ROWSxCOLS if that count is wrong"
+        )
     blocks = _blocks(rows)
     if len(blocks) > 1 and blocks != [len(rows) // towers] * towers:
-        notes.append(f"the picture's blocks of rows ({'+'.join(map(str, blocks))}) do not match {towers} "
-                     f"towers; rows were given to the towers equally, top to bottom")
+        notes.append(
+            f"the picture's blocks of rows ({'+'.join(map(str, blocks))}) do not match {towers} "
+            f"towers; rows were given to the towers equally, top to bottom"
+        )
     smallest = min(min(b - a for a, b in rows), min(b - a for a, b in cols))
     if smallest < size:
         notes.append(f"cells of {smallest} px are smaller than the {size}x{size} kernels: pixels are repeated")
 
-    rows, row_cores, cols, col_cores = ([(a + box[i].start, b + box[i].start) for a, b in x]  # in the whole picture
-                                        for i, x in ((0, rows), (0, row_cores), (1, cols), (1, col_cores)))
+    rows, row_cores, cols, col_cores = (
+        [(a + box[i].start, b + box[i].start) for a, b in x]  # in the whole picture
+        for i, x in ((0, rows), (0, row_cores), (1, cols), (1, col_cores))
+    )
     # Every pixel outside a cell's core takes the value of the core's nearest pixel: a line blurred
     # into a cell's edge would add grey energy to the kernel (a dark frame), and the chroma
     # matching below would blur the lines further in.
@@ -353,13 +378,26 @@ def read_figure(picture, towers: int, grid: tuple[int, int] | None = None, size:
     blank = (np.ptp(flat, 2) < BLANK_RANGE) & (np.abs(flat.mean(2) - level) < BLANK_LEVEL)
     kept = (~blank).sum(1)
     if len(set(kept.tolist())) != 1 or kept[0] < 2:
-        raise FigureError(f"the towers hold {', '.join(map(str, kept))} non-blank cells: they must hold the "
-                          f"same number, at least 2 (is --towers right?)")
+        raise FigureError(
+            f"the towers hold {', '.join(map(str, kept))} non-blank cells: they must hold the "
+            f"same number, at least 2 (is --towers right?)"
+        )
     kernels = per_tower[~blank].reshape(towers, int(kept[0]), 3, size, size)
     kernels, mode, value = remove_offset(kernels.reshape(-1, 3, size, size), offset)
     if mode == "kernel":
-        notes.append("offset removed per kernel (each kernel stretched to its own range): no kernel can be "
-                     "told weak, and a kernel's grey mean is lost")
-    return FigureKernels(kernels.reshape(towers, -1, 3, size, size), rows=rows, cols=cols, separator_level=level,
-                         row_blocks=blocks, blank=int(blank.sum()), offset=mode, offset_value=value,
-                         chroma=chroma, notes=notes)
+        notes.append(
+            "offset removed per kernel (each kernel stretched to its own range): no kernel can be "
+            "told weak, and a kernel's grey mean is lost"
+        )
+    return FigureKernels(
+        kernels.reshape(towers, -1, 3, size, size),
+        rows=rows,
+        cols=cols,
+        separator_level=level,
+        row_blocks=blocks,
+        blank=int(blank.sum()),
+        offset=mode,
+        offset_value=value,
+        chroma=chroma,
+        notes=notes,
+    )

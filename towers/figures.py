@@ -19,8 +19,17 @@ LABEL_FONT_PX = 14  # tower labels: 14 px is 10.5 pt at 96 dpi, 8.4 pt even read
 WEAK_FRAME = (220, 30, 30)  # the frame around a weak kernel (towers.verdict: too small to judge)
 
 
-def kernel_grid(kernels, global_scale: bool = False, order=None, columns: int = 16, zoom: int = 4,
-                pad: int = 2, gap: int = 12, labels: bool = True, weak=None) -> np.ndarray:
+def kernel_grid(
+    kernels,
+    global_scale: bool = False,
+    order=None,
+    columns: int = 16,
+    zoom: int = 4,
+    pad: int = 2,
+    gap: int = 12,
+    labels: bool = True,
+    weak=None,
+) -> np.ndarray:
     """Figure-3 style picture of first-layer kernels, (H, W, 3) uint8, RGB.
 
     One block of ``ceil(n / columns)`` rows per tower, tower 1 on top, blocks separated by ``gap``
@@ -74,14 +83,22 @@ def kernel_grid(kernels, global_scale: bool = False, order=None, columns: int = 
     if labels:
         font = _label_font()
         for tower in range(t):  # T text labels: drawing, not a hot path
-            draw.text((2, pad + tower * block + min(rows * ch, ch) // 2), f"tower {tower + 1}", fill=(0, 0, 0),
-                      font=font, anchor="lm")
+            draw.text(
+                (2, pad + tower * block + min(rows * ch, ch) // 2),
+                f"tower {tower + 1}",
+                fill=(0, 0, 0),
+                font=font,
+                anchor="lm",
+            )
     if weak is not None:
         for tower, i in weak.nonzero().tolist():  # a frame in the white border around each weak cell
             r, c = divmod(i, cols)
             y, x = pad + tower * block + r * ch, margin + pad + c * cw
-            draw.rectangle((x - pad, y - pad, x + w * zoom + pad - 1, y + h * zoom + pad - 1), outline=WEAK_FRAME,
-                           width=max(1, pad))
+            draw.rectangle(
+                (x - pad, y - pad, x + w * zoom + pad - 1, y + h * zoom + pad - 1),
+                outline=WEAK_FRAME,
+                width=max(1, pad),
+            )
     return np.asarray(picture).copy()
 
 
@@ -121,31 +138,49 @@ def score_figure(scores, towers, stats: Bisection | None = None, init_scores=Non
     title_lines = 1 + (stats is not None) + (stats is not None and len(stats.groups) > 2)
     # fixed margins in inches: tight_layout would cost more than all the rest of the plot. Bottom:
     # two lines of tick labels, then two rows of legend; top: the title's lines.
-    fig.subplots_adjust(left=0.85 / width, right=1 - 0.15 / width, bottom=1.25 / height,
-                        top=1 - (0.12 + 0.2 * title_lines) / height)
+    fig.subplots_adjust(
+        left=0.85 / width, right=1 - 0.15 / width, bottom=1.25 / height, top=1 - (0.12 + 0.2 * title_lines) / height
+    )
     ax = fig.add_subplot()
     ax.axhline(RANDOM_KERNEL_SCORE, color="0.6", ls="--", lw=1, label="random kernels (2/3)")
     if init_scores is not None:
-        ax.scatter(idx + 0.38 + jitter * 0.25, np.asarray(init_scores, dtype=float), s=8, color="0.7",
-                   label="at initialisation")
+        ax.scatter(
+            idx + 0.38 + jitter * 0.25,
+            np.asarray(init_scores, dtype=float),
+            s=8,
+            color="0.7",
+            label="at initialisation",
+        )
     ax.scatter(idx + jitter, s, s=14, c=s, cmap="viridis", vmin=0, vmax=1, edgecolors="none")
     if stats is not None:
         med, lo, hi = map(np.asarray, (stats.median, stats.ci_low, stats.ci_high))
         x = np.arange(len(ticks))
         ax.hlines(med, x - 0.28, x + 0.28, color="k", lw=2, label="median")
-        ax.errorbar(x + 0.28, med, yerr=[med - lo, hi - med], fmt="none", ecolor="k", elinewidth=2, capsize=4,
-                    label=f"{stats.ci_level:.0%} bootstrap interval")
+        ax.errorbar(
+            x + 0.28,
+            med,
+            yerr=[med - lo, hi - med],
+            fmt="none",
+            ecolor="k",
+            elinewidth=2,
+            capsize=4,
+            label=f"{stats.ci_level:.0%} bootstrap interval",
+        )
     ax.set_xticks(np.arange(len(ticks)), ticks)
     ax.tick_params(labelsize=SCORE_PLOT_FONT_PT)
     ax.set_xlim(-0.6, len(ticks) - 0.3)
     ax.set_ylim(-0.03, 1.03)
     ax.set_ylabel("colour score (chromatic energy fraction)", fontsize=SCORE_PLOT_FONT_PT)
     if stats is not None:
-        title += (f"\n{'control (halves): ' if stats.control else ''}η² = {stats.eta2:.3f} "
-                  f"(chance {stats.eta2_null:.3f}), p = {stats.p_value:.2g}")
+        title += (
+            f"\n{'control (halves): ' if stats.control else ''}η² = {stats.eta2:.3f} "
+            f"(chance {stats.eta2_null:.3f}), p = {stats.p_value:.2g}"
+        )
         if len(stats.groups) > 2:
-            title += (f"\nbest split: towers {', '.join(map(str, stats.color_side))} vs rest, "
-                      f"η² = {stats.eta2_split:.3f}, p = {stats.p_value_split:.2g}")
+            title += (
+                f"\nbest split: towers {', '.join(map(str, stats.color_side))} vs rest, "
+                f"η² = {stats.eta2_split:.3f}, p = {stats.p_value_split:.2g}"
+            )
     ax.set_title(title, fontsize=SCORE_PLOT_FONT_PT)
     fig.legend(fontsize=SCORE_PLOT_FONT_PT, loc="lower center", bbox_to_anchor=(0.5, 0.01), ncol=2, frameon=False)
     return fig
@@ -160,6 +195,7 @@ def score_plot(scores, towers, stats: Bisection | None = None, init_scores=None,
 
 
 # ----------------------------------------------------------------------------- files
+
 
 def png_bytes(image: np.ndarray) -> bytes:
     from PIL import Image

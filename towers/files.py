@@ -70,5 +70,5 @@ def read_jsonl(path) -> list[dict]:
         except json.JSONDecodeError:
             if i != len(lines) - 1:
                 raise ValueError(f"{path}: line {i + 1} is not JSON") from None
-            warnings.warn(f"{path}: dropping the last line, cut short ({len(line)} characters)")
+            warnings.warn(f"{path}: dropping the last line, cut short ({len(line)} characters)", stacklevel=2)
     return records

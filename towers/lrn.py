@@ -30,8 +30,15 @@ from torch import nn
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
 
 
-def local_response_norm(x: torch.Tensor, groups: int, size: int = LRN_SIZE, alpha: float = LRN_ALPHA,
-                        beta: float = LRN_BETA, k: float = LRN_K, compiled: bool | None = None) -> torch.Tensor:
+def local_response_norm(
+    x: torch.Tensor,
+    groups: int,
+    size: int = LRN_SIZE,
+    alpha: float = LRN_ALPHA,
+    beta: float = LRN_BETA,
+    k: float = LRN_K,
+    compiled: bool | None = None,
+) -> torch.Tensor:
     """Cross-channel LRN of ``x`` (batch, channels, height, width) whose window stays in its group.
 
     ``compiled``: None picks the compiled loops where they apply (a float32/float64 CPU tensor, size 5,
@@ -39,13 +46,21 @@ def local_response_norm(x: torch.Tensor, groups: int, size: int = LRN_SIZE, alph
     float rounding.
     """
     if x.dim() != 4 or x.shape[1] % groups:
-        raise ValueError(f"local_response_norm needs (batch, channels, height, width) with channels divisible by "
-                         f"groups={groups}; got shape {tuple(x.shape)}")
-    can_compile = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-                   and size == COMPILED_SIZE and beta == COMPILED_BETA)
+        raise ValueError(
+            f"local_response_norm needs (batch, channels, height, width) with channels divisible by "
+            f"groups={groups}; got shape {tuple(x.shape)}"
+        )
+    can_compile = (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and size == COMPILED_SIZE
+        and beta == COMPILED_BETA
+    )
     if compiled and not can_compile:
-        raise ValueError(f"compiled=True needs a float32 or float64 CPU tensor, size={COMPILED_SIZE} and "
-                         f"beta={COMPILED_BETA}; got {x.dtype} on {x.device}, size={size}, beta={beta}")
+        raise ValueError(
+            f"compiled=True needs a float32 or float64 CPU tensor, size={COMPILED_SIZE} and "
+            f"beta={COMPILED_BETA}; got {x.dtype} on {x.device}, size={size}, beta={beta}"
+        )
     use = _CompiledLRN if (can_compile if compiled is None else compiled) else _TensorOpsLRN
     return use.apply(x, groups, size, alpha, beta, k)
 
@@ -53,8 +68,9 @@ def local_response_norm(x: torch.Tensor, groups: int, size: int = LRN_SIZE, alph
 class LocalResponseNorm(nn.Module):
     """``local_response_norm`` as a layer; ``groups=1`` lets the window cross towers (Caffe)."""
 
-    def __init__(self, groups: int, size: int = LRN_SIZE, alpha: float = LRN_ALPHA, beta: float = LRN_BETA,
-                 k: float = LRN_K):
+    def __init__(
+        self, groups: int, size: int = LRN_SIZE, alpha: float = LRN_ALPHA, beta: float = LRN_BETA, k: float = LRN_K
+    ):
         super().__init__()
         self.groups, self.size, self.alpha, self.beta, self.k = groups, size, alpha, beta, k
 
@@ -123,7 +139,7 @@ def _forward_rows(a, out, groups, scale, k):
         sq = np.zeros(n + 4, a.dtype)  # one tower's a^2 at [2, 2 + n)
         for p in range(task * _ROWS_PER_TASK, min(pixels, (task + 1) * _ROWS_PER_TASK)):
             for t in range(groups):
-                x, y = a[p, t * n:(t + 1) * n], out[p, t * n:(t + 1) * n]
+                x, y = a[p, t * n : (t + 1) * n], out[p, t * n : (t + 1) * n]
                 for c in range(n):
                     sq[2 + c] = x[c] * x[c]
                 for c in range(n):
@@ -141,7 +157,7 @@ def _backward_rows(a, g, grad, groups, scale, k, coef):
         power = np.empty(n, a.dtype)  # d^-beta
         for p in range(task * _ROWS_PER_TASK, min(pixels, (task + 1) * _ROWS_PER_TASK)):
             for t in range(groups):
-                x, dy, dx = a[p, t * n:(t + 1) * n], g[p, t * n:(t + 1) * n], grad[p, t * n:(t + 1) * n]
+                x, dy, dx = a[p, t * n : (t + 1) * n], g[p, t * n : (t + 1) * n], grad[p, t * n : (t + 1) * n]
                 for c in range(n):
                     sq[2 + c] = x[c] * x[c]
                 for c in range(n):
@@ -202,7 +218,11 @@ def _backward_planes(a, g, grad, groups, scale, k, coef):
                 power[c, i], r = _inverse_powers(k + scale * _window_at(sq, c, i))
                 spread[2 + c, i] = dy[i] * x[i] * power[c, i] * r
         for c in range(n):
-            x, dy, dx = a[image, first + c, start:stop], g[image, first + c, start:stop], grad[image, first + c, start:stop]
+            x, dy, dx = (
+                a[image, first + c, start:stop],
+                g[image, first + c, start:stop],
+                grad[image, first + c, start:stop],
+            )
             for i in range(stop - start):
                 dx[i] = dy[i] * power[c, i] - coef * x[i] * _window_at(spread, c, i)
 
@@ -248,7 +268,7 @@ class _CompiledLRN(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         groups, alpha, k, channels_last = ctx.lrn
         grad_out = grad_out.contiguous(memory_format=_memory_format(channels_last))
         grad = torch.empty_like(x)
@@ -259,6 +279,7 @@ class _CompiledLRN(torch.autograd.Function):
 
 
 # --- anywhere: tensor operations ------------------------------------------------------------------
+
 
 def _window_matrix(channels: int, size: int, scale: float, like: torch.Tensor) -> torch.Tensor:
     """(channels, channels) band matrix: ``scale`` where j - c is in the window [-(size // 2),

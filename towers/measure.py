@@ -17,8 +17,9 @@ def floats(x) -> list:
     return [v if math.isfinite(v) else None for v in torch.as_tensor(x, dtype=torch.float64).tolist()]
 
 
-def measure(kernels, channel_std=None, axis=None, permutations: int = 9999, bootstrap: int = 2000,
-            seed: int = 0) -> dict:
+def measure(
+    kernels, channel_std=None, axis=None, permutations: int = 9999, bootstrap: int = 2000, seed: int = 0
+) -> dict:
     """Score kernels (T, n, 3, h, w), test the tower split and judge it: the measurement part of a record
     (what the callback and ``analysis/kernels.py`` both compute). Beside the scores and ``statistics``
     (eta2, its permutation p, the medians; :class:`towers.color.Bisection`) the record holds every field of
@@ -27,20 +28,38 @@ def measure(kernels, channel_std=None, axis=None, permutations: int = 9999, boot
     kernels = torch.as_tensor(kernels)
     t, n = kernels.shape[:2]
     towers = tower_labels(t, n)
-    record = {"num_towers": t, "kernels_per_tower": n, "kernel_size": list(kernels.shape[3:]),
-              "channel_std": None if channel_std is None else floats(torch.as_tensor(channel_std).flatten()),
-              "axis": floats(unit_axis(axis)), "tower": towers.tolist(), "error": None}
+    record = {
+        "num_towers": t,
+        "kernels_per_tower": n,
+        "kernel_size": list(kernels.shape[3:]),
+        "channel_std": None if channel_std is None else floats(torch.as_tensor(channel_std).flatten()),
+        "axis": floats(unit_axis(axis)),
+        "tower": towers.tolist(),
+        "error": None,
+    }
     if not bool(torch.isfinite(kernels).all()):
         record["error"] = "conv1 weights are not finite (NaN or inf): training diverged?"
-        record.update(score=None, score_dc=None, score_ac=None, tower_median=None, tower_median_dc=None,
-                      tower_median_ac=None, statistics=None)
+        record.update(
+            score=None,
+            score_dc=None,
+            score_ac=None,
+            tower_median=None,
+            tower_median_dc=None,
+            tower_median_ac=None,
+            statistics=None,
+        )
         record.update(dict.fromkeys(Verdict.__dataclass_fields__))
         return record
     energy = color_energy(kernels, channel_std, axis)
     per_tower = torch.stack(list(energy)).view(3, t, n).nanquantile(0.5, dim=2)  # (total/dc/ac, T)
-    record.update(score=floats(energy.total), score_dc=floats(energy.dc), score_ac=floats(energy.ac),
-                  tower_median=floats(per_tower[0]), tower_median_dc=floats(per_tower[1]),
-                  tower_median_ac=floats(per_tower[2]))
+    record.update(
+        score=floats(energy.total),
+        score_dc=floats(energy.dc),
+        score_ac=floats(energy.ac),
+        tower_median=floats(per_tower[0]),
+        tower_median_dc=floats(per_tower[1]),
+        tower_median_ac=floats(per_tower[2]),
+    )
     try:
         record["statistics"] = bisection(energy.total, towers, permutations, seed, bootstrap).to_dict()
     except ValueError as e:

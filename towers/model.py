@@ -25,7 +25,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-
 from torch.nn.utils import parametrize
 
 from towers.lrn import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, LocalResponseNorm
@@ -61,8 +60,10 @@ def tower_widths(num_towers: int, width_policy: str = "split", width_multiplier:
 
     if width_policy == "split":
         # floor(x + 0.5): halves round up, documented and platform-independent (round() rounds to even)
-        return {name: max(1, math.floor(total * width_multiplier / num_towers + 0.5))
-                for name, total in PAPER_WIDTHS.items()}
+        return {
+            name: max(1, math.floor(total * width_multiplier / num_towers + 0.5))
+            for name, total in PAPER_WIDTHS.items()
+        }
     widths = {name: total * width_multiplier / PAPER_NUM_TOWERS for name, total in PAPER_WIDTHS.items()}
     bad = {name: w for name, w in widths.items() if w < 1 or w != int(w)}
     if bad:
@@ -70,7 +71,8 @@ def tower_widths(num_towers: int, width_policy: str = "split", width_multiplier:
             f"width_policy='per_tower' with width_multiplier={width_multiplier} gives fractional or empty "
             f"towers: units per tower {bad}. Use a width_multiplier that makes the paper's per-tower widths "
             f"48/128/192/192/128/2048/2048 whole numbers, or width_policy='split' (rounds each layer's total "
-            f"to a multiple of the tower count).")
+            f"to a multiple of the tower count)."
+        )
     return {name: int(w) for name, w in widths.items()}
 
 
@@ -98,7 +100,7 @@ class GreyKernels(nn.Module):
     def __init__(self, blind: torch.Tensor):
         super().__init__()
         self.register_buffer("blind", blind.view(-1, 1, 1, 1), persistent=False)  # from the hyperparameters
-        self.register_buffer("axis", torch.full((3,), 3 ** -0.5))  # saved: the weights were trained with it
+        self.register_buffer("axis", torch.full((3,), 3**-0.5))  # saved: the weights were trained with it
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         a = self.axis.to(w.dtype).view(1, 3, 1, 1)
@@ -159,10 +161,15 @@ class TowerAlexNet(nn.Module):
         w = tower_widths(num_towers, width_policy, width_multiplier)
         unknown = set(init_std_overrides or {}) - set(PAPER_WIDTHS) - {"fc8"}
         if unknown:
-            raise ValueError(f"init_std_overrides names unknown layers {sorted(unknown)}; "
-                             f"layers are {list(PAPER_WIDTHS) + ['fc8']}")
+            raise ValueError(
+                f"init_std_overrides names unknown layers {sorted(unknown)}; layers are {list(PAPER_WIDTHS) + ['fc8']}"
+            )
         self.num_towers = T = num_towers
-        self.init_std, self.init_std_overrides, self.positive_bias = init_std, dict(init_std_overrides or {}), positive_bias
+        self.init_std, self.init_std_overrides, self.positive_bias = (
+            init_std,
+            dict(init_std_overrides or {}),
+            positive_bias,
+        )
 
         def lrn() -> LocalResponseNorm:
             return LocalResponseNorm(1 if lrn_across_towers else T, lrn_size, lrn_alpha, lrn_beta, lrn_k)
@@ -171,33 +178,41 @@ class TowerAlexNet(nn.Module):
         if not conv1_lrn_before_relu:
             conv1_block.reverse()
 
-        self.features = nn.Sequential(OrderedDict([
-            ("conv1", nn.Conv2d(3, T * w["conv1"], 11, stride=4)),  # every tower reads all three colours
-            *conv1_block,
-            ("pool1", nn.MaxPool2d(3, stride=2)),  # overlapping pooling, §3.4
-            ("conv2", nn.Conv2d(T * w["conv1"], T * w["conv2"], 5, padding=2, groups=T)),  # own tower only
-            ("relu2", nn.ReLU(inplace=True)),
-            ("norm2", lrn()),
-            ("pool2", nn.MaxPool2d(3, stride=2)),
-            ("conv3", nn.Conv2d(T * w["conv2"], T * w["conv3"], 3, padding=1)),  # all towers: the crossing
-            ("relu3", nn.ReLU(inplace=True)),
-            ("conv4", nn.Conv2d(T * w["conv3"], T * w["conv4"], 3, padding=1, groups=T)),  # own tower only
-            ("relu4", nn.ReLU(inplace=True)),
-            ("conv5", nn.Conv2d(T * w["conv4"], T * w["conv5"], 3, padding=1, groups=T)),  # own tower only
-            ("relu5", nn.ReLU(inplace=True)),
-            ("pool5", nn.MaxPool2d(3, stride=2)),
-        ]))
+        self.features = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv1", nn.Conv2d(3, T * w["conv1"], 11, stride=4)),  # every tower reads all three colours
+                    *conv1_block,
+                    ("pool1", nn.MaxPool2d(3, stride=2)),  # overlapping pooling, §3.4
+                    ("conv2", nn.Conv2d(T * w["conv1"], T * w["conv2"], 5, padding=2, groups=T)),  # own tower only
+                    ("relu2", nn.ReLU(inplace=True)),
+                    ("norm2", lrn()),
+                    ("pool2", nn.MaxPool2d(3, stride=2)),
+                    ("conv3", nn.Conv2d(T * w["conv2"], T * w["conv3"], 3, padding=1)),  # all towers: the crossing
+                    ("relu3", nn.ReLU(inplace=True)),
+                    ("conv4", nn.Conv2d(T * w["conv3"], T * w["conv4"], 3, padding=1, groups=T)),  # own tower only
+                    ("relu4", nn.ReLU(inplace=True)),
+                    ("conv5", nn.Conv2d(T * w["conv4"], T * w["conv5"], 3, padding=1, groups=T)),  # own tower only
+                    ("relu5", nn.ReLU(inplace=True)),
+                    ("pool5", nn.MaxPool2d(3, stride=2)),
+                ]
+            )
+        )
         side = conv_output_size(image_size)
         fc_in = T * w["conv5"] * side * side
-        self.classifier = nn.Sequential(OrderedDict([
-            ("fc6", nn.Linear(fc_in, T * w["fc6"])),  # reads every tower
-            ("relu6", nn.ReLU(inplace=True)),
-            ("drop6", nn.Dropout(dropout)),  # §4.2: dropout on the outputs of fc6 and fc7
-            ("fc7", nn.Linear(T * w["fc6"], T * w["fc7"])),
-            ("relu7", nn.ReLU(inplace=True)),
-            ("drop7", nn.Dropout(dropout)),
-            ("fc8", nn.Linear(T * w["fc7"], num_classes)),
-        ]))
+        self.classifier = nn.Sequential(
+            OrderedDict(
+                [
+                    ("fc6", nn.Linear(fc_in, T * w["fc6"])),  # reads every tower
+                    ("relu6", nn.ReLU(inplace=True)),
+                    ("drop6", nn.Dropout(dropout)),  # §4.2: dropout on the outputs of fc6 and fc7
+                    ("fc7", nn.Linear(T * w["fc6"], T * w["fc7"])),
+                    ("relu7", nn.ReLU(inplace=True)),
+                    ("drop7", nn.Dropout(dropout)),
+                    ("fc8", nn.Linear(T * w["fc7"], num_classes)),
+                ]
+            )
+        )
         self.color_blind_towers = sorted(set(color_blind_towers or ()))
         bad = [k for k in self.color_blind_towers if not 1 <= k <= T]
         if bad:
@@ -230,8 +245,11 @@ class TowerAlexNet(nn.Module):
 
     def named_layers(self) -> dict[str, nn.Module]:
         """The eight weight layers by the paper's names: conv1 ... conv5, fc6, fc7, fc8."""
-        return {name: m for name, m in [*self.features.named_children(), *self.classifier.named_children()]
-                if isinstance(m, (nn.Conv2d, nn.Linear))}
+        return {
+            name: m
+            for name, m in [*self.features.named_children(), *self.classifier.named_children()]
+            if isinstance(m, (nn.Conv2d, nn.Linear))
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
@@ -253,7 +271,9 @@ _AXIS = "features.conv1.parametrizations.weight.0.axis"
 def _plain_conv1_key(module: TowerAlexNet, state_dict: dict, prefix: str, local_metadata) -> None:
     if prefix + _ORIGINAL in state_dict:
         original = state_dict.pop(prefix + _ORIGINAL)
-        state_dict[prefix + "features.conv1.weight"] = module.features.conv1.parametrizations.weight[0](original).detach()
+        state_dict[prefix + "features.conv1.weight"] = module.features.conv1.parametrizations.weight[0](
+            original
+        ).detach()
 
 
 def _parametrized_conv1_key(module: TowerAlexNet, state_dict: dict, prefix: str, *args) -> None:

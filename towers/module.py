@@ -64,12 +64,16 @@ class TowerClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes)
 
     def setup(self, stage: str) -> None:
-        if getattr(self.model, "color_blind_towers", None):  # (after a tower-parallel fit, self.model is the placed one)
+        if getattr(
+            self.model, "color_blind_towers", None
+        ):  # (after a tower-parallel fit, self.model is the placed one)
             from towers.parallel import TowerParallelStrategy
 
             if isinstance(self.trainer.strategy, TowerParallelStrategy):
-                raise ValueError("model.color_blind_towers is not supported with the tower_parallel strategy "
-                                 "(it places plain conv1 slices per device); use one device or DDP")
+                raise ValueError(
+                    "model.color_blind_towers is not supported with the tower_parallel strategy "
+                    "(it places plain conv1 slices per device); use one device or DDP"
+                )
             # Before any measurement or step: grey in the units the callback scores in (raw RGB). Only when
             # fitting: validating or testing keeps the axis the weights were trained with (a resumed fit
             # gets it back from the checkpoint, which is restored after this hook).
@@ -149,7 +153,10 @@ class TowerClassifier(L.LightningModule):
         fused = not clipping and all(p.device.type in ("cpu", "cuda") for p in self.model.parameters())
         optimizer = torch.optim.SGD(
             [{"params": decayed, "weight_decay": hp.weight_decay}, {"params": undecayed, "weight_decay": 0.0}],
-            lr=hp.lr, momentum=hp.momentum, fused=fused)
+            lr=hp.lr,
+            momentum=hp.momentum,
+            fused=fused,
+        )
         if hp.lr_schedule == "constant":
             return optimizer
         if hp.lr_schedule == "step":
@@ -157,9 +164,11 @@ class TowerClassifier(L.LightningModule):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         # min_lr stops the plateau schedule after max_lr_drops divisions by 10 (the paper: three);
         # the small margin keeps floating-point rounding from allowing a fourth.
-        min_lr = hp.lr * 0.1 ** hp.max_lr_drops * (1 - 1e-6)
+        min_lr = hp.lr * 0.1**hp.max_lr_drops * (1 - 1e-6)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=0.1, patience=hp.lr_patience, min_lr=min_lr)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "monitor": VAL_ACC, "interval": "epoch", "strict": True}}
-
+            optimizer, mode="max", factor=0.1, patience=hp.lr_patience, min_lr=min_lr
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": VAL_ACC, "interval": "epoch", "strict": True},
+        }

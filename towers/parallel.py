@@ -73,14 +73,22 @@ def _layer_for_device(layer: nn.Module, towers_here: int, num_towers: int, dtype
         if layer.groups not in (1, num_towers):
             raise ValueError(f"a convolution with groups={layer.groups} is neither per tower nor across towers")
         own_tower = layer.groups == num_towers  # conv2, conv4, conv5 (and every conv of a one-tower net)
-        return nn.Conv2d(layer.in_channels // num_towers * towers_here if own_tower else layer.in_channels,
-                         layer.out_channels // num_towers * towers_here, layer.kernel_size, layer.stride,
-                         layer.padding, groups=towers_here if own_tower else 1, device="meta", dtype=dtype)
+        return nn.Conv2d(
+            layer.in_channels // num_towers * towers_here if own_tower else layer.in_channels,
+            layer.out_channels // num_towers * towers_here,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            groups=towers_here if own_tower else 1,
+            device="meta",
+            dtype=dtype,
+        )
     if isinstance(layer, LocalResponseNorm):
         if layer.groups != num_towers:
             raise ValueError(
                 "lrn_across_towers=True normalises conv1's channels across the tower boundary (Caffe), which "
-                "needs every tower's maps on one device before conv3; train it on one device or with DDP")
+                "needs every tower's maps on one device before conv3; train it on one device or with DDP"
+            )
         return LocalResponseNorm(towers_here, layer.size, layer.alpha, layer.beta, layer.k)
     return layer  # ReLU, max-pooling: no state
 
@@ -115,9 +123,13 @@ class TowerParallelAlexNet(nn.Module):
 
         def stage(layer_names: list[str]) -> nn.ModuleList:
             return nn.ModuleList(
-                nn.Sequential(OrderedDict(
-                    (name, _layer_for_device(features[name], len(towers), T, dtype)) for name in layer_names))
-                for towers in self.towers_on_device)
+                nn.Sequential(
+                    OrderedDict(
+                        (name, _layer_for_device(features[name], len(towers), T, dtype)) for name in layer_names
+                    )
+                )
+                for towers in self.towers_on_device
+            )
 
         self.conv1_to_pool2 = stage(names[:split])  # [d]: own towers only
         self.conv3_to_pool5 = stage(names[split:])  # [d]: conv3 reads every tower, then own towers
@@ -134,8 +146,10 @@ class TowerParallelAlexNet(nn.Module):
         """Put (or put back, after ``.cpu()``) each device's layers on its device and the classifier on the head."""
         devices = [torch.device(d) for d in devices][: self.num_towers]
         if len(devices) != len(self.devices):
-            raise ValueError(f"this model was split over {len(self.devices)} devices; it cannot be placed on "
-                             f"{len(devices)}. Build it again from a TowerAlexNet (or load the checkpoint).")
+            raise ValueError(
+                f"this model was split over {len(self.devices)} devices; it cannot be placed on "
+                f"{len(devices)}. Build it again from a TowerAlexNet (or load the checkpoint)."
+            )
         self.devices = devices
         for d, device in enumerate(devices):
             for part in (self.conv1_to_pool2[d], self.conv3_to_pool5[d]):
@@ -151,7 +165,9 @@ class TowerParallelAlexNet(nn.Module):
         # concurrently, and autograd runs each device's backward on its own thread.
         maps = [part(x.to(device)) for part, device in zip(self.conv1_to_pool2, self.devices)]
         # conv3 reads all towers: each device gathers every device's conv2 maps (in device order).
-        maps = [part(torch.cat([m.to(device) for m in maps], 1)) for part, device in zip(self.conv3_to_pool5, self.devices)]
+        maps = [
+            part(torch.cat([m.to(device) for m in maps], 1)) for part, device in zip(self.conv3_to_pool5, self.devices)
+        ]
         # fc6 reads all towers: the head device gathers the conv5 maps.
         head = self.devices[0]
         return self.classifier(torch.flatten(torch.cat([m.to(head) for m in maps], 1), 1))
@@ -218,21 +234,31 @@ def _state_dict_to_grouped(module: TowerParallelAlexNet, state_dict: dict, prefi
     state_dict.update(module.grouped_state(mine, prefix))
 
 
-def _state_dict_from_grouped(module: TowerParallelAlexNet, state_dict: dict, prefix: str, local_metadata: Any,
-                             strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+def _state_dict_from_grouped(
+    module: TowerParallelAlexNet,
+    state_dict: dict,
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list,
+    unexpected_keys: list,
+    error_msgs: list,
+) -> None:
     """load_state_dict pre-hook: replace TowerAlexNet's grouped entries by per-device slices, in place.
 
     Entries of the wrong shape stay as they are (load_state_dict then reports them), with a message
     that says which setting probably differs.
     """
     grouped = OrderedDict()
-    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] in module.grouped_shapes]:
-        expected, got = module.grouped_shapes[key[len(prefix):]], tuple(state_dict[key].shape)
+    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] in module.grouped_shapes]:
+        expected, got = module.grouped_shapes[key[len(prefix) :]], tuple(state_dict[key].shape)
         if got == expected:
             grouped[key] = state_dict.pop(key)
         else:
-            error_msgs.append(f"size mismatch for {key}: the checkpoint has {got}, this TowerAlexNet {expected} "
-                              f"(another num_towers, width_policy, width_multiplier or image_size?)")
+            error_msgs.append(
+                f"size mismatch for {key}: the checkpoint has {got}, this TowerAlexNet {expected} "
+                f"(another num_towers, width_policy, width_multiplier or image_size?)"
+            )
     state_dict.update(module.placed_state(grouped, prefix))
 
 
@@ -251,8 +277,9 @@ class TowerParallelStrategy(SingleDeviceStrategy):
     strategy_name = "tower_parallel"
 
     def __init__(self, devices: list[str] | None = None, accelerator=None, checkpoint_io=None, precision_plugin=None):
-        super().__init__(device="cpu", accelerator=accelerator, checkpoint_io=checkpoint_io,
-                         precision_plugin=precision_plugin)
+        super().__init__(
+            device="cpu", accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin
+        )
         # Lightning's accelerator connector fills `parallel_devices` from Trainer(devices=...) when empty.
         self.parallel_devices = [torch.device(d) for d in devices] if devices else None
 
@@ -273,8 +300,9 @@ class TowerParallelStrategy(SingleDeviceStrategy):
                     child.place(self.parallel_devices)  # after a teardown moved it to the CPU
                     found = True
         if not found:
-            raise ValueError(f"TowerParallelStrategy places the towers of a TowerAlexNet; "
-                             f"{type(module).__name__} holds none")
+            raise ValueError(
+                f"TowerParallelStrategy places the towers of a TowerAlexNet; {type(module).__name__} holds none"
+            )
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         # torch's Optimizer.load_state_dict puts each state tensor on its parameter's device; the
@@ -287,11 +315,13 @@ class TowerParallelStrategy(SingleDeviceStrategy):
                     "this checkpoint's optimizer state was saved with another parameter layout (single-device, "
                     "DDP, or tower-parallel over another number of devices), so the run cannot be resumed in "
                     "this mode. Start a new run from its weights instead: "
-                    f"TowerClassifier.load_from_checkpoint(path). ({err})") from err
+                    f"TowerClassifier.load_from_checkpoint(path). ({err})"
+                ) from err
 
 
 # `--trainer.strategy tower_parallel`, and the class paths as plain strings: LightningCLI passes a
 # string through to the Trainer, which lowercases it and looks it up in this registry.
 for _name in ("tower_parallel", "towers.TowerParallelStrategy", "towers.parallel.TowerParallelStrategy"):
-    StrategyRegistry.register(_name.lower(), TowerParallelStrategy,
-                              description="tower k of a TowerAlexNet on device k", override=True)
+    StrategyRegistry.register(
+        _name.lower(), TowerParallelStrategy, description="tower k of a TowerAlexNet on device k", override=True
+    )

@@ -101,8 +101,16 @@ def accuracy_key(stage: str) -> str:
 
 TEST_ACC, VAL_ACC = accuracy_key("test"), accuracy_key("val")
 # The run's answer in its W&B summary, under the record's own keys (the last measurement wins).
-SUMMARY_KEYS = ("verdict", "delta_f", "delta_f_low", "delta_f_high", "p_delta_f", "colour_fraction",
-                "agnostic_tower", "specific_tower")
+SUMMARY_KEYS = (
+    "verdict",
+    "delta_f",
+    "delta_f_low",
+    "delta_f_high",
+    "p_delta_f",
+    "colour_fraction",
+    "agnostic_tower",
+    "specific_tower",
+)
 SUMMARY_STATISTICS = ("eta2", "p_value")  # from the record's statistics
 
 
@@ -133,19 +141,31 @@ def record_metrics(record: dict) -> dict:
         if record["num_towers"] > 2:
             scalars.update({ETA2_SPLIT: stats["eta2_split"], P_VALUE_SPLIT: stats["p_value_split"]})
     if record.get("verdict") is not None:
-        scalars.update({SPECIALISED: float(record["verdict"] == "specialised"), DELTA_F: record["delta_f"],
-                        P_DELTA_F: record["p_delta_f"], AUC: record["auc"]})
+        scalars.update(
+            {
+                SPECIALISED: float(record["verdict"] == "specialised"),
+                DELTA_F: record["delta_f"],
+                P_DELTA_F: record["p_delta_f"],
+                AUC: record["auc"],
+            }
+        )
         for k, fraction in enumerate(record["colour_fraction"], start=1):
             scalars[colour_fraction_key(k)] = fraction
     for k, change in enumerate(record.get("kernel_change") or (), start=1):
         scalars[kernel_change_key(k)] = change
     if record["tower_median"] is not None:
-        for k, (total, dc, ac) in enumerate(zip(record["tower_median"], record["tower_median_dc"],
-                                                record["tower_median_ac"]), start=1):
+        for k, (total, dc, ac) in enumerate(
+            zip(record["tower_median"], record["tower_median_dc"], record["tower_median_ac"]), start=1
+        ):
             scalars.update({color_score_key(k): total, color_score_key(k, "dc"): dc, color_score_key(k, "ac"): ac})
     if record["stage"] == "init":  # the baseline under its own names too, for side-by-side tables
-        scalars.update({f"{key}{INIT_SUFFIX}": value for key, value in list(scalars.items())
-                        if key in (ETA2, P_VALUE) or key.endswith("/color_score")})
+        scalars.update(
+            {
+                f"{key}{INIT_SUFFIX}": value
+                for key, value in list(scalars.items())
+                if key in (ETA2, P_VALUE) or key.endswith("/color_score")
+            }
+        )
     return {k: v for k, v in scalars.items() if v is not None}
 
 
@@ -157,31 +177,39 @@ def record_summary(record: dict) -> dict:
 
 # ----------------------------------------------------------------------------- writing
 
+
 def write_json(path: Path, obj) -> None:
     """Strict JSON (no NaN), written atomically."""
     write_atomic(path, json.dumps(obj, indent=1, allow_nan=False))
 
 
-def bisection_file(init: dict | None, last: dict | None, measurement_seconds: float,
-                   fit_seconds: float | None) -> dict:
+def bisection_file(init: dict | None, last: dict | None, measurement_seconds: float, fit_seconds: float | None) -> dict:
     """The contents of ``bisection.json``: the first and the latest record, each naming its kernels file."""
+
     def with_file(record, name):
         return None if record is None else dict(record, kernels_file=name)
 
-    return {"format": FORMAT, "version": VERSION,
-            "init": with_file(init, kernels_file(init=True)), "last": with_file(last, kernels_file()),
-            "history": HISTORY_FILE,
-            "measurement_seconds": round(measurement_seconds, 4),  # all measurements of this fit so far
-            "fit_seconds": None if fit_seconds is None else round(fit_seconds, 4)}  # set at the end
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "init": with_file(init, kernels_file(init=True)),
+        "last": with_file(last, kernels_file()),
+        "history": HISTORY_FILE,
+        "measurement_seconds": round(measurement_seconds, 4),  # all measurements of this fit so far
+        "fit_seconds": None if fit_seconds is None else round(fit_seconds, 4),
+    }  # set at the end
 
 
 # ----------------------------------------------------------------------------- reading
+
 
 def load_bisection(path: Path) -> dict:
     """``bisection.json`` as written (records in full); ValueError when it is not one."""
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} file (format {data.get('format') if isinstance(data, dict) else None!r})")
+        raise ValueError(
+            f"{path}: not a {FORMAT} file (format {data.get('format') if isinstance(data, dict) else None!r})"
+        )
     return data
 
 
@@ -193,17 +221,28 @@ def measurement(record: dict | None) -> dict:
     if not record:
         return {}
     stats = record.get("statistics") or {}
-    return {"step": record.get("step"), "epoch": record.get("epoch"), "stage": record.get("stage"),
-            "num_towers": record.get("num_towers"), "kernels_per_tower": record.get("kernels_per_tower"),
-            "error": record.get("error"), "score": record.get("score"), "tower": record.get("tower"),
-            "tower_median": record.get("tower_median"),
-            "eta2": stats.get("eta2"), "eta2_null": stats.get("eta2_null"), "p_value": stats.get("p_value"),
-            "eta2_split": stats.get("eta2_split"), "p_value_split": stats.get("p_value_split"),
-            "omega2": stats.get("omega2"), "permutations": stats.get("permutations"),
-            # the verdict (bisection.json format 2; None in older files): every Verdict field by its name
-            **{k: record.get(k) for k in VERDICT_KEYS},
-            "control": record.get("control", stats.get("control")),
-            "p_permutations": record.get("permutations")}  # the verdict's (the p_delta_f floor)
+    return {
+        "step": record.get("step"),
+        "epoch": record.get("epoch"),
+        "stage": record.get("stage"),
+        "num_towers": record.get("num_towers"),
+        "kernels_per_tower": record.get("kernels_per_tower"),
+        "error": record.get("error"),
+        "score": record.get("score"),
+        "tower": record.get("tower"),
+        "tower_median": record.get("tower_median"),
+        "eta2": stats.get("eta2"),
+        "eta2_null": stats.get("eta2_null"),
+        "p_value": stats.get("p_value"),
+        "eta2_split": stats.get("eta2_split"),
+        "p_value_split": stats.get("p_value_split"),
+        "omega2": stats.get("omega2"),
+        "permutations": stats.get("permutations"),
+        # the verdict (bisection.json format 2; None in older files): every Verdict field by its name
+        **{k: record.get(k) for k in VERDICT_KEYS},
+        "control": record.get("control", stats.get("control")),
+        "p_permutations": record.get("permutations"),
+    }  # the verdict's (the p_delta_f floor)
 
 
 def read_bisection(path: Path) -> dict:
@@ -221,11 +260,17 @@ def read_history(path: Path) -> list[dict]:
 def read_status(path: Path) -> dict:
     """``status.json`` of ``towers.runs.RunStatus``: how the run ended and its last metrics."""
     data = json.loads(Path(path).read_text())
-    return {"status": data.get("status"), "message": data.get("message") or "",
-            "epoch": data.get("epoch"), "step": data.get("step"), "summary": data.get("summary") or {}}
+    return {
+        "status": data.get("status"),
+        "message": data.get("message") or "",
+        "epoch": data.get("epoch"),
+        "step": data.get("step"),
+        "summary": data.get("summary") or {},
+    }
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
 
 def checkpoint_problem(path) -> str | None:
     """Why the checkpoint ``path`` cannot be read, or None when it can.
@@ -254,8 +299,11 @@ def first_line(error: BaseException) -> str:
 def newest_loadable_checkpoint(folder, exclude=()) -> Path | None:
     """The most recently written ``*.ckpt`` in ``folder`` (not below it) that :func:`checkpoint_problem` passes."""
     skip = {Path(p).resolve() for p in exclude}
-    found = sorted((p for p in Path(folder).glob("*.ckpt") if p.is_file() and p.resolve() not in skip),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
+    found = sorted(
+        (p for p in Path(folder).glob("*.ckpt") if p.is_file() and p.resolve() not in skip),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     return next((p for p in found if checkpoint_problem(p) is None), None)
 
 
@@ -268,8 +316,9 @@ def newest_last_checkpoint(root, check: bool = False) -> Path | None:
     that loads, said so too. Without, files are not opened (the sweep agent resumes with it; the sweep
     tests' stand-in writes JSON ones).
     """
-    found = sorted((p for p in Path(root).rglob(LAST_CHECKPOINTS) if p.is_file()),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
+    found = sorted(
+        (p for p in Path(root).rglob(LAST_CHECKPOINTS) if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True
+    )
     if not check:
         return found[0] if found else None
     for last in found:
@@ -277,9 +326,14 @@ def newest_last_checkpoint(root, check: bool = False) -> Path | None:
         if problem is None:
             return last
         fallback = newest_loadable_checkpoint(last.parent, exclude=[last, last.resolve()])
-        log.warning("%s is damaged and cannot be read (%s); %s", last, problem,
-                    f"falling back to {fallback}, the newest checkpoint of that run that loads" if fallback
-                    else "no other checkpoint of that run loads")
+        log.warning(
+            "%s is damaged and cannot be read (%s); %s",
+            last,
+            problem,
+            f"falling back to {fallback}, the newest checkpoint of that run that loads"
+            if fallback
+            else "no other checkpoint of that run loads",
+        )
         if fallback is not None:
             return fallback
     return None

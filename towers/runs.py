@@ -120,9 +120,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 # torch's zip writer reports a short write (what a full disk gives) as a RuntimeError
                 # ("unexpected pos ..."); told as the OSError it is, naming the checkpoint
                 space = os.statvfs(path.parent)
-                full = space.f_bavail * space.f_frsize < (1 << 20)  # checked while the partial file still holds its blocks
+                full = space.f_bavail * space.f_frsize < (
+                    1 << 20
+                )  # checked while the partial file still holds its blocks
                 code = errno.ENOSPC if full else errno.EIO
-                raise OSError(code, os.strerror(code) + ("" if full else f" ({first_line(error)})"), str(path)) from error
+                raise OSError(
+                    code, os.strerror(code) + ("" if full else f" ({first_line(error)})"), str(path)
+                ) from error
 
     def load_checkpoint(self, path, *args, **kwargs):
         try:
@@ -136,8 +140,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             fallback = newest_loadable_checkpoint(Path(path).parent, exclude=[path])
             raise DamagedCheckpoint(
                 f"{path} is damaged and cannot be read ({problem}); "
-                + (f"the newest checkpoint beside it that loads is {fallback}" if fallback
-                   else "no checkpoint beside it loads")) from error
+                + (
+                    f"the newest checkpoint beside it that loads is {fallback}"
+                    if fallback
+                    else "no checkpoint beside it loads"
+                )
+            ) from error
 
 
 def _scalars(metrics: dict) -> dict:
@@ -182,9 +190,15 @@ class RunStatus(Callback):
     def _write(self, trainer: Trainer, summary: dict | None = None) -> None:
         if self._path is None:
             return
-        record = {"status": self.status, "step": trainer.global_step, "epoch": trainer.current_epoch,
-                  "message": self.message, "precision": str(trainer.precision), "world_size": trainer.world_size,
-                  "history": self.history}
+        record = {
+            "status": self.status,
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "message": self.message,
+            "precision": str(trainer.precision),
+            "world_size": trainer.world_size,
+            "history": self.history,
+        }
         record["summary"] = summary if summary is not None else (self.history[-1] if self.history else {})
         write_atomic(self._path, json.dumps(record, indent=1))
 
@@ -222,8 +236,10 @@ class RunStatus(Callback):
         if trainer.strategy.reduce_boolean_decision(loss_diverged or weights_diverged, all=False):
             self.status = "diverged"
             what = "weights" if weights_diverged else "training loss"
-            self.message = (f"{what} became NaN or infinite at or before step {trainer.global_step} "
-                            f"(epoch {trainer.current_epoch}); training stopped, no checkpoint written after it")
+            self.message = (
+                f"{what} became NaN or infinite at or before step {trainer.global_step} "
+                f"(epoch {trainer.current_epoch}); training stopped, no checkpoint written after it"
+            )
             trainer.should_stop = True
             for checkpoint in trainer.checkpoint_callbacks:  # the files on disk stay the last finite ones
                 checkpoint.save_top_k, checkpoint.save_last = 0, False
@@ -233,14 +249,17 @@ class RunStatus(Callback):
         # Called on every rank while a checkpoint is assembled, before anything is written: the guard
         # for saves that the checks above do not precede (every_n_train_steps, a trainer.save_checkpoint).
         if self.status == "diverged" or trainer.strategy.reduce_boolean_decision(
-                not _finite_weights(pl_module), all=False):
+            not _finite_weights(pl_module), all=False
+        ):
             self._refuse(trainer)
 
     def _refuse(self, trainer: Trainer) -> None:
         if self.status != "diverged":
             self.status = "diverged"
-            self.message = (f"weights became NaN or infinite at or before step {trainer.global_step} "
-                            f"(epoch {trainer.current_epoch}); training stopped, no checkpoint written after it")
+            self.message = (
+                f"weights became NaN or infinite at or before step {trainer.global_step} "
+                f"(epoch {trainer.current_epoch}); training stopped, no checkpoint written after it"
+            )
         self._write(trainer)
         raise Diverged(self.message)
 

@@ -108,15 +108,23 @@ def gpu_slots(ids: str, visible: str | None) -> list[str]:
     devices = [d for d in visible.split(",") if d.strip()]
     bad = [w for w in wanted if not w.isdigit() or int(w) >= len(devices)]
     if bad:
-        raise ValueError(f"--gpus {ids}: this agent sees {len(devices)} device(s) (CUDA_VISIBLE_DEVICES="
-                         f"{visible!r}), numbered 0..{len(devices) - 1}; {','.join(bad)} is not one of them")
+        raise ValueError(
+            f"--gpus {ids}: this agent sees {len(devices)} device(s) (CUDA_VISIBLE_DEVICES="
+            f"{visible!r}), numbered 0..{len(devices) - 1}; {','.join(bad)} is not one of them"
+        )
     return [devices[int(w)].strip() for w in wanted]
 
 
 # -- running ----------------------------------------------------------------------------------------
 class Agent:
-    def __init__(self, sweep: Sweep, count: int | None, jobs: int = 1, gpus: list[str] | None = None,
-                 shard: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        sweep: Sweep,
+        count: int | None,
+        jobs: int = 1,
+        gpus: list[str] | None = None,
+        shard: tuple[int, int] | None = None,
+    ):
         self.sweep = sweep
         size = grid_size(sweep.config)
         cap = count or sweep.config.get("run_cap")
@@ -127,18 +135,26 @@ class Agent:
         self.shard = shard
         self.procs = {}  # run name -> (Popen, slot)
         self.exhausted = False
-        self.me = {"host": HOST, "pid": os.getpid(), "start": process_start(os.getpid()),
-                   "shard": f"{shard[0]}/{shard[1]}" if shard else None}
+        self.me = {
+            "host": HOST,
+            "pid": os.getpid(),
+            "start": process_start(os.getpid()),
+            "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+        }
         self.beaten = 0.0
         with sweep.locked() as state:
             if shard is not None:
                 if size is None:
-                    raise UsageError("--shard splits a grid; for a random or bayes sweep start the agents "
-                                     "without --shard on the same --out: they share the run count")
+                    raise UsageError(
+                        "--shard splits a grid; for a random or bayes sweep start the agents "
+                        "without --shard on the same --out: they share the run count"
+                    )
                 if state.setdefault("shards", shard[1]) != shard[1]:
-                    raise UsageError(f"--shard {shard[0]}/{shard[1]}: {sweep.path} is split into --shard "
-                                     f"i/{state['shards']}; give that N (or no --shard: such an agent takes "
-                                     f"any run that is left)")
+                    raise UsageError(
+                        f"--shard {shard[0]}/{shard[1]}: {sweep.path} is split into --shard "
+                        f"i/{state['shards']}; give that N (or no --shard: such an agent takes "
+                        f"any run that is left)"
+                    )
             if size is not None:  # the whole grid, so every shard sees the same numbered runs
                 while len(sweep.runs) < self.total and (params := sweep.next_params()) is not None:
                     sweep.new_run(params)
@@ -157,8 +173,14 @@ class Agent:
         return self.shard is None or index % self.shard[1] == self.shard[0]
 
     def held_by_others(self, now: float) -> list:
-        return [r for k, r in enumerate(self.sweep.runs) if self.mine(k) and r["status"] not in DONE
-                and owner_alive(r.get("owner"), now) and not self.is_me(r.get("owner"))]
+        return [
+            r
+            for k, r in enumerate(self.sweep.runs)
+            if self.mine(k)
+            and r["status"] not in DONE
+            and owner_alive(r.get("owner"), now)
+            and not self.is_me(r.get("owner"))
+        ]
 
     def claim(self) -> tuple[str, dict | None] | None:
         """Claim the next run this agent may take: (its name, its attempt a dead agent left open) or None."""
@@ -166,8 +188,12 @@ class Agent:
             now = time.time()
             for k, run in enumerate(self.sweep.runs):
                 owner = run.get("owner")
-                if (run["status"] in DONE or run["name"] in self.procs or not self.mine(k)
-                        or (owner_alive(owner, now) and not self.is_me(owner))):
+                if (
+                    run["status"] in DONE
+                    or run["name"] in self.procs
+                    or not self.mine(k)
+                    or (owner_alive(owner, now) and not self.is_me(owner))
+                ):
                     continue
                 run["owner"] = self.owner()
                 last = run["attempts"][-1] if run["attempts"] else None
@@ -200,14 +226,17 @@ class Agent:
             reported = run.get("reported")
             attempt["ended"] = time.time()
             if reported in ENDED and (reported != "finished" or self.has_results(run)):
-                attempt["note"] = (f"the agent was stopped after this attempt ended but before it recorded "
-                                   f"the end; recorded from {run['status_file']}")
+                attempt["note"] = (
+                    f"the agent was stopped after this attempt ended but before it recorded "
+                    f"the end; recorded from {run['status_file']}"
+                )
                 run.update(status=reported, owner=None)
                 if reported == "failed" and not run["message"]:
                     run["message"] = "failed (its status.json says so)"
                 return True
             attempt["note"] = "agent stopped while this attempt ran" + (
-                f"; its status.json said {reported} without {self.metric()}, so it is run again" if reported else "")
+                f"; its status.json said {reported} without {self.metric()}, so it is run again" if reported else ""
+            )
             run["status"] = "interrupted"
             return False
 
@@ -218,7 +247,9 @@ class Agent:
             root.mkdir(parents=True, exist_ok=True)
             ckpt = newest_last_checkpoint(root) if run["attempts"] else None
             params_file = root / "sweep-params.yaml"  # what wandb agent writes for wandb.init's config
-            config_util.save_config_file_from_dict(str(params_file), {k: {"value": v} for k, v in run["params"].items()})
+            config_util.save_config_file_from_dict(
+                str(params_file), {k: {"value": v} for k, v in run["params"].items()}
+            )
             command = render_command(self.sweep.config, run["params"], sys.executable, str(root / "args.json"))
             if "${args_json_file}" in (self.sweep.config.get("command") or []):
                 (root / "args.json").write_text(json.dumps(run["params"]))
@@ -227,15 +258,29 @@ class Agent:
                 command.append(f"--ckpt_path={ckpt}")
             log = root / "output.log"
             run.update(status="running", log=str(log), owner=self.owner())
-            attempt = {"started": time.time(), "command": command, "resumed_from": str(ckpt) if ckpt else None,
-                       "host": HOST, "agent": self.me["pid"], "gpu": slot, "pid": None, "exit_code": None}
+            attempt = {
+                "started": time.time(),
+                "command": command,
+                "resumed_from": str(ckpt) if ckpt else None,
+                "host": HOST,
+                "agent": self.me["pid"],
+                "gpu": slot,
+                "pid": None,
+                "exit_code": None,
+            }
             run["attempts"].append(attempt)  # saved before it starts: a crash here leaves a run to resume
             env = self.run_env(run, slot)
         with open(log, "a") as f:
             f.write(f"\n=== attempt {len(run['attempts'])} at {_now()}: {' '.join(command)}\n")
             f.flush()
-            proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    preexec_fn=_die_with_parent if platform.system() == "Linux" else None)
+            proc = subprocess.Popen(
+                command,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                preexec_fn=_die_with_parent if platform.system() == "Linux" else None,
+            )
         self.procs[name] = (proc, slot)
         with self.sweep.locked():
             self.sweep.run(name)["attempts"][-1]["pid"] = proc.pid
@@ -243,10 +288,14 @@ class Agent:
     def run_env(self, run: dict, slot: str | None) -> dict:
         """The environment of a run: W&B offline, the sweep's project, group and tags, and its GPU."""
         root = self.run_root(run["name"])
-        env = dict(os.environ, WANDB_RUN_GROUP=self.sweep.state["name"],
-                   WANDB_JOB_TYPE=condition(self.sweep.config, run["params"]),
-                   WANDB_TAGS=f"sweep,{self.sweep.state['name']}",
-                   WANDB_SWEEP_PARAM_PATH=str(root / "sweep-params.yaml"), WANDB_DIR=str(root))
+        env = dict(
+            os.environ,
+            WANDB_RUN_GROUP=self.sweep.state["name"],
+            WANDB_JOB_TYPE=condition(self.sweep.config, run["params"]),
+            WANDB_TAGS=f"sweep,{self.sweep.state['name']}",
+            WANDB_SWEEP_PARAM_PATH=str(root / "sweep-params.yaml"),
+            WANDB_DIR=str(root),
+        )
         for key, var in (("project", "WANDB_PROJECT"), ("entity", "WANDB_ENTITY")):
             if self.sweep.config.get(key):  # as `wandb agent ENTITY/PROJECT/ID` sets them for its runs
                 env[var] = self.sweep.config[key]
@@ -277,7 +326,9 @@ class Agent:
         run["status_file"] = str(folder / records.STATUS_FILE)
         run["bisection"] = read_bisection(folder, root)
         # a W&B run folder is .../wandb/offline-run-<time>-<id>/ and status.json sits in its files/
-        is_wandb = folder.name == records.WANDB_FILES_DIR and folder.parent.name.startswith(records.WANDB_OFFLINE_PREFIX)
+        is_wandb = folder.name == records.WANDB_FILES_DIR and folder.parent.name.startswith(
+            records.WANDB_OFFLINE_PREFIX
+        )
         run["wandb_dir"] = attempt["wandb_dir"] = str(folder.parent) if is_wandb else None
 
     def finish(self, name: str, exit_code: int) -> dict:
@@ -349,8 +400,13 @@ class Agent:
             time.sleep(0.05)
 
     def run(self) -> None:
-        bar = tqdm(total=self.total, unit="run", desc=self.sweep.state["name"], dynamic_ncols=True,
-                   mininterval=1 if sys.stderr.isatty() else 60)
+        bar = tqdm(
+            total=self.total,
+            unit="run",
+            desc=self.sweep.state["name"],
+            dynamic_ncols=True,
+            mininterval=1 if sys.stderr.isatty() else 60,
+        )
         shown = None
         try:
             while True:
@@ -406,15 +462,36 @@ def table(sweep: Sweep) -> str:
     metric = sweep.config.get("metric", {}).get("name")
     # the swept parameters; constants (`value:`) are the same in every run
     params = [k for k, spec in sweep.config["parameters"].items() if "value" not in spec]
-    header = ["run", *params, "status", metric or "metric", "verdict", "delta_f", "p_delta_f", "eta2", "p_value",
-              "exit"]
+    header = [
+        "run",
+        *params,
+        "status",
+        metric or "metric",
+        "verdict",
+        "delta_f",
+        "p_delta_f",
+        "eta2",
+        "p_value",
+        "exit",
+    ]
     rows = []
     for run in sweep.runs:
         value = run["summary"].get(metric) if metric else None
         b = run.get("bisection") or {}  # read from the run's bisection.json (read_bisection)
-        rows.append([run["name"], *(_fmt(run["params"].get(p)) for p in params), run["status"], _fmt(value),
-                     b.get("verdict") or "", _fmt(b.get("delta_f")), p_text(b.get("p_delta_f"), b.get("p_permutations")),
-                     _fmt(b.get("eta2")), p_text(b.get("p_value"), b.get("permutations")), _fmt(run["exit_code"])])
+        rows.append(
+            [
+                run["name"],
+                *(_fmt(run["params"].get(p)) for p in params),
+                run["status"],
+                _fmt(value),
+                b.get("verdict") or "",
+                _fmt(b.get("delta_f")),
+                p_text(b.get("p_delta_f"), b.get("p_permutations")),
+                _fmt(b.get("eta2")),
+                p_text(b.get("p_value"), b.get("permutations")),
+                _fmt(run["exit_code"]),
+            ]
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     for run in sweep.runs:
@@ -435,11 +512,17 @@ def main(argv=None) -> int:
     parser.add_argument("sweep_file", type=Path, help="a W&B sweep config, e.g. sweeps/demo.yaml")
     parser.add_argument("--count", type=int, help="runs in all (default: the whole grid, or run_cap)")
     parser.add_argument("--jobs", type=int, help="runs at the same time (default 1, or one per --gpus id)")
-    parser.add_argument("--gpus", help="CUDA device ids, e.g. 0,1,2,3: one run per id at a time, with "
-                                       "CUDA_VISIBLE_DEVICES set to it (positions in this agent's own "
-                                       "CUDA_VISIBLE_DEVICES when that is set)")
-    parser.add_argument("--shard", help="I/N: this agent takes the grid's runs k with k mod N == I "
-                                        "(N agents on one --out, e.g. a SLURM job array)")
+    parser.add_argument(
+        "--gpus",
+        help="CUDA device ids, e.g. 0,1,2,3: one run per id at a time, with "
+        "CUDA_VISIBLE_DEVICES set to it (positions in this agent's own "
+        "CUDA_VISIBLE_DEVICES when that is set)",
+    )
+    parser.add_argument(
+        "--shard",
+        help="I/N: this agent takes the grid's runs k with k mod N == I "
+        "(N agents on one --out, e.g. a SLURM job array)",
+    )
     parser.add_argument("--out", type=Path, help="output folder (default runs/sweeps/<file name>)")
     args = parser.parse_args(argv)
     gpus = shard = None
@@ -447,13 +530,17 @@ def main(argv=None) -> int:
         if args.gpus is not None:
             gpus = gpu_slots(args.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
             if args.jobs not in (None, len(gpus)):
-                raise ValueError(f"--jobs {args.jobs} with --gpus {args.gpus}: --gpus runs one run per id "
-                                 f"at a time; leave out --jobs")
+                raise ValueError(
+                    f"--jobs {args.jobs} with --gpus {args.gpus}: --gpus runs one run per id "
+                    f"at a time; leave out --jobs"
+                )
         if args.shard is not None:
             match = re.fullmatch(r"(\d+)/(\d+)", args.shard)
             if not match or not int(match[1]) < int(match[2]):
-                raise ValueError(f"--shard {args.shard}: give I/N with 0 <= I < N, e.g. "
-                                 f"$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=0-(N-1)")
+                raise ValueError(
+                    f"--shard {args.shard}: give I/N with 0 <= I < N, e.g. "
+                    f"$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=0-(N-1)"
+                )
             shard = int(match[1]), int(match[2])
     except ValueError as err:
         parser.error(str(err))

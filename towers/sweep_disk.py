@@ -45,8 +45,9 @@ def _parse_train_config(program: Path, args: list):
 
     argv, sys.argv = sys.argv, [str(program)]  # LightningCLI warns when args and sys.argv both have some
     try:
-        cli = ParseOnly(module.TowerClassifier, module.CatsDogsDataModule, args=args,
-                        save_config_callback=module.SaveRunConfig)
+        cli = ParseOnly(
+            module.TowerClassifier, module.CatsDogsDataModule, args=args, save_config_callback=module.SaveRunConfig
+        )
     finally:
         sys.argv = argv
     return module, cli.config[cli.config["subcommand"]]
@@ -64,25 +65,38 @@ def train_checkpoint_bytes(config: dict, params: dict) -> tuple[int, int, int, i
 
     command = render_command(config, params)
     at = command.index(config["program"])
-    module, cfg = _parse_train_config(Path(config["program"]), command[at + 1:])
+    module, cfg = _parse_train_config(Path(config["program"]), command[at + 1 :])
     model_args = {k: v for k, v in vars(cfg["model"]).items() if not k.startswith("_")}
     with torch.device("meta"):  # sizes only: no memory, no initialisation
         model = module.TowerClassifier(**model_args)
     n = sum(p.numel() for p in model.parameters())
     trainer = cfg["trainer"]
-    checkpoints = [cb.init_args for cb in trainer.get("callbacks") or []
-                   if str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint")]
-    files = 0 if trainer.get("enable_checkpointing") is False else 1 if not checkpoints else sum(
-        (max(trainer.get("max_epochs") or 1, 1) if c.save_top_k == -1 else c.save_top_k) + (c.save_last is True)
-        for c in checkpoints)
+    checkpoints = [
+        cb.init_args
+        for cb in trainer.get("callbacks") or []
+        if str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint")
+    ]
+    files = (
+        0
+        if trainer.get("enable_checkpointing") is False
+        else 1
+        if not checkpoints
+        else sum(
+            (max(trainer.get("max_epochs") or 1, 1) if c.save_top_k == -1 else c.save_top_k) + (c.save_last is True)
+            for c in checkpoints
+        )
+    )
     per_parameter = 4 + (4 if model_args.get("momentum", 0.9) else 0)
     return n * per_parameter * files, files, n, per_parameter
 
 
 def measured_checkpoint_bytes(out: Path) -> tuple[int, str] | None:
     """The largest checkpoint total of the sweep's runs so far (links not counted), and whose."""
-    sizes = [(sum(p.stat().st_size for p in root.rglob("*.ckpt") if p.is_file() and not p.is_symlink()), root.name)
-             for root in (out / "runs").glob("*") if root.is_dir()]
+    sizes = [
+        (sum(p.stat().st_size for p in root.rglob("*.ckpt") if p.is_file() and not p.is_symlink()), root.name)
+        for root in (out / "runs").glob("*")
+        if root.is_dir()
+    ]
     sizes = [s for s in sizes if s[0] > 0]
     return max(sizes) if sizes else None
 
@@ -95,6 +109,7 @@ def disk_estimate(sweep: Sweep, total: int) -> str:
         params += [drawn] * (total - len(params)) if drawn else []
     free = f"{_size(shutil.disk_usage(sweep.out).free)} free under {sweep.out}"
     if Path(sweep.config["program"]).name == "train.py" and Path(sweep.config["program"]).exists():
+
         def condition(p):  # the seed changes no size: one parse per condition
             return json.dumps({k: v for k, v in p.items() if k not in SEED_KEYS}, sort_keys=True)
 
@@ -111,8 +126,10 @@ def disk_estimate(sweep: Sweep, total: int) -> str:
         def span(values, fmt):
             return fmt(min(values)) if min(values) == max(values) else f"{fmt(min(values))}-{fmt(max(values))}"
 
-        per_run = (f"{span([s[1] for s in sizes], str)} checkpoint files x {span([s[2] for s in sizes], lambda x: f'{x / 1e6:.1f}M')}"
-                   f" parameters x {span([s[3] for s in sizes], str)} bytes: fp32 weights and SGD momentum")
+        per_run = (
+            f"{span([s[1] for s in sizes], str)} checkpoint files x {span([s[2] for s in sizes], lambda x: f'{x / 1e6:.1f}M')}"
+            f" parameters x {span([s[3] for s in sizes], str)} bytes: fp32 weights and SGD momentum"
+        )
     else:
         measured = measured_checkpoint_bytes(sweep.out)
         if measured is None:

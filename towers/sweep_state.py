@@ -86,8 +86,11 @@ def grid_size(config: dict) -> int | None:
         if "values" in spec:
             size *= len(spec["values"])
         elif "min" in spec and "max" in spec:  # int_uniform / q_uniform, as the grid engine expands them
-            size *= len(range(spec["min"], spec["max"] + 1)) if "q" not in spec else \
-                math.ceil((spec["max"] - spec["min"]) / spec["q"])
+            size *= (
+                len(range(spec["min"], spec["max"] + 1))
+                if "q" not in spec
+                else math.ceil((spec["max"] - spec["min"]) / spec["q"])
+            )
     return size
 
 
@@ -123,11 +126,18 @@ class Sweep:
         out.mkdir(parents=True, exist_ok=True)
         with self.locked():
             if self.state is None:
-                self.state = {"sweep_file": str(sweep_file), "sweep": self.config, "name": out.name,
-                              "created": _now(), "runs": []}
+                self.state = {
+                    "sweep_file": str(sweep_file),
+                    "sweep": self.config,
+                    "name": out.name,
+                    "created": _now(),
+                    "runs": [],
+                }
             elif self.state["sweep"] != self.config:
-                raise SystemExit(f"{self.path} belongs to a different sweep config than {sweep_file}; "
-                                 f"give another --out, or remove {out} to start this sweep afresh")
+                raise SystemExit(
+                    f"{self.path} belongs to a different sweep config than {sweep_file}; "
+                    f"give another --out, or remove {out} to start this sweep afresh"
+                )
 
     @contextmanager
     def locked(self):
@@ -167,20 +177,36 @@ class Sweep:
 
     def new_run(self, params: dict) -> dict:
         """A new pending run in ``self.state`` (the agent calls it under the lock; saved with the state)."""
-        run = {"name": f"run-{len(self.runs):03d}", "params": params, "status": "pending",
-               "exit_code": None, "message": "", "log": None, "attempts": [], "owner": None,
-               "history": [], "summary": {}, "bisection": None, "wandb_dir": None}
+        run = {
+            "name": f"run-{len(self.runs):03d}",
+            "params": params,
+            "status": "pending",
+            "exit_code": None,
+            "message": "",
+            "log": None,
+            "attempts": [],
+            "owner": None,
+            "history": [],
+            "summary": {},
+            "bisection": None,
+            "wandb_dir": None,
+        }
         self.runs.append(run)
         return run
 
     def sweep_runs(self) -> list:
         """The runs as the sweep engine sees them."""
-        engine_state = {"finished": "finished", "stopped": "finished", "failed": "failed",
-                        "diverged": "failed"}
-        return [sweeps.SweepRun(name=r["name"], state=engine_state.get(r["status"], "running"),
-                                config={k: {"value": v} for k, v in r["params"].items()},
-                                history=r["history"], summary_metrics=r["summary"])
-                for r in self.runs]
+        engine_state = {"finished": "finished", "stopped": "finished", "failed": "failed", "diverged": "failed"}
+        return [
+            sweeps.SweepRun(
+                name=r["name"],
+                state=engine_state.get(r["status"], "running"),
+                config={k: {"value": v} for k, v in r["params"].items()},
+                history=r["history"],
+                summary_metrics=r["summary"],
+            )
+            for r in self.runs
+        ]
 
     def next_params(self) -> dict | None:
         return next_params(self.config, self.sweep_runs())
@@ -192,8 +218,7 @@ def next_params(config: dict, runs: list) -> dict | None:
     if suggestion is None:
         return None
     # random/bayes draw numpy scalars; the server would send JSON numbers, so do as it does
-    return json.loads(json.dumps({k: v["value"] for k, v in suggestion.config.items()},
-                                 default=lambda x: x.item()))
+    return json.loads(json.dumps({k: v["value"] for k, v in suggestion.config.items()}, default=lambda x: x.item()))
 
 
 def _now() -> str:
@@ -220,18 +245,29 @@ def read_bisection(folder: Path, run_root: Path) -> dict | None:
     verdict, delta f, eta2 and their p-values with the permutation counts (the p floors), or None.
     """
     own = folder / records.BISECTION_FILE
-    found = [own] if own.exists() else \
-        sorted(run_root.rglob(records.BISECTION_FILE), key=lambda p: p.stat().st_mtime, reverse=True)
+    found = (
+        [own]
+        if own.exists()
+        else sorted(run_root.rglob(records.BISECTION_FILE), key=lambda p: p.stat().st_mtime, reverse=True)
+    )
     for path in found:
         try:
             last = records.read_bisection(path)["last"]
         except (OSError, ValueError):  # vanished, or not a bisection record: the next one
             continue
         if last.get("eta2") is not None or last.get("verdict") is not None:
-            return {"verdict": last.get("verdict"), "delta_f": last.get("delta_f"), "p_delta_f": last.get("p_delta_f"),
-                    "p_permutations": last.get("p_permutations"), "eta2": last.get("eta2"),
-                    "p_value": last.get("p_value"), "permutations": last.get("permutations"),
-                    "epoch": last.get("epoch"), "step": last.get("step"), "file": str(path)}
+            return {
+                "verdict": last.get("verdict"),
+                "delta_f": last.get("delta_f"),
+                "p_delta_f": last.get("p_delta_f"),
+                "p_permutations": last.get("p_permutations"),
+                "eta2": last.get("eta2"),
+                "p_value": last.get("p_value"),
+                "permutations": last.get("permutations"),
+                "epoch": last.get("epoch"),
+                "step": last.get("step"),
+                "file": str(path),
+            }
     return None
 
 

@@ -111,12 +111,18 @@ class Verdict:
 
     def summary(self) -> str:
         """One line: the verdict, Delta f with its interval and p, the towers' colour fractions."""
-        fractions = ", ".join(f"{t}: {_pct(f)} [{_pct(lo)}-{_pct(hi)}]" for t, f, lo, hi in zip(
-            self.towers, self.colour_fraction, self.colour_fraction_low, self.colour_fraction_high))
-        named = (f"; agnostic {self.agnostic_tower}, specific {self.specific_tower}" if self.specialised else "")
+        fractions = ", ".join(
+            f"{t}: {_pct(f)} [{_pct(lo)}-{_pct(hi)}]"
+            for t, f, lo, hi in zip(
+                self.towers, self.colour_fraction, self.colour_fraction_low, self.colour_fraction_high
+            )
+        )
+        named = f"; agnostic {self.agnostic_tower}, specific {self.specific_tower}" if self.specialised else ""
         what = "control (random halves of one tower)" if self.control else "towers"
-        return (f"{self.verdict}: Δf = {self.delta_f:.2f} [{self.delta_f_low:.2f}, {self.delta_f_high:.2f}], "
-                f"p {format_p(self.p_delta_f, self.permutations)}; colour fraction by {what}: {fractions}{named}")
+        return (
+            f"{self.verdict}: Δf = {self.delta_f:.2f} [{self.delta_f_low:.2f}, {self.delta_f_high:.2f}], "
+            f"p {format_p(self.p_delta_f, self.permutations)}; colour fraction by {what}: {fractions}{named}"
+        )
 
 
 def format_p(p: float, permutations: int | None = None) -> str:
@@ -146,11 +152,14 @@ def _plain(v):
 
 # --- the pieces ---------------------------------------------------------------------------------
 
+
 def classify(scores, norms, towers, cut: float = COLOUR_CUT, weak_fraction: float = WEAK_FRACTION) -> np.ndarray:
     """Per kernel 0 grey, 1 colour, 2 weak (int array). Weak is judged against the median norm of the
     kernel's own tower (``towers``: one label per kernel)."""
-    s, n, t = (np.asarray(x, dtype=np.float64).ravel() if i < 2 else np.asarray(x).ravel()
-               for i, x in enumerate((scores, norms, towers)))
+    s, n, t = (
+        np.asarray(x, dtype=np.float64).ravel() if i < 2 else np.asarray(x).ravel()
+        for i, x in enumerate((scores, norms, towers))
+    )
     names, index = np.unique(t, return_inverse=True)
     median = np.array([np.median(n[index == j]) for j in range(len(names))])  # per tower, a handful
     weak = n < weak_fraction * median[index]
@@ -198,9 +207,9 @@ def _permutation_p(cls: np.ndarray, group: np.ndarray, g: int, observed: float, 
     onehot = np.eye(g)[group]  # (K, G)
     is_colour, is_grey = (cls == 1).astype(np.float64), (cls == 0).astype(np.float64)
     sides = _bipartitions(g)
-    hits, chunk = 0, max(1, 2 ** 21 // max(cls.size, 1))  # bounds the (chunk, K) temporaries
+    hits, chunk = 0, max(1, 2**21 // max(cls.size, 1))  # bounds the (chunk, K) temporaries
     for start in range(0, len(perms), chunk):
-        rows = perms[start:start + chunk]
+        rows = perms[start : start + chunk]
         d, _ = _best_split(is_colour[rows] @ onehot, is_grey[rows] @ onehot, sides)
         hits += int((d >= observed - 1e-12).sum())
     return (1 + hits) / (len(perms) + 1)
@@ -232,15 +241,37 @@ def _judge(cls, scores, group, names, perms, ci_level, alpha, min_delta_f):
     x_agn = scores[agn_members & (cls != 2)]
     auc = float(stats.mannwhitneyu(x_spec, x_agn).statistic / (x_spec.size * x_agn.size))
     ok = delta >= min_delta_f - 1e-12 and p_delta < alpha and p_agn < alpha and p_spec < alpha
-    return {"delta_f": delta, "delta_f_low": lo, "delta_f_high": hi, "p_delta_f": p_delta, "auc": auc,
-            "specific_side": specific_side, "grey_fraction_agnostic": kg / ka, "p_largely_agnostic": float(p_agn),
-            "colour_fraction_specific": kc / ks, "p_largely_specific": float(p_spec),
-            "colour": colour, "grey": grey, "verdict": SPECIALISED if ok else NOT_SPECIALISED}
+    return {
+        "delta_f": delta,
+        "delta_f_low": lo,
+        "delta_f_high": hi,
+        "p_delta_f": p_delta,
+        "auc": auc,
+        "specific_side": specific_side,
+        "grey_fraction_agnostic": kg / ka,
+        "p_largely_agnostic": float(p_agn),
+        "colour_fraction_specific": kc / ks,
+        "p_largely_specific": float(p_spec),
+        "colour": colour,
+        "grey": grey,
+        "verdict": SPECIALISED if ok else NOT_SPECIALISED,
+    }
 
 
-def verdict(kernels, towers=None, channel_std=None, axis=None, permutations: int = 9999, seed: int = 0,
-            ci_level: float = 0.95, cut: float = COLOUR_CUT, weak_fraction: float = WEAK_FRACTION,
-            min_delta_f: float = MIN_DELTA_F, alpha: float = ALPHA, sensitivity: bool = True) -> Verdict:
+def verdict(
+    kernels,
+    towers=None,
+    channel_std=None,
+    axis=None,
+    permutations: int = 9999,
+    seed: int = 0,
+    ci_level: float = 0.95,
+    cut: float = COLOUR_CUT,
+    weak_fraction: float = WEAK_FRACTION,
+    min_delta_f: float = MIN_DELTA_F,
+    alpha: float = ALPHA,
+    sensitivity: bool = True,
+) -> Verdict:
     """Judge first-layer kernels against the paper's claim (the rule in this module's docstring).
 
     Args:
@@ -255,8 +286,9 @@ def verdict(kernels, towers=None, channel_std=None, axis=None, permutations: int
     w = torch.as_tensor(np.asarray(kernels) if not isinstance(kernels, torch.Tensor) else kernels)
     if towers is None:
         if w.dim() != 5:
-            raise ValueError(f"kernels of shape {tuple(w.shape)} need tower labels; give (towers, n, 3, h, w) "
-                             f"or towers=")
+            raise ValueError(
+                f"kernels of shape {tuple(w.shape)} need tower labels; give (towers, n, 3, h, w) or towers="
+            )
         towers = np.arange(1, w.shape[0] + 1).repeat(w.shape[1])
     if permutations < 999:
         raise ValueError(f"use at least 999 permutations (p-value floor 0.001), got {permutations}")
@@ -306,9 +338,19 @@ def verdict(kernels, towers=None, channel_std=None, axis=None, permutations: int
 
     nan = math.nan
     if judged is None:
-        judged = {"delta_f": nan, "delta_f_low": nan, "delta_f_high": nan, "p_delta_f": nan, "auc": nan,
-                  "specific_side": np.zeros(g, bool), "grey_fraction_agnostic": nan, "p_largely_agnostic": nan,
-                  "colour_fraction_specific": nan, "p_largely_specific": nan, "verdict": NOT_SPECIALISED}
+        judged = {
+            "delta_f": nan,
+            "delta_f_low": nan,
+            "delta_f_high": nan,
+            "p_delta_f": nan,
+            "auc": nan,
+            "specific_side": np.zeros(g, bool),
+            "grey_fraction_agnostic": nan,
+            "p_largely_agnostic": nan,
+            "colour_fraction_specific": nan,
+            "p_largely_specific": nan,
+            "verdict": NOT_SPECIALISED,
+        }
     side = judged["specific_side"]
     specialised = judged["verdict"] == SPECIALISED
     f = np.array([nan if x is None else x for x in fractions])
@@ -321,25 +363,49 @@ def verdict(kernels, towers=None, channel_std=None, axis=None, permutations: int
             cls_c = classify(scores, norms, labels, c, weak_fraction)
             j = _judge(cls_c, scores, index, names, perms, ci_level, alpha, min_delta_f)
             col_c = (cls_c == 1).astype(float) @ onehot
-            n_c = ((cls_c != 2).astype(float) @ onehot)
-            rows.append({"cut": round(c, 4), "delta_f": nan if j is None else j["delta_f"],
-                         "p_delta_f": nan if j is None else j["p_delta_f"],
-                         "verdict": NOT_SPECIALISED if j is None else j["verdict"],
-                         "colour_fraction": [None if n == 0 else float(a / n) for a, n in zip(col_c, n_c)]})
+            n_c = (cls_c != 2).astype(float) @ onehot
+            rows.append(
+                {
+                    "cut": round(c, 4),
+                    "delta_f": nan if j is None else j["delta_f"],
+                    "p_delta_f": nan if j is None else j["p_delta_f"],
+                    "verdict": NOT_SPECIALISED if j is None else j["verdict"],
+                    "colour_fraction": [None if n == 0 else float(a / n) for a, n in zip(col_c, n_c)],
+                }
+            )
 
     return Verdict(
-        verdict=judged["verdict"], delta_f=judged["delta_f"], delta_f_low=judged["delta_f_low"],
-        delta_f_high=judged["delta_f_high"], p_delta_f=judged["p_delta_f"], auc=judged["auc"],
-        agnostic_tower=agnostic, specific_tower=specific,
-        agnostic_group=[n for n, s in zip(names, side) if not s], specific_group=[n for n, s in zip(names, side) if s],
-        grey_fraction_agnostic=judged["grey_fraction_agnostic"], p_largely_agnostic=judged["p_largely_agnostic"],
-        colour_fraction_specific=judged["colour_fraction_specific"], p_largely_specific=judged["p_largely_specific"],
-        towers=names, colour_fraction=fractions, colour_fraction_low=lows, colour_fraction_high=highs,
-        energy_share=energy_share, grey_count=grey.astype(int).tolist(),
-        colour_count=colour.astype(int).tolist(), weak_count=weak.astype(int).tolist(), kernel_class=[(GREY, COLOUR, WEAK)[c] for c in cls],
-        sensitivity=rows, control=control, control_split=control_split,
+        verdict=judged["verdict"],
+        delta_f=judged["delta_f"],
+        delta_f_low=judged["delta_f_low"],
+        delta_f_high=judged["delta_f_high"],
+        p_delta_f=judged["p_delta_f"],
+        auc=judged["auc"],
+        agnostic_tower=agnostic,
+        specific_tower=specific,
+        agnostic_group=[n for n, s in zip(names, side) if not s],
+        specific_group=[n for n, s in zip(names, side) if s],
+        grey_fraction_agnostic=judged["grey_fraction_agnostic"],
+        p_largely_agnostic=judged["p_largely_agnostic"],
+        colour_fraction_specific=judged["colour_fraction_specific"],
+        p_largely_specific=judged["p_largely_specific"],
+        towers=names,
+        colour_fraction=fractions,
+        colour_fraction_low=lows,
+        colour_fraction_high=highs,
+        energy_share=energy_share,
+        grey_count=grey.astype(int).tolist(),
+        colour_count=colour.astype(int).tolist(),
+        weak_count=weak.astype(int).tolist(),
+        kernel_class=[(GREY, COLOUR, WEAK)[c] for c in cls],
+        sensitivity=rows,
+        control=control,
+        control_split=control_split,
         rule={"colour_cut": cut, "weak_fraction": weak_fraction, "min_delta_f": min_delta_f, "alpha": alpha},
-        permutations=permutations, seed=seed, ci_level=ci_level)
+        permutations=permutations,
+        seed=seed,
+        ci_level=ci_level,
+    )
 
 
 def onset_step(history: list[dict]) -> int | None:

@@ -21,14 +21,22 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "CatsDogsDataModule": "towers.data.module",
-    "CLASSES": "towers.data.files", "BadImage": "towers.data.files", "ImageFiles": "towers.data.files",
-    "ImageStore": "towers.data.files", "find_images": "towers.data.files", "link_problem": "towers.data.files",
+    "CLASSES": "towers.data.files",
+    "BadImage": "towers.data.files",
+    "ImageFiles": "towers.data.files",
+    "ImageStore": "towers.data.files",
+    "find_images": "towers.data.files",
+    "link_problem": "towers.data.files",
     "load_image": "towers.data.files",
-    "MICROSOFT_SHA256": "towers.data.download", "MICROSOFT_URL": "towers.data.download",
-    "MICROSOFT_ZIP": "towers.data.download", "download_microsoft": "towers.data.download",
-    "download_oxford_pet": "towers.data.download", "fetch": "towers.data.download",
+    "MICROSOFT_SHA256": "towers.data.download",
+    "MICROSOFT_URL": "towers.data.download",
+    "MICROSOFT_ZIP": "towers.data.download",
+    "download_microsoft": "towers.data.download",
+    "download_oxford_pet": "towers.data.download",
+    "fetch": "towers.data.download",
     "safe_extract": "towers.data.download",
-    "crop": "towers.data.augment", "ten_patches": "towers.data.augment",
+    "crop": "towers.data.augment",
+    "ten_patches": "towers.data.augment",
     "make_demo_dataset": "towers.data.demo",
 }
 __all__ = sorted([*_EXPORTS, "ColourInputs", "colour_inputs"])

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 
-def crop(images: torch.Tensor, source: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
-         size: int) -> torch.Tensor:
+def crop(
+    images: torch.Tensor, source: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, size: int
+) -> torch.Tensor:
     """``size``-square crops of ``images`` (B, C, R, R): crop m is taken from image ``source[m]`` at
     (``top[m]``, ``left[m]``), mirrored left-right where ``flip[m]``. One gather, no loop.
 
@@ -19,8 +20,8 @@ def crop(images: torch.Tensor, source: torch.Tensor, top: torch.Tensor, left: to
     Returns (M, C, size, size).
     """
     steps = torch.arange(size, device=images.device)
-    rows = top[:, None] + steps                                                   # (M, size)
-    cols = left[:, None] + torch.where(flip[:, None], size - 1 - steps, steps)    # flips folded into the columns
+    rows = top[:, None] + steps  # (M, size)
+    cols = left[:, None] + torch.where(flip[:, None], size - 1 - steps, steps)  # flips folded into the columns
     channels = torch.arange(images.shape[-3], device=images.device)[None, :, None, None]
     rows, cols = rows[:, None, :, None], cols[:, None, None, :]
     if source is None:  # the mean image: (C, R, R)
@@ -37,9 +38,16 @@ def ten_patches(resize_size: int, size: int, device=None) -> tuple[torch.Tensor,
     return top, left, flip
 
 
-
-def draw_augmentation(indices: torch.Tensor, epoch: int, seed: int, resize_size: int, image_size: int,
-                      pca_noise_std: float, random_crop: bool = True, random_flip: bool = True) -> dict[str, torch.Tensor]:
+def draw_augmentation(
+    indices: torch.Tensor,
+    epoch: int,
+    seed: int,
+    resize_size: int,
+    image_size: int,
+    pca_noise_std: float,
+    random_crop: bool = True,
+    random_flip: bool = True,
+) -> dict[str, torch.Tensor]:
     """Crop offsets, flips and colour-noise coefficients for one training batch of images ``indices``.
 
     Drawn from a generator seeded by (seed, epoch, first image index of the batch): within an
@@ -61,11 +69,21 @@ def draw_augmentation(indices: torch.Tensor, epoch: int, seed: int, resize_size:
     return {"top": top, "left": left, "flip": flip, "alpha": alpha}
 
 
-def augment(images: torch.Tensor, resize_size: int, image_size: int, draws: dict | None = None,
-            ten_patch: bool = False, *,
-            mean: str = "pixel", mean_image: torch.Tensor | None = None, channel_mean: torch.Tensor | None = None,
-            pca_noise_std: float = 0.0, rgb_eigenvalues: torch.Tensor | None = None,
-            rgb_eigenvectors: torch.Tensor | None = None, input_channel_std: torch.Tensor | None = None) -> torch.Tensor:
+def augment(
+    images: torch.Tensor,
+    resize_size: int,
+    image_size: int,
+    draws: dict | None = None,
+    ten_patch: bool = False,
+    *,
+    mean: str = "pixel",
+    mean_image: torch.Tensor | None = None,
+    channel_mean: torch.Tensor | None = None,
+    pca_noise_std: float = 0.0,
+    rgb_eigenvalues: torch.Tensor | None = None,
+    rgb_eigenvectors: torch.Tensor | None = None,
+    input_channel_std: torch.Tensor | None = None,
+) -> torch.Tensor:
     """uint8 (B, 3, R, R) -> float (B, 3, S, S) crops (R = ``resize_size``, S = ``image_size``) minus
     the mean, plus PCA noise when ``draws``, divided by ``input_channel_std`` when it is given.
 

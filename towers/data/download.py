@@ -19,8 +19,9 @@ from towers.errors import BadOption, NotWritable
 
 log = logging.getLogger(__name__)
 
-MICROSOFT_URL = ("https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/"
-                 "kagglecatsanddogs_5340.zip")
+MICROSOFT_URL = (
+    "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip"
+)
 MICROSOFT_ZIP = "kagglecatsanddogs_5340.zip"
 # SHA-256 of the official MICROSOFT_URL archive (824,887,076 bytes), as pinned by Hugging Face's cats_vs_dogs
 # loader (huggingface/datasets, datasets/cats_vs_dogs/dataset_infos.json, commit 0129d93b, "download_checksums").
@@ -28,8 +29,9 @@ MICROSOFT_ZIP = "kagglecatsanddogs_5340.zip"
 MICROSOFT_SHA256 = "b7974bd00a84a99921f36ee4403f089853777b5ae8d151c76a86e64900334af9"
 
 
-def obtain(root: Path, source: str, download: bool, archive_sha256: str | None, demo_images_per_class: int,
-           demo_seed: int) -> None:
+def obtain(
+    root: Path, source: str, download: bool, archive_sha256: str | None, demo_images_per_class: int, demo_seed: int
+) -> None:
     """Put what is missing into ``root``: generate the demo set (``source`` ``demo``), download Oxford-IIIT
     Pet (``oxford_pet`` with ``download``), or fetch or unpack Microsoft's archive (``auto`` or ``microsoft``
     when no images are found, with ``download`` or a zip already in ``root``)."""
@@ -47,8 +49,10 @@ def obtain(root: Path, source: str, download: bool, archive_sha256: str | None, 
     except OSError as error:
         if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
             raise
-        raise NotWritable(f"cannot write the data into {root} ({error.strerror}: {error.filename}); "
-                          f"give --data.root a folder you may write to") from error
+        raise NotWritable(
+            f"cannot write the data into {root} ({error.strerror}: {error.filename}); "
+            f"give --data.root a folder you may write to"
+        ) from error
 
 
 def safe_extract(archive: str | Path, target: str | Path) -> None:
@@ -59,8 +63,10 @@ def safe_extract(archive: str | Path, target: str | Path) -> None:
             destination = (target / member.filename).resolve()
             is_link = (member.external_attr >> 16) & 0o170000 == 0o120000
             if is_link or not destination.is_relative_to(target):
-                raise ValueError(f"Refusing to extract {archive}: member {member.filename!r} "
-                                 f"{'is a symbolic link' if is_link else 'would be written outside ' + str(target)}")
+                raise ValueError(
+                    f"Refusing to extract {archive}: member {member.filename!r} "
+                    f"{'is a symbolic link' if is_link else 'would be written outside ' + str(target)}"
+                )
         members = zf.infolist()
         for member in tqdm(members, desc=f"extracting {Path(archive).name}", disable=len(members) < 100):
             zf.extract(member, target)
@@ -82,9 +88,12 @@ def fetch(url: str, destination: Path, sha256: str | None = None) -> str:
 def _verified(found: str, expected: str | None, what) -> str:
     """``found`` (a SHA-256 hex digest), after checking it against ``expected`` when one is given."""
     if expected is not None and found != expected.lower():
-        official = (" (the official archive's; if this is another archive on purpose, pass its SHA-256 as "
-                    "--data.archive_sha256, or --data.archive_sha256 any to skip the check)"
-                    if expected.lower() == MICROSOFT_SHA256 else "")
+        official = (
+            " (the official archive's; if this is another archive on purpose, pass its SHA-256 as "
+            "--data.archive_sha256, or --data.archive_sha256 any to skip the check)"
+            if expected.lower() == MICROSOFT_SHA256
+            else ""
+        )
         raise BadOption(f"Checksum mismatch for {what}: expected SHA-256 {expected}{official}, got {found}")
     return found
 
@@ -119,7 +128,8 @@ def download_microsoft(root: str | Path, url: str = MICROSOFT_URL, sha256: str |
                 raise RuntimeError(
                     f"Could not download {url} ({error}). Without network, download it elsewhere and put it "
                     f"at {root / MICROSOFT_ZIP}, or unzip it so that {root}/PetImages/Cat/*.jpg and "
-                    f"{root}/PetImages/Dog/*.jpg exist.") from error
+                    f"{root}/PetImages/Dog/*.jpg exist."
+                ) from error
         if unchecked:
             log.warning("%s has SHA-256 %s (not checked: --data.archive_sha256 any)", archive.name, found)
         safe_extract(archive, tmp / "extracted")
@@ -148,7 +158,8 @@ def download_oxford_pet(root: str | Path) -> Path:
             raise RuntimeError(
                 f"Could not download Oxford-IIIT Pet ({error}). Without network, put its images.tar.gz and "
                 f"annotations.tar.gz (https://www.robots.ox.ac.uk/~vgg/data/pets/) unpacked as "
-                f"{root}/oxford-iiit-pet/images/*.jpg and {root}/oxford-iiit-pet/annotations/trainval.txt.") from error
+                f"{root}/oxford-iiit-pet/images/*.jpg and {root}/oxford-iiit-pet/annotations/trainval.txt."
+            ) from error
         os.replace(tmp / "oxford-iiit-pet", root / "oxford-iiit-pet")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,8 +20,16 @@ log = logging.getLogger(__name__)
 
 CLASSES = ("cat", "dog")  # label 0 is cat, 1 is dog
 KAGGLE_NAME = re.compile(r"^(cat|dog)\.\d+\.\w+$", re.IGNORECASE)
-FORMAT_OF_SUFFIX = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP",
-                    ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+FORMAT_OF_SUFFIX = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".gif": "GIF",
+    ".bmp": "BMP",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
 
 EXPECTED_LAYOUTS = """expected one of:
   Microsoft archive  ROOT/PetImages/Cat/*.jpg and ROOT/PetImages/Dog/*.jpg  (--data.download true fetches it)
@@ -32,6 +40,7 @@ EXPECTED_LAYOUTS = """expected one of:
 
 
 # ----------------------------------------------------------------------------- finding the images
+
 
 def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
@@ -78,8 +87,9 @@ def _class_label(name: str, names: list[str]) -> int:
     return sorted(names).index(name)
 
 
-def find_images(root: str | Path, layout: str = "auto",
-                unused: list | None = None) -> tuple[str, Path, list[tuple[str, int]], list[str]]:
+def find_images(
+    root: str | Path, layout: str = "auto", unused: list | None = None
+) -> tuple[str, Path, list[tuple[str, int]], list[str]]:
     """Detect the layout under ``root``.
 
     Returns ``(layout, base, [(path relative to base, label)], class names)``, sorted by path.
@@ -94,7 +104,11 @@ def find_images(root: str | Path, layout: str = "auto",
     found: tuple[str, Path, list[tuple[str, int]], list[str]] | None = None
 
     pet = root / "oxford-iiit-pet" if (root / "oxford-iiit-pet").is_dir() else root
-    if layout in ("auto", "oxford_pet") and (pet / "annotations" / "trainval.txt").is_file() and (pet / "images").is_dir():
+    if (
+        layout in ("auto", "oxford_pet")
+        and (pet / "annotations" / "trainval.txt").is_file()
+        and (pet / "images").is_dir()
+    ):
         files = []
         for split in ("trainval.txt", "test.txt"):  # lines: "<image id> <breed id> <species 1=cat 2=dog> <breed>"
             for line in (pet / "annotations" / split).read_text().splitlines():
@@ -104,10 +118,18 @@ def find_images(root: str | Path, layout: str = "auto",
         found = ("oxford_pet", pet, sorted(set(files)), list(CLASSES))
 
     petimages = root / "PetImages" if (root / "PetImages").is_dir() else root
-    if found is None and layout in ("auto", "microsoft") and (petimages / "Cat").is_dir() and (petimages / "Dog").is_dir():
+    if (
+        found is None
+        and layout in ("auto", "microsoft")
+        and (petimages / "Cat").is_dir()
+        and (petimages / "Dog").is_dir()
+    ):
         seen = []
-        files = [(str(p.relative_to(petimages)), label)
-                 for label, name in enumerate(("Cat", "Dog")) for p in _class_folder_files(petimages / name, seen)]
+        files = [
+            (str(p.relative_to(petimages)), label)
+            for label, name in enumerate(("Cat", "Dog"))
+            for p in _class_folder_files(petimages / name, seen)
+        ]
         found = ("microsoft", petimages, sorted(files), list(CLASSES))
 
     if found is None and layout in ("auto", "kaggle", "demo"):
@@ -118,16 +140,24 @@ def find_images(root: str | Path, layout: str = "auto",
             if names:
                 files = [(name, CLASSES.index(name.split(".")[0].lower())) for name in names]
                 found, used = ("kaggle", base, files, list(CLASSES)), set(names)
-                seen = [(p, "a folder named like an image") if p.is_dir() and not p.is_symlink() else
-                        (p, "named like an image but not cat.N.ext or dog.N.ext, so it has no label")
-                        for p in entries if p.suffix.lower() in FORMAT_OF_SUFFIX and p.name not in used]
+                seen = [
+                    (p, "a folder named like an image")
+                    if p.is_dir() and not p.is_symlink()
+                    else (p, "named like an image but not cat.N.ext or dog.N.ext, so it has no label")
+                    for p in entries
+                    if p.suffix.lower() in FORMAT_OF_SUFFIX and p.name not in used
+                ]
                 break
 
     if found is None and layout in ("auto", "folders"):
         folders = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p) and _class_folder_files(p))
         if len(folders) >= 2:
             names, seen = [f.name for f in folders], []
-            files = [(str(p.relative_to(root)), _class_label(f.name, names)) for f in folders for p in _class_folder_files(f, seen)]
+            files = [
+                (str(p.relative_to(root)), _class_label(f.name, names))
+                for f in folders
+                for p in _class_folder_files(f, seen)
+            ]
             classes = sorted(names, key=lambda n: _class_label(n, names))
             found = ("folders", root, sorted(files), classes)
 
@@ -135,8 +165,10 @@ def find_images(root: str | Path, layout: str = "auto",
         entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
         shown = ", ".join(entries[:20]) + (f", ... ({len(entries)} entries)" if len(entries) > 20 else "")
         asked = "" if layout == "auto" else f" in the {layout!r} layout"
-        raise MissingData(f"No labelled cat/dog images found{asked} in {root}. "
-                          f"Found: {shown or 'an empty folder'}; {EXPECTED_LAYOUTS}")
+        raise MissingData(
+            f"No labelled cat/dog images found{asked} in {root}. "
+            f"Found: {shown or 'an empty folder'}; {EXPECTED_LAYOUTS}"
+        )
     if unused is not None and found[0] != "oxford_pet":
         unused += seen
     return found
@@ -145,8 +177,15 @@ def find_images(root: str | Path, layout: str = "auto",
 # ----------------------------------------------------------------------------- reading one image
 
 # EXIF orientation tag values: what a viewer does to show the image upright
-EXIF_ORIENTATIONS = {2: "mirrored", 3: "rotated 180°", 4: "flipped upside down", 5: "transposed",
-                     6: "rotated 90° clockwise", 7: "transversed", 8: "rotated 90° counter-clockwise"}
+EXIF_ORIENTATIONS = {
+    2: "mirrored",
+    3: "rotated 180°",
+    4: "flipped upside down",
+    5: "transposed",
+    6: "rotated 90° clockwise",
+    7: "transversed",
+    8: "rotated 90° counter-clockwise",
+}
 
 
 def load_image(path: str | Path, resize_size: int = 256, exif_transpose: bool = True) -> tuple[np.ndarray, str]:
@@ -198,6 +237,7 @@ class BadImage(Exception):
 
 # ----------------------------------------------------------------------------- datasets
 
+
 class ImageFiles(Dataset):
     """The plain path: decode each JPEG every time. Items: (uint8 (3, R, R), label, index)."""
 
@@ -217,8 +257,11 @@ class ImageFiles(Dataset):
                 pixels, _ = load_image(self.base / self.files[i], self.resize_size, self.exif_transpose)
                 return torch.from_numpy(pixels), self.labels[i], index
             except (BadImage, OSError) as error:
-                log.warning("%s became unreadable after the check (%s); using the next image instead",
-                            self.base / self.files[i], error)
+                log.warning(
+                    "%s became unreadable after the check (%s); using the next image instead",
+                    self.base / self.files[i],
+                    error,
+                )
         raise RuntimeError(f"no readable image left under {self.base}")
 
 
@@ -239,4 +282,3 @@ class ImageStore(Dataset):
 
     def __getstate__(self):
         return {**self.__dict__, "_array": None}
-

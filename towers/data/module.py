@@ -140,8 +140,10 @@ class CatsDogsDataModule(L.LightningDataModule):
         if getattr(self, "train_files", None) is None:
             self._prepare_state()
         if self.num_classes != len(self.classes):
-            raise BadOption(f"The data has {len(self.classes)} classes {self.classes} but "
-                            f"num_classes={self.num_classes}; set --data.num_classes {len(self.classes)}")
+            raise BadOption(
+                f"The data has {len(self.classes)} classes {self.classes} but "
+                f"num_classes={self.num_classes}; set --data.num_classes {len(self.classes)}"
+            )
         trainer = getattr(self, "trainer", None)
         if stage in (None, "fit") and trainer is not None:  # only a trainer trains on it
             self._check_steps(trainer)
@@ -154,39 +156,64 @@ class CatsDogsDataModule(L.LightningDataModule):
         steps = per_replica // self.hparams.batch_size
         if steps == 0:
             shared = f", shared by {replicas} processes ({per_replica} each)" if replicas > 1 else ""
-            raise BadOption(f"the training split has {len(self.train_files)} images{shared}, fewer than one batch "
-                            f"of batch_size={self.hparams.batch_size}, so an epoch would have 0 steps; use a smaller "
-                            f"--data.batch_size or a larger --data.train_size")
+            raise BadOption(
+                f"the training split has {len(self.train_files)} images{shared}, fewer than one batch "
+                f"of batch_size={self.hparams.batch_size}, so an epoch would have 0 steps; use a smaller "
+                f"--data.batch_size or a larger --data.train_size"
+            )
 
     def _prepare_state(self) -> None:
         """Check the files, split them, compute the training statistics; every step cached on disk."""
         hp = self.hparams
-        index = index_images(self.root, hp.source, self.cache_dir, hp.resize_size, hp.exif_transpose,
-                             hp.fast_path, self.num_workers)
+        index = index_images(
+            self.root, hp.source, self.cache_dir, hp.resize_size, hp.exif_transpose, hp.fast_path, self.num_workers
+        )
         self.layout, self.base, self.classes, self.usable = index.layout, index.base, index.classes, index.usable
-        self.store_path, self.store_rows, self.bad_files_report = index.store_path, index.store_rows, index.bad_files_report
+        self.store_path, self.store_rows, self.bad_files_report = (
+            index.store_path,
+            index.store_rows,
+            index.bad_files_report,
+        )
         self.train_files, self.val_files, self.test_files = split_files(
-            self.usable, hp.test_size, hp.train_size, hp.val_size, hp.split_seed, self.base, self.bad_files_report)
-        statistics = training_statistics(self.dataset(self.train_files), [self.train_files, self.store_path.name],
-                                         self.cache_dir, hp.resize_size, hp.divide_std, self.num_workers)
-        for name, value in statistics.items():  # mean_image, channel_mean, rgb_covariance, rgb_eigen*, input_channel_std
+            self.usable, hp.test_size, hp.train_size, hp.val_size, hp.split_seed, self.base, self.bad_files_report
+        )
+        statistics = training_statistics(
+            self.dataset(self.train_files),
+            [self.train_files, self.store_path.name],
+            self.cache_dir,
+            hp.resize_size,
+            hp.divide_std,
+            self.num_workers,
+        )
+        for (
+            name,
+            value,
+        ) in statistics.items():  # mean_image, channel_mean, rgb_covariance, rgb_eigen*, input_channel_std
             setattr(self, name, value)
 
     def dataset(self, files: list[tuple[str, int]]) -> Dataset:
         labels = [label for _, label in files]
         if self.hparams.fast_path:
             return ImageStore(self.store_path, [self.store_rows[f] for f, _ in files], labels)
-        return ImageFiles(self.base, [f for f, _ in files], labels, self.hparams.resize_size, self.hparams.exif_transpose)
+        return ImageFiles(
+            self.base, [f for f, _ in files], labels, self.hparams.resize_size, self.hparams.exif_transpose
+        )
 
     # -------------------------------------------------------------- loaders
 
     def _loader(self, files, batch_size, sampler=None, drop_last=False) -> DataLoader:
         # Its own generator: otherwise every new iterator takes a draw from the global RNG (for the
         # workers' base seed), which would shift the dropout masks of a resumed run.
-        return DataLoader(self.dataset(files), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0,
-                          generator=torch.Generator().manual_seed(self._seed()))
+        return DataLoader(
+            self.dataset(files),
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self._seed()),
+        )
 
     def _seed(self) -> int:
         return self.hparams.seed if self.hparams.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -195,9 +222,13 @@ class CatsDogsDataModule(L.LightningDataModule):
         trainer = self.trainer
         # A DistributedSampler even on one device: its order is a function of (seed, epoch) only, and
         # Lightning calls its set_epoch at every epoch and leaves it alone under DDP.
-        sampler = DistributedSampler(self.dataset(self.train_files), shuffle=True, seed=self._seed(),
-                                     num_replicas=trainer.world_size if trainer else 1,
-                                     rank=trainer.global_rank if trainer else 0)
+        sampler = DistributedSampler(
+            self.dataset(self.train_files),
+            shuffle=True,
+            seed=self._seed(),
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+        )
         return self._loader(self.train_files, self.hparams.batch_size, sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -215,13 +246,23 @@ class CatsDogsDataModule(L.LightningDataModule):
         """Crop offsets, flips and colour-noise coefficients for one training batch, a function of
         (seed, epoch, batch) only: :func:`towers.data.augment.draw_augmentation` with this module's settings."""
         hp = self.hparams
-        return draw_augmentation(indices, epoch, self._seed(), hp.resize_size, hp.image_size, hp.pca_noise_std,
-                                 hp.random_crop, hp.random_flip)
+        return draw_augmentation(
+            indices,
+            epoch,
+            self._seed(),
+            hp.resize_size,
+            hp.image_size,
+            hp.pca_noise_std,
+            hp.random_crop,
+            hp.random_flip,
+        )
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         images, labels, indices = batch
         trainer = self.trainer
-        draws = self.draw_augmentation(indices, trainer.current_epoch) if trainer is not None and trainer.training else None
+        draws = (
+            self.draw_augmentation(indices, trainer.current_epoch) if trainer is not None and trainer.training else None
+        )
         return images, labels, draws
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
@@ -241,7 +282,17 @@ class CatsDogsDataModule(L.LightningDataModule):
             value = getattr(self, name)
             if value is not None and value.device != device:
                 setattr(self, name, value.to(device))  # once: the statistics then live on the device
-        return augment(images, hp.resize_size, hp.image_size, draws, ten_patch, mean=hp.mean,
-                       mean_image=self.mean_image, channel_mean=self.channel_mean, pca_noise_std=hp.pca_noise_std,
-                       rgb_eigenvalues=self.rgb_eigenvalues, rgb_eigenvectors=self.rgb_eigenvectors,
-                       input_channel_std=self.input_channel_std)
+        return augment(
+            images,
+            hp.resize_size,
+            hp.image_size,
+            draws,
+            ten_patch,
+            mean=hp.mean,
+            mean_image=self.mean_image,
+            channel_mean=self.channel_mean,
+            pca_noise_std=hp.pca_noise_std,
+            rgb_eigenvalues=self.rgb_eigenvalues,
+            rgb_eigenvectors=self.rgb_eigenvectors,
+            input_channel_std=self.input_channel_std,
+        )

@@ -55,37 +55,37 @@ def _imap(function, items: list, num_workers: int, desc: str):
         yield from tqdm(map(function, items), total=len(items), desc=desc, disable=len(items) < 64)
 
 
-
 # ----------------------------------------------------------------------------- the index and the store
+
 
 @dataclass
 class Index:
     """The usable images of a dataset folder and where the store and the bad-file report are."""
-    layout: str                      # the detected layout (see :func:`towers.data.files.find_images`)
-    base: Path                       # the folder the file names are relative to
-    classes: list[str]               # class names, by label
-    usable: list[tuple[str, int]]    # (file, label) of every file that decodes, sorted
-    store_rows: dict[str, int]       # file -> its row in the store
-    store_path: Path                 # the fast path's store (built only with fast_path)
-    bad_files_report: Path           # bad_files.tsv: every skipped, converted or oddly named file
+
+    layout: str  # the detected layout (see :func:`towers.data.files.find_images`)
+    base: Path  # the folder the file names are relative to
+    classes: list[str]  # class names, by label
+    usable: list[tuple[str, int]]  # (file, label) of every file that decodes, sorted
+    store_rows: dict[str, int]  # file -> its row in the store
+    store_path: Path  # the fast path's store (built only with fast_path)
+    bad_files_report: Path  # bad_files.tsv: every skipped, converted or oddly named file
 
 
-def index_images(root: Path, source: str, cache_dir: Path, resize_size: int, exif_transpose: bool,
-                 fast_path: bool, num_workers: int) -> Index:
+def index_images(
+    root: Path, source: str, cache_dir: Path, resize_size: int, exif_transpose: bool, fast_path: bool, num_workers: int
+) -> Index:
     """Find, check (cached), and for the fast path store the images of ``root``."""
     unused: list[tuple[Path, str]] = []  # files under the root that are not read, and why
     layout, base, found, classes = find_images(root, source, unused)
     files = []
     for f, label in found:  # links to nothing or out of the data folder, files listed but missing
-        problem = link_problem(base / f, root) or (
-            None if (base / f).exists() else "listed by the layout but missing")
+        problem = link_problem(base / f, root) or (None if (base / f).exists() else "listed by the layout but missing")
         if problem:
             unused.append((base / f, problem))
         else:
             files.append((f, label))
     if not files:
-        raise MissingData(f"None of the {len(found)} files found in {base} can be used; "
-                          f"{unused[0][0]}: {unused[0][1]}")
+        raise MissingData(f"None of the {len(found)} files found in {base} can be used; {unused[0][0]}: {unused[0][1]}")
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(cache_dir, os.W_OK):
@@ -93,8 +93,10 @@ def index_images(root: Path, source: str, cache_dir: Path, resize_size: int, exi
     except OSError as error:
         if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
             raise
-        raise NotWritable(f"cannot write to the cache folder {cache_dir} ({error.strerror}); "
-                          f"give --data.cache_dir a folder you may write to") from error
+        raise NotWritable(
+            f"cannot write to the cache folder {cache_dir} ({error.strerror}); "
+            f"give --data.cache_dir a folder you may write to"
+        ) from error
     paths = [base / f for f, _ in files]
     stamps = [(f, s.st_size, s.st_mtime_ns) for (f, _), s in zip(files, (p.stat() for p in paths))]
 
@@ -103,14 +105,25 @@ def index_images(root: Path, source: str, cache_dir: Path, resize_size: int, exi
     checks = json.loads(checks_path.read_text()) if checks_path.is_file() else {}
     fresh = {f: checks[f] for f, size, mtime in stamps if checks.get(f, [None] * 2)[:2] == [size, mtime]}
 
-    fingerprint = hashlib.sha1(json.dumps([CACHE_VERSION, resize_size, exif_transpose, stamps]).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha1(json.dumps([CACHE_VERSION, resize_size, exif_transpose, stamps]).encode()).hexdigest()[
+        :16
+    ]
     store_path = cache_dir / f"store-{resize_size}-{fingerprint}.npy"
     if fast_path and not store_path.is_file():
         results = _build_store(store_path, paths, resize_size, exif_transpose, num_workers)
     else:
         todo = [i for i, (f, _, _) in enumerate(stamps) if f not in fresh]
-        results = dict(zip(todo, (r for r in _imap(_check, [(paths[i], exif_transpose) for i in todo],
-                                                    num_workers, f"checking images in {base}"))))
+        results = dict(
+            zip(
+                todo,
+                (
+                    r
+                    for r in _imap(
+                        _check, [(paths[i], exif_transpose) for i in todo], num_workers, f"checking images in {base}"
+                    )
+                ),
+            )
+        )
     if results:
         for i, (usable, note) in results.items():
             f, size, mtime = stamps[i]
@@ -121,16 +134,23 @@ def index_images(root: Path, source: str, cache_dir: Path, resize_size: int, exi
     for f, _ in files:  # a name that is not valid UTF-8 is read, but said so
         if f != os.fsencode(f).decode("utf-8", "replace"):
             notes.append((base / f, True, "the file name is not valid UTF-8 (shown escaped)"))
-    report = _report(cache_dir / "bad_files.tsv", notes + [(path, False, why) for path, why in unused],
-                     len(found) + len(unused))
-    return Index(layout=layout, base=base, classes=classes,
-                 usable=[(f, label) for f, label in files if fresh[f][2]],
-                 store_rows={f: row for row, (f, _) in enumerate(files)}, store_path=store_path,
-                 bad_files_report=report)
+    report = _report(
+        cache_dir / "bad_files.tsv", notes + [(path, False, why) for path, why in unused], len(found) + len(unused)
+    )
+    return Index(
+        layout=layout,
+        base=base,
+        classes=classes,
+        usable=[(f, label) for f, label in files if fresh[f][2]],
+        store_rows={f: row for row, (f, _) in enumerate(files)},
+        store_path=store_path,
+        bad_files_report=report,
+    )
 
 
-def _build_store(store_path: Path, paths: list[Path], size: int, exif_transpose: bool,
-                 num_workers: int) -> dict[int, tuple[bool, str]]:
+def _build_store(
+    store_path: Path, paths: list[Path], size: int, exif_transpose: bool, num_workers: int
+) -> dict[int, tuple[bool, str]]:
     """Decode every file once into rows of a uint8 .npy memmap (unreadable files keep a zero row)."""
     results = {}
     for old in store_path.parent.glob(f"store-{size}-*.npy"):
@@ -138,8 +158,9 @@ def _build_store(store_path: Path, paths: list[Path], size: int, exif_transpose:
     with atomic_path(store_path) as tmp:
         store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
         allocate(tmp, shown=store_path)  # a full disk is an OSError here, not a SIGBUS when a row is written
-        loaded = _imap(_check_and_load, [(p, size, exif_transpose) for p in paths],
-                       num_workers, f"building {store_path.name}")
+        loaded = _imap(
+            _check_and_load, [(p, size, exif_transpose) for p in paths], num_workers, f"building {store_path.name}"
+        )
         for row, (pixels, usable, note) in enumerate(loaded):
             if pixels is not None:
                 store[row] = pixels
@@ -153,14 +174,20 @@ def _report(path: Path, notes: list[tuple[Path, bool, str]], total: int) -> Path
     """One report of every skipped, converted or oddly named file: logged, and written to ``path``
     (names escaped, :func:`towers.files.shown_path`, so any name fits on its line)."""
     notes = sorted(notes, key=lambda note: os.fsencode(note[0]))
-    lines = ["file\taction\treason"] + [f"{shown_path(file)}\t{'kept' if ok else 'skipped'}\t{why}"
-                                        for file, ok, why in notes]
+    lines = ["file\taction\treason"] + [
+        f"{shown_path(file)}\t{'kept' if ok else 'skipped'}\t{why}" for file, ok, why in notes
+    ]
     write_atomic(path, "\n".join(lines) + "\n")
     skipped = [shown_path(file.name) for file, ok, _ in notes if not ok]
     if notes:
-        log.warning("%d of %d files skipped as unusable, %d kept with a note; the list with reasons: %s%s",
-                    len(skipped), total, len(notes) - len(skipped), path,
-                    f" (skipped: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''})" if skipped else "")
+        log.warning(
+            "%d of %d files skipped as unusable, %d kept with a note; the list with reasons: %s%s",
+            len(skipped),
+            total,
+            len(notes) - len(skipped),
+            path,
+            f" (skipped: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''})" if skipped else "",
+        )
     return path
 
 
@@ -181,31 +208,44 @@ def _count(size: Size, total: int, name: str) -> int | None:
     return int(size)
 
 
-def split_files(usable: list[tuple[str, int]], test_size: Size, train_size: Size, val_size: Size, split_seed: int,
-                base: Path, bad_files_report: Path) -> tuple[list, list, list]:
+def split_files(
+    usable: list[tuple[str, int]],
+    test_size: Size,
+    train_size: Size,
+    val_size: Size,
+    split_seed: int,
+    base: Path,
+    bad_files_report: Path,
+) -> tuple[list, list, list]:
     """(training, validation, test) files: the test images drawn first, then the training pool, the
     validation images carved out of the pool; by image, from ``split_seed`` alone."""
     n = len(usable)
-    n_test, n_pool, n_val = (_count(size, n, name) for size, name in
-                             ((test_size, "test_size"), (train_size, "train_size"), (val_size, "val_size")))
+    n_test, n_pool, n_val = (
+        _count(size, n, name)
+        for size, name in ((test_size, "test_size"), (train_size, "train_size"), (val_size, "val_size"))
+    )
     if n_val is None or (n_test is None and n_pool is None):
         raise BadOption("'rest' is allowed for test_size or train_size, not for both nor for val_size")
     n_test = n - n_pool if n_test is None else n_test
     n_pool = n - n_test if n_pool is None else n_pool
     if n_test < 0 or n_pool < 0 or n_test + n_pool > n or n_val >= n_pool:
-        raise BadOption(f"{base} has {n} usable images, but the splits ask for test {n_test} + training "
-                        f"pool {n_pool}, of which validation {n_val} (at least one must be left for training). "
-                        f"Use smaller sizes, fractions (--data.train_size 0.8) or 'rest'; skipped files are "
-                        f"listed in {bad_files_report}")
+        raise BadOption(
+            f"{base} has {n} usable images, but the splits ask for test {n_test} + training "
+            f"pool {n_pool}, of which validation {n_val} (at least one must be left for training). "
+            f"Use smaller sizes, fractions (--data.train_size 0.8) or 'rest'; skipped files are "
+            f"listed in {bad_files_report}"
+        )
     order = np.random.default_rng(split_seed).permutation(n)  # by image, from split_seed alone
     pick = lambda idx: [usable[i] for i in idx]
-    return pick(order[n_test + n_val:n_test + n_pool]), pick(order[n_test:n_test + n_val]), pick(order[:n_test])
+    return pick(order[n_test + n_val : n_test + n_pool]), pick(order[n_test : n_test + n_val]), pick(order[:n_test])
 
 
 # ----------------------------------------------------------------------------- training statistics
 
-def training_statistics(dataset: Dataset, key: list, cache_dir: Path, resize_size: int, divide_std: bool,
-                        num_workers: int) -> dict[str, torch.Tensor | None]:
+
+def training_statistics(
+    dataset: Dataset, key: list, cache_dir: Path, resize_size: int, divide_std: bool, num_workers: int
+) -> dict[str, torch.Tensor | None]:
     """Mean image, mean colour and RGB covariance of the images of ``dataset`` (the training split),
     cached under ``key`` (what identifies the split), with the covariance's principal components.
 
@@ -236,8 +276,11 @@ def training_statistics(dataset: Dataset, key: list, cache_dir: Path, resize_siz
             torch.save(stats, tmp)
     covariance = stats["rgb_covariance"]
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
-    return {"mean_image": stats["mean_image"], "channel_mean": stats["channel_mean"],
-            "rgb_covariance": covariance.float(),
-            "rgb_eigenvalues": eigenvalues.flip(0).clamp_min(0).float(),
-            "rgb_eigenvectors": eigenvectors.flip(1).float(),
-            "input_channel_std": covariance.diagonal().sqrt().float() if divide_std else None}
+    return {
+        "mean_image": stats["mean_image"],
+        "channel_mean": stats["channel_mean"],
+        "rgb_covariance": covariance.float(),
+        "rgb_eigenvalues": eigenvalues.flip(0).clamp_min(0).float(),
+        "rgb_eigenvectors": eigenvectors.flip(1).float(),
+        "input_channel_std": covariance.diagonal().sqrt().float() if divide_std else None,
+    }
