@@ -133,57 +133,17 @@ CONFIG_COLUMNS = {
 
 # ----------------------------------------------------------------------------- the table
 
-FIXED_COLUMNS = [
-    "run",
-    "sweep",
-    "seed",
-    "num_towers",
-    "width_policy",
-    "color_blind",
-    "precision",
-    "data",
-    "data_root",
-    "batch_size",
-    "lr",
-    "max_epochs",
-    "epochs",
-    "step",
-    "test_acc",
-    "val_acc",
-    "verdict",
-    "delta_f",
-    "delta_f_low",
-    "delta_f_high",
-    "p_delta_f",
-    "auc",
-    "agnostic_tower",
-    "specific_tower",
-    "onset_step",
-    "eta2",
-    "eta2_null",
-    "p_value",
-    "omega2",
-    "eta2_split",
-    "p_value_split",
-    "eta2_init",
-    "p_value_init",
-    "omega2_init",
-    "verdict_init",
-    "permutations",
-]
+FIXED_COLUMNS = """
+    run sweep seed num_towers width_policy color_blind precision data data_root batch_size lr max_epochs
+    epochs step test_acc val_acc verdict delta_f delta_f_low delta_f_high p_delta_f auc agnostic_tower
+    specific_tower onset_step eta2 eta2_null p_value omega2 eta2_split p_value_split eta2_init
+    p_value_init omega2_init verdict_init permutations
+""".split()
 # A condition is every one of these but the seed: runs that differ in precision, data or width policy
 # are never pooled (a run whose config does not say is its own "None" condition, not a wildcard).
-CONDITION = [
-    "num_towers",
-    "width_policy",
-    "color_blind",
-    "precision",
-    "data",
-    "data_root",
-    "batch_size",
-    "lr",
-    "max_epochs",
-]
+CONDITION = """
+    num_towers width_policy color_blind precision data data_root batch_size lr max_epochs
+""".split()
 
 
 @dataclass
