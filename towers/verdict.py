@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from towers.color import color_energy, control_halves, raw_rgb_kernels
+from towers.color import CONTROL_GROUPS, color_energy, control_halves, raw_rgb_kernels
 
 # --- the decision rule: written down before any result (README, "The verdict") --------------------
 # A kernel is colour when its chromatic energy fraction is at least 1/3: half the level of an
@@ -180,6 +180,16 @@ def newcombe_interval(k1: int, n1: int, k2: int, n2: int, level: float = 0.95) -
     return d - math.hypot(p2 - l2, u1 - p1), d + math.hypot(u2 - p2, p1 - l1)
 
 
+def _fraction(k: int, n: int, level: float) -> tuple:
+    """k / n with its exact (Clopper-Pearson) interval; (None, None, None) for n = 0."""
+    from scipy import stats
+
+    if n == 0:
+        return None, None, None
+    ci = stats.binomtest(k, n).proportion_ci(level, method="exact")
+    return k / n, float(ci.low), float(ci.high)
+
+
 def _bipartitions(g: int) -> np.ndarray:
     """(P, G) 0/1: every split of G groups into two non-empty sides, each once (G = 2: one)."""
     masks = np.arange(1, 2 ** (g - 1))
@@ -252,8 +262,6 @@ def _judge(cls, scores, group, names, perms, ci_level, alpha, min_delta_f):
         "p_largely_agnostic": float(p_agn),
         "colour_fraction_specific": kc / ks,
         "p_largely_specific": float(p_spec),
-        "colour": colour,
-        "grey": grey,
         "verdict": SPECIALISED if ok else NOT_SPECIALISED,
     }
 
@@ -312,7 +320,7 @@ def verdict(
     if control:
         half_a = control_halves(labels.size, seed)
         control_split = np.flatnonzero(half_a).tolist()
-        names, index = ["half A", "half B"], np.where(half_a, 0, 1)
+        names, index = list(CONTROL_GROUPS), np.where(half_a, 0, 1)
     if labels.size < 2 * len(names) or len(names) < 2:
         raise ValueError(f"need at least two kernels per group, got {labels.size} kernels in {len(names)} groups")
 
@@ -324,15 +332,7 @@ def verdict(
     colour = (cls == 1).astype(np.float64) @ onehot
     grey = (cls == 0).astype(np.float64) @ onehot
     weak = (cls == 2).astype(np.float64) @ onehot
-    fractions, lows, highs = [], [], []
-    from scipy import stats
-
-    for c, n in zip(colour.astype(int), (colour + grey).astype(int)):
-        if n == 0:
-            fractions.append(None), lows.append(None), highs.append(None)
-            continue
-        ci = stats.binomtest(int(c), int(n)).proportion_ci(ci_level, method="exact")
-        fractions.append(c / n), lows.append(float(ci.low)), highs.append(float(ci.high))
+    fractions, lows, highs = zip(*(_fraction(int(c), int(n), ci_level) for c, n in zip(colour, colour + grey)))
     chroma = (energy.total * sq).numpy()  # chromatic energy per kernel
     energy_share = ((chroma @ onehot) / np.maximum(sq.numpy() @ onehot, np.finfo(float).tiny)).tolist()
 
@@ -390,9 +390,9 @@ def verdict(
         colour_fraction_specific=judged["colour_fraction_specific"],
         p_largely_specific=judged["p_largely_specific"],
         towers=names,
-        colour_fraction=fractions,
-        colour_fraction_low=lows,
-        colour_fraction_high=highs,
+        colour_fraction=list(fractions),
+        colour_fraction_low=list(lows),
+        colour_fraction_high=list(highs),
         energy_share=energy_share,
         grey_count=grey.astype(int).tolist(),
         colour_count=colour.astype(int).tolist(),
