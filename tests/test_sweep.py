@@ -584,6 +584,8 @@ def test_demo_sweep_end_to_end_through_train_py(tmp_path, capsys):
         f" {result['eta2']:.4g} " in row
         and f" {format_p(result['p_value'], result['permutations']).removeprefix('= ')} " in row
     )
+    first, low, high = result["towers"][0], result["colour_fraction_low"][0], result["colour_fraction_high"][0]
+    assert f"{first}: {100 * result['colour_fraction'][0]:.0f}% [{100 * low:.0f}-{100 * high:.0f}]" in row
     estimate, files, parameters, per_parameter = agent_mod.train_checkpoint_bytes(config, runs[0]["params"])
     assert (files, per_parameter) == (2, 8)
     assert (

@@ -456,9 +456,19 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _fractions(b: dict) -> str:
+    """The towers' colour fractions with their 95% intervals: ``1: 0% [0-7] 2: 100% [93-100]``."""
+    if not b.get("colour_fraction"):
+        return ""
+    rows = zip(b.get("towers") or [], b["colour_fraction"], b["colour_fraction_low"], b["colour_fraction_high"])
+    return " ".join(
+        f"{t}: n/a" if f is None else f"{t}: {100 * f:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]" for t, f, lo, hi in rows
+    )
+
+
 def table(sweep: Sweep) -> str:
     """The runs, one a line: the swept values, status, the sweep's metric, the verdict with delta f and its
-    p, eta2 with its p (p at the permutation floor as a bound, "≤ 1e-4"), and the exit status."""
+    p, the towers' colour fractions with their intervals, eta2 with its p (p at the permutation floor as a bound, "≤ 1e-4"), and the exit status."""
     metric = sweep.config.get("metric", {}).get("name")
     # the swept parameters; constants (`value:`) are the same in every run
     params = [k for k, spec in sweep.config["parameters"].items() if "value" not in spec]
@@ -470,6 +480,7 @@ def table(sweep: Sweep) -> str:
         "verdict",
         "delta_f",
         "p_delta_f",
+        "colour_fraction",
         "eta2",
         "p_value",
         "exit",
@@ -487,6 +498,7 @@ def table(sweep: Sweep) -> str:
                 b.get("verdict") or "",
                 _fmt(b.get("delta_f")),
                 p_text(b.get("p_delta_f"), b.get("p_permutations")),
+                _fractions(b),
                 _fmt(b.get("eta2")),
                 p_text(b.get("p_value"), b.get("permutations")),
                 _fmt(run["exit_code"]),
