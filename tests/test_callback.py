@@ -362,7 +362,21 @@ def test_wandb_gets_the_images_and_the_files_go_into_its_run_folder(tmp_path, mo
         tiny_model(), loader(16)
     )
     files = tmp_path.joinpath(logger.experiment.dir)
+    summary = dict(logger.experiment.summary)  # the run's answer, as the W&B run page shows it
     logger.experiment.finish()
     assert (files / "bisection.json").is_file() and (files / "kernels.png").is_file()
+    last = json.loads((files / "bisection.json").read_text())["last"]
+    for key in (
+        "verdict",
+        "delta_f",
+        "delta_f_low",
+        "delta_f_high",
+        "p_delta_f",
+        "colour_fraction",
+        "colour_fraction_low",
+        "colour_fraction_high",
+    ):
+        assert summary[key] == last[key], key
+    assert summary["eta2"] == last["statistics"]["eta2"] and summary["p_value"] == last["statistics"]["p_value"]
     media = sorted(p.name.split("_")[0] for p in (files / "media" / "images" / "bisection").iterdir())
     assert media == ["kernels", "kernels", "scores", "scores"]  # init and end

@@ -108,6 +108,8 @@ SUMMARY_KEYS = (
     "delta_f_high",
     "p_delta_f",
     "colour_fraction",
+    "colour_fraction_low",
+    "colour_fraction_high",
     "agnostic_tower",
     "specific_tower",
 )
