@@ -173,6 +173,32 @@ def conditions_table(summary: list[dict], references: list[dict], level: float) 
     )
 
 
+def sensitivity_table(summary: list[dict]) -> str:
+    """Conditions x colour cuts: k of n seeds specialised at that cut (median delta f)."""
+    cuts = sorted({row["cut"] for s in summary for row in s["sensitivity"]})
+    if not cuts:
+        return "<p class=note>No record carries a sensitivity table (bisection.json format 1).</p>"
+    head = "".join(f"<th>cut {c:g}</th>" for c in cuts)
+    rows = []
+    for s in summary:
+        cells = {row["cut"]: row for row in s["sensitivity"]}
+        rows.append(
+            f"<tr><td>{html.escape(s['label'])}</td>"
+            + "".join(
+                f"<td>{cells[c]['specialised']} of {cells[c]['seeds']} ({_num(cells[c]['delta_f_median'])})</td>"
+                if c in cells
+                else "<td></td>"
+                for c in cuts
+            )
+            + "</tr>"
+        )
+    return (
+        f"<div class=scroll><table><thead><tr><th>condition</th>{head}</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table></div>"
+    )
+
+
 def configs_section(runs: list[Run]) -> str:
     """Every run's config, as read, folded."""
     parts = []
@@ -243,6 +269,10 @@ random halves and judged the same way. A condition is every setting but the seed
 policy included: runs that differ in them are never pooled).</p>
 <ul>{"".join(lines)}</ul>
 {conditions_table(summary, references, level)}
+<h2>Sensitivity to the colour cut</h2><p class=note>Seeds specialised when a kernel counts as colour from
+a score of <i>cut</i> on (the rule's cut is 1/3 ≈ 0.333; everything else in the rule unchanged), and their median
+Δf. A verdict that holds only near one cut is fragile.</p>
+{sensitivity_table(summary)}
 {imgs}
 <h2>Runs</h2><p class=note>Click a column header to sort. towerK_colour_fraction: colour kernels / (grey + colour)
 of tower K (of half A, B for the one-tower control) with its exact 95% interval; agnostic/specific tower named

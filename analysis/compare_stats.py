@@ -228,10 +228,29 @@ def summarize(runs: list[Run], alpha: float = 0.05, level: float = 0.95, seed: i
                 "init_judged": len(init_judged),
                 "init_significant": sum(p < alpha for p in init_p),
                 "init_p": len(init_p),
+                "sensitivity": sensitivity(group),
                 "runs": [r.name for r in group],
             }
         )
     return out
+
+
+def sensitivity(group: list[Run]) -> list[dict]:
+    """How the condition's count depends on the colour cut: per cut of the records' sensitivity table
+    (towers.verdict.SENSITIVITY_CUTS), the seeds specialised at that cut and their median delta f."""
+    by_cut = {}
+    for run in group:
+        for row in run.last.get("sensitivity") or ():
+            by_cut.setdefault(row["cut"], []).append(row)
+    return [
+        {
+            "cut": cut,
+            "seeds": len(rows),
+            "specialised": sum(row["verdict"] == "specialised" for row in rows),
+            "delta_f_median": float(np.median([r["delta_f"] for r in rows if r["delta_f"] is not None] or [math.nan])),
+        }
+        for cut, rows in sorted(by_cut.items())
+    ]
 
 
 def _num(x, fmt: str = ".2f") -> str:

@@ -457,6 +457,15 @@ def test_figures_csv_and_html_are_written(report):
     assert f"<li>T=1, {settings} (one-tower control, random halves): 0 of 3 seeds specialised" in page
     assert "run-006 (diverged)" in page and "run-007 (failed)" in page
     assert '<td data-v="0.001">≤ 1e-3</td>' in page  # p_delta_f at the floor of 999 permutations
+    # the sensitivity table: every cut of the records, the rule's 1/3 among them, the T=2 seeds at each
+    section = page[page.index("<h2>Sensitivity to the colour cut</h2>") :]
+    assert all(f"<th>cut {c:g}</th>" in section for c in (0.1, 0.2, 0.3, 0.3333, 0.4, 0.5))
+    row = next(r for r in section.split("<tr>") if r.startswith(f"<td>T=2, {settings}</td>"))
+    assert (
+        row.count("<td>3 of 3 (") + row.count("<td>2 of 3 (") + row.count("<td>1 of 3 (") + row.count("<td>0 of 3 (")
+        == 6
+        and "<td>3 of 3 (" in row
+    )
     assert not list(paths["report.html"].parent.glob(".*.tmp"))
 
 
