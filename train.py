@@ -27,7 +27,7 @@ import towers.parallel  # noqa: F401  registers `--trainer.strategy tower_parall
 from towers.allocator import keep_freed_memory
 from towers.callbacks import KernelBisectionCallback
 from towers.data import CatsDogsDataModule
-from towers.errors import BadOption, DamagedCheckpoint, Diverged, MissingData, UserError
+from towers.errors import BadOption, Diverged, MissingData, UserError
 from towers.measure import summary_line
 from towers.model import PAPER_WIDTHS, tower_widths
 from towers.module import TowerClassifier
@@ -38,8 +38,8 @@ from towers.runs import (
     RunStatus,
     SaveRunConfig,
     checkpoint_problem,
+    damaged_checkpoint,
     newest_last_checkpoint,
-    newest_loadable_checkpoint,
     run_folder,
 )
 
@@ -174,15 +174,7 @@ class TowersCLI(LightningCLI):
         if given and Path(given).is_file():
             problem = checkpoint_problem(given)
             if problem is not None:
-                fallback = newest_loadable_checkpoint(Path(given).parent, exclude=[given])
-                raise DamagedCheckpoint(
-                    f"{given} is damaged and cannot be read ({problem}); "
-                    + (
-                        f"the newest checkpoint beside it that loads is {fallback}"
-                        if fallback
-                        else "no checkpoint beside it loads"
-                    )
-                )
+                raise damaged_checkpoint(given, problem)
         super()._parse_ckpt_path()
 
     def _resolve_last_checkpoint(self):

@@ -96,6 +96,16 @@ def place_checkpoints(trainer: Trainer) -> None:
             callback.dirpath = str(folder)
 
 
+def damaged_checkpoint(path, problem: str) -> DamagedCheckpoint:
+    """The one-line error for a checkpoint that cannot be read: it, why, and the newest checkpoint beside it
+    that loads (what to give instead)."""
+    fallback = newest_loadable_checkpoint(Path(path).parent, exclude=[path])
+    instead = (
+        f"the newest checkpoint beside it that loads is {fallback}" if fallback else "no checkpoint beside it loads"
+    )
+    return DamagedCheckpoint(f"{path} is damaged and cannot be read ({problem}); {instead}")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint I/O, but a checkpoint appears under its final name only when complete.
 
@@ -137,15 +147,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             problem = checkpoint_problem(path)
             if problem is None:
                 raise  # the file reads; what failed is not the file
-            fallback = newest_loadable_checkpoint(Path(path).parent, exclude=[path])
-            raise DamagedCheckpoint(
-                f"{path} is damaged and cannot be read ({problem}); "
-                + (
-                    f"the newest checkpoint beside it that loads is {fallback}"
-                    if fallback
-                    else "no checkpoint beside it loads"
-                )
-            ) from error
+            raise damaged_checkpoint(path, problem) from error
 
 
 def _scalars(metrics: dict) -> dict:
