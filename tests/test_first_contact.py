@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_train import tiny_demo_args
 
 import train
 from towers.callbacks import KernelBisectionCallback
@@ -30,26 +31,9 @@ def _clean(monkeypatch):
 
 
 def tiny_demo(demo_root, out, *extra):
-    """configs/demo.yaml as `make demo` runs it (its W&B logger, checkpoints and kernel callback), made tiny:
-    24 training images in batches of 8, a narrow network on 67-pixel crops, one epoch."""
-    return [
-        "fit",
-        "--config",
-        str(ROOT / "configs/demo.yaml"),
-        f"--data.root={demo_root}",
-        "--data.test_size=4",
-        "--data.val_size=4",
-        "--data.batch_size=8",
-        "--data.num_workers=0",
-        "--data.resize_size=76",
-        "--data.image_size=67",
-        "--model.width_multiplier=0.125",
-        f"--trainer.default_root_dir={out}",
-        "--trainer.max_epochs=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        *extra,
-    ]
+    """configs/demo.yaml as `make demo` runs it (its W&B logger, checkpoints and kernel callback), made tiny
+    (:func:`test_train.tiny_demo_args`), one epoch."""
+    return ["fit", *tiny_demo_args(demo_root, out), "--trainer.max_epochs=1", *extra]
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from towers.runs import newest_last_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny(demo_root, out, *extra):
+def tiny_demo_args(demo_root, out):
     """configs/demo.yaml made tiny: 24 training images in batches of 8 (3 steps an epoch), a narrow
-    network on 67-pixel crops, a CSV logger in `out`."""
+    network on 67-pixel crops, run folders under `out`."""
     return [
         "--config",
         str(ROOT / "configs/demo.yaml"),
@@ -30,10 +30,17 @@ def tiny(demo_root, out, *extra):
         "--data.image_size=67",
         "--model.width_multiplier=0.125",
         f"--trainer.default_root_dir={out}",
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.init_args.save_dir={out}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
+    ]
+
+
+def tiny(demo_root, out, *extra):
+    """:func:`tiny_demo_args` with a CSV logger in `out` instead of the config's W&B logger."""
+    return [
+        *tiny_demo_args(demo_root, out),
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={out}",
         *extra,
     ]
 
