@@ -430,6 +430,18 @@ def test_the_data_module_feeds_tower_classifier(tmp_path):
     assert 0.0 <= results[0]["test/acc"] <= 1.0
 
 
+def one_quiet_step(root) -> list:
+    """train.py options for one training step and one validation batch, no logger, checkpoints or bar."""
+    return [
+        "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={root}",
+    ]
+
+
 def test_the_cli_links_the_crop_size_to_the_model(tmp_path, monkeypatch):
     from train import main
 
@@ -459,17 +471,7 @@ def test_the_cli_links_the_crop_size_to_the_model(tmp_path, monkeypatch):
             "0",
             "--model.width_multiplier",
             "0.125",
-            "--trainer.max_steps",
-            "1",
-            "--trainer.limit_val_batches",
-            "1",
-            "--trainer.logger",
-            "false",
-            "--trainer.enable_checkpointing",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            f"--trainer.default_root_dir={tmp_path}",
+            *one_quiet_step(tmp_path),
         ]
     )
     assert cli.model.hparams.image_size == 67 == cli.datamodule.image_size
@@ -508,17 +510,7 @@ def test_the_data_states_its_classes_and_the_cli_gives_the_count_to_the_model(tm
             "3",
             "--model.width_multiplier",
             "0.125",
-            "--trainer.max_steps",
-            "1",
-            "--trainer.limit_val_batches",
-            "1",
-            "--trainer.logger",
-            "false",
-            "--trainer.enable_checkpointing",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            f"--trainer.default_root_dir={tmp_path}",
+            *one_quiet_step(tmp_path),
         ]
     )
     assert cli.model.hparams.num_classes == 3 == cli.datamodule.num_classes
