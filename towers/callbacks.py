@@ -209,6 +209,7 @@ class KernelBisectionCallback(Callback):
             rank_zero_warn(f"KernelBisectionCallback at step {record['step']}: {record['error']}")
 
         baselines = (False, True) if stage == "init" else (False,)  # the latest files, and the baseline's own
+        (self._dir / records.STEPS_DIR).mkdir(exist_ok=True)  # every measurement's weights (140 kB at paper size)
         images = {}
         if record["score"] is not None:
             order = torch.tensor(record["score"]).view(kernels.shape[:2]).argsort(1) if self.sort_by_score else None
@@ -231,9 +232,7 @@ class KernelBisectionCallback(Callback):
                 for init in baselines:
                     write_png(self._dir / records.picture_file(name, init), data)
             if self.keep_history_images:
-                (self._dir / records.STEPS_DIR).mkdir(exist_ok=True)
                 write_png(self._dir / records.step_file(record["step"], ".png"), pngs[records.GRID])
-        (self._dir / records.STEPS_DIR).mkdir(exist_ok=True)  # the weights of every measurement: 140 kB at paper size
         for path in [self._dir / records.kernels_file(init) for init in baselines] + [
             self._dir / records.step_file(record["step"], ".npy")
         ]:
