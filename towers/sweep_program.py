@@ -14,10 +14,27 @@ from pathlib import Path
 
 from towers.sweep_state import SweepFileError, _one_line, next_params, render_command
 
+_parsers = {}  # program path -> its CLI, built once: building the parser costs far more than a parse
+
 
 def parse_train_config(program: Path, args: list):
     """train.py's module and resolved config for these arguments, parsed by its own CLI without
     building anything. A command line it refuses raises ``argparse.ArgumentError`` (or SystemExit)."""
+    key = Path(program).resolve()
+    argv, sys.argv = sys.argv, [str(program)]  # LightningCLI warns when args and sys.argv both have some
+    try:
+        if key in _parsers:
+            module, cli = _parsers[key]
+            cli.parse_arguments(cli.parser, args)
+        else:
+            module, cli = _parse_only_cli(program, args)
+            _parsers[key] = module, cli
+    finally:
+        sys.argv = argv
+    return module, cli.config[cli.config["subcommand"]]
+
+
+def _parse_only_cli(program: Path, args: list):
     module = sys.modules.get("train")
     if module is None or Path(getattr(module, "__file__", "")).resolve() != program.resolve():
         spec = importlib.util.spec_from_file_location("_towers_sweep_program", program)
@@ -37,18 +54,14 @@ def parse_train_config(program: Path, args: list):
         def _run_subcommand(self, subcommand):
             pass
 
-    argv, sys.argv = sys.argv, [str(program)]  # LightningCLI warns when args and sys.argv both have some
-    try:
-        cli = ParseOnly(
-            module.TowerClassifier,
-            module.CatsDogsDataModule,
-            args=args,
-            save_config_callback=module.SaveRunConfig,
-            parser_kwargs={"exit_on_error": False},  # an error is raised to us, not printed with the usage
-        )
-    finally:
-        sys.argv = argv
-    return module, cli.config[cli.config["subcommand"]]
+    cli = ParseOnly(
+        module.TowerClassifier,
+        module.CatsDogsDataModule,
+        args=args,
+        save_config_callback=module.SaveRunConfig,
+        parser_kwargs={"exit_on_error": False},  # an error is raised to us, not printed with the usage
+    )
+    return module, cli
 
 
 def is_train_py(config: dict) -> bool:
