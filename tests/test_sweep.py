@@ -586,6 +586,8 @@ def test_demo_sweep_end_to_end_through_train_py(tmp_path, capsys):
         assert (folder / "files" / "kernels.png").exists(), "kernel images belong in the W&B run folder"
         (record,) = [r.run for r in wandb_records(next(folder.glob("*.wandb"))) if r.WhichOneof("record_type") == "run"]
         assert (record.project, record.run_group, record.job_type) == (config["project"], "out", f"num_towers={towers}")
+        # the grid point's W&B id, which every attempt of it gets: train.py's WandbLogger takes it
+        assert record.run_id == run["wandb_id"] and folder.name.endswith(f"-{run['wandb_id']}")
     # the estimate: 2 checkpoint files (the latest epoch, last.ckpt links to it; the best) of weights and momentum
     printed = capsys.readouterr().out
     # the end table: the run's verdict, delta f and eta2 with their p, as its bisection.json says

@@ -11,8 +11,10 @@ command the YAML names, rendered as ``wandb agent`` renders it (``${env} ${inter
 ${args}``), in W&B offline mode, in the sweep file's W&B ``project``, grouped by the sweep and typed
 by its condition (the swept values but the seed). Two LightningCLI arguments are appended:
 ``--trainer.default_root_dir=OUT/runs/NAME`` (each run owns a folder) and, for a run that was
-interrupted, ``--ckpt_path=…/last.ckpt`` to resume it. ``--gpus`` gives each run one GPU of the list
-(``CUDA_VISIBLE_DEVICES``), never two runs one GPU.
+interrupted, ``--ckpt_path=…/last.ckpt`` to resume it; every attempt of a run gets the run's one
+W&B run id (``WANDB_RUN_ID``). ``--jobs N`` runs N at once on the devices the agent sees (the CPU
+on a machine without GPUs); ``--gpus`` gives each run one GPU of the list (``CUDA_VISIBLE_DEVICES``),
+never two runs one GPU.
 
 Everything the agents know lives in ``OUT/sweep.json`` (:mod:`towers.sweep_state`: locked,
 atomic read-modify-writes, runs claimed by their agent's host, pid and heartbeat), so any number of
