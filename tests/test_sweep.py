@@ -669,7 +669,7 @@ def test_a_sweep_parameter_train_py_does_not_know_stops_the_agent_before_any_lau
         assert not out.exists()  # nothing launched, nothing written
 
 
-def test_a_sweep_file_that_cannot_be_read_is_one_line(tmp_path, capsys):
+def test_a_sweep_file_or_output_folder_that_cannot_be_used_is_one_line(tmp_path, capsys):
     out = tmp_path / "out"
     cases = {"missing.yaml": None, "notyaml.yaml": "parameters: [a\n", "empty.yaml": "", "list.yaml": "- 1\n"}
     for name, text in cases.items():
@@ -682,6 +682,10 @@ def test_a_sweep_file_that_cannot_be_read_is_one_line(tmp_path, capsys):
     path.write_text(yaml.safe_dump(dict(config, program=str(tmp_path / "nowhere.py"))))
     assert agent_mod.main([str(path), "--out", str(out)]) == 2
     assert "nowhere.py is not a file" in one_error_line(capsys)
+    path = write_sweep(tmp_path, {"model.lr": {"values": [0.01]}})
+    (tmp_path / "a-file").write_text("")
+    assert agent_mod.main([str(path), "--out", str(tmp_path / "a-file")]) == 2  # --out names a file
+    assert "a-file (give --out a folder" in one_error_line(capsys)
 
 
 def finished_sweep(tmp_path):

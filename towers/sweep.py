@@ -38,6 +38,7 @@ or an output folder of another sweep is one line on stderr and exit status 2, no
 """
 
 import argparse
+import errno
 import os
 import re
 import signal
@@ -45,6 +46,7 @@ import sys
 from pathlib import Path
 
 from towers.errors import UserError
+from towers.files import shown_path
 from towers.records import newest_last_checkpoint  # noqa: F401  (tests use it)
 from towers.sweep_agent import Agent, UsageError, gpu_slots, visible_gpu_count  # noqa: F401
 from towers.sweep_disk import _size, disk_estimate, train_checkpoint_bytes  # noqa: F401  (tests use them)
@@ -61,6 +63,7 @@ from towers.sweep_state import (  # noqa: F401  (the sweep's names, for tests an
 )
 
 PROG = "python -m towers.sweep"
+USER_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
 
 
 def _at_least_one(text: str) -> int:
@@ -101,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """The agent's command line: 0 when every run it may take is done (failed runs included: see the
     table), 130 when interrupted, 2 for a user's mistake (one line on stderr; argparse's usage too
-    for a wrong option)."""
+    for a wrong option), 1 for a failed write (a full disk: one line naming the file)."""
     parser = _parser()
     args = parser.parse_args(argv)
     gpus = shard = None
@@ -130,15 +133,16 @@ def main(argv=None) -> int:
     except (UserError, OSError) as err:
         if os.environ.get("TOWERS_DEBUG", "") not in ("", "0"):
             raise
-        if isinstance(err, OSError) and not (isinstance(err, PermissionError) and err.filename):
-            raise  # a full disk, an I/O error: not the user's to fix by a command line; keep the traceback
-        line = (
-            f"{err.strerror}: {err.filename} (give --out a folder you may write to)"
-            if isinstance(err, OSError)
-            else err
-        )
+        if isinstance(err, UserError):
+            status, line = 2, str(err)
+        elif err.filename is None:  # not a file operation: a bug, keep its traceback
+            raise
+        elif err.errno in USER_ERRNOS:  # a folder it may not write, a file where a folder must be, ...
+            status, line = 2, f"{err.strerror}: {shown_path(err.filename)} (give --out a folder the agent may write to)"
+        else:  # a full disk, an I/O error: one line, as train.py says it, exit 1
+            status, line = 1, f"{err.strerror}: {shown_path(err.filename)}; the agent stopped"
         print(f"{PROG}: error: {line}", file=sys.stderr)
-        return 2
+        return status
 
 
 def run(args, gpus, shard) -> int:

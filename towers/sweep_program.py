@@ -94,6 +94,8 @@ def check_program(config: dict, sweep_file) -> None:
         return
     for params in checked_params(config):
         command = render_command(config, params)
+        if config["program"] not in command:  # a command that runs train.py some other way: not ours to parse
+            return
         try:
             parse_train_config(program, command[command.index(config["program"]) + 1 :])
         except (argparse.ArgumentError, SystemExit, ValueError) as err:
