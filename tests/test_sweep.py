@@ -778,3 +778,19 @@ def test_two_processes_generating_the_demo_data_at_once_both_get_it(tmp_path):
         f"{c}.{i}.jpg" for c in ("cat", "dog") for i in range(6)
     )
     assert [p.name for p in tmp_path.iterdir()] == ["demo-data"]  # no temporary folder left
+
+
+def test_the_sync_command_uploads_every_attempt_of_a_run_into_its_one_wandb_run(tmp_path):
+    from towers.sweep_report import sync_command
+
+    path = write_sweep(tmp_path, {"seed_everything": {"values": [0, 1]}})
+    sweep = agent_mod.Sweep(path, tmp_path / "out")
+    with sweep.locked():
+        one, old = sweep.new_run({"seed_everything": 0}), sweep.new_run({"seed_everything": 1})
+        folders = [f"w/offline-run-2026120{k}_000000-{one['wandb_id']}" for k in (1, 2)]
+        one["attempts"] = [{"wandb_dir": f} for f in folders]  # killed once, resumed: one id
+        one["wandb_dir"] = folders[-1]
+        old.pop("wandb_id")  # a state from before the runs had one id: their attempts had two
+        old["attempts"] = [{"wandb_dir": "w/offline-run-1-aaaa"}, {"wandb_dir": "w/offline-run-2-bbbb"}]
+        old["wandb_dir"] = "w/offline-run-2-bbbb"
+    assert sync_command(sweep).splitlines()[-1].split()[2:] == [*folders, "w/offline-run-2-bbbb"]

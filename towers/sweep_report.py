@@ -1,5 +1,7 @@
 """The table the sweep agent prints at the end, and the ``wandb sync`` command for its runs."""
 
+from pathlib import Path
+
 from towers.measure import p_text
 from towers.sweep_state import Sweep
 
@@ -69,8 +71,19 @@ def table(sweep: Sweep) -> str:
     return "\n".join(lines)
 
 
+def sync_folders(run: dict) -> list[str]:
+    """The W&B folders that upload one run: every attempt's when they all carry the run's one id
+    (``wandb sync`` syncs the folders of one run id into that run, in order of start time), else,
+    for attempts from before the agent gave them one id, the last attempt's only (no run twice)."""
+    attempts = list(dict.fromkeys(a["wandb_dir"] for a in run["attempts"] if a.get("wandb_dir")))
+    ident = run.get("wandb_id")
+    if ident and attempts and all(Path(f).name.endswith(f"-{ident}") for f in attempts):
+        return attempts
+    return [run["wandb_dir"]] if run.get("wandb_dir") else []
+
+
 def sync_command(sweep: Sweep) -> str:
-    folders = [r["wandb_dir"] for r in sweep.runs if r.get("wandb_dir")]
+    folders = [f for r in sweep.runs for f in sync_folders(r)]
     if not folders:
         return "No W&B offline runs were written (WANDB_MODE=disabled, or the config has no WandbLogger)."
     return "Upload the runs to a W&B server with:\n  wandb sync " + " ".join(folders)
