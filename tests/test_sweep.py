@@ -677,6 +677,10 @@ def test_a_sweep_file_or_output_folder_that_cannot_be_used_is_one_line(tmp_path,
             (tmp_path / name).write_text(text)
         assert agent_mod.main([str(tmp_path / name), "--out", str(out)]) == 2, name
         assert name in one_error_line(capsys)
+    # valid for W&B's schema, but not for its engine: a continuous parameter in a grid
+    path = write_sweep(tmp_path, {"model.lr": {"min": 0.001, "max": 0.1}})
+    assert agent_mod.main([str(path), "--out", str(out)]) == 2
+    assert "is a disallowed type with grid search" in one_error_line(capsys)
     path = write_sweep(tmp_path, {"model.lr": {"values": [0.01]}})
     config = yaml.safe_load(path.read_text())
     path.write_text(yaml.safe_dump(dict(config, program=str(tmp_path / "nowhere.py"))))

@@ -85,6 +85,10 @@ def load_sweep(path) -> dict:
         raise SweepFileError(f"{shown_path(path)} is not a valid W&B sweep config: {_one_line(err.message)}") from None
     if not config.get("program"):
         raise SweepFileError(f"{shown_path(path)} names no program: add e.g. `program: train.py`")
+    try:  # what the schema allows but the engine cannot run (a continuous parameter in a grid, `custom`)
+        next_params(config, [])
+    except ValueError as err:
+        raise SweepFileError(f"{shown_path(path)}: W&B's sweep engine cannot run it: {_one_line(err)}") from None
     return config
 
 
