@@ -128,6 +128,9 @@ def main(argv=None) -> int:
         parser.error(str(err))
     try:
         return run(args, gpus, shard)
+    except KeyboardInterrupt:  # Ctrl-C before the runs started (while the sweep file is checked)
+        print(f"{PROG}: interrupted before any run was launched", file=sys.stderr)
+        return 130
     except UsageError as err:
         parser.error(str(err))
     except (UserError, OSError) as err:
