@@ -124,8 +124,11 @@ def _identity(path: Path) -> list[int]:
 def _append_line(path: Path, record) -> None:
     """One whole JSON line appended (one ``write`` with O_APPEND), so concurrent appenders never interleave."""
     data = (json.dumps(record) + "\n").encode("utf-8", "surrogatepass")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        end = os.fstat(fd).st_size
+        if end and os.pread(fd, 1, end - 1) != b"\n":  # a line cut by a killed writer stays one bad line
+            data = b"\n" + data
         os.write(fd, data)
     finally:
         os.close(fd)
@@ -289,6 +292,9 @@ def build_store(
         for _attempt in range(2):
             sidecars = {i: _complete(layout.shard_dir, i, store_format) for i in set(ids)}
             todo = [(i, chunk) for i, chunk in zip(ids, chunks) if sidecars[i] is None]
+            for i, _ in todo:
+                if (layout.shard_dir / f"{i}.json").is_file():  # finished once, its data since cut or removed
+                    log.warning("store shard %s: cut, damaged or missing; rebuilding it", layout.shard_dir / i)
             if todo:
                 _build(layout, base, todo, len(chunks), jpeg_quality, num_workers)
                 sidecars = {i: _complete(layout.shard_dir, i, store_format) for i in set(ids)}
@@ -333,7 +339,7 @@ def _build(layout: Layout, base: Path, todo: list, total_shards: int, quality: i
     done = total_shards - len(todo)
     tqdm.write(
         f"building the {layout.store_format} store of {images:,} images at {layout.resize_size} px in "
-        f"{len(todo):,} shards{f' ({done:,} of {total_shards:,} shards done earlier)' if done else ''}: "
+        f"{len(todo):,} shard(s){f' ({done:,} of {total_shards:,} shards done earlier)' if done else ''}: "
         f"{about}{_gigabytes(need)} needed, {_gigabytes(free)} free in {layout.shard_dir}",
         file=sys.stderr,
     )
