@@ -266,3 +266,16 @@ def test_batches_stay_uint8_until_the_device_and_reach_the_model_channels_last(t
     assert seen["loader"] == (torch.uint8, (4, 3, 72, 72), True)  # 1 byte a pixel through the loader and the copy
     assert seen["step"] == (torch.float32, (4, 3, 67, 67))  # converted on the device, after the transfer
     assert seen["conv1"] == (True, True)  # the step's convolutions run in channels_last
+
+
+def test_gpu_check_data_rows_run_on_the_cpu_and_skip_without_a_gpu(capsys):
+    """The GPU rows' code (batched decode, augmentation on the device, images/s into the model) on the
+    CPU; without a GPU and without --cpu-dry-run the script says what it did not measure."""
+    from benchmarks import gpu_check
+
+    rows = gpu_check.data_rows(gpu_check.parse_args(["--cpu-dry-run"]))
+    assert [r["row"][:3] for r in rows] == ["(a)", "(b)"] + ["(c)"] * 4
+    assert all(r["images_per_s"] > 0 for r in rows)
+    if not torch.cuda.is_available():
+        assert gpu_check.main([]) == 0
+        assert "no GPU, skipped" in capsys.readouterr().out

@@ -259,6 +259,28 @@ def _gigabytes(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
+def plan_store(
+    cache_dir: Path,
+    stamps: list[tuple[str, int, int]],
+    resize_size: int,
+    exif_transpose: bool,
+    store_format: str = "raw",
+    jpeg_quality: int = 90,
+    shard_rows: int = 1024,
+    decoding_version: int = 0,
+) -> tuple[Layout, Path, list[list], list[str]]:
+    """(layout, manifest path, each shard's stamps, each shard's id) of the store of ``stamps``, built
+    or not: the manifest's name changes whenever a file, the format or the decoding does."""
+    if store_format not in FORMATS:
+        raise ValueError(f"store_format={store_format!r}: one of {FORMATS}")
+    layout = Layout(Path(cache_dir), resize_size, store_format, exif_transpose)
+    key = [STORE_VERSION, decoding_version, store_format, jpeg_quality if store_format == "jpeg" else None]
+    key += [resize_size, exif_transpose]
+    chunks = [stamps[i : i + shard_rows] for i in range(0, len(stamps), shard_rows)]
+    ids = [_digest([key, chunk]) for chunk in chunks]
+    return layout, layout.manifest(_digest([key, ids])), chunks, ids
+
+
 def build_store(
     cache_dir: Path,
     base: Path,
@@ -278,14 +300,9 @@ def build_store(
     (disk space checked and printed first), the manifest written, every shard verified (damaged ones
     rebuilt once), and shards and manifests of other file lists of this layout removed.
     """
-    if store_format not in FORMATS:
-        raise ValueError(f"store_format={store_format!r}: one of {FORMATS}")
-    layout = Layout(Path(cache_dir), resize_size, store_format, exif_transpose)
-    key = [STORE_VERSION, decoding_version, store_format, jpeg_quality if store_format == "jpeg" else None]
-    key += [resize_size, exif_transpose]
-    chunks = [stamps[i : i + shard_rows] for i in range(0, len(stamps), shard_rows)]
-    ids = [_digest([key, chunk]) for chunk in chunks]
-    manifest = layout.manifest(_digest([key, ids]))
+    layout, manifest, chunks, ids = plan_store(
+        cache_dir, stamps, resize_size, exif_transpose, store_format, jpeg_quality, shard_rows, decoding_version
+    )
     layout.shard_dir.mkdir(parents=True, exist_ok=True)
 
     with build_lock(layout.cache_dir, manifest.name):

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from towers.data.files import BadImage, find_images, link_problem, load_image
-from towers.data.shards import Layout, _append_line, build_store
+from towers.data.shards import _append_line, build_store, plan_store
 from towers.errors import BadOption, MissingData, NotWritable
 from towers.files import atomic_path, shown_path, write_atomic
 
@@ -138,7 +138,10 @@ def index_images(
         ]
         append_checks(checks_path, new)
     else:
-        store_path = Layout(cache_dir, resize_size, store_format, exif_transpose).manifest("not-built")
+        # not built, but named by the files' stamps all the same: the statistics' cache key holds it
+        store_path = plan_store(
+            cache_dir, stamps, resize_size, exif_transpose, store_format, jpeg_quality, shard_rows, CACHE_VERSION
+        )[1]
         todo = [i for i, (f, _, _) in enumerate(stamps) if f not in fresh]
         checked = _imap(_check, [(paths[i], exif_transpose) for i in todo], num_workers, f"checking images in {base}")
         new, batch = [], []
@@ -181,6 +184,8 @@ def read_checks(path: Path) -> dict[str, list]:
     if not path.is_file():
         return checks
     for line in path.read_bytes().splitlines():
+        if not line.strip():  # two appenders may both have started a fresh line
+            continue
         try:
             for f, size, mtime, usable, note in json.loads(line):
                 checks[f] = [size, mtime, usable, note]
