@@ -279,3 +279,15 @@ def test_gpu_check_data_rows_run_on_the_cpu_and_skip_without_a_gpu(capsys):
     if not torch.cuda.is_available():
         assert gpu_check.main([]) == 0
         assert "no GPU, skipped" in capsys.readouterr().out
+
+
+def test_the_format_follows_the_dataset_size_memory_and_gpu():
+    from towers.data.shards import choose_format
+
+    gib = 2**30
+    imagenet, subset = 1_281_167, 126_689  # ILSVRC-2012 train, an ImageNet-100 subset
+    assert choose_format(subset, 256, gpu=True, memory_bytes=128 * gib)[0] == "raw"  # 25 GB: cached
+    fmt, why = choose_format(imagenet, 256, gpu=True, memory_bytes=128 * gib)  # 252 GB
+    assert fmt == "jpeg" and "251.9 GB" in why and "decoded on the GPU" in why
+    assert choose_format(imagenet, 256, gpu=False, memory_bytes=128 * gib)[0] == "raw"
+    assert choose_format(imagenet, 256, gpu=True, memory_bytes=1024 * gib)[0] == "raw"

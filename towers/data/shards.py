@@ -53,9 +53,13 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("raw", "jpeg")
 STORE_VERSION = 1  # the shard and manifest layout; the decoding's version is store.CACHE_VERSION
-# Bytes per image of a JPEG shard as a fraction of raw, for the disk check before a build only: the
-# largest ratio bench_data.py measured at quality 90 without chroma subsampling on noisy images (BENCHMARKS.md)
-JPEG_SIZE_ESTIMATE = 0.35
+# Bytes per image of a JPEG shard as a fraction of raw, for the disk check before a build only.
+# bench_data.py measured 0.11 (synthetic photograph-size images) and 0.14 (tiny ones) at quality 90,
+# 4:4:4 (BENCHMARKS.md); photographs with more fine detail compress less, so the check assumes 0.25.
+JPEG_SIZE_ESTIMATE = 0.25
+# The raw store is chosen while it fits in this fraction of the memory (so the page cache holds it and
+# every epoch after the first reads no disk), leaving the rest to the training process and its workers.
+PAGE_CACHE_SHARE = 0.5
 
 
 class DamagedCache(UserError, ValueError):
@@ -64,6 +68,25 @@ class DamagedCache(UserError, ValueError):
 
 class NotEnoughDisk(UserError, OSError):
     """The store does not fit on the disk of ``cache_dir``."""
+
+
+def choose_format(count: int, resize_size: int, gpu: bool, memory_bytes: int | None = None) -> tuple[str, str]:
+    """(format, why) for ``count`` images at ``resize_size``, by the rule BENCHMARKS.md derives from the
+    per-core costs: raw while the store fits in the page cache (``PAGE_CACHE_SHARE`` of the memory),
+    since it costs the host least per image and its pixels equal the plain path's; beyond that, on a
+    GPU, JPEG decoded on the GPU (about a ninth of the bytes, so it is read from memory again); with no
+    GPU, raw all the same (the CPU's training step, not the reads, bounds the rate)."""
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    raw = count * 3 * resize_size**2
+    fits = raw <= PAGE_CACHE_SHARE * memory_bytes
+    if fits or not gpu:
+        why = "fits in the page cache" if fits else "no GPU to decode JPEG; the CPU's step bounds the rate"
+        return "raw", f"raw store {_gigabytes(raw)} ({why}, memory {_gigabytes(memory_bytes)})"
+    return "jpeg", (
+        f"raw store {_gigabytes(raw)} exceeds {PAGE_CACHE_SHARE:.0%} of memory ({_gigabytes(memory_bytes)}): "
+        f"JPEG store, about {_gigabytes(raw * JPEG_SIZE_ESTIMATE)} at most, decoded on the GPU"
+    )
 
 
 # ----------------------------------------------------------------------------- shards and manifests
