@@ -120,18 +120,23 @@ def test_damaged_shards_are_rebuilt_by_the_build_and_refused_by_open(tmp_path, c
     assert open_store(build(root, cache).store_path) is not None
 
 
-def test_a_copied_store_is_hashed_again_and_a_verified_one_is_not(tmp_path, monkeypatch):
-    root = images(tmp_path / "data", 40)
+def test_a_built_store_is_not_read_back_and_a_copied_one_is_hashed_again(tmp_path, monkeypatch):
+    from towers.data import shards
+
+    root = images(tmp_path / "data", 40)  # 3 shards
     index = build(root, tmp_path / "cache")
-    open_store(index.store_path)
-    monkeypatch.setattr("towers.data.shards._sha256_file", lambda path: pytest.fail(f"{path} hashed twice"))
-    open_store(index.store_path)  # verified once: sizes only now
+    real = shards._sha256_file
+    monkeypatch.setattr(shards, "_sha256_file", lambda path: pytest.fail(f"{path} read back"))
+    open_store(index.store_path)  # hashed as written: sizes only
     monkeypatch.undo()
-    shutil.copytree(tmp_path / "cache", tmp_path / "copy")  # another machine's disk: new inodes
+    shutil.copytree(tmp_path / "cache", tmp_path / "copy")  # another machine's disk: new inodes and ctimes
     shard = next((tmp_path / "copy" / "store-16-raw").glob("*.npy"))
     shard.write_bytes(bytes(shard.stat().st_size))
+    hashed = []
+    monkeypatch.setattr(shards, "_sha256_file", lambda path: hashed.append(path) or real(path))
     with pytest.raises(DamagedCache, match="does not match"):
         open_store(tmp_path / "copy" / index.store_path.name)
+    assert len(hashed) == 3
 
 
 def test_damaged_check_index_and_statistics_are_redone_not_used(tmp_path, caplog):
