@@ -153,7 +153,7 @@ def index_images(
         append_checks(checks_path, batch)
         new += batch
     fresh.update({f: entry for f, *entry in new})
-    compact_checks(checks_path, fresh)
+    compact_checks(checks_path, fresh, damaged=checks.broken > 0)
 
     notes = [(base / f, *fresh[f][2:]) for f, _ in files if not fresh[f][2] or fresh[f][3]]
     for f, _ in files:  # a name that is not valid UTF-8 is read, but said so
@@ -180,7 +180,7 @@ def read_checks(path: Path) -> dict[str, list]:
     """The check index: ``{file: [size, mtime_ns, usable, note]}`` from the appended lines of ``path``
     (each a JSON list of ``[file, size, mtime_ns, usable, note]``; later lines win). A line that does
     not parse (cut by a killed process, or damaged) is skipped with one warning: its files are checked again."""
-    checks, broken = {}, 0
+    checks, broken = Checks(), 0
     if not path.is_file():
         return checks
     for line in path.read_bytes().splitlines():
@@ -193,7 +193,14 @@ def read_checks(path: Path) -> dict[str, list]:
             broken += 1
     if broken:
         log.warning("%s: %d damaged line(s) skipped; their files are checked again", path, broken)
+    checks.broken = broken
     return checks
+
+
+class Checks(dict):
+    """The check index as read, with ``broken``: how many of its lines did not parse."""
+
+    broken = 0
 
 
 def append_checks(path: Path, entries: list[list]) -> None:
@@ -202,12 +209,12 @@ def append_checks(path: Path, entries: list[list]) -> None:
         _append_line(path, entries)
 
 
-def compact_checks(path: Path, current: dict[str, list]) -> None:
-    """Rewrite the check index as ``current`` alone once it is more than twice that size (files since
-    changed or gone, or damaged lines): rare, and atomic."""
+def compact_checks(path: Path, current: dict[str, list], damaged: bool = False) -> None:
+    """Rewrite the check index as ``current`` alone when it had ``damaged`` lines or is more than twice
+    that size (files since changed or gone): rare, and atomic."""
     size = path.stat().st_size if path.is_file() else 0
     text = json.dumps([[f, *entry] for f, entry in sorted(current.items())]) + "\n"
-    if current and size > 2 * len(text) + 4096:
+    if current and (damaged or size > 2 * len(text) + 4096):
         write_atomic(path, text)
 
 
