@@ -149,8 +149,10 @@ def _append_line(path: Path, record) -> None:
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         end = os.fstat(fd).st_size
-        if end and os.pread(fd, 1, end - 1) != b"\n":  # a line cut by a killed writer stays one bad line
-            data = b"\n" + data
+        if end:
+            os.lseek(fd, end - 1, os.SEEK_SET)
+            if os.read(fd, 1) != b"\n":  # a line cut by a killed writer stays one bad line
+                data = b"\n" + data
         os.write(fd, data)
     finally:
         os.close(fd)
