@@ -150,7 +150,7 @@ def per_core(count: int, batch_size: int, resize_size: int, image_size: int, tar
 
     from towers.data.augment import augment, draw_augmentation
     from towers.data.files import ImageFiles
-    from towers.data.shards import StoreImages, collate_encoded, open_store
+    from towers.data.shard_reader import StoreImages, collate_encoded, open_store
     from towers.data.store import index_images
 
     threads = torch.get_num_threads()

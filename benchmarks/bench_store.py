@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 
 from benchmarks.bench_step import machine, save_results
 from towers.data.files import load_image
-from towers.data.shards import Layout, decode_batch, encode_jpeg, open_store
+from towers.data.shard_reader import decode_batch, open_store
+from towers.data.shards import Layout, encode_jpeg
 from towers.data.store import index_images
 
 REPO = Path(__file__).resolve().parents[1]

@@ -166,7 +166,7 @@ def data_rows(args) -> list[dict]:
 
     from benchmarks.bench_data import make_dataset
     from towers.data.augment import augment, draw_augmentation
-    from towers.data.shards import StoreImages, collate_encoded, decode_batch
+    from towers.data.shard_reader import StoreImages, collate_encoded, decode_batch
     from towers.data.store import index_images
     from towers.model import TowerAlexNet
 

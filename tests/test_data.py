@@ -16,7 +16,7 @@ from PIL import Image
 
 from towers.data import CatsDogsDataModule, ImageFiles, download_microsoft, find_images, load_image, safe_extract
 from towers.data.demo import make_demo_dataset
-from towers.data.shards import open_store
+from towers.data.shard_reader import open_store
 from towers.module import TowerClassifier
 
 SMALL = dict(resize_size=32, image_size=27, num_workers=0, batch_size=8)

@@ -18,15 +18,8 @@ import torch
 from PIL import Image
 
 from towers.data import CatsDogsDataModule, load_image
-from towers.data.shards import (
-    DamagedCache,
-    NotEnoughDisk,
-    StoreImages,
-    build_lock,
-    collate_encoded,
-    decode_batch,
-    open_store,
-)
+from towers.data.shard_reader import StoreImages, collate_encoded, decode_batch, open_store
+from towers.data.shards import DamagedCache, NotEnoughDisk, build_lock
 from towers.data.store import index_images, read_checks, training_statistics
 from towers.module import TowerClassifier
 
