@@ -290,3 +290,25 @@ def test_the_format_follows_the_dataset_size_memory_and_gpu():
     assert fmt == "jpeg" and "251.9 GB" in why and "decoded on the GPU" in why
     assert choose_format(imagenet, 256, gpu=False, memory_bytes=128 * gib)[0] == "raw"
     assert choose_format(imagenet, 256, gpu=True, memory_bytes=1024 * gib)[0] == "raw"
+
+
+def test_the_check_index_is_appended_and_rewritten_only_when_mostly_superseded(tmp_path):
+    root = images(tmp_path / "data", 20)
+    cache = tmp_path / "cache"
+    build(root, cache, fast_path=False)
+    checks = cache / "checks.jsonl"
+    first = checks.read_bytes()
+    for round_ in range(3):  # each round changes one file: one line appended, nothing rewritten
+        time.sleep(0.01)
+        images(tmp_path / f"new{round_}", 1, side=20 + round_)
+        shutil.copy(tmp_path / f"new{round_}" / "train" / "cat.0.jpg", root / "train" / "dog.3.jpg")
+        build(root, cache, fast_path=False)
+        assert checks.read_bytes().startswith(first) and len(checks.read_bytes().splitlines()) == 2 + round_
+    index = read_checks(checks)
+    assert index.entries == 23 and len(index) == 20
+    for n in range(19):  # superseded entries pile up past twice the live ones (41 > 40): rewritten as one line
+        (root / "train" / "dog.3.jpg").touch()
+        os.utime(root / "train" / "dog.3.jpg", ns=(n, n))
+        build(root, cache, fast_path=False)
+    index = read_checks(checks)
+    assert len(index) == 20 and index.entries == 20 and len(checks.read_bytes().splitlines()) == 1

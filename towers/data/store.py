@@ -153,7 +153,7 @@ def index_images(
         append_checks(checks_path, batch)
         new += batch
     fresh.update({f: entry for f, *entry in new})
-    compact_checks(checks_path, fresh, damaged=checks.broken > 0)
+    compact_checks(checks_path, fresh, checks)
 
     notes = [(base / f, *fresh[f][2:]) for f, _ in files if not fresh[f][2] or fresh[f][3]]
     for f, _ in files:  # a name that is not valid UTF-8 is read, but said so
@@ -180,7 +180,7 @@ def read_checks(path: Path) -> dict[str, list]:
     """The check index: ``{file: [size, mtime_ns, usable, note]}`` from the appended lines of ``path``
     (each a JSON list of ``[file, size, mtime_ns, usable, note]``; later lines win). A line that does
     not parse (cut by a killed process, or damaged) is skipped with one warning: its files are checked again."""
-    checks, broken = Checks(), 0
+    checks, broken, entries = Checks(), 0, 0
     if not path.is_file():
         return checks
     for line in path.read_bytes().splitlines():
@@ -189,18 +189,20 @@ def read_checks(path: Path) -> dict[str, list]:
         try:
             for f, size, mtime, usable, note in json.loads(line):
                 checks[f] = [size, mtime, usable, note]
+                entries += 1
         except (ValueError, TypeError):
             broken += 1
     if broken:
         log.warning("%s: %d damaged line(s) skipped; their files are checked again", path, broken)
-    checks.broken = broken
+    checks.broken, checks.entries = broken, entries
     return checks
 
 
 class Checks(dict):
-    """The check index as read, with ``broken``: how many of its lines did not parse."""
+    """The check index as read, with ``broken``, how many of its lines did not parse, and ``entries``,
+    how many entries its lines hold (superseded ones included)."""
 
-    broken = 0
+    broken = entries = 0
 
 
 def append_checks(path: Path, entries: list[list]) -> None:
@@ -209,13 +211,11 @@ def append_checks(path: Path, entries: list[list]) -> None:
         _append_line(path, entries)
 
 
-def compact_checks(path: Path, current: dict[str, list], damaged: bool = False) -> None:
-    """Rewrite the check index as ``current`` alone when it had ``damaged`` lines or is more than twice
-    that size (files since changed or gone): rare, and atomic."""
-    size = path.stat().st_size if path.is_file() else 0
-    text = json.dumps([[f, *entry] for f, entry in sorted(current.items())]) + "\n"
-    if current and (damaged or size > 2 * len(text) + 4096):
-        write_atomic(path, text)
+def compact_checks(path: Path, current: dict[str, list], read: Checks) -> None:
+    """Rewrite the check index as ``current`` alone (atomically) when, as ``read``, it had damaged lines
+    or held more than twice as many entries (files since changed or gone); otherwise leave it."""
+    if current and (read.broken or read.entries > 2 * len(current)):
+        write_atomic(path, json.dumps([[f, *entry] for f, entry in sorted(current.items())]) + "\n")
 
 
 def _report(path: Path, notes: list[tuple[Path, bool, str]], total: int) -> Path:
