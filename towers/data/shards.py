@@ -45,7 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from towers.errors import UserError
-from towers.files import allocate, atomic_path, write_atomic
+from towers.files import allocate, append_jsonl, atomic_path, scan_jsonl, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -141,21 +141,6 @@ def _identity(path: Path) -> list[int]:
     return [s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns]
 
 
-def _append_line(path: Path, record) -> None:
-    """One whole JSON line appended (one ``write`` with O_APPEND), so concurrent appenders never interleave."""
-    data = (json.dumps(record) + "\n").encode("utf-8", "surrogatepass")
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        end = os.fstat(fd).st_size
-        if end:
-            os.lseek(fd, end - 1, os.SEEK_SET)
-            if os.read(fd, 1) != b"\n":  # a line cut by a killed writer stays one bad line
-                data = b"\n" + data
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
 # ----------------------------------------------------------------------------- building one shard
 
 
@@ -237,7 +222,7 @@ def _build_shard(job: _Job) -> tuple[str, int, list]:
         sidecar["offsets"] = offsets
     write_atomic(job.shard_dir / f"{job.shard_id}.json", json.dumps(sidecar))
     # hashed as it was written: opening the store need not read it back (for ImageNet raw, 252 GB)
-    _append_line(job.shard_dir / "verified.jsonl", [sidecar["sha256"], *_identity(final)])
+    append_jsonl(job.shard_dir / "verified.jsonl", {"sha256": sidecar["sha256"], "file": _identity(final)})
     return job.shard_id, len(job.files), results
 
 
@@ -462,12 +447,8 @@ def damaged_shards(manifest: Path, verify: bool = True) -> list[tuple[str, str]]
     damaged, unverified = [], []
     log_path = shard_dir / "verified.jsonl"
     seen = set()
-    if verify and log_path.is_file():
-        for line in log_path.read_bytes().splitlines():
-            try:
-                seen.add(tuple(json.loads(line)))
-            except (ValueError, TypeError):
-                continue  # a line cut by a kill: its shard is hashed again
+    if verify and log_path.is_file():  # a line cut by a kill is skipped: its shard is hashed again
+        seen = {(r.get("sha256"), *r.get("file", ())) for r in scan_jsonl(log_path)[0]}
     for shard in record["shards"]:
         path = shard_dir / f"{shard['id']}{suffix}"
         if not path.is_file():
@@ -494,6 +475,6 @@ def damaged_shards(manifest: Path, verify: bool = True) -> list[tuple[str, str]]
                         (shard["id"], "its content does not match its SHA-256 (zeroed or changed after the build)")
                     )
                 else:
-                    _append_line(log_path, [shard["sha256"], *identity])
+                    append_jsonl(log_path, {"sha256": shard["sha256"], "file": identity})
         bar.close()
     return damaged

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from towers.data.files import BadImage, find_images, link_problem, load_image
-from towers.data.shards import _append_line, build_store, plan_store
+from towers.data.shards import build_store, plan_store
 from towers.errors import BadOption, MissingData, NotWritable
-from towers.files import atomic_path, shown_path, write_atomic
+from towers.files import append_jsonl, atomic_path, scan_jsonl, shown_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -178,19 +178,20 @@ def index_images(
 
 def read_checks(path: Path) -> dict[str, list]:
     """The check index: ``{file: [size, mtime_ns, usable, note]}`` from the appended lines of ``path``
-    (each a JSON list of ``[file, size, mtime_ns, usable, note]``; later lines win). A line that does
-    not parse (cut by a killed process, or damaged) is skipped with one warning: its files are checked again."""
-    checks, broken, entries = Checks(), 0, 0
+    (each ``{"checks": [[file, size, mtime_ns, usable, note], ...]}``, appended by
+    :func:`towers.files.append_jsonl`; later lines win). A line that does not parse (cut by a killed
+    process, or damaged) is skipped with one warning: its files are checked again."""
+    checks, entries = Checks(), 0
     if not path.is_file():
         return checks
-    for line in path.read_bytes().splitlines():
-        if not line.strip():  # two appenders may both have started a fresh line
-            continue
+    records, broken = scan_jsonl(path)
+    broken = len(broken)
+    for record in records:
         try:
-            for f, size, mtime, usable, note in json.loads(line):
+            for f, size, mtime, usable, note in record["checks"]:
                 checks[f] = [size, mtime, usable, note]
                 entries += 1
-        except (ValueError, TypeError):
+        except (KeyError, ValueError, TypeError):
             broken += 1
     if broken:
         log.warning("%s: %d damaged line(s) skipped; their files are checked again", path, broken)
@@ -208,14 +209,14 @@ class Checks(dict):
 def append_checks(path: Path, entries: list[list]) -> None:
     """``entries`` ([file, size, mtime_ns, usable, note] each) appended to the check index as one line."""
     if entries:
-        _append_line(path, entries)
+        append_jsonl(path, {"checks": entries})
 
 
 def compact_checks(path: Path, current: dict[str, list], read: Checks) -> None:
     """Rewrite the check index as ``current`` alone (atomically) when, as ``read``, it had damaged lines
     or held more than twice as many entries (files since changed or gone); otherwise leave it."""
     if current and (read.broken or read.entries > 2 * len(current)):
-        write_atomic(path, json.dumps([[f, *entry] for f, entry in sorted(current.items())]) + "\n")
+        write_atomic(path, json.dumps({"checks": [[f, *entry] for f, entry in sorted(current.items())]}) + "\n")
 
 
 def _report(path: Path, notes: list[tuple[Path, bool, str]], total: int) -> Path:
