@@ -253,7 +253,7 @@ def data_rows(args) -> list[dict]:
                 shuffle=True,
                 drop_last=True,
                 num_workers=workers,
-                pin_memory=device.type == "cuda",
+                pin_memory=device.type == "cuda" and fmt == "raw",  # JPEG bytes go to nvJPEG from the host
                 persistent_workers=workers > 0,
                 collate_fn=collate_encoded if fmt == "jpeg" else None,
                 generator=torch.Generator().manual_seed(0),
