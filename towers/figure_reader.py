@@ -74,6 +74,7 @@ SLIVER = 0.4  # a run shorter than this fraction of the median cell is no cell
 IRREGULAR = 4 / 3  # cells may differ in size by this factor at most
 STRETCH_REACH, STRETCH_SHARE = 0.15, 0.9  # per-kernel stretch: this share of the cells reaches within this of both ends
 BLANK_RANGE, BLANK_LEVEL = 0.03, 0.1  # a blank cell: flat, at the separator colour
+MAX_PICTURE_PIXELS = 30_000_000  # read as float64 RGB: 720 MB; a figure, even a page at 600 dpi, is smaller
 PAGE_CONTRAST = 0.12  # content differs from the page colour by more than this (30 of 255 levels; JPEG noise is under)
 GRID_SHARE = 0.5  # one connected piece covering this share of all content's box is the grid (lines join it)
 PAGE_MARGIN = 4  # a page has a margin of at least this many pixels on some side; a frame line is thinner
@@ -128,7 +129,12 @@ def load_image(path) -> tuple[np.ndarray, tuple[int, int]]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only
+            if im.width * im.height > MAX_PICTURE_PIXELS:
+                raise FigureError(
+                    f"{path}: {im.width}x{im.height} pixels, more than the {MAX_PICTURE_PIXELS // 10**6} million this "
+                    f"reads (a decompression bomb, or a page scanned very finely): crop it to the figure or scale it down"
+                )
             im.load()
             chroma = (1, 1)
             layers = getattr(im, "layer", None)  # JPEG: (component id, h, v, table) per component
@@ -139,6 +145,8 @@ def load_image(path) -> tuple[np.ndarray, tuple[int, int]]:
                 canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(canvas, rgba)
             return np.asarray(im.convert("RGB"), dtype=np.float64) / 255, chroma
+    except Image.DecompressionBombError as e:  # past twice Pillow's own limit: refused while opening
+        raise FigureError(f"{path}: {e}; crop it to the figure or scale it down") from None
     except (UnidentifiedImageError, OSError) as e:
         raise FigureError(f"{path}: cannot be read as a picture ({e})") from None
 
