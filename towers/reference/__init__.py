@@ -73,3 +73,15 @@ def build(figure: Path) -> dict:
     write_atomic(KERNELS_FILE, buffer.getvalue())
     write_atomic(PROVENANCE_FILE, json.dumps(about, indent=1) + "\n")
     return about
+
+
+def write_paper_record(folder: Path, permutations: int = 9999, seed: int = 0) -> Path:
+    """Figure 3's record written as ``folder/krizhevsky2012_figure3.json`` (what ``analysis/compare.py``
+    shows beside the runs, the form ``--reference`` reads); returns the path."""
+    from towers.records import write_json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{NAME}.json"
+    write_json(path, paper_record(permutations, seed))
+    return path
