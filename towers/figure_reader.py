@@ -2,15 +2,19 @@
 
 Pure NumPy and Pillow (no Lightning), so a figure is judged by the same :mod:`towers.verdict` as a checkpoint:
 
-    read = read_figure("figure3.png", towers=2)        # or grid=(8, 12) when the lines cannot be found
+    read = read_figure("figure3.png", towers=2)        # or grid=(8, 12) when the lines cannot be found, order="kernels"
     read.kernels                                       # (towers, kernels per tower, 3, 11, 11), RGB
     read.info()                                        # how it was read (grid, cell size, offset), JSON-able
 
-What a grid picture is taken to be: cells of one size on a rectangular grid, kernel after kernel row by
-row (left to right, top to bottom), separated by lines of one colour (dark lines, white padding, a
-wider gap between tower blocks); rows belong to the towers top to bottom, the same number of rows each.
-Blank cells (separator colour, no content; ``kernel_grid`` fills a tower's last row with them) are
-dropped. Crop captions and labels away first.
+What a grid picture is taken to be: cells of one size on a rectangular grid, separated by lines of one
+colour (dark lines, white padding, a wider gap between tower blocks), possibly inside a larger picture
+(a page, a slide: :func:`find_grid` finds the grid and the notes say what was cropped). Blank cells
+(separator colour, no content: ``kernel_grid`` fills a tower's last row with them, ``vis_square`` the end of
+its square) are dropped. The towers get the cells by rows (each tower an equal block of rows, top to
+bottom: the paper's Figure 3) or in kernel order (the non-blank cells left to right, top to bottom, in equal
+runs: Caffe's ``vis_square``); ``order`` chooses, and without it the only reading that gives equal towers is
+used and stated (:func:`_choose_order`). Cells smaller than :func:`minimum_cell` are refused with the size
+needed: below it the scores are no longer read within 0.05 (BENCHMARKS.md, "Reading figures: size").
 
 1. **Cells.** The picture's uniform outer margin is trimmed. The separator colour is the median level
    of the interior rows and columns that are uniform (low luminance spread; if none is, the 3% least
@@ -347,11 +351,12 @@ def find_grid(image: np.ndarray) -> tuple[tuple[slice, slice], str | None]:
 
     The page is the colour of the picture's border; everything else that differs from it by more than
     PAGE_CONTRAST is content, in connected pieces. A grid drawn with separating lines (the paper's, shownet's)
-    is one piece, larger than any text: when one piece holds at least GRID_SHARE of the content's box,
-    it is the grid. A grid whose cells are separated by the page colour (Caffe's ``vis_square``, matplotlib
-    subplots, ``kernel_grid``) is many pieces of about one size: the grid is the box around the pieces of at
-    least a quarter of a cell's area (text glyphs and labels are smaller). A picture whose border is not one
-    colour, or whose border colour is only a frame line (under PAGE_MARGIN pixels on every side), is no page."""
+    is one piece, larger than any text: when one piece covers GRID_SHARE of the content's box, or more than
+    all other pieces together (a slide with a logo, a page of text), it is the grid. A grid whose cells are
+    separated by the page colour (Caffe's ``vis_square``, matplotlib subplots, ``kernel_grid``) is many
+    pieces of about one size: the grid is the box around the pieces of at least a quarter of a cell's area
+    (text glyphs and labels are smaller). A picture whose border is not one colour, or whose border colour
+    is only a frame line (under PAGE_MARGIN pixels on every side), is no page: nothing is cropped."""
     from scipy import ndimage
 
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
@@ -372,7 +377,7 @@ def find_grid(image: np.ndarray) -> tuple[tuple[slice, slice], str | None]:
     area = h * w
     whole = [boxes[:, 0].min(), boxes[:, 1].max(), boxes[:, 2].min(), boxes[:, 3].max()]
     largest = int(np.argmax(area))
-    if area[largest] >= GRID_SHARE * (whole[1] - whole[0]) * (whole[3] - whole[2]):
+    if area[largest] >= min(GRID_SHARE * (whole[1] - whole[0]) * (whole[3] - whole[2]), area.sum() - area[largest]):
         chosen = boxes[largest : largest + 1]
     else:
         cell = np.median(area[area >= 0.25 * area.max()])  # a cell, or a few cells joined by a blurred line
