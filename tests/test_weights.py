@@ -199,3 +199,13 @@ def test_a_big_endian_array_reads_like_a_native_one(tmp_path):
     assert np.array_equal(
         read_weights(tmp_path / "big.npy", 2).kernels, read_weights(tmp_path / "little.npy", 2).kernels
     )
+
+
+def test_a_picture_bomb_and_a_missing_picture_are_one_line_exit_2(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("1", (6000, 6000)).save(tmp_path / "bomb.png")  # 36 million pixels in a few kB
+    code, err = run_cli(tmp_path / "bomb.png", capsys, "--towers", "2")
+    assert code == 2 and "6000x6000 pixels" in err and "decompression bomb" in err and "\n" not in err
+    code, err = run_cli(tmp_path / "missing.png", capsys, "--towers", "2")
+    assert code == 2 and err.endswith("missing.png: no such file")
