@@ -313,3 +313,20 @@ def test_a_shrinking_figure_is_read_within_005_or_refused(known, format):
         assert verdict(read.kernels, permutations=B, sensitivity=False).verdict == expected.verdict
         outcomes.append("read")
     assert outcomes[0] == "read" and outcomes[-1] == "refused"
+
+
+@pytest.mark.parametrize("format", ["PNG", "JPEG"])
+def test_real_kernels_in_caffes_layout_read_back(format):
+    """The paper's own kernels (towers.reference: weak and low-contrast ones among them) drawn by vis_square:
+    the same scores within 0.05, ranking and verdict, tower 1 (GPU 1) still the grey one."""
+    from towers.reference import paper_kernels
+
+    kernels = torch.from_numpy(paper_kernels().astype(np.float64))
+    picture = layouts.saved(layouts.vis_square(kernels, inches=12), format)
+    read = read_figure(picture, towers=2, chroma=(2, 2) if format == "JPEG" else None)
+    assert read.order == "kernels"
+    got = verdict(read.kernels, permutations=B, sensitivity=False)
+    own, back = color_specificity(kernels).numpy(), color_specificity(read.kernels).numpy()
+    assert np.abs(back - own).max() < 0.05 and spearmanr(back, own).statistic >= 0.95
+    assert got.verdict == verdict(kernels, permutations=B, sensitivity=False).verdict
+    assert got.colour_fraction[0] < 0.1 < 0.5 < got.colour_fraction[1]
