@@ -330,3 +330,25 @@ def test_real_kernels_in_caffes_layout_read_back(format):
     assert np.abs(back - own).max() < 0.05 and spearmanr(back, own).statistic >= 0.95
     assert got.verdict == verdict(kernels, permutations=B, sensitivity=False).verdict
     assert got.colour_fraction[0] < 0.1 < 0.5 < got.colour_fraction[1]
+
+
+def test_kernels_png_with_framed_weak_kernels(tmp_path):
+    """analysis/kernels.py draws like the callback (one global scale, the verdict's weak kernels framed), and
+    that picture reads back: the same weak kernels, the others within 0.05 (a faint kernel's own score is
+    8-bit quantisation noise, which is why the verdict does not judge it)."""
+    kernels = spread_towers().clone()
+    kernels[0, ::12] *= 0.1
+    kernels[1, 5::12] *= 0.1
+    np.save(tmp_path / "conv1.npy", kernels.flatten(0, 1).numpy())
+    rec = analysis.main([str(tmp_path / "conv1.npy"), "--towers", "2", "--permutations", str(B), "--bootstrap", "200"])
+    weak = np.array(rec["kernel_class"]).reshape(2, 48) == "weak"
+    assert weak.sum() == 8
+    drawn = np.asarray(Image.open(tmp_path / "conv1_kernels.png").convert("RGB"))
+    assert np.array_equal(drawn, kernel_grid(kernels, global_scale=True, weak=weak))
+    read = read_figure(tmp_path / "conv1_kernels.png", towers=2)
+    assert read.offset == "global"
+    error = np.abs(color_specificity(read.kernels) - color_specificity(kernels)).numpy().reshape(2, 48)
+    assert error[~weak].max() < 0.05
+    assert (
+        np.array(verdict(read.kernels, permutations=B, sensitivity=False).kernel_class).reshape(2, 48) == "weak"
+    ).tolist() == weak.tolist()
