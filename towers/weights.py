@@ -136,6 +136,10 @@ def _split(weights: np.ndarray, found: str | int | None, towers: int | None, pat
     return weights.reshape(count, k // count, *weights.shape[1:]), how
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0][:200]
+
+
 def _first_layer(weights: np.ndarray, name: str, path: Path) -> np.ndarray:
     if weights.ndim != 4 or weights.shape[1] != 3 or weights.shape[0] == 0:
         raise WeightFileError(f"{path}: {name} has shape {tuple(weights.shape)}, not conv1's (K, 3, h, w)")
@@ -290,9 +294,7 @@ def _tensorflow(path: Path, variables=None):
         reader = tf.train.load_checkpoint(prefix)
         shapes = reader.get_variable_to_shape_map()
     except Exception as e:
-        raise WeightFileError(
-            f"{path}: TensorFlow cannot read the checkpoint ({str(e).splitlines()[0][:200]})"
-        ) from None
+        raise WeightFileError(f"{path}: TensorFlow cannot read the checkpoint ({_first_line(e)})") from None
     names = list(variables or TF_VARIABLES)
     missing = [n for n in names if n not in shapes]
     if missing:
@@ -342,7 +344,7 @@ def _torch(path: Path):
         obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only, no code
     except Exception as e:
         raise WeightFileError(
-            f"{path}: cannot be read as a PyTorch file of tensors ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            f"{path}: cannot be read as a PyTorch file of tensors ({type(e).__name__}: {_first_line(e)})"
         ) from None
     if isinstance(obj, torch.Tensor):
         return _array(obj.double().numpy(), path), None, "rgb", f"{path} (weight tensor)", {}
@@ -361,17 +363,16 @@ def _torch(path: Path):
         return state[PROJECT_CONV1].double().numpy(), found, "rgb", source, extra
     state = obj.get("state_dict", obj) if isinstance(obj.get("state_dict"), dict) else obj
     convs = [(k, v) for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() == 4 and k.endswith("weight")]
-    first = next(((k, v) for k, v in convs if v.shape[1] == 3), None)
-    if first is None:
+    at = next((i for i, (_, v) in enumerate(convs) if v.shape[1] == 3), None)
+    if at is None:
         raise WeightFileError(
             f"{path}: no convolution weight with 3 input channels among its tensors "
             f"({', '.join(list(state)[:6])}{', ...' if len(state) > 6 else ''})"
         )
-    name, weights = first
+    name, weights = convs[at]
     found = "no convolution after conv1 says how many towers it fed"
-    after = [(k, v) for k, v in convs[convs.index(first) + 1 :]]
-    if after:
-        nxt, w2 = after[0]
+    if at + 1 < len(convs):
+        nxt, w2 = convs[at + 1]
         if weights.shape[0] % w2.shape[1] == 0:
             groups = weights.shape[0] // w2.shape[1]
             found = (
