@@ -98,11 +98,11 @@ def test_torchvision_alexnet_and_tower_state_dicts(tmp_path):
     conv1 = read_weights(tmp_path / "alexnet.pth")
     assert conv1.kernels.shape == (1, 64, 3, 11, 11) and conv1.channels == "RGB"
     assert np.array_equal(conv1.kernels[0], state["features.0.weight"].double().numpy())
-    # this project's network as a plain state dict: conv2 reads 48 of conv1's 96 channels per tower
-    model = TowerAlexNet(num_towers=2, num_classes=2)
+    # this project's network (a quarter of the width) as a plain state dict: conv2 reads 12 of 24 channels a tower
+    model = TowerAlexNet(num_towers=2, num_classes=2, width_multiplier=0.25, image_size=67)
     torch.save(model.state_dict(), tmp_path / "towers.pt")
     conv1 = read_weights(tmp_path / "towers.pt")
-    assert "reads 48 of conv1's 96" in conv1.towers_from
+    assert conv1.kernels.shape == (2, 12, 3, 11, 11) and "reads 12 of conv1's 24" in conv1.towers_from
     assert np.array_equal(conv1.kernels, model.conv1_kernels().detach().double().numpy())
 
 
