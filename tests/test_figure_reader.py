@@ -1,5 +1,7 @@
-"""towers.figure_reader and analysis/kernels.py on pictures: a run's own kernels.png and a paper-style figure
-(dark lines, one global grey scale, JPEG quality 75) give back the kernels' scores and verdict."""
+"""towers.figure_reader and analysis/kernels.py on pictures: known kernels drawn in every layout people publish
+(the paper's, also on a page with text; Caffe's vis_square; cuda-convnet's shownet; matplotlib subplots; a run's
+kernels.png), saved as PNG and JPEG quality 75, give back their scores, ranking, verdict and tower order; a
+shrinking figure is read within 0.05 or refused; errors name what to try next."""
 
 import functools
 import io
