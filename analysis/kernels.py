@@ -309,12 +309,16 @@ def main(argv=None) -> dict | list[dict]:
         type=Path,
         nargs="*",
         metavar="path",
-        help="checkpoint (.ckpt/.pt), weight array (.pt/.npy), bisection.json or a picture of a "
-        "kernel grid (.png/.jpg/...); several at once",
+        help="checkpoint (.ckpt/.pt), weight file (.caffemodel/.onnx/.pth/.index/.npy), bisection.json or a "
+        "picture of a kernel grid (.png/.jpg/...); several at once",
     )
     parser.add_argument("--out", type=Path, help="folder for the grid, plot and JSON (default: beside each input)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the (one) input's record to OUT")
-    parser.add_argument("--towers", type=int, help="tower count of a bare (K, 3, h, w) array or of a picture")
+    parser.add_argument(
+        "--towers",
+        type=int,
+        help="tower count of a bare (K, 3, h, w) array or of a picture; checked against a file that says it",
+    )
     parser.add_argument(
         "--channels",
         choices=CHANNELS,
