@@ -133,8 +133,12 @@ class TowersCLI(LightningCLI):
                 raise SystemExit(2)
         super().parse_arguments(parser, args)
         self.resumed_from = None  # the checkpoint this run continues (fit) or evaluates, once chosen
-        if self.config.get("subcommand"):
-            self.choose_checkpoint(self.config.subcommand)
+        subcommand = self.config.get("subcommand")
+        seed = (self.config[subcommand] if subcommand else self.config).get("seed_everything")
+        if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:
+            raise BadOption(f"seed_everything={seed} is out of range; a seed is an integer from 0 to {2**32 - 1}")
+        if subcommand:
+            self.choose_checkpoint(subcommand)
 
     # -- which checkpoint: this run's own, never another's -------------------------------------------
     def choose_checkpoint(self, subcommand: str) -> None:
@@ -162,8 +166,11 @@ class TowersCLI(LightningCLI):
             job = None if given == "last" else slurm_job()
             found, passed = find_own_checkpoint(root, seed, model, job)
             others = f" ({len(passed)} checkpoint(s) of other runs or damaged passed over)" if passed else ""
-            for path, why in passed:
-                rank_zero_info(f"--ckpt_path {given}: passed over {path}: {why}")
+            label = f"--ckpt_path {given}" if given else f"SLURM job {slurm_job()} (no --ckpt_path)"
+            for path, why in passed[:5]:
+                rank_zero_info(f"{label}: passed over {path}: {why}")
+            if len(passed) > 5:
+                rank_zero_info(f"{label}: passed over {len(passed) - 5} more checkpoint(s) of other runs")
             if found is not None:
                 rank_zero_info(f"Resuming from {found}, this run's newest checkpoint under {root.resolve()}{others}")
                 config.ckpt_path = str(found)
@@ -193,13 +200,18 @@ class TowersCLI(LightningCLI):
             return
         path = Path(given)
         if not path.is_file():
-            raise MissingData(f"--ckpt_path {given}: no such checkpoint file")
+            what = "a folder, not a checkpoint file" if path.is_dir() else "no such checkpoint file"
+            raise MissingData(f"--ckpt_path {given}: {what}")
         problem = checkpoint_problem(path)
         if problem is not None:
             raise damaged_checkpoint(path, problem)
         checkpoint = read_checkpoint(path) or {}
-        differences = settings_differences(checkpoint, None if seed is True else seed, model)
+        identity = checkpoint.get(CHECKPOINT_KEY) or {}
         self.resumed_from = path
+        if seed is True and identity.get("seed") is not None:  # no seed asked for (a random one): the checkpoint's
+            seed = identity["seed"]
+            self.config = self.parser.parse_object({subcommand: {"seed_everything": seed}}, self.config)
+        differences = settings_differences(checkpoint, seed, model)
         if not differences:
             return
         if subcommand == "fit" and config.get("resume_settings") != "checkpoint":
@@ -214,7 +226,6 @@ class TowersCLI(LightningCLI):
         )
         hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
         update = {"model": {k: v for k, v in hparams.items() if k in model}}
-        identity = checkpoint.get(CHECKPOINT_KEY) or {}
         if "seed" in identity:
             update["seed_everything"] = identity["seed"]
         self.config = self.parser.parse_object({subcommand: update}, self.config)
@@ -264,8 +275,6 @@ class TowersCLI(LightningCLI):
             if isinstance(error, UserError):
                 raise
             raise BadOption(str(error)) from error
-
-    def after_instantiate_classes(self):
         # Every checkpoint records the run's seed (with its model settings, its identity: towers.resume).
         run_status = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("run_status")
         if isinstance(run_status, RunStatus):

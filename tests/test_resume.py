@@ -203,3 +203,24 @@ def test_a_run_resumed_at_its_end_is_measured_and_continues_its_wandb_run(demo_r
     record = json.loads((second / "files" / "bisection.json").read_text())["last"]
     assert record["stage"] == "end" and record["step"] == 6 and record["verdict"] is not None
     assert status(second / "files")["status"] == "finished"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--ckpt_path={missing}"], "--ckpt_path {missing}: no such checkpoint file"),
+        (["--ckpt_path={folder}"], "--ckpt_path {folder}: a folder, not a checkpoint file"),
+        (
+            ["--ckpt_path=last", "--seed_everything=true"],
+            "seed_everything is true (a random seed), so give the run's seed",
+        ),
+        (["--seed_everything=-1"], "seed_everything=-1 is out of range; a seed is an integer from 0 to 4294967295"),
+    ],
+)
+def test_checkpoint_and_seed_mistakes_are_one_line_exit_2(demo_root, tmp_path, capsys, options, message):
+    paths = {"missing": tmp_path / "nowhere.ckpt", "folder": tmp_path}
+    options = [o.format(**paths) for o in options]
+    assert fit(demo_root, tmp_path / "runs", *options) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message.format(**paths) in err.strip().splitlines()[-1]
+    assert not (tmp_path / "runs").exists()  # refused before anything was written

@@ -236,6 +236,7 @@ class RunStatus(Callback):
         if stage != "fit":
             return
         self.status, self.message, self.history, self.summary = "running", "", [], None
+        self.resumable, self._stop_signal, self._hpc_step = None, None, None
         if trainer.is_global_zero:
             place_checkpoints(trainer)  # here because this callback is in every train.py run, before ModelCheckpoint
             self._path = run_dir(trainer) / STATUS_FILE
@@ -336,7 +337,6 @@ class RunStatus(Callback):
         # Lightning installs its signal handlers just before training starts (and restores the earlier
         # ones at its teardown); SIGUSR1 is chained here, after Lightning's SLURM handler if it set one.
         if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
-            self._stop_signal, self._hpc_step = None, None
             self._previous_sigusr1 = signal.getsignal(signal.SIGUSR1)
             signal.signal(signal.SIGUSR1, lambda signum, frame: self._on_sigusr1(trainer, signum, frame))
 
