@@ -380,7 +380,7 @@ class RunStatus(Callback):
 
     def _save_resumable(self, trainer) -> None:
         """A checkpoint to resume from, unless Lightning's SLURM handler saved one at this very step."""
-        if self._hpc_step == trainer.global_step and self.resumable is not None:
+        if self._hpc_step == trainer.global_step:  # decided alike on every rank that got the signal
             return
         path = _checkpoint_folder(trainer) / INTERRUPTED_CHECKPOINT
         trainer.save_checkpoint(path)
