@@ -162,8 +162,16 @@ class KernelBisectionCallback(Callback):
             self._measure(trainer, pl_module, "interval")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        if trainer.is_global_zero:
+            self._measure_end(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A fit resumed from a checkpoint at its very end trains nothing, and Lightning then skips
+        # on_train_end: the final weights are measured here, so every finished run has its verdict.
+        if trainer.is_global_zero and self._fit_seconds is None and self._dir is not None:
+            self._measure_end(trainer, pl_module)
+
+    def _measure_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._measured(trainer.global_step):  # the weights were measured at this very step
             self.last_record = dict(self.last_record, stage="end")
         else:
