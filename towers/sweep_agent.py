@@ -348,8 +348,8 @@ class Agent:
                 run["status"] = "diverged"
             elif exit_code == 0 and reported in (None, "finished") and self.has_results(run):
                 run["status"] = "finished"
-            elif reported == "interrupted" and len(run["attempts"]) < MAX_ATTEMPTS:
-                run["status"] = "interrupted"  # stopped from outside (SIGTERM, preemption): resumed
+            elif reported in ("interrupted", "requeued") and len(run["attempts"]) < MAX_ATTEMPTS:
+                run["status"] = "interrupted"  # stopped from outside (SIGTERM, SIGUSR1, preemption): resumed
             else:
                 run["status"] = "failed"
                 if exit_code == 0:
