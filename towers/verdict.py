@@ -399,20 +399,14 @@ def _margin(grey, colour, total, specialised, names, seed, permutations, alpha, 
             else f"{', '.join(label(n) for n, a in zip(names, agn) if a)} would no longer be largely colour-agnostic"
         )
         g, c = grey.copy(), colour.copy()
-        for _ in range(majority - 1):
-            cands = [(t, -1) for t in range(len(g)) if spec[t] and c[t] > 0] + [
-                (t, +1) for t in range(len(g)) if agn[t] and g[t] > 0
-            ]
-            best = None
-            for t, sign in cands:  # colour -> grey in a specific tower, grey -> colour in an agnostic one
-                g2, c2 = g.copy(), c.copy()
-                g2[t] -= sign
-                c2[t] += sign
-                d = _sides(g2, c2, total)[0]
-                d = -np.inf if np.isnan(d) else d
-                if best is None or d < best[0]:
-                    best = (d, g2, c2)
-            g, c = best[1], best[2]
+        sign = np.where(spec, -1.0, np.where(agn, 1.0, 0.0))  # colour -> grey on the specific side, back on the other
+        for _ in range(majority - 1):  # all single changes at once, (G, G) candidate tables
+            movable = (spec & (c > 0)) | (agn & (g > 0))
+            g2 = g[None] - np.diag(sign)
+            c2 = c[None] + np.diag(sign)
+            d = np.where(movable, np.nan_to_num(_sides(g2, c2, total[None])[0], nan=-np.inf), np.inf)
+            t = int(np.argmin(d))
+            g, c = g2[t], c2[t]
             path.append((g, c))
         found = _search(path, lambda gc: _p_of_counts(*gc, total, seed, permutations) >= alpha)
         if found is None:
