@@ -561,10 +561,20 @@ def verdict(
     # One permutation loop: delta f at the rule's cut and at every sensitivity cut, eta2 and its split.
     cuts = SENSITIVITY_CUTS if sensitivity else ()
     vectors = [cls] + [classify(scores, np.sqrt(sq), unstructured, c, weak_fraction) for c in cuts]
-    test = _Test(index, g, seed, permutations)
+    # The permutations act on a canonical order (groups by size and sorted scores, kernels by score and
+    # class), so neither the towers' names nor the kernels' order changes a p-value.
+    keys = [
+        (int((index == j).sum()), tuple(np.sort(scores[index == j])), tuple(np.sort(cls[index == j]))) for j in range(g)
+    ]
+    rank = np.empty(g, dtype=np.int64)
+    rank[sorted(range(g), key=keys.__getitem__)] = np.arange(g)
+    canon = np.lexsort((cls, rank[index], scores))
     x = scores - scores.mean()
     ss_total = float(np.square(x).sum())
-    p_values, (p_eta2, p_split) = test.run(vectors, x if ss_total > 0 else None)
+    p_values, (p_eta2, p_split) = _Test(rank[index][canon], g, seed, permutations).run(
+        [v[canon] for v in vectors], x[canon] if ss_total > 0 else None
+    )
+    test = _Test(index, g, seed, permutations)  # counts in the towers' own order
     total = test.total
     grey, colour = test.counts(cls)
     delta, spec, agn = (a[0] if np.ndim(a) > 1 else a for a in _sides(grey, colour, total))
