@@ -201,7 +201,15 @@ class KernelBisectionCallback(Callback):
             "axis_name": self.axis,
         }
         record.update(
-            measure(kernels, self.channel_std, self.axis_vector, self.permutations, self.bootstrap, self.seed)
+            measure(
+                kernels,
+                self.channel_std,
+                self.axis_vector,
+                self.permutations,
+                self.bootstrap,
+                self.seed,
+                initial=self._initial_kernels(kernels, stage),
+            )
         )
         record["kernel_change"] = self._kernel_change(kernels, stage)
         stats = None if record["statistics"] is None else Bisection(**record["statistics"])
@@ -216,7 +224,7 @@ class KernelBisectionCallback(Callback):
             weak = (
                 None
                 if record.get("kernel_class") is None
-                else np.asarray(record["kernel_class"]).reshape(kernels.shape[:2]) == "weak"
+                else np.isin(np.asarray(record["kernel_class"]), ["weak", "unstructured"]).reshape(kernels.shape[:2])
             )
             images[records.GRID] = kernel_grid(kernels, self.global_scale, order, self.columns, self.zoom, weak=weak)
             init_scores = None if self.init_record is None or stage == "init" else self.init_record["score"]
@@ -248,6 +256,15 @@ class KernelBisectionCallback(Callback):
             f.write(json.dumps(record, allow_nan=False) + "\n")
         self._log(trainer, record, images)
         self._cost += time.perf_counter() - start
+
+    def _initial_kernels(self, kernels: torch.Tensor, stage: str) -> torch.Tensor | None:
+        """The kernels at initialisation, so the verdict judges untrained kernels by how far they moved
+        (at initialisation: the kernels themselves; None without the file, e.g. resumed without it)."""
+        if stage == "init":
+            return kernels
+        path = self._dir / records.kernels_file(init=True)
+        initial = torch.from_numpy(np.load(path)).to(kernels.dtype) if path.is_file() else None
+        return initial if initial is not None and initial.shape == kernels.shape else None
 
     def _kernel_change(self, kernels: torch.Tensor, stage: str) -> list | None:
         """Per tower ||W - W0|| / ||W0||, W0 the kernels at initialisation (its file; None without one):
