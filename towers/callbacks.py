@@ -224,7 +224,7 @@ class KernelBisectionCallback(Callback):
             weak = (
                 None
                 if record.get("kernel_class") is None
-                else np.isin(np.asarray(record["kernel_class"]), ["weak", "unstructured"]).reshape(kernels.shape[:2])
+                else np.asarray(record["kernel_class"]).reshape(kernels.shape[:2]) == "weak"
             )
             images[records.GRID] = kernel_grid(kernels, self.global_scale, order, self.columns, self.zoom, weak=weak)
             init_scores = None if self.init_record is None or stage == "init" else self.init_record["score"]

@@ -17,7 +17,7 @@ from towers.files import write_atomic
 from towers.verdict import format_p
 
 LABEL_FONT_PX = 14  # tower labels: 14 px is 10.5 pt at 96 dpi, 8.4 pt even read at 120 dpi
-WEAK_FRAME = (220, 30, 30)  # the frame around a kernel counted apart (towers.verdict: weak or unstructured)
+WEAK_FRAME = (220, 30, 30)  # the frame around a weak kernel (towers.verdict: too small to judge)
 
 
 def kernel_grid(
@@ -46,8 +46,8 @@ def kernel_grid(
             the three channels of a kernel share one scale, so grey stays grey.
         order: (T, n) indices: the order of the kernels within each tower (e.g. sorted by score).
         labels: the "tower k" margin on the left.
-        weak: (T, n) bool, in the input order: kernels framed in red (the verdict's weak and
-            unstructured kernels, counted apart; per-kernel scaling would stretch them to look like any other).
+        weak: (T, n) bool, in the input order: kernels framed in red (the verdict's weak kernels,
+            which per-kernel scaling would otherwise stretch to look like any other).
     """
     k = torch.as_tensor(np.asarray(kernels) if not isinstance(kernels, torch.Tensor) else kernels)
     k = k.detach().to("cpu", torch.float64)

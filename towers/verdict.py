@@ -561,14 +561,13 @@ def verdict(
     # One permutation loop: delta f at the rule's cut and at every sensitivity cut, eta2 and its split.
     cuts = SENSITIVITY_CUTS if sensitivity else ()
     vectors = [cls] + [classify(scores, np.sqrt(sq), unstructured, c, weak_fraction) for c in cuts]
-    # The permutations act on a canonical order (groups by size and sorted scores, kernels by score and
-    # class), so neither the towers' names nor the kernels' order changes a p-value.
-    keys = [
-        (int((index == j).sum()), tuple(np.sort(scores[index == j])), tuple(np.sort(cls[index == j]))) for j in range(g)
-    ]
+    # The permutations act on a canonical order (groups by size and sorted scores, kernels by score), so
+    # neither the towers' names nor the kernels' order changes a p-value, and eta2's p depends on the
+    # scores alone.
+    keys = [(int((index == j).sum()), tuple(np.sort(scores[index == j]))) for j in range(g)]
     rank = np.empty(g, dtype=np.int64)
     rank[sorted(range(g), key=keys.__getitem__)] = np.arange(g)
-    canon = np.lexsort((cls, rank[index], scores))
+    canon = np.lexsort((rank[index], scores))
     x = scores - scores.mean()
     ss_total = float(np.square(x).sum())
     p_values, (p_eta2, p_split) = _Test(rank[index][canon], g, seed, permutations).run(
