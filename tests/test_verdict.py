@@ -183,11 +183,15 @@ def test_the_best_eta2_split_is_a_cut_of_the_sorted_means():
 def test_many_towers_fit_in_memory_and_time(num_towers, per_tower):
     """No search over 2^(T-1) bipartitions: the sides come from each tower's majority (issue 24)."""
     import time
+    import tracemalloc
 
     blocks = [noisy(gabor(per_tower, t) if t % 2 else colour(per_tower, t), seed=t) for t in range(num_towers)]
+    tracemalloc.start()  # NumPy's arrays are traced: the permutation loop's chunks
     start = time.perf_counter()
     v = verdict(towers_of(*blocks), permutations=999, sensitivity=False, bootstrap=100)
-    assert time.perf_counter() - start < 30
+    seconds, (_, peak) = time.perf_counter() - start, tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert seconds < 30 and peak < 300e6, (seconds, peak)
     assert v.verdict == SPECIALISED and len(v.agnostic_group) + len(v.specific_group) == num_towers
     assert v.bipartition.startswith("majority")
 
