@@ -136,6 +136,9 @@ def test_fresh_kernels_read_as_structured_at_the_chosen_rate_and_learned_ones_ne
     assert 0.004 < structured.double().mean() < 0.02  # 1% by construction (a different seed than the simulation)
     learned = torch.cat([noisy(gabor(200, 5)), noisy(colour(200, 6))])
     assert (effective_frequencies(learned) < white_noise_frequencies(11, 11, STRUCTURE_QUANTILE)).all()
+    # the kept constant is the simulation's (fewer draws here, so only close; a 7x7 kernel is simulated)
+    assert white_noise_frequencies(11, 11, 0.01, 20_000, cached=False) == pytest.approx(79.30, abs=0.5)
+    assert white_noise_frequencies(7, 7, 0.01, 20_000) < 79.30 * 49 / 121 * 1.1
 
 
 @pytest.mark.parametrize("num_towers,colour_towers", [(3, [2]), (4, [2, 4]), (4, [1, 2, 3])])

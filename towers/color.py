@@ -232,13 +232,27 @@ def effective_frequencies(kernels) -> torch.Tensor:
     return 1 / p.square().sum(1)
 
 
+# white_noise_frequencies(11, 11, 0.01) as its simulation below gives it (100,000 draws, seed 20121203),
+# kept so that no process pays the simulation for the paper's kernel size; a test recomputes it.
+WHITE_NOISE_FREQUENCIES = {(11, 11, 0.01): 79.29957953145825}
+
+
 @functools.cache
-def white_noise_frequencies(h: int, w: int, quantile: float, draws: int = 20000) -> float:
+def white_noise_frequencies(h: int, w: int, quantile: float, draws: int = 100_000, cached: bool = True) -> float:
     """The ``quantile`` of :func:`effective_frequencies` over i.i.d. Gaussian kernels (3, h, w): a seeded
-    simulation (the same number on every machine), the line between noise and structure."""
+    simulation (the same number on every machine), the line between noise and structure. 100,000 draws
+    put the 1% quantile's coverage within about 0.06% of 1%."""
+    if cached and draws == 100_000 and (h, w, quantile) in WHITE_NOISE_FREQUENCIES:
+        return WHITE_NOISE_FREQUENCIES[h, w, quantile]
     g = torch.Generator().manual_seed(20121203)
-    noise = torch.randn(draws, 3, h, w, generator=g, dtype=torch.float64)
-    return float(effective_frequencies(noise).quantile(quantile))
+    chunk = 10_000
+    spread = torch.cat(
+        [
+            effective_frequencies(torch.randn(min(chunk, draws - i), 3, h, w, generator=g, dtype=torch.float64))
+            for i in range(0, draws, chunk)
+        ]
+    )
+    return float(spread.quantile(quantile))
 
 
 def dominant_frequency(kernels, axis=None) -> torch.Tensor:
