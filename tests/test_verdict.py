@@ -111,6 +111,8 @@ def test_identical_grey_gabors_with_more_leftover_initialisation_are_not_special
     v = verdict(kernels, initial=w0, permutations=B)
     assert v.unstructured_count == [0, 48] and v.verdict == NOT_SPECIALISED and v.specific_tower is None
     assert np.allclose(v.movement[:48], 2) and np.allclose(v.movement[48:], 0.9)
+    with pytest.raises(ValueError, match="do not match"):
+        verdict(kernels, initial=w0[:, :40], permutations=999)
 
 
 def test_a_mostly_dead_tower_beside_a_grey_one_names_no_colour_tower():

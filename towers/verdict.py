@@ -536,7 +536,10 @@ def verdict(
     sq = raw.square().sum((1, 2, 3)).numpy()
     spread = effective_frequencies(raw).numpy()
     if initial is not None:
-        moved = movement(raw, raw_rgb_kernels(initial, channel_std).view(raw.shape)).numpy()
+        raw0 = raw_rgb_kernels(initial, channel_std)
+        if not bool(torch.isfinite(raw0).all()):
+            raise ValueError("initial kernel weights are not finite (NaN or inf)")
+        moved = movement(raw, raw0).numpy()
         unstructured, method = moved < MOVEMENT_MIN, "movement"
     else:
         moved = None
