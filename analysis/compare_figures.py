@@ -21,7 +21,7 @@ from analysis.compare_stats import (
     varying_columns,
 )
 from towers.records import KERNELS_NPY, KERNELS_PNG
-from towers.verdict import MIN_DELTA_F, format_p
+from towers.verdict import format_p
 
 MIN_FONT = 8  # pt, at the saved size
 FONT = 9
@@ -116,7 +116,7 @@ YLIM = (-0.55, 1.05)  # delta f of the best split is at least 0; its intervals r
 def fig_delta_f(runs: list[Run], summary: list[dict], references: list[dict]):
     """Delta f per seed against tower count, each with its Newcombe interval (filled: specialised); the
     median over seeds with its bootstrap interval; the random-effects estimate with its prediction
-    interval for a new run; the rule's MIN_DELTA_F; published figures as horizontal lines."""
+    interval for a new run; published figures as horizontal lines (the rule has no minimum Δf)."""
     if not summary and not references:
         return _empty("no finished run with a verdict")
     fig = figure(8, 4.5)
@@ -176,7 +176,6 @@ def fig_delta_f(runs: list[Run], summary: list[dict], references: list[dict]):
         )
     ax.scatter([], [], s=26, color="k", label="seed, specialised (with its Newcombe 95% interval)")
     ax.scatter([], [], s=26, facecolors="white", edgecolors="k", label="seed, not specialised")
-    ax.axhline(MIN_DELTA_F, color="r", ls="--", lw=1, label=f"rule: Δf ≥ {MIN_DELTA_F:.2f}")
     ax.axhline(0, color="0.7", lw=0.8)
     for i, ref in enumerate(references):
         ax.axhline(
@@ -429,6 +428,8 @@ def fig_montage(chosen: list[Run]):
         verdict = (
             ""
             if r["verdict"] is None
+            else r["verdict"]  # no delta f when a side is empty (towers.verdict)
+            if r["delta_f"] is None
             else (
                 f"{r['verdict']}, Δf = {r['delta_f']:.2f} [{r['delta_f_low']:.2f}, {r['delta_f_high']:.2f}], "
                 f"p {format_p(r['p_delta_f'], r['permutations'])}"
@@ -478,7 +479,6 @@ def fig_over_steps(runs: list[Run]):
                 label=None if "onset" in labelled else "onset: specialised from here on",
             )
             labelled.add("onset")
-    ax.axhline(MIN_DELTA_F, color="r", ls="--", lw=1, label=f"rule: Δf ≥ {MIN_DELTA_F:.2f}")
     ax.axhline(0, color="0.7", lw=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("Δf with the final groups")

@@ -215,7 +215,12 @@ def load_bisection(path: Path) -> dict:
     return data
 
 
-VERDICT_KEYS = [k for k in Verdict.__dataclass_fields__ if k not in ("control", "permutations")]
+# the eta2 numbers are read from the record's statistics (older files have them only there)
+VERDICT_KEYS = [
+    k
+    for k in Verdict.__dataclass_fields__
+    if k not in ("control", "permutations", "eta2", "eta2_null", "omega2", "eta2_split")
+]
 
 
 def measurement(record: dict | None) -> dict:
