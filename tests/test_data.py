@@ -203,9 +203,7 @@ def test_splits_are_disjoint_deterministic_and_independent_of_the_training_seed(
 def coordinate_module(resize_size=32, image_size=27, **kwargs) -> CatsDogsDataModule:
     """A module whose statistics are set by hand, for testing the batch transform alone."""
     dm = CatsDogsDataModule(resize_size=resize_size, image_size=image_size, num_workers=0, seed=7, **kwargs)
-    dm.mean_image = torch.zeros(3, resize_size, resize_size)
-    dm.channel_mean = torch.zeros(3)
-    dm.rgb_eigenvalues, dm.rgb_eigenvectors = torch.ones(3), torch.eye(3)
+    dm.preprocess.set_statistics({"rgb_eigenvalues": torch.ones(3), "rgb_eigenvectors": torch.eye(3)})
     return dm
 
 
@@ -261,7 +259,7 @@ def test_pca_noise_has_the_stored_covariance_structure():
     covariance = torch.tensor([[900.0, 700.0, 500.0], [700.0, 800.0, 600.0], [500.0, 600.0, 850.0]])
     values, vectors = torch.linalg.eigh(covariance)
     dm = coordinate_module(resize_size=8, image_size=5, random_crop=True, pca_noise_std=0.1)
-    dm.rgb_eigenvalues, dm.rgb_eigenvectors = values.flip(0), vectors.flip(1)
+    dm.preprocess.set_statistics({"rgb_eigenvalues": values.flip(0), "rgb_eigenvectors": vectors.flip(1)})
     n = 20000
     images = torch.full((n, 3, 8, 8), 128, dtype=torch.uint8)
     x = dm.transform(images, dm.draw_augmentation(torch.arange(n), epoch=3))
