@@ -34,6 +34,7 @@ from towers.data.files import ImageFiles, ImageStore
 from towers.data.sources import OFFICIAL_TEST_PREFIX, Subset, find
 from towers.data.store import Size, index_images, split_files, training_statistics
 from towers.errors import BadOption, MissingData
+from towers.files import shown_path
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -182,8 +183,9 @@ class ImageDataModule(L.LightningDataModule):
         if getattr(self, "train_files", None) is None:
             self._prepare_state()
         if self.num_classes != len(self.classes):
+            shown = self.classes if len(self.classes) <= 10 else self.classes[:10] + ["..."]
             raise BadOption(
-                f"The data has {len(self.classes)} classes {self.classes} but "
+                f"The data has {len(self.classes)} classes {shown} but "
                 f"num_classes={self.num_classes}; set --data.num_classes {len(self.classes)}"
             )
         trainer = getattr(self, "trainer", None)
@@ -262,8 +264,6 @@ class ImageDataModule(L.LightningDataModule):
             for line in self.bad_files_report.read_text().splitlines()[1:]:
                 file, action, reason = (line.split("\t") + ["", ""])[:3]
                 reasons[file] = reason
-            from towers.files import shown_path
-
             shown = [
                 f"{shown_path(found.base / f)} ({reasons.get(shown_path(found.base / f), 'skipped')})" for f in mine
             ]
