@@ -85,3 +85,14 @@ def test_a_flat_validation_folder_without_its_labels_is_refused(archives, tmp_pa
     shutil.rmtree(root / "ILSVRC2012_devkit_t12")
     with pytest.raises(FileNotFoundError, match="40 images in no synset folders, and no devkit gives their labels"):
         module(root)
+
+
+def test_the_store_format_reaches_the_store(archives, tmp_path):
+    root = extract(archives, tmp_path / "flat")
+    raw = module(root, cache_dir=str(tmp_path / "raw"))
+    jpeg = module(root, store_format="jpeg", cache_dir=str(tmp_path / "jpeg"))
+    assert "jpeg" in jpeg.store_path.name and "raw" in raw.store_path.name
+    assert by_name(jpeg.train_files) == by_name(raw.train_files)
+    a, b = raw.dataset(raw.train_files[:8]), jpeg.dataset(jpeg.train_files[:8])
+    difference = [(a[i][0].float() - b[i][0].float()).abs().mean().item() for i in range(8)]
+    assert 0 < max(difference) < 8  # re-encoded: close to the raw pixels, not equal

@@ -86,6 +86,9 @@ class ImageDataModule(L.LightningDataModule):
         ten_patch_test: test on the average of the ten patches (§4.1) instead of the centre crop.
         fast_path: read from a pre-resized uint8 store (built once, rebuilt when files change)
             instead of decoding JPEGs every epoch.
+        store_format: the store's format (:mod:`towers.data.shards`): ``raw`` uint8 rows (fastest
+            reads), or ``jpeg`` re-encoded at ``resize_size`` (about a tenth of the disk; decoded by the
+            loader workers on the CPU).
         cache_dir: where the check results, the store, the statistics and the bad-file report
             live (None: ``root/.towers-cache``).
         num_workers: loader processes (None: CPU count - 1, at most 8).
@@ -126,6 +129,7 @@ class ImageDataModule(L.LightningDataModule):
         pca_noise_std: float = 0.1,
         ten_patch_test: bool = False,
         fast_path: bool = True,
+        store_format: Literal["raw", "jpeg"] = "raw",
         cache_dir: str | None = None,
         num_workers: int | None = None,
         pin_memory: bool | None = None,
@@ -210,7 +214,14 @@ class ImageDataModule(L.LightningDataModule):
         """Check the files, split them, compute the training statistics; every step cached on disk."""
         hp = self.hparams
         index = index_images(
-            self.root, self.source(), self.cache_dir, hp.resize_size, hp.exif_transpose, hp.fast_path, self.num_workers
+            self.root,
+            self.source(),
+            self.cache_dir,
+            hp.resize_size,
+            hp.exif_transpose,
+            hp.fast_path,
+            self.num_workers,
+            store_format=hp.store_format,
         )
         self.layout, self.base, self.classes, self.usable = index.layout, index.base, index.classes, index.usable
         self.store_path, self.store_rows, self.bad_files_report = (
