@@ -204,9 +204,7 @@ def test_splits_are_disjoint_deterministic_and_independent_of_the_training_seed(
 def coordinate_module(resize_size=32, image_size=27, **kwargs) -> CatsDogsDataModule:
     """A module whose statistics are set by hand, for testing the batch transform alone."""
     dm = CatsDogsDataModule(resize_size=resize_size, image_size=image_size, num_workers=0, seed=7, **kwargs)
-    dm.mean_image = torch.zeros(3, resize_size, resize_size)
-    dm.channel_mean = torch.zeros(3)
-    dm.rgb_eigenvalues, dm.rgb_eigenvectors = torch.ones(3), torch.eye(3)
+    dm.preprocess.set_statistics({"rgb_eigenvalues": torch.ones(3), "rgb_eigenvectors": torch.eye(3)})
     return dm
 
 
@@ -262,7 +260,7 @@ def test_pca_noise_has_the_stored_covariance_structure():
     covariance = torch.tensor([[900.0, 700.0, 500.0], [700.0, 800.0, 600.0], [500.0, 600.0, 850.0]])
     values, vectors = torch.linalg.eigh(covariance)
     dm = coordinate_module(resize_size=8, image_size=5, random_crop=True, pca_noise_std=0.1)
-    dm.rgb_eigenvalues, dm.rgb_eigenvectors = values.flip(0), vectors.flip(1)
+    dm.preprocess.set_statistics({"rgb_eigenvalues": values.flip(0), "rgb_eigenvectors": vectors.flip(1)})
     n = 20000
     images = torch.full((n, 3, 8, 8), 128, dtype=torch.uint8)
     x = dm.transform(images, dm.draw_augmentation(torch.arange(n), epoch=3))
@@ -559,3 +557,123 @@ def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_run(tmp_path):
     assert len(whole) == 4 and {e for e, _, _ in whole} == {0, 1}
     assert first + resumed == whole
     assert whole[:2] != whole[2:]  # a new order and new crops each epoch
+
+
+# ----------------------------------------------------------------------------- pixel formats and refusals
+
+
+def gradient(width=64, height=8) -> np.ndarray:
+    """0..1 from the left column to the right one."""
+    return np.tile(np.linspace(0.0, 1.0, width), (height, 1))
+
+
+@pytest.mark.parametrize("mode", Image.MODES)
+def test_every_pillow_pixel_format_comes_out_rgb_with_its_contrast(mode):
+    from towers.data.files import to_rgb
+
+    ramp = gradient()
+    if mode in ("I;16", "I;16L", "I;16N", "I;16B"):
+        dtype = ">u2" if mode == "I;16B" else "<u2"
+        image = Image.frombytes(mode, (64, 8), (ramp * 65535).round().astype(dtype).tobytes())
+    elif mode == "I":
+        image = Image.fromarray((ramp * 65535).round().astype(np.int32))
+    elif mode == "F":
+        image = Image.fromarray(ramp.astype(np.float32))
+    elif mode == "1":
+        image = Image.fromarray(ramp > 0.5)
+    else:
+        rgb = np.stack([ramp * 255, ramp * 255, ramp * 200], -1).astype(np.uint8)
+        image = Image.fromarray(rgb).convert("RGBA" if mode in ("RGBa", "La", "PA") else "RGB")
+        image = image.convert("LA").convert("La") if mode == "La" else image.convert(mode)
+    assert image.mode == mode
+    rgb, note = to_rgb(image)
+    pixels = np.asarray(rgb)
+    assert rgb.mode == "RGB" and pixels.dtype == np.uint8
+    assert pixels.max() - pixels.min() > 150, (mode, pixels.min(), pixels.max())  # not clipped to one end
+    if mode not in ("RGB",):
+        assert note.startswith(mode)
+    if mode.startswith("I") or mode == "F":  # wide greyscale: scaled linearly, the ends to 0 and 255
+        assert (pixels[:, 0] == 0).all() and (pixels[:, -1] == 255).all()
+        assert np.abs(pixels[0, :, 0].astype(float) - ramp[0] * 255).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("values", "fmt", "note"),
+    [
+        ((gradient() * 65535).astype(np.uint16), "PNG", "I;16 scaled from 0..65535 to 0..255"),
+        ((gradient() * 65535).astype(np.uint16), "TIFF", "I;16 scaled from 0..65535 to 0..255"),
+        ((gradient() * 4000).astype(np.uint16), "PNG", "I;16 scaled from 0..65535 to 0..255"),  # a dark 12-bit scan
+        ((gradient() * 3e9 - 1.5e9).astype(np.int32), "TIFF", "I scaled from -1.5e+09..1.5e+09 to 0..255"),
+        (gradient().astype(np.float32), "TIFF", "F scaled from 0..1 to 0..255"),
+        ((gradient() * 255).astype(np.float32), "TIFF", "F scaled from 0..255 to 0..255"),
+    ],
+)
+def test_wide_greyscale_files_are_scaled_not_clipped(tmp_path, values, fmt, note):
+    path = tmp_path / f"image.{fmt.lower()}"
+    Image.fromarray(values).save(path, fmt)
+    pixels, said = load_image(path, resize_size=8)
+    assert note in said and "constant" not in said
+    low, high = (float(s) for s in note.split("from ")[1].split(" to")[0].split(".."))
+    expected = (values.astype(np.float64) - low) / (high - low) * 255  # what the file's values mean in 0..255
+    assert abs(float(pixels.mean()) - float(expected.mean())) < 3  # the pixels, not only the report
+    assert pixels.std() > 0 and (pixels[0] == pixels[1]).all() and (pixels[0] == pixels[2]).all()  # grey
+
+
+def test_an_image_that_comes_out_constant_is_reported(tmp_path):
+    path = tmp_path / "flat.png"
+    Image.fromarray(np.full((20, 30), 40000, dtype=np.uint16)).save(path)
+    pixels, note = load_image(path, resize_size=8)
+    assert (pixels == 156).all() and "constant image: every pixel is 156 after conversion" in note
+
+
+def test_any_exception_while_decoding_one_file_marks_that_file_bad(tmp_path, monkeypatch):
+    import struct
+
+    kaggle_tree(tmp_path, 4)
+    getexif = Image.Image.getexif
+
+    def odd_exif(image):  # what a viewable JPEG with an odd EXIF tag did to Pillow: not an OSError
+        if str(getattr(image, "filename", "")).endswith("dog.2.jpg"):
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        return getexif(image)
+
+    monkeypatch.setattr(Image.Image, "getexif", odd_exif)
+    for fast_path in (True, False):
+        dm = module(tmp_path, fast_path=fast_path, cache_dir=str(tmp_path / f"cache-{fast_path}"))
+        report = dm.bad_files_report.read_text()
+        assert "dog.2.jpg\tskipped\tcannot be decoded: error: unpack requires a buffer of 4 bytes" in report
+        assert len(dm.usable) == 7
+
+
+def test_a_class_with_no_usable_image_is_refused_naming_it_and_its_files(tmp_path):
+    for i in range(6):
+        jpeg(tmp_path / "ms" / "PetImages" / "Cat" / f"{i}.jpg", i)
+    (tmp_path / "ms" / "PetImages" / "Dog").mkdir()
+    (tmp_path / "ms" / "PetImages" / "Dog" / "1.jpg").write_bytes(b"")
+    (tmp_path / "ms" / "PetImages" / "Dog" / "2.jpg").write_text("not an image")
+    with pytest.raises(FileNotFoundError) as error:
+        module(tmp_path / "ms", test_size=1, val_size=1)
+    message = str(error.value)
+    assert "the training split has no image of class 'dog': none of its 2 files is usable" in message
+    assert "Dog/1.jpg (empty file (0 bytes))" in message and "Dog/2.jpg (not an image Pillow can identify)" in message
+    assert "\n" not in message
+    for i in range(6):  # a Kaggle folder with cats only
+        jpeg(tmp_path / "kaggle" / "train" / f"cat.{i}.jpg", i)
+    with pytest.raises(FileNotFoundError, match="no image of class 'dog': no file of it was found"):
+        module(tmp_path / "kaggle", test_size=1, val_size=1)
+
+
+@pytest.mark.parametrize(
+    ("option", "line"),
+    [
+        ("--data.split_seed=-1", "--data.split_seed -1: a seed must be 0 or more"),
+        ("--data.num_workers=-1", "--data.num_workers -1: the loader processes must be 0 (none) or more"),
+    ],
+)
+def test_negative_seeds_and_worker_counts_are_one_line_errors(tmp_path, monkeypatch, capsys, option, line):
+    from train import command_line
+
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    status = command_line(["fit", f"--data.root={tmp_path}", option, *one_quiet_step(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err.splitlines()[-1] == f"train.py: error: {line}" and "Traceback" not in err

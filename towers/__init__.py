@@ -7,6 +7,7 @@ import importlib
 # start in a fraction of the time and a checkpoint can be scored with torch and numpy alone.
 _EXPORTS = {
     "CatsDogsDataModule": "towers.data",
+    "ImageDataModule": "towers.data",
     "KernelBisectionCallback": "towers.callbacks",
     "TowerAlexNet": "towers.model",
     "TowerClassifier": "towers.module",

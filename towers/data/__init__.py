@@ -1,11 +1,14 @@
-"""Cats vs dogs with the paper's preprocessing, and what the model and the callback may ask of a data module.
+"""Labelled images with the paper's preprocessing, and what the model and the callback may ask of a data module.
 
-    files.py     finding the images by layout, decoding one image, the two datasets
+    sources/     where the images come from: Cats-vs-Dogs layouts, ImageNet, class folders (files,
+                 labels, class names, any official split; subsets of classes and images)
+    files.py     decoding one image whatever its pixel format, the two datasets
     store.py     checking every file once, the pre-resized store, the splits, the training statistics
-    download.py  generating the demo set, downloading and unpacking archives
+    download.py  downloading and unpacking archives
     demo.py      the synthetic demo set
-    augment.py   the paper's batch augmentation as pure tensor functions (no Lightning)
-    module.py    ``CatsDogsDataModule``, the LightningDataModule that puts them together
+    augment.py   the paper's batch augmentation: pure tensor functions and ``Preprocessing``, the one
+                 nn.Module with the training statistics as buffers (no Lightning)
+    module.py    ``ImageDataModule`` (alias ``CatsDogsDataModule``), the LightningDataModule over them
 
 The names below are exported lazily (PEP 562), so ``towers.data.augment`` or :func:`colour_inputs`
 import without Lightning, PIL or the rest of the package.
@@ -20,7 +23,10 @@ if TYPE_CHECKING:
     import torch
 
 _EXPORTS = {
+    "ImageDataModule": "towers.data.module",
     "CatsDogsDataModule": "towers.data.module",
+    "Preprocessing": "towers.data.augment",
+    "Subset": "towers.data.sources",
     "CLASSES": "towers.data.files",
     "BadImage": "towers.data.files",
     "ImageFiles": "towers.data.files",
@@ -52,7 +58,7 @@ def __getattr__(name: str):
 class ColourInputs(Protocol):
     """What the model and the kernel-bisection callback need to know about the colours of the inputs.
 
-    ``CatsDogsDataModule`` implements it (both set by its ``setup`` from the training pixels).
+    ``ImageDataModule`` implements it (both set by its ``setup`` from the training pixels).
 
     Attributes:
         input_channel_std: (3,) per-channel std of the raw RGB pixels that the inputs were divided by,

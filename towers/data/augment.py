@@ -1,13 +1,16 @@
 """The paper's augmentation on batches (§4.1), as pure tensor functions vectorised over the batch:
-random crops and horizontal flips, the ten test patches, mean subtraction and PCA colour noise.
+random crops and horizontal flips, the ten test patches, mean subtraction and PCA colour noise; and
+:class:`Preprocessing`, the one ``nn.Module`` that applies them with the training set's statistics
+as buffers, on the batch's device.
 
-No Lightning here: :class:`towers.data.module.CatsDogsDataModule` calls these with its settings and
-its training-set statistics. Every random draw comes from a generator seeded by (seed, epoch, first
+No Lightning here: :class:`towers.data.module.ImageDataModule` runs :class:`Preprocessing` in
+``on_after_batch_transfer``. Every random draw comes from a generator seeded by (seed, epoch, first
 image of the batch), never from global random state.
 """
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def crop(
@@ -118,3 +121,71 @@ def augment(
     if input_channel_std is not None:
         x /= input_channel_std[:, None, None]
     return x.view(b, 10, *x.shape[1:]) if ten_patch and draws is None else x
+
+
+STATISTICS = (
+    "mean_image",
+    "channel_mean",
+    "rgb_covariance",
+    "rgb_eigenvalues",
+    "rgb_eigenvectors",
+    "input_channel_std",
+)
+
+
+class Preprocessing(nn.Module):
+    """The paper's preprocessing of uint8 (B, 3, R, R) batches, on their device (§2, §4.1): crops
+    (random with flips at training time, the centre or the ten patches at test time), mean subtraction,
+    PCA colour noise, and optionally division by the per-channel std (not in the paper).
+
+    The training set's statistics are buffers (so ``.to(device)`` moves them once, and they are saved
+    with the module): ``mean_image`` (3, R, R), ``channel_mean`` (3,), ``rgb_covariance`` (3, 3),
+    ``rgb_eigenvalues`` (3,) largest first and ``rgb_eigenvectors`` (3, 3) column k component k, and
+    ``input_channel_std`` (3,) with ``divide_std`` (else None). ``known`` is False until
+    :meth:`set_statistics` has filled them. The random draws come from :func:`draw_augmentation`.
+    """
+
+    def __init__(
+        self,
+        resize_size: int = 256,
+        image_size: int = 227,
+        mean: str = "pixel",
+        pca_noise_std: float = 0.1,
+        divide_std: bool = False,
+    ):
+        super().__init__()
+        self.resize_size, self.image_size, self.mean, self.pca_noise_std = resize_size, image_size, mean, pca_noise_std
+        self.register_buffer("mean_image", torch.zeros(3, resize_size, resize_size))
+        self.register_buffer("channel_mean", torch.zeros(3))
+        self.register_buffer("rgb_covariance", torch.zeros(3, 3))
+        self.register_buffer("rgb_eigenvalues", torch.zeros(3))
+        self.register_buffer("rgb_eigenvectors", torch.eye(3))
+        self.register_buffer("input_channel_std", torch.ones(3) if divide_std else None)
+        self.known = False
+
+    def set_statistics(self, statistics: dict[str, torch.Tensor | None]) -> None:
+        """Fill the buffers from :func:`towers.data.store.training_statistics`' dictionary."""
+        for name in STATISTICS:
+            buffer, value = getattr(self, name), statistics.get(name)
+            if buffer is not None and value is not None:
+                buffer.copy_(value)
+        self.known = True
+
+    def forward(self, images: torch.Tensor, draws: dict | None = None, ten_patch: bool = False) -> torch.Tensor:
+        """uint8 (B, 3, R, R) -> float (B, 3, S, S); see :func:`augment` for ``draws`` and ``ten_patch``."""
+        if draws is not None:
+            draws = {k: v.to(images.device, non_blocking=True) for k, v in draws.items()}
+        return augment(
+            images,
+            self.resize_size,
+            self.image_size,
+            draws,
+            ten_patch,
+            mean=self.mean,
+            mean_image=self.mean_image,
+            channel_mean=self.channel_mean,
+            pca_noise_std=self.pca_noise_std,
+            rgb_eigenvalues=self.rgb_eigenvalues,
+            rgb_eigenvectors=self.rgb_eigenvectors,
+            input_channel_std=self.input_channel_std,
+        )

@@ -1,5 +1,6 @@
 """Downloads and archives: Microsoft's Cats-vs-Dogs zip (checked against its pinned SHA-256) and
-Oxford-IIIT Pet (through torchvision), each unpacked in a temporary folder and moved into place whole."""
+Oxford-IIIT Pet (through torchvision), each unpacked in a temporary folder and moved into place whole;
+ImageNet's archives are unpacked by :func:`towers.data.sources.imagenet.unpack`."""
 
 import errno
 import hashlib
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from towers.data.demo import make_demo_dataset
 from towers.data.files import find_images
+from towers.data.sources.imagenet import unpack as unpack_imagenet
 from towers.errors import BadOption, NotWritable
 
 log = logging.getLogger(__name__)
@@ -33,13 +35,16 @@ def obtain(
     root: Path, source: str, download: bool, archive_sha256: str | None, demo_images_per_class: int, demo_seed: int
 ) -> None:
     """Put what is missing into ``root``: generate the demo set (``source`` ``demo``), download Oxford-IIIT
-    Pet (``oxford_pet`` with ``download``), or fetch or unpack Microsoft's archive (``auto`` or ``microsoft``
-    when no images are found, with ``download`` or a zip already in ``root``)."""
+    Pet (``oxford_pet`` with ``download``), unpack the ImageNet archives found in ``root`` (``imagenet``;
+    never downloaded: ImageNet's terms require a login), or fetch or unpack Microsoft's archive
+    (``auto`` or ``microsoft`` when no images are found, with ``download`` or a zip already in ``root``)."""
     try:
         if source == "demo" and not (root / "train").is_dir():
             make_demo_dataset(root, demo_images_per_class, demo_seed)
         elif source == "oxford_pet" and download:
             download_oxford_pet(root)
+        elif source == "imagenet" and root.is_dir():
+            unpack_imagenet(root, check_md5=(archive_sha256 or "").lower() != "any")
         elif source in ("auto", "microsoft"):
             try:
                 find_images(root, source)

@@ -1,13 +1,18 @@
-"""Cats vs dogs with the paper's preprocessing (§2, §4.1), as a LightningDataModule.
+"""Image classification data with the paper's preprocessing (§2, §4.1), as a LightningDataModule:
+Cats-vs-Dogs, ImageNet, any class-folder tree or the demo set, over the store backend.
 
-    files  -> found by layout, every file checked once (unreadable ones reported and skipped)
-           -> split by image with ``split_seed``                            (towers/data/files.py, store.py)
+    files  -> found by their source (towers/data/sources/), optionally a subset of classes and images,
+              every file checked once (unreadable ones reported and skipped)
+           -> the official test split where the dataset has one (ImageNet's validation set), else test
+              images drawn at random; the validation images carved from training; by image, from
+              ``split_seed``                                             (towers/data/store.py)
            -> each image: shorter side to ``resize_size`` (256), centre crop -> uint8 (3, 256, 256),
               decoded from the file each time (plain path) or read from a pre-resized uint8
               store (fast path); both give the same pixels
     batch  -> moved to the device as uint8, then on the device, vectorised over the batch:
               training: random ``image_size`` (227) crop, horizontal flip, mean subtraction,
-              PCA colour noise; evaluation: centre crop, or the paper's ten patches (towers/data/augment.py).
+              PCA colour noise; evaluation: centre crop, or the paper's ten patches: one nn.Module,
+              ``Preprocessing``, with the training statistics as buffers (towers/data/augment.py).
 
 Every random draw (the order of the training images, each crop, flip and colour-noise
 coefficient) is a function of ``seed``, the epoch and the images of the batch only, never of
@@ -23,15 +28,18 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from towers.data.augment import augment, draw_augmentation
+from towers.data.augment import Preprocessing, draw_augmentation
 from towers.data.download import obtain
 from towers.data.files import ImageFiles, ImageStore
+from towers.data.sources import OFFICIAL_TEST_PREFIX, Subset, find
 from towers.data.store import Size, index_images, split_files, training_statistics
-from towers.errors import BadOption
+from towers.errors import BadOption, MissingData
+from towers.files import shown_path
 
 
-class CatsDogsDataModule(L.LightningDataModule):
-    """Cats vs dogs (cat = 0, dog = 1) with the paper's preprocessing and augmentation.
+class ImageDataModule(L.LightningDataModule):
+    """Labelled images (Cats-vs-Dogs: cat = 0, dog = 1; ImageNet; any class folders) with the paper's
+    preprocessing and augmentation.
 
     Batches are ``(images, labels)``: images float32 (B, 3, S, S) in RGB order and raw 0..255
     pixel units minus the training mean (not divided by a std unless ``divide_std``); labels
@@ -41,16 +49,24 @@ class CatsDogsDataModule(L.LightningDataModule):
         root: the dataset folder; the layout is detected (``source: auto``) or given.
         source: ``auto``, ``microsoft`` (PetImages/Cat, PetImages/Dog), ``kaggle`` (train/cat.N.jpg),
             ``folders`` (root/<class>/*), ``oxford_pet`` (Oxford-IIIT Pet through torchvision),
-            ``demo`` (a synthetic set generated in ``root`` when missing).
+            ``imagenet`` (ILSVRC-2012: its archives, unpacked by ``prepare_data``, or train/<wnid>/ and
+            val/), ``demo`` (a synthetic set generated in ``root`` when missing).
         download: let ``prepare_data`` fetch a missing Microsoft archive or Oxford-IIIT Pet.
         archive_sha256: expected SHA-256 of the Microsoft zip (downloaded, or found as
             ``root/kagglecatsanddogs_5340.zip``); None: the official archive's
-            (:data:`MICROSOFT_SHA256`); ``"any"``: not checked (the digest is logged).
+            (:data:`MICROSOFT_SHA256`); ``"any"``: not checked (the digest is logged). For ImageNet,
+            ``"any"`` skips torchvision's MD5 check of the official archives, anything else keeps it.
+        classes: a subset of the classes: N (drawn at random with ``split_seed``) or a file of class
+            ids one a line (ImageNet's WordNet ids, or folder names); None: all.
+        images_per_class: at most this many training images of each class (drawn with ``split_seed``);
+            an official test split keeps all its images of the chosen classes. None: all.
         demo_images_per_class, demo_seed: size and seed of the generated demo set.
         test_size, train_size, val_size: a count, a fraction of all usable images, or
             ``"rest"``. The test images are drawn first, then the training pool, and the
             validation images are carved out of the training pool (defaults: 1,000 test and
             24,000 train as in the demul/AlexNet replication, 1,000 of the 24,000 for validation).
+            A dataset with an official test split (ImageNet's validation set) tests on all of it;
+            ``test_size`` is then not used, the other two apply to its training images.
         split_seed: the split depends on this only, never on the training seed.
         seed: seed of the training order, crops, flips and colour noise; None takes the run's
             ``seed_everything`` (``PL_GLOBAL_SEED``), or 0.
@@ -70,6 +86,9 @@ class CatsDogsDataModule(L.LightningDataModule):
         ten_patch_test: test on the average of the ten patches (§4.1) instead of the centre crop.
         fast_path: read from a pre-resized uint8 store (built once, rebuilt when files change)
             instead of decoding JPEGs every epoch.
+        store_format: the store's format (:mod:`towers.data.shards`): ``raw`` uint8 rows (fastest
+            reads), or ``jpeg`` re-encoded at ``resize_size`` (about a tenth of the disk; decoded by the
+            loader workers on the CPU).
         cache_dir: where the check results, the store, the statistics and the bad-file report
             live (None: ``root/.towers-cache``).
         num_workers: loader processes (None: CPU count - 1, at most 8).
@@ -77,16 +96,20 @@ class CatsDogsDataModule(L.LightningDataModule):
         num_classes: the number of classes the data holds (2: cat and dog); the CLI passes it to the
             model (``--model.num_classes`` follows from it), and ``setup`` refuses data that has another.
 
-    The colour facts the model and the callback need (:class:`towers.data.ColourInputs`):
-    ``input_channel_std`` (with ``divide_std``, else None) and ``rgb_eigenvectors``, set by ``setup``.
+    The preprocessing is one module, ``self.preprocess`` (:class:`towers.data.augment.Preprocessing`),
+    whose buffers ``setup`` fills with the training statistics. The colour facts the model and the
+    callback need (:class:`towers.data.ColourInputs`): ``input_channel_std`` (with ``divide_std``,
+    else None) and ``rgb_eigenvectors``, known after ``setup``.
     """
 
     def __init__(
         self,
         root: str = "data",
-        source: Literal["auto", "microsoft", "kaggle", "folders", "oxford_pet", "demo"] = "auto",
+        source: Literal["auto", "microsoft", "kaggle", "folders", "oxford_pet", "imagenet", "demo"] = "auto",
         download: bool = False,
         archive_sha256: str | None = None,
+        classes: int | str | None = None,
+        images_per_class: int | None = None,
         demo_images_per_class: int = 600,
         demo_seed: int = 0,
         test_size: Size = 1000,
@@ -106,6 +129,7 @@ class CatsDogsDataModule(L.LightningDataModule):
         pca_noise_std: float = 0.1,
         ten_patch_test: bool = False,
         fast_path: bool = True,
+        store_format: Literal["raw", "jpeg"] = "raw",
         cache_dir: str | None = None,
         num_workers: int | None = None,
         pin_memory: bool | None = None,
@@ -116,15 +140,38 @@ class CatsDogsDataModule(L.LightningDataModule):
             raise BadOption(f"image_size={image_size} is larger than resize_size={resize_size}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise BadOption(f"batch_size={batch_size} and eval_batch_size={eval_batch_size} must be at least 1")
+        for name, value in (("split_seed", split_seed), ("seed", seed), ("demo_seed", demo_seed)):
+            if value is not None and value < 0:  # NumPy's and torch's generators take no negative seed
+                raise BadOption(f"--data.{name} {value}: a seed must be 0 or more")
+        if num_workers is not None and num_workers < 0:
+            raise BadOption(f"--data.num_workers {num_workers}: the loader processes must be 0 (none) or more")
         self.save_hyperparameters()
         self.root = Path(root)
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".towers-cache"
         self.num_workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if num_workers is None else num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.image_size, self.resize_size, self.num_classes = image_size, resize_size, num_classes
-        self.input_channel_std: torch.Tensor | None = None
-        self.rgb_eigenvectors: torch.Tensor | None = None
-        self.rgb_eigenvalues: torch.Tensor | None = None
+        self.preprocess = Preprocessing(resize_size, image_size, mean, pca_noise_std, divide_std)
+        self.class_descriptions: list[str] = []
+
+    # -------------------------------------------------------------- the statistics, once known
+
+    def _statistic(self, name: str) -> torch.Tensor | None:
+        return getattr(self.preprocess, name) if self.preprocess.known else None
+
+    mean_image = property(lambda self: self._statistic("mean_image"))
+    channel_mean = property(lambda self: self._statistic("channel_mean"))
+    rgb_covariance = property(lambda self: self._statistic("rgb_covariance"))
+    rgb_eigenvalues = property(lambda self: self._statistic("rgb_eigenvalues"))
+    rgb_eigenvectors = property(lambda self: self._statistic("rgb_eigenvectors"))
+    input_channel_std = property(lambda self: self._statistic("input_channel_std"))
+
+    def source(self) -> str | Subset:
+        """What :func:`towers.data.sources.find` is given: the layout, or a subset of it."""
+        hp = self.hparams
+        if hp.classes is None and hp.images_per_class is None:
+            return hp.source
+        return Subset(hp.source, hp.classes, hp.images_per_class, hp.split_seed)
 
     # -------------------------------------------------------------- prepare: downloads, checks, store
 
@@ -140,8 +187,9 @@ class CatsDogsDataModule(L.LightningDataModule):
         if getattr(self, "train_files", None) is None:
             self._prepare_state()
         if self.num_classes != len(self.classes):
+            shown = self.classes if len(self.classes) <= 10 else self.classes[:10] + ["..."]
             raise BadOption(
-                f"The data has {len(self.classes)} classes {self.classes} but "
+                f"The data has {len(self.classes)} classes {shown} but "
                 f"num_classes={self.num_classes}; set --data.num_classes {len(self.classes)}"
             )
         trainer = getattr(self, "trainer", None)
@@ -166,7 +214,14 @@ class CatsDogsDataModule(L.LightningDataModule):
         """Check the files, split them, compute the training statistics; every step cached on disk."""
         hp = self.hparams
         index = index_images(
-            self.root, hp.source, self.cache_dir, hp.resize_size, hp.exif_transpose, hp.fast_path, self.num_workers
+            self.root,
+            self.source(),
+            self.cache_dir,
+            hp.resize_size,
+            hp.exif_transpose,
+            hp.fast_path,
+            self.num_workers,
+            store_format=hp.store_format,
         )
         self.layout, self.base, self.classes, self.usable = index.layout, index.base, index.classes, index.usable
         self.store_path, self.store_rows, self.bad_files_report = (
@@ -174,9 +229,24 @@ class CatsDogsDataModule(L.LightningDataModule):
             index.store_rows,
             index.bad_files_report,
         )
-        self.train_files, self.val_files, self.test_files = split_files(
-            self.usable, hp.test_size, hp.train_size, hp.val_size, hp.split_seed, self.base, self.bad_files_report
-        )
+        if self.layout == "imagenet":
+            from towers.data.sources.imagenet import devkit
+
+            words = devkit(self.base)[0]
+            self.class_descriptions = [", ".join(words.get(c, ())) for c in self.classes]
+        prefix = OFFICIAL_TEST_PREFIX.get(self.layout)
+        official = [item for item in self.usable if prefix and item[0].startswith(prefix)]
+        if official:  # the dataset's own test split; validation carved from its training images
+            pool = [item for item in self.usable if not item[0].startswith(prefix)]
+            self.train_files, self.val_files, _ = split_files(
+                pool, 0, hp.train_size, hp.val_size, hp.split_seed, self.base, self.bad_files_report
+            )
+            self.test_files = official
+        else:
+            self.train_files, self.val_files, self.test_files = split_files(
+                self.usable, hp.test_size, hp.train_size, hp.val_size, hp.split_seed, self.base, self.bad_files_report
+            )
+        self._check_every_class_is_trained_on()
         statistics = training_statistics(
             self.dataset(self.train_files),
             [self.train_files, self.store_path.name],
@@ -185,11 +255,39 @@ class CatsDogsDataModule(L.LightningDataModule):
             hp.divide_std,
             self.num_workers,
         )
-        for (
-            name,
-            value,
-        ) in statistics.items():  # mean_image, channel_mean, rgb_covariance, rgb_eigen*, input_channel_std
-            setattr(self, name, value)
+        self.preprocess.set_statistics(statistics)
+
+    def _check_every_class_is_trained_on(self) -> None:
+        """Refuse a training split in which a class has no image: such a run would train a C-class
+        model on fewer classes and still report itself finished. Names the class and its skipped files."""
+        counts = torch.bincount(torch.tensor([label for _, label in self.train_files]), minlength=len(self.classes))
+        empty = [c for c in range(len(self.classes)) if counts[c] == 0]
+        if not empty:
+            return
+        c = empty[0]
+        usable = sum(label == c for _, label in self.usable)
+        if usable:
+            why = f"its {usable} usable images all went to the validation and test splits"
+        else:
+            found = find(self.root, self.source())
+            mine = [f for f, label in found.files if label == c]
+            reasons = {}
+            for line in self.bad_files_report.read_text().splitlines()[1:]:
+                file, action, reason = (line.split("\t") + ["", ""])[:3]
+                reasons[file] = reason
+            shown = [
+                f"{shown_path(found.base / f)} ({reasons.get(shown_path(found.base / f), 'skipped')})" for f in mine
+            ]
+            why = (
+                f"none of its {len(mine)} files is usable: {'; '.join(shown[:5])}{'; ...' if len(shown) > 5 else ''}"
+                if mine
+                else "no file of it was found"
+            )
+        others = f" (and {len(empty) - 1} more classes)" if len(empty) > 1 else ""
+        raise MissingData(
+            f"the training split has no image of class {self.classes[c]!r}{others}: {why}; "
+            f"the full list of skipped files: {self.bad_files_report}"
+        )
 
     def dataset(self, files: list[tuple[str, int]]) -> Dataset:
         labels = [label for _, label in files]
@@ -272,27 +370,27 @@ class CatsDogsDataModule(L.LightningDataModule):
         return self.transform(images, draws, ten_patch=ten), labels
 
     def transform(self, images: torch.Tensor, draws: dict | None = None, ten_patch: bool = False) -> torch.Tensor:
-        """uint8 (B, 3, R, R) -> float (B, 3, S, S) crops minus the mean (+ PCA noise when ``draws``).
+        """uint8 (B, 3, R, R) -> float (B, 3, S, S) crops minus the mean (+ PCA noise when ``draws``):
+        ``self.preprocess``, moved to the device of ``images`` (once: its buffers then live there).
 
         ``draws`` from :meth:`draw_augmentation` for training; None for the centre crop, or with
-        ``ten_patch`` the ten patches as (B, 10, 3, S, S). See :func:`towers.data.augment.augment`.
+        ``ten_patch`` the ten patches as (B, 10, 3, S, S). See :class:`towers.data.augment.Preprocessing`.
         """
-        hp, device = self.hparams, images.device
-        for name in ("mean_image", "channel_mean", "rgb_eigenvectors", "rgb_eigenvalues", "input_channel_std"):
-            value = getattr(self, name)
-            if value is not None and value.device != device:
-                setattr(self, name, value.to(device))  # once: the statistics then live on the device
-        return augment(
-            images,
-            hp.resize_size,
-            hp.image_size,
-            draws,
-            ten_patch,
-            mean=hp.mean,
-            mean_image=self.mean_image,
-            channel_mean=self.channel_mean,
-            pca_noise_std=hp.pca_noise_std,
-            rgb_eigenvalues=self.rgb_eigenvalues,
-            rgb_eigenvectors=self.rgb_eigenvectors,
-            input_channel_std=self.input_channel_std,
-        )
+        return self.preprocess.to(images.device)(images, draws, ten_patch)
+
+    # -------------------------------------------------------------- what a checkpoint records
+
+    def state_dict(self) -> dict:
+        """The classes trained on (a subset's are drawn from its settings): kept in every checkpoint."""
+        return {"classes": list(getattr(self, "classes", [])), "class_descriptions": self.class_descriptions}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved, now = state_dict.get("classes"), getattr(self, "classes", None)
+        if saved and now is not None and list(saved) != list(now):
+            raise BadOption(
+                f"the checkpoint was trained on {len(saved)} classes ({', '.join(saved[:3])}, ...) but this "
+                f"data has {len(now)} ({', '.join(now[:3])}, ...); use the data and --data.classes of that run"
+            )
+
+
+CatsDogsDataModule = ImageDataModule  # its name before ImageNet; configs and saved runs name either
