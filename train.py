@@ -30,8 +30,7 @@ from towers.data import CatsDogsDataModule
 from towers.errors import BadOption, Diverged, MissingData, UserError
 from towers.measure import summary_line
 from towers.model import PAPER_WIDTHS, tower_widths
-from towers.module import TowerClassifier
-from towers.records import TEST_ACC
+from towers.module import TowerClassifier, accuracy_line
 from towers.runs import (
     EXIT_DIVERGED,
     AtomicCheckpointIO,
@@ -262,7 +261,6 @@ class TowersCLI(LightningCLI):
 def fit_summary(trainer) -> str:
     """The block that ends every fit: how it ended, test accuracy, the verdict line, the run's folder."""
     status = next((cb.status for cb in trainer.callbacks if isinstance(cb, RunStatus)), None)
-    accuracy = trainer.callback_metrics.get(TEST_ACC)
     bisection = next((cb for cb in trainer.callbacks if isinstance(cb, KernelBisectionCallback)), None)
     record = (bisection.last_record if bisection is not None else None) or {}
     if bisection is None:
@@ -274,7 +272,7 @@ def fit_summary(trainer) -> str:
     return "\n".join(
         [
             header,
-            f"test accuracy: {float(accuracy):.4f}" if accuracy is not None else "test accuracy: not tested",
+            accuracy_line(trainer),  # top-1, top-5 where logged, centre crop or ten patches
             f"verdict:       {verdict}",
             *(
                 [
