@@ -190,8 +190,8 @@ def time_estimate(sweep: Sweep, params: list[dict]) -> str:
                 command = render_command(sweep.config, p)
                 at = command.index(sweep.config["program"])
                 _, cfg = _parse_train_config(Path(sweep.config["program"]), command[at + 1 :])
-                epochs = cfg["trainer"].get("max_epochs")
-                per_condition[key] = epochs * training_images(cfg["data"]) if epochs and epochs > 0 else None
+                epochs, images = cfg["trainer"].get("max_epochs"), training_images(cfg["data"])
+                per_condition[key] = epochs * images if epochs and epochs > 0 and images is not None else None
             if per_condition[key] is None:
                 return "Time: no estimate (the images per epoch are known only from the data, or no max_epochs)"
     except (Exception, SystemExit) as err:  # noqa: BLE001  an estimate only: the runs report a bad config
