@@ -15,7 +15,6 @@ own folder (:func:`towers.runs.run_dir`; the names are :mod:`towers.records`'):
 and logs the scalars and images to every logger the trainer has (W&B and TensorBoard images).
 """
 
-import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from towers import records
 from towers.color import Bisection, unit_axis
 from towers.figures import kernel_grid, png_bytes, score_plot, write_png
-from towers.files import atomic_path
+from towers.files import append_jsonl, atomic_path
 from towers.measure import floats, measure, summary_line
 from towers.runs import run_dir
 
@@ -244,8 +243,7 @@ class KernelBisectionCallback(Callback):
             self.init_record = record
         self.last_record = record
         self._write_json()
-        with open(self._dir / records.HISTORY_FILE, "a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+        append_jsonl(self._dir / records.HISTORY_FILE, record)  # a whole line or nothing
         self._log(trainer, record, images)
         self._cost += time.perf_counter() - start
 
