@@ -157,7 +157,7 @@ def time_estimate(sweep: Sweep, params: list[dict]) -> str:
             if key not in per_condition:
                 command = render_command(sweep.config, p)
                 at = command.index(sweep.config["program"])
-                _, cfg = _parse_train_config(Path(sweep.config["program"]), command[at + 1 :])
+                _, cfg = parse_train_config(Path(sweep.config["program"]), command[at + 1 :])
                 epochs, images = cfg["trainer"].get("max_epochs"), training_images(cfg["data"])
                 per_condition[key] = epochs * images if epochs and epochs > 0 and images is not None else None
             if per_condition[key] is None:
