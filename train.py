@@ -31,12 +31,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 import towers.parallel  # noqa: F401  registers `--trainer.strategy tower_parallel` with Lightning
 from towers.allocator import keep_freed_memory
 from towers.callbacks import KernelBisectionCallback
-from towers.data import CatsDogsDataModule
+from towers.data import ImageDataModule
 from towers.errors import BadOption, Diverged, Interrupted, MissingData, UserError
 from towers.measure import summary_line
 from towers.model import PAPER_WIDTHS, tower_widths
-from towers.module import TowerClassifier
-from towers.records import TEST_ACC
+from towers.module import TowerClassifier, accuracy_line
 from towers.resume import HPC_CHECKPOINTS, find_own_checkpoint, read_checkpoint, settings_differences, slurm_job
 from towers.runs import (
     CHECKPOINT_KEY,
@@ -351,7 +350,6 @@ class TowersCLI(LightningCLI):
 def fit_summary(trainer) -> str:
     """The block that ends every fit: how it ended, test accuracy, the verdict line, the run's folder."""
     status = next((cb.status for cb in trainer.callbacks if isinstance(cb, RunStatus)), None)
-    accuracy = trainer.callback_metrics.get(TEST_ACC)
     bisection = next((cb for cb in trainer.callbacks if isinstance(cb, KernelBisectionCallback)), None)
     record = (bisection.last_record if bisection is not None else None) or {}
     if bisection is None:
@@ -363,7 +361,7 @@ def fit_summary(trainer) -> str:
     return "\n".join(
         [
             header,
-            f"test accuracy: {float(accuracy):.4f}" if accuracy is not None else "test accuracy: not tested",
+            accuracy_line(trainer),  # top-1, top-5 where logged, centre crop or ten patches
             f"verdict:       {verdict}",
             *(
                 [
@@ -393,7 +391,7 @@ def run_name(config) -> str | None:
 
 
 def main(args=None, run=True):
-    return TowersCLI(TowerClassifier, CatsDogsDataModule, args=args, run=run, save_config_callback=SaveRunConfig)
+    return TowersCLI(TowerClassifier, ImageDataModule, args=args, run=run, save_config_callback=SaveRunConfig)
 
 
 def exit_status(cli) -> int:

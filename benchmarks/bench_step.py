@@ -23,6 +23,9 @@ Models (1000 classes, as torchvision's alexnet):
     ... channels_last   (CPU) the same model with weights and input in NHWC memory format: what
                         towers.TowerClassifier trains with on the CPU; alexnet's row shows what the
                         format alone buys. On CUDA the modes cover the format instead.
+    ... compiled        (CPU) the same model through torch.compile (inductor), as TowerClassifier's
+                        model.compile runs it, the LRN then in tensor operations (towers.lrn); the
+                        compilation happens in the warm-up steps, untimed. On CUDA the modes cover it.
 
 `× alexnet` is the median over rounds of alexnet's step time / the model's in the same round, with a
 95% percentile-bootstrap interval of that median over the rounds. The LRN's share of a step, two ways
@@ -173,7 +176,8 @@ class NaiveTowerAlexNet(nn.Module):
 
 def build_models(quick: bool) -> dict[str, tuple[nn.Module, int]]:
     """name -> (model, image side). --quick: width 1/4 and 67 px (torchvision's alexnet keeps its width).
-    Names ending in CHANNELS_LAST run in that memory format (see Runner)."""
+    Names with CHANNELS_LAST run in that memory format, names ending in COMPILED through torch.compile
+    (see Runner)."""
     width, side = (0.25, 67) if quick else (1.0, 227)
 
     def towers(num_towers, lrn="towers"):
@@ -187,9 +191,11 @@ def build_models(quick: bool) -> dict[str, tuple[nn.Module, int]]:
     return {
         BASELINE: (torchvision.models.alexnet(num_classes=1000), alexnet_side),
         BASELINE + CHANNELS_LAST: (torchvision.models.alexnet(num_classes=1000), alexnet_side),
+        BASELINE + CHANNELS_LAST + COMPILED: (torchvision.models.alexnet(num_classes=1000), alexnet_side),
         "towers-1": (towers(1), side),
         "towers-2": (towers(2), side),
         "towers-2" + CHANNELS_LAST: (towers(2), side),
+        "towers-2" + CHANNELS_LAST + COMPILED: (towers(2), side),
         "towers-4": (towers(4), side),
         "towers-2 nn.LRN": (towers(2, "nn"), side),
         "towers-2 no LRN": (towers(2, "none"), side),
@@ -198,13 +204,15 @@ def build_models(quick: bool) -> dict[str, tuple[nn.Module, int]]:
     }
 
 
-CHANNELS_LAST = " channels_last"
+CHANNELS_LAST, COMPILED = " channels_last", " compiled"
 MODEL_NAMES = [
     BASELINE,
     BASELINE + CHANNELS_LAST,
+    BASELINE + CHANNELS_LAST + COMPILED,
     "towers-1",
     "towers-2",
     "towers-2" + CHANNELS_LAST,
+    "towers-2" + CHANNELS_LAST + COMPILED,
     "towers-4",
     "towers-2 nn.LRN",
     "towers-2 no LRN",
@@ -359,13 +367,18 @@ def measure(
     names = [
         n
         for n in built
-        if (only is None or n in only or n == BASELINE) and not (n.endswith(CHANNELS_LAST) and device.type == "cuda")
-    ]  # CUDA's modes cover the format
+        if (only is None or n in only or n == BASELINE)
+        and not ((CHANNELS_LAST in n or n.endswith(COMPILED)) and device.type == "cuda")
+    ]  # CUDA's modes cover the format and compilation
     mode_args = {k: v for k, v in mode.items() if k != "name"}
     runners = {}
     for name in names:
         model, side = built.pop(name)
-        args = {**mode_args, "channels_last": mode_args["channels_last"] or name.endswith(CHANNELS_LAST)}
+        args = {
+            **mode_args,
+            "channels_last": mode_args["channels_last"] or CHANNELS_LAST in name,
+            "compile_": mode_args["compile_"] or name.endswith(COMPILED),
+        }
         runners[name] = Runner(model, side, batch_size, device, **args)
     del built
     desc = f"{mode['name']} batch {batch_size}"
@@ -374,7 +387,11 @@ def measure(
             runner.step()
         runner.sync()
     layers = {name: lrn_layers(runner.model) for name, runner in runners.items()}
-    timers = {name: LRNTimer(layers[name]) for name in runners if device.type == "cpu" and layers[name]}
+    timers = {  # not inside a compiled model: its hooks would be traced into the graph
+        name: LRNTimer(layers[name])
+        for name, runner in runners.items()
+        if device.type == "cpu" and layers[name] and runner.forward is runner.model
+    }
     times = {name: [] for name in runners}
     lrn_times = {name: [] for name in timers}
     for _ in tqdm(range(rounds), desc=f"{desc} rounds", leave=False):

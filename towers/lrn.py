@@ -15,7 +15,8 @@ The 2012 code computed it per tower (one GPU each), so the window never crosses 
   the LRN is bound by memory traffic, and the tensor-operation version below makes about fifteen
   passes over the activation per layer (BENCHMARKS.md).
 * otherwise (CUDA, bfloat16, other constants): tensor operations, the window sum as one matmul with
-  a band matrix.
+  a band matrix. Also under ``torch.compile`` on any device: the compiler traces tensor operations,
+  not Numba's loops.
 
 Both are tested against the written-out formula, against each other and with gradcheck.
 """
@@ -42,8 +43,8 @@ def local_response_norm(
     """Cross-channel LRN of ``x`` (batch, channels, height, width) whose window stays in its group.
 
     ``compiled``: None picks the compiled loops where they apply (a float32/float64 CPU tensor, size 5,
-    beta 3/4) and tensor operations otherwise; True or False forces one. Both give the same values to
-    float rounding.
+    beta 3/4, not inside ``torch.compile``) and tensor operations otherwise; True or False forces one.
+    Both give the same values to float rounding.
     """
     if x.dim() != 4 or x.shape[1] % groups:
         raise ValueError(
@@ -55,11 +56,12 @@ def local_response_norm(
         and x.dtype in (torch.float32, torch.float64)
         and size == COMPILED_SIZE
         and beta == COMPILED_BETA
+        and not torch.compiler.is_compiling()  # torch.compile traces tensor operations, not Numba's loops
     )
     if compiled and not can_compile:
         raise ValueError(
             f"compiled=True needs a float32 or float64 CPU tensor, size={COMPILED_SIZE} and "
-            f"beta={COMPILED_BETA}; got {x.dtype} on {x.device}, size={size}, beta={beta}"
+            f"beta={COMPILED_BETA}, outside torch.compile; got {x.dtype} on {x.device}, size={size}, beta={beta}"
         )
     use = _CompiledLRN if (can_compile if compiled is None else compiled) else _TensorOpsLRN
     return use.apply(x, groups, size, alpha, beta, k)

@@ -7,12 +7,18 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from towers.data import colour_inputs
 from towers.model import TowerAlexNet
-from towers.records import VAL_ACC, accuracy_key
+from towers.records import TEST_ACC, VAL_ACC, accuracy_key
+
+# Top-k accuracies logged for validation and test besides top-1 (the paper's Table 1 gives top-1 and top-5),
+# each only where the model has more than k classes (top-5 of 5 classes would always be 1).
+EVAL_TOP_K = (5,)
 
 
 class TowerClassifier(L.LightningModule):
@@ -34,6 +40,18 @@ class TowerClassifier(L.LightningModule):
             device: on the CPU, where oneDNN's convolutions and the pools run faster in it
             (BENCHMARKS.md), but not on CUDA, where cuDNN's grouped NHWC convolutions are a known
             slow path. Only the speed differs: the weights agree to float rounding (summation order).
+        compile: run the network through ``torch.compile`` (``nn.Module.compile``: the state dict and
+            checkpoints keep their keys). ``None`` (the default) chooses by device: on CUDA, where a
+            step is short and Python's overhead per layer counts, not on the CPU, where compiling takes
+            about a minute and the step is no faster (BENCHMARKS.md). Under compilation the LRN runs as
+            tensor operations (the GPU's implementation; :mod:`towers.lrn`). Not applied under the
+            tower-parallel strategy, which rebuilds the network per device.
+
+    Accuracies are the fraction of images whose label is the top prediction (``val/acc``, ``test/acc``)
+    or among the five top predictions (``val/acc_top5``, ``test/acc_top5``, with five or more classes):
+    the paper's top-1 and top-5, counted over images (torchmetrics' ``average="micro"``), not averaged
+    over classes. A test batch of ten patches per image (the data's ``ten_patch_test``) is scored on
+    the mean of the ten softmax outputs, as §4.1 does.
         color_blind_towers (in ``model_kwargs``): the positive control (:class:`towers.model.GreyKernels`).
             At ``setup`` the blind kernels are made grey in raw-RGB units of the data module's inputs
             (its ``input_channel_std`` when it divides by a std, :class:`towers.data.ColourInputs`), the
@@ -53,15 +71,23 @@ class TowerClassifier(L.LightningModule):
         max_lr_drops: int = 3,
         lr_milestones: tuple[int, ...] = (25, 51),
         channels_last: bool | None = None,
+        compile: bool | None = None,
         **model_kwargs,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model = TowerAlexNet(num_towers=num_towers, num_classes=num_classes, **model_kwargs)
         self.train_loss = MeanMetric()  # the epoch's mean loss, reduced over DDP ranks when computed
-        self.train_acc = MulticlassAccuracy(num_classes)
-        self.val_acc = MulticlassAccuracy(num_classes)
-        self.test_acc = MulticlassAccuracy(num_classes)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = self._accuracies(num_classes)
+        self.test_acc = self._accuracies(num_classes)
+        self.test_patches: int | None = None  # patches per image of the latest test: 1 (centre crop) or 10
+
+    @staticmethod
+    def _accuracies(num_classes: int) -> nn.ModuleDict:
+        """Top-1 and the top-k of EVAL_TOP_K that mean something for this many classes, by their k."""
+        ks = [1, *(k for k in EVAL_TOP_K if num_classes > k)]
+        return nn.ModuleDict({str(k): MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in ks})
 
     def setup(self, stage: str) -> None:
         if getattr(
@@ -86,6 +112,18 @@ class TowerClassifier(L.LightningModule):
         if channels_last is None:
             channels_last = self.trainer.strategy.root_device.type == "cpu"
         self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        compile_ = self.hparams.get("compile")
+        if compile_ is None:
+            compile_ = self.trainer.strategy.root_device.type == "cuda"
+        if compile_ and getattr(self.model, "_compiled_call_impl", None) is None:
+            from towers.parallel import TowerParallelStrategy
+
+            if isinstance(self.trainer.strategy, TowerParallelStrategy):
+                rank_zero_warn(
+                    "model.compile is not applied under the tower_parallel strategy (it rebuilds the network)"
+                )
+            else:
+                self.model.compile()  # compiled at its first call; the state dict keeps its keys
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -107,24 +145,27 @@ class TowerClassifier(L.LightningModule):
         self.log(accuracy_key("train"), self.train_acc, on_step=False, on_epoch=True)
         return loss
 
-    def _eval_step(self, batch, stage: str, accuracy: MulticlassAccuracy):
+    def _eval_step(self, batch, stage: str, accuracies: nn.ModuleDict) -> int:
+        """Loss and accuracies of one evaluation batch; returns the patches per image (1 or 10)."""
         images, labels = batch
         if images.dim() == 5:  # ten-patch test: (batch, patches, 3, h, w), softmax averaged over patches
             b, p = images.shape[:2]
             probs = self(images.flatten(0, 1)).softmax(-1).view(b, p, -1).mean(1)
-            logits = probs.clamp_min(1e-12).log()
+            logits = probs.clamp_min(1e-12).log()  # log of the averaged softmax: its own softmax again
         else:
-            logits = self(images)
+            p, logits = 1, self(images)
         loss = F.cross_entropy(logits, labels)
-        accuracy(logits, labels)
         self.log(f"{stage}/loss", loss, sync_dist=True)
-        self.log(accuracy_key(stage), accuracy, prog_bar=True)
+        for k, accuracy in accuracies.items():
+            accuracy(logits, labels)
+            self.log(accuracy_key(stage, int(k)), accuracy, prog_bar=k == "1")
+        return p
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val", self.val_acc)
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, "test", self.test_acc)
+        self.test_patches = self._eval_step(batch, "test", self.test_acc)
 
     def predict_step(self, batch, batch_idx):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -172,3 +213,17 @@ class TowerClassifier(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "monitor": VAL_ACC, "interval": "epoch", "strict": True},
         }
+
+
+def accuracy_line(trainer) -> str:
+    """The end-of-fit block's accuracy line: top-1 (and top-5 where logged) on the test split, and how
+    the images were presented (the centre crop, or the paper's average over ten patches)."""
+    metrics = trainer.callback_metrics
+    if TEST_ACC not in metrics:
+        return "test accuracy: not tested"
+    line = f"test accuracy: {float(metrics[TEST_ACC]):.4f}"
+    top_k = [(k, metrics[accuracy_key("test", k)]) for k in EVAL_TOP_K if accuracy_key("test", k) in metrics]
+    if top_k:
+        line += " top-1, " + ", ".join(f"{float(value):.4f} top-{k}" for k, value in top_k)
+    patches = getattr(trainer.lightning_module, "test_patches", None)
+    return line + {1: " (centre crop)", 10: " (average of ten patches, §4.1)"}.get(patches, "")

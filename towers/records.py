@@ -94,9 +94,10 @@ ETA2_SPLIT, P_VALUE_SPLIT = "bisection/eta2_split", "bisection/p_value_split"  #
 SPECIALISED, DELTA_F, P_DELTA_F, AUC = "verdict/specialised", "verdict/delta_f", "verdict/p_delta_f", "verdict/auc"
 
 
-def accuracy_key(stage: str) -> str:
-    """What towers.module.TowerClassifier logs as a stage's accuracy: ``train/acc``, ``val/acc``, ``test/acc``."""
-    return f"{stage}/acc"
+def accuracy_key(stage: str, top_k: int = 1) -> str:
+    """What towers.module.TowerClassifier logs as a stage's accuracy: ``train/acc``, ``val/acc``, ``test/acc``
+    (top-1), and ``val/acc_top5``, ``test/acc_top5`` (``top_k=5``)."""
+    return f"{stage}/acc" if top_k == 1 else f"{stage}/acc_top{top_k}"
 
 
 TEST_ACC, VAL_ACC = accuracy_key("test"), accuracy_key("val")

@@ -107,4 +107,68 @@ def disk_estimate(sweep: Sweep, total: int) -> str:
     line = f"Disk: about {_size(need)} of checkpoints for {len(params)} runs (per run {per_run}); {free}"
     if need > shutil.disk_usage(sweep.out).free:
         line += "\nWARNING: the checkpoints will not fit in the free space"
-    return line
+    return f"{line}\n{time_estimate(sweep, params)}"
+
+
+# --- time: images per epoch x epochs / images per second ------------------------------------------------
+
+# One GPU's training rate for the estimate (REFERENCES.md, "ImageNet"): the one published real-data AlexNet
+# rate, and issue 25's target for this project on an H100; benchmarks/gpu_check.py measures your GPU's.
+GPU_IMAGES_PER_S = (
+    (3861, "AlexNet on one V100 with real ImageNet, tensorflow/benchmarks#359"),
+    (15000, "this project's one-GPU target, issue 25, not yet measured"),
+)
+IMAGENET_TRAIN_IMAGES, IMAGENET_CLASSES = 1_281_167, 1000  # ILSVRC-2012's training set
+
+
+def training_images(data) -> int | None:
+    """Images one epoch trains on, from the data options alone (the validation images carved out of the
+    training pool are not trained on); None where only the data can say (``rest`` of a folder of images)."""
+    data = data.get("init_args", data)
+    train, val = data.get("train_size"), data.get("val_size")
+    if data.get("source") == "imagenet":  # its size is known: the official validation set is the test set
+        classes, per_class = data.get("classes"), data.get("images_per_class")
+        if classes is not None and not isinstance(classes, int):
+            return None  # a file of class ids
+        classes = classes or IMAGENET_CLASSES
+        # 732 to 1,300 images a class: a cap above 732 leaves some classes short, so the count is an upper bound
+        pool = classes * per_class if per_class else round(IMAGENET_TRAIN_IMAGES * classes / IMAGENET_CLASSES)
+    elif isinstance(train, int) and not isinstance(val, float):
+        pool = train
+    else:
+        return None
+    pool = pool if train == "rest" else round(train * pool) if isinstance(train, float) else min(train, pool)
+    return pool - (round(val * pool) if isinstance(val, float) else val)
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:,.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def time_estimate(sweep: Sweep, params: list[dict]) -> str:
+    """One line: the training images of the sweep's runs (epochs x images per epoch) and the hours they take
+    on one GPU at each rate of GPU_IMAGES_PER_S; train.py runs only."""
+    if Path(sweep.config["program"]).name != "train.py" or not Path(sweep.config["program"]).exists():
+        return f"Time: no estimate for {sweep.config['program']}"
+    per_condition = {}
+    try:
+        for p in params:
+            key = json.dumps({k: v for k, v in p.items() if k not in SEED_KEYS}, sort_keys=True)
+            if key not in per_condition:
+                command = render_command(sweep.config, p)
+                at = command.index(sweep.config["program"])
+                _, cfg = parse_train_config(Path(sweep.config["program"]), command[at + 1 :])
+                epochs, images = cfg["trainer"].get("max_epochs"), training_images(cfg["data"])
+                per_condition[key] = epochs * images if epochs and epochs > 0 and images is not None else None
+            if per_condition[key] is None:
+                return "Time: no estimate (the images per epoch are known only from the data, or no max_epochs)"
+    except (Exception, SystemExit) as err:  # noqa: BLE001  an estimate only: the runs report a bad config
+        return f"Time: no estimate, the runs' config did not parse ({type(err).__name__}: {err})"
+    images = sum(
+        per_condition[json.dumps({k: v for k, v in p.items() if k not in SEED_KEYS}, sort_keys=True)] for p in params
+    )
+    rates = "; ".join(f"{_hours(images / rate)} at {rate:,} images/s ({source})" for rate, source in GPU_IMAGES_PER_S)
+    return (
+        f"Time: {images / 1e6:,.1f} M training images for {len(params)} runs (epochs x images per epoch; validation, "
+        f"test and measurements come on top), one run at a time on one GPU: {rates}"
+    )
