@@ -245,7 +245,7 @@ class KernelBisectionCallback(Callback):
         self.last_record = record
         self._write_json()
         with open(self._dir / records.HISTORY_FILE, "a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+            f.write(records.history_line(record))
         self._log(trainer, record, images)
         self._cost += time.perf_counter() - start
 
