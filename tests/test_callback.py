@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from analysis import kernels as analysis
 from towers import KernelBisectionCallback, TowerClassifier
+from towers import records
 from towers.color import bisection, color_specificity
 from towers.figures import kernel_grid, label_width
 from towers.files import read_jsonl
@@ -169,7 +170,7 @@ def test_run_folder_holds_grids_plots_weights_and_records(run):
 def test_bisection_json_and_history_follow_the_schema(run):
     d, model = run["dir"], run["model"]
     data = json.loads((d / "bisection.json").read_text())
-    assert data["format"] == "towers.bisection" and data["version"] == 2
+    assert data["format"] == "towers.bisection" and data["version"] == records.VERSION
     assert data["history"] == "bisection_history.jsonl" and 0 < data["measurement_seconds"] < data["fit_seconds"]
     init, last = data["init"], data["last"]
     assert (init["stage"], init["step"], init["kernels_file"]) == ("init", 0, "kernels_init.npy")

@@ -15,7 +15,6 @@ own folder (:func:`towers.runs.run_dir`; the names are :mod:`towers.records`'):
 and logs the scalars and images to every logger the trainer has (W&B and TensorBoard images).
 """
 
-import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
