@@ -73,10 +73,10 @@ def write_report(
     chosen = choose_montage(runs, montage)
     figures = {
         "Δf against tower count": (
-            "One point per seed (filled: specialised; a run without both sides counts 0), with its Newcombe 95% "
-            "interval for two towers and the control (with more towers the sides are chosen among several and "
-            "that interval does not cover); black square: median over seeds with its order-statistic interval "
-            "(exact level in the lines above; none below 5 seeds); dotted: published figures (--reference).",
+            "One point per seed (filled: specialised; a run without both sides counts 0; no per-run interval: the "
+            "sides are chosen from the run's own kernels, and the interval of the chosen sides does not cover when "
+            "no real split exists, BENCHMARKS.md); black square: median over seeds with its order-statistic "
+            "interval (exact level in the lines above; none below 5 seeds); dotted: published figures.",
             fig_delta_f(runs, summary, references),
             "delta_f_by_towers",
         ),
@@ -171,7 +171,10 @@ def main(argv=None) -> int:
     for s in summarize(runs, args.alpha, seed=args.seed):
         print("  " + condition_line(s))
     for ref in references:
-        print(f"  published {ref['name']}: {ref['verdict']}, Δf = {ref['delta_f']:.2f}")
+        print(
+            f"  published {ref['name']}: {ref['verdict']}, Δf = "
+            + ("n/a" if ref["delta_f"] is None else f"{ref['delta_f']:.2f}")
+        )
     print(f"report: {paths['report.html']}\ntable:  {paths['table.csv']}")
     return 0
 

@@ -150,8 +150,7 @@ def conditions_table(summary: list[dict], references: list[dict], level: float) 
                 f"published: {ref['name']} (T={ref['num_towers']})",
                 ref["verdict"],
                 "",
-                f"Δf {_interval(ref['delta_f'], ref['delta_f_low'], ref['delta_f_high'])}, "
-                f"p {p_text(ref['p_delta_f'], ref['permutations'])}",
+                f"Δf {_num(ref['delta_f'])}, p {p_text(ref['p_delta_f'], ref['permutations'])}",
                 "",
                 "",
                 "" if ref["omega2"] is None else f"{ref['omega2']:.3f}",
@@ -239,7 +238,7 @@ def report_html(
     lines = [f"<li>{html.escape(condition_line(s, level))}</li>" for s in summary]
     lines += [
         f"<li>published figure {html.escape(ref['name'])}: {html.escape(ref['verdict'])}, Δf "
-        f"{_interval(ref['delta_f'], ref['delta_f_low'], ref['delta_f_high'])}, p "
+        f"{_num(ref['delta_f'])}, p "
         f"{html.escape(p_text(ref['p_delta_f'], ref['permutations']))}</li>"
         for ref in references
     ]

@@ -13,8 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from analysis import kernels as analysis
-from towers import KernelBisectionCallback, TowerClassifier
-from towers import records
+from towers import KernelBisectionCallback, TowerClassifier, records
 from towers.color import bisection, color_specificity
 from towers.figures import kernel_grid, label_width
 from towers.files import read_jsonl
