@@ -243,8 +243,6 @@ def test_table_from_sweep_and_lightning_folders(folders):
     for key in (
         "verdict",
         "delta_f",
-        "delta_f_low",
-        "delta_f_high",
         "p_delta_f",
         "auc",
         "agnostic_tower",
@@ -263,6 +261,7 @@ def test_table_from_sweep_and_lightning_folders(folders):
     assert r["tower1_colour_fraction"] == 2 / N and r["tower2_colour_fraction"] == 1 - 2 / N  # two kernels swapped
     assert r["onset_step"] == 15  # specialised at steps 15 and 20, not at 10 (near half and half)
     assert "color_tower" not in r and "color_tower" not in compare_read.FIXED_COLUMNS
+    assert "delta_f_low" not in compare_read.FIXED_COLUMNS  # no per-run interval of a data-chosen delta f
     control = rows["run-000"]
     assert control["num_towers"] == 1 and control["verdict"] == "not specialised"
     assert control["agnostic_tower"] is None and control["specific_tower"] is None  # no tower named unless specialised
@@ -410,8 +409,6 @@ def _row(towers, seed, delta, specialised, precision="32-true", lr=0.01):
         lr=lr,
         precision=precision,
         delta_f=delta,
-        delta_f_low=delta - 0.2,
-        delta_f_high=delta + 0.2,
         omega2=delta / 2,
         verdict="specialised" if specialised else "not specialised",
         status="finished",
@@ -954,8 +951,6 @@ def test_table_from_runs_written_by_the_real_callbacks(tmp_path, monkeypatch):
         for key in (
             "verdict",
             "delta_f",
-            "delta_f_low",
-            "delta_f_high",
             "p_delta_f",
             "agnostic_tower",
             "specific_tower",
