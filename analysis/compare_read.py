@@ -409,7 +409,8 @@ def collect_wandb(path: str, sweep: str | None = None, api=None, cache: Path | N
                 Record.from_dict(
                     {
                         "step": h.get("_step"),
-                        "statistics": {"eta2": h.get(records.ETA2), "p_value": h.get(records.P_VALUE)},
+                        "eta2": h.get(records.ETA2),
+                        "p_eta2": h.get(records.P_VALUE),
                         "delta_f": h.get(records.DELTA_F),
                         "verdict": None
                         if h.get(records.SPECIALISED) is None

@@ -199,13 +199,14 @@ class Record:
         data = dict(data or {})
         own = {k: data.pop(k) for k in list(data) if k in RECORD_FIELDS}
         judged = data.get("verdict") is not None
+        # eta2 and its p without a verdict to hold them (a summary or logged scalars): kept in statistics
+        legacy = {old: data.get(k) for k, old in LEGACY_STATISTICS.items() if not judged or k not in VERDICT_FIELDS}
+        if any(v is not None for v in legacy.values()):
+            own["statistics"] = {**{k: v for k, v in legacy.items() if v is not None}, **(own.get("statistics") or {})}
         verdict = Verdict(**{k: data.get(k) for k in VERDICT_FIELDS}) if judged else None
-        for k in VERDICT_FIELDS:
+        for k in (*VERDICT_FIELDS, *LEGACY_STATISTICS):
             data.pop(k, None)
         own.setdefault("version", version or 1)
-        legacy = {old: data.pop(k) for k, old in LEGACY_STATISTICS.items() if k not in VERDICT_FIELDS and k in data}
-        if any(v is not None for v in legacy.values()):  # a summary of an engine that keeps eta2 in statistics
-            own["statistics"] = {**legacy, **(own.get("statistics") or {})}
         return cls(**own, verdict=verdict, extra=data)
 
     def to_dict(self) -> dict:
@@ -217,7 +218,7 @@ class Record:
     def value(self, name: str):
         """A verdict field by name (None without a verdict or when the engine has no such field); eta2
         and its p from ``statistics`` for records of engines that kept them there."""
-        if self.verdict is not None and name in VERDICT_FIELDS:
+        if self.verdict is not None and name in VERDICT_FIELDS and getattr(self.verdict, name) is not None:
             return getattr(self.verdict, name)
         if name in LEGACY_STATISTICS and self.statistics:
             return self.statistics.get(LEGACY_STATISTICS[name])
