@@ -172,14 +172,14 @@ def covers(low, high, truth) -> float:
 
 
 @functools.cache
-def population(t: int, effect: float, control: bool) -> dict:
+def population(t: int, effect: float, control: bool, runs: int = TRUTH_RUNS) -> dict:
     """The population values the intervals aim at: median and mean delta f, the rate specialised."""
-    runs = draw_runs(np.random.default_rng([t, round(1000 * effect), control]), (TRUTH_RUNS,), t, effect, control)
+    runs = draw_runs(np.random.default_rng([t, round(1000 * effect), control]), (runs,), t, effect, control)
     d, spec, *_ = judge(*runs)
     return {"median": float(np.median(d)), "mean": float(d.mean()), "rate": float(spec.mean())}
 
 
-def one_condition(rng, draws: int, seeds: int, t: int, effect: float) -> dict:
+def one_condition(rng, draws: int, seeds: int, t: int, effect: float, truth_runs: int = TRUTH_RUNS) -> dict:
     """Simulate `draws` studies of `seeds` seeds of T towers and as many of the one-tower control."""
     towers = judge(*draw_runs(rng, (draws, seeds), t, effect, control=False))
     control = judge(*draw_runs(rng, (draws, seeds), t, effect, control=True))
@@ -198,7 +198,7 @@ def one_condition(rng, draws: int, seeds: int, t: int, effect: float) -> dict:
     }
     r, s, level = median_interval_ranks(seeds, LEVEL)
     for side, (d, spec, low, high, truth), control_side in (("towers", towers, False), ("control", control, True)):
-        target = population(t, effect, control_side)
+        target = population(t, effect, control_side, truth_runs)
         sorted_d = np.sort(d, -1)
         k = spec.sum(-1)
         cp_low, cp_high, bound = clopper_pearson(k, seeds)
@@ -227,6 +227,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--draws", type=int, default=2000, help="simulated studies per row (2000)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--truth-runs", type=int, default=TRUTH_RUNS, help="runs for the population values")
     parser.add_argument("--json", type=Path, help="write the table here as JSON")
     args = parser.parse_args(argv)
     if args.draws < 100:
@@ -234,7 +235,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
     rows = [
-        one_condition(rng, args.draws, seeds, t, effect)
+        one_condition(rng, args.draws, seeds, t, effect, args.truth_runs)
         for effect, t, seeds in itertools.product(EFFECTS.values(), (2, 3, 4), (5, 10))
     ]
     seconds = time.perf_counter() - start

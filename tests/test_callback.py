@@ -377,6 +377,7 @@ def test_wandb_gets_the_images_and_the_files_go_into_its_run_folder(tmp_path, mo
         "colour_fraction_high",
     ):
         assert summary[key] == last[key], key
-    assert summary["eta2"] == last["statistics"]["eta2"] and summary["p_value"] == last["statistics"]["p_value"]
+    # the summary is the record's (towers.records.Record.summary): eta2's p under the verdict's name, p_eta2
+    assert summary["eta2"] == last["statistics"]["eta2"] and summary["p_eta2"] == last["statistics"]["p_value"]
     media = sorted(p.name.split("_")[0] for p in (files / "media" / "images" / "bisection").iterdir())
     assert media == ["kernels", "kernels", "scores", "scores"]  # init and end

@@ -400,6 +400,27 @@ def test_median_interval_is_the_exact_order_statistic_interval():
     assert compare_stats.median_interval_ranks(17, 0.95)[:2] == (5, 13)  # 95.1%; (6, 12) would be 85.7%
 
 
+def test_seed_simulation_runs_and_keeps_its_size(tmp_path):
+    """benchmarks/seed_simulation.py, few draws: every row, the null's size near 5% at most, Figure 3's power,
+    every printed interval at its level (the full run's table is in BENCHMARKS.md)."""
+    from benchmarks import seed_simulation
+
+    out = tmp_path / "sim.json"
+    assert seed_simulation.main(["--draws", "150", "--truth-runs", "20000", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 18 and {(r["num_towers"], r["seeds"]) for r in rows} == {
+        (t, n) for t in (2, 3, 4) for n in (5, 10)
+    }
+    null = [r for r in rows if r["effect"] == "none"]
+    assert max(r["rejects"] for r in null) <= 0.05 + 3 * (0.05 * 0.95 / 150) ** 0.5  # 5% within Monte-Carlo error
+    fig3 = next(r for r in rows if r["effect"] == "Figure 3" and (r["num_towers"], r["seeds"]) == (2, 10))
+    assert fig3["rejects"] >= 0.9
+    for r in rows:
+        for side in ("towers", "control"):
+            c = r[side]
+            assert c["median_interval"] >= c["median_interval_level"] - 0.06 and c["one_sided_bound"] >= 0.89
+
+
 def _row(towers, seed, delta, specialised, precision="32-true", lr=0.01):
     row = {c: None for c in compare_read.FIXED_COLUMNS}
     row.update(
