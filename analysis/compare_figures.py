@@ -394,6 +394,8 @@ def fig_montage(chosen: list[Run]):
         verdict = (
             ""
             if r["verdict"] is None
+            else r["verdict"]  # no delta f when a side is empty (towers.verdict)
+            if r["delta_f"] is None
             else (
                 f"{r['verdict']}, Δf = {'n/a' if r['delta_f'] is None else format(r['delta_f'], '.2f')}, "
                 f"p {format_p(r['p_delta_f'], r['permutations'])}"

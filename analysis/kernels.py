@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from towers import records
-from towers.color import RANDOM_KERNEL_SCORE, Bisection, bisection, color_specificity
+from towers.color import RANDOM_KERNEL_SCORE, Bisection, color_specificity
 from towers.figure_reader import IMAGE_SUFFIXES, OFFSET_MODES, FigureError, parse_grid, read_figure
 from towers.figures import kernel_grid, score_plot, write_png
 from towers.measure import measure, summary_line
 from towers.records import write_json
+from towers.verdict import format_p
 
 CONV1 = "model.features.conv1.weight"
 
@@ -207,11 +208,8 @@ def analyse(path: Path, args, stem: str) -> dict:
             settings["bootstrap"],
             settings["seed"],
         )
-    else:  # the saved scores, statistic recomputed with the settings asked for
+    else:  # no kernels to judge again: the saved record as it was measured
         rec = dict(loaded["record"])
-        rec["statistics"] = bisection(
-            rec["score"], rec["tower"], settings["permutations"], settings["seed"], settings["bootstrap"]
-        ).to_dict()
     if rec["error"]:
         raise SystemExit(f"{path}: {rec['error']}")
     rec["source"] = loaded["source"]
@@ -234,7 +232,7 @@ def analyse(path: Path, args, stem: str) -> dict:
     if init and init.get("statistics"):
         print(
             f"at initialisation (step {init['step']}): eta2 = {init['statistics']['eta2']:.3f}, "
-            f"p = {init['statistics']['p_value']:.2g}, tower medians "
+            f"p {format_p(init['statistics']['p_value'], init['statistics']['permutations'])}, tower medians "
             + ", ".join(f"{m:.3f}" for m in init["tower_median"])
         )
     else:

@@ -2,9 +2,10 @@
 
 Three figures, on the CPU:
 
-    permutation test   towers.color.bisection on the 96 conv1 kernel scores of a fresh full-width
-                       TowerAlexNet with 1 (the halves control), 2 and 4 towers: 9,999 permutations
-                       plus the 2,000-resample bootstrap of the medians (the call the callback makes)
+    permutation test   towers.verdict.verdict (the one engine: verdict, eta2, sensitivity cuts, margin)
+                       on the 96 conv1 kernels of a fresh full-width TowerAlexNet with 1 (the halves
+                       control), 2 and 4 towers: 9,999 permutations plus the 2,000-resample bootstrap of
+                       the medians (the call the callback makes)
     callback           one full KernelBisectionCallback measurement inside a real (tiny) Lightning fit
                        that measures after every step: the host copy of conv1, the scores, the test, the
                        kernel grid and the score plot, the PNG / .npy / JSON writes, and the logging
@@ -39,8 +40,8 @@ from tqdm.auto import tqdm
 
 from benchmarks.bench_step import Runner, add_malloc_argument, machine, malloc_as_train_py, save_results
 from towers.callbacks import KernelBisectionCallback
-from towers.color import bisection, color_energy, tower_labels
 from towers.model import TowerAlexNet
+from towers.verdict import verdict
 
 PAPER_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "paper.yaml"
 
@@ -70,17 +71,15 @@ def paper_schedule(path: Path = PAPER_CONFIG) -> dict:
 def time_bisection(num_towers: int, permutations: int, repeats: int) -> dict:
     torch.manual_seed(0)
     kernels = TowerAlexNet(num_towers, num_classes=2).conv1_kernels().detach()  # (T, 96 / T, 3, 11, 11)
-    scores = color_energy(kernels).total
-    towers = tower_labels(num_towers, kernels.shape[1])
-    bisection(scores, towers, permutations)  # warm-up: first-call allocations
+    verdict(kernels, permutations=permutations)  # warm-up: first-call allocations, the noise quantile
     times = []
     for seed in range(repeats):
         start = time.perf_counter()
-        bisection(scores, towers, permutations, seed=seed)
+        verdict(kernels, permutations=permutations, seed=seed)
         times.append(time.perf_counter() - start)
     return dict(
         towers=num_towers,
-        kernels=int(scores.numel()),
+        kernels=int(kernels.shape[0] * kernels.shape[1]),
         permutations=permutations,
         repeats=repeats,
         ms=1000 * statistics.median(times),

@@ -1,4 +1,5 @@
-"""towers.color on constructed kernels whose answers are known."""
+"""towers.color on constructed kernels whose answers are known, and the eta2 statistics that
+towers.verdict.verdict computes from its scores (one engine, one permutation loop)."""
 
 import itertools
 import math
@@ -7,7 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from towers.color import RANDOM_KERNEL_SCORE, bisection, color_energy, color_specificity, control_halves, tower_labels
+from towers.color import (
+    RANDOM_KERNEL_SCORE,
+    color_energy,
+    color_specificity,
+    control_halves,
+    control_partition,
+    dominant_frequency,
+    movement,
+    tower_labels,
+)
+from towers.verdict import verdict
 
 B = 9999
 
@@ -96,60 +107,69 @@ def eta2_reference(scores, labels):
     return between / ((scores - grand) ** 2).sum()
 
 
+def eta2_of(kernels, labels, permutations=B, seed=0, **kwargs):
+    """The engine's eta2 numbers, nothing else asked of it."""
+    return verdict(kernels, labels, permutations=permutations, seed=seed, sensitivity=False, margin=False, **kwargs)
+
+
+def drifting(rng, effect=0.0, k=96):
+    """Random kernels whose chromatic part is scaled per kernel by exp(drift): scores vary smoothly."""
+    base = torch.as_tensor(rng.normal(size=(k, 3, 11, 11)))
+    grey_part = base.mean(1, keepdim=True).expand_as(base)
+    scale = torch.as_tensor(np.broadcast_to(np.exp(effect), k).copy()).view(k, 1, 1, 1)
+    return grey_part + scale * (base - grey_part)
+
+
 def test_grey_tower_and_colour_tower_split_completely():
-    scores = color_specificity(grey_and_colour())
-    result = bisection(scores, tower_labels(2, 48), permutations=B)
+    kernels = grey_and_colour()
+    scores, labels = color_specificity(kernels), tower_labels(2, 48)
+    result = eta2_of(kernels, labels)
     assert result.eta2 > 0.99
-    assert math.isclose(result.eta2, eta2_reference(scores, tower_labels(2, 48)), rel_tol=1e-12)
-    assert result.p_value == result.p_floor == 1 / (B + 1)
-    assert result.color_group == 2 and result.color_side == [2] and not result.control
-    assert result.groups == [1, 2] and result.sizes == [48, 48]
+    assert math.isclose(result.eta2, eta2_reference(scores.numpy(), labels.numpy()), rel_tol=1e-12)
+    assert result.p_eta2 == 1 / (B + 1) and result.p_eta2_split == result.p_eta2
+    assert result.color_side == [2] and not result.control
+    assert result.towers == [1, 2] and result.sizes == [48, 48]
     assert result.median[0] < 0.05 < 0.95 < result.median[1]
-    for lo, med, hi in zip(result.ci_low, result.median, result.ci_high):
+    for lo, med, hi in zip(result.median_low, result.median, result.median_high):
         assert lo <= med <= hi
-    assert result.eta2_null == pytest.approx(1 / 95)
-    d = result.to_dict()
-    assert d["eta2"] == result.eta2 and d["groups"] == [1, 2]
+    assert result.eta2_null == pytest.approx(1 / 95) and result.omega2 < result.eta2
+    d = result.statistics()
+    assert d["eta2"] == result.eta2 and d["groups"] == [1, 2] and d["color_group"] == 2
 
 
 def test_mixed_labels_give_a_large_p():
-    scores = color_specificity(grey_and_colour())
     alternating = torch.arange(96) % 2 + 1  # each tower half grey, half coloured
-    result = bisection(scores, alternating, permutations=B)
+    result = eta2_of(grey_and_colour(), alternating)
     assert result.eta2 < 0.02
-    assert result.p_value > 0.2
+    assert result.p_eta2 > 0.2
 
 
 def test_renumbering_towers_and_reordering_kernels_changes_nothing():
-    g = torch.Generator().manual_seed(3)
-    scores = torch.rand(96, generator=g) + 0.08 * (torch.arange(96) >= 48)  # a weak effect: p far from its floor
+    rng = np.random.default_rng(3)
     labels = tower_labels(2, 48)
-    base = bisection(scores, labels, permutations=B)
-    assert 0.001 < base.p_value < 0.5
-    order = torch.randperm(96, generator=g)
-    renamed = bisection(scores[order], (3 - labels)[order] * 10, permutations=B)  # tower 1 -> 20, tower 2 -> 10
-    assert (renamed.eta2, renamed.p_value) == (base.eta2, base.p_value)
-    assert renamed.groups == [10, 20] and renamed.color_group == 10
-    assert renamed.median == base.median[::-1] and renamed.ci_low == base.ci_low[::-1]
+    kernels = drifting(rng, 0.03 * (labels.numpy() == 2))  # a weak effect: p far from its floor
+    base = eta2_of(kernels, labels)
+    assert 0.001 < base.p_eta2 < 0.5
+    order = torch.as_tensor(rng.permutation(96))
+    renamed = eta2_of(kernels[order], (3 - labels)[order] * 10)  # tower 1 -> 20, tower 2 -> 10
+    assert (renamed.eta2, renamed.p_eta2) == pytest.approx((base.eta2, base.p_eta2), rel=1e-12)
+    assert renamed.towers == [10, 20] and renamed.median == base.median[::-1]
 
-    four = torch.rand(96, generator=g) + 0.15 * (tower_labels(4, 24) == 3)
-    base4 = bisection(four, tower_labels(4, 24), permutations=B)
+    labels4 = tower_labels(4, 24)
+    four = drifting(rng, 0.05 * (labels4.numpy() == 3))
+    base4 = eta2_of(four, labels4)
     mapping = torch.tensor([0, 4, 1, 3, 2])  # tower t -> mapping[t]
-    renamed4 = bisection(four[order], mapping[tower_labels(4, 24)][order], permutations=B)
-    assert (renamed4.eta2, renamed4.p_value, renamed4.eta2_split, renamed4.p_value_split) == (
-        base4.eta2,
-        base4.p_value,
-        base4.eta2_split,
-        base4.p_value_split,
+    renamed4 = eta2_of(four[order], mapping[labels4][order])
+    assert (renamed4.eta2, renamed4.p_eta2, renamed4.eta2_split, renamed4.p_eta2_split) == pytest.approx(
+        (base4.eta2, base4.p_eta2, base4.eta2_split, base4.p_eta2_split), rel=1e-12
     )
-    assert renamed4.color_side == [int(mapping[t]) for t in base4.color_side]
+    assert renamed4.color_side == sorted(int(mapping[t]) for t in base4.color_side)
 
 
 def test_seed_fixes_the_p_value():
-    scores = torch.rand(96, generator=torch.Generator().manual_seed(4))
-    labels = tower_labels(2, 48)
-    assert bisection(scores, labels, seed=5).p_value == bisection(scores, labels, seed=5).p_value
-    assert len({bisection(scores, labels, seed=s).p_value for s in range(3)}) > 1
+    kernels, labels = drifting(np.random.default_rng(4)), tower_labels(2, 48)
+    assert eta2_of(kernels, labels, 999, seed=5).p_eta2 == eta2_of(kernels, labels, 999, seed=5).p_eta2
+    assert len({eta2_of(kernels, labels, 999, seed=s).p_eta2 for s in range(3)}) > 1
 
 
 def test_permutation_null_matches_its_expectation_and_p_is_calibrated():
@@ -159,24 +179,27 @@ def test_permutation_null_matches_its_expectation_and_p_is_calibrated():
     null = [eta2_reference(rng.random(96), labels) for _ in range(400)]
     assert np.mean(null) == pytest.approx(2 / 95, rel=0.15)
     # under the null the p-value is uniform: about 10% of data sets fall at or below 0.1
-    p = np.array([bisection(rng.random(96), labels, permutations=999, seed=i).p_value for i in range(120)])
-    assert 0.03 <= (p <= 0.1).mean() <= 0.2
+    p = np.array([eta2_of(drifting(rng), labels, 999, seed=i, bootstrap=0).p_eta2 for i in range(60)])
+    assert 0.02 <= (p <= 0.1).mean() <= 0.25
 
 
-def test_one_tower_control_splits_the_kernels_into_random_recorded_halves():
-    scores = color_specificity(grey_and_colour())  # grey first half, coloured second half
-    control = bisection(scores, torch.ones(96, dtype=torch.long), permutations=B, seed=3)
-    assert control.control and control.groups == ["half A", "half B"]
+def test_one_tower_control_splits_the_kernels_into_random_recorded_groups():
+    kernels = grey_and_colour()  # grey first half, coloured second half
+    control = eta2_of(kernels, torch.ones(96, dtype=torch.long), seed=3)
+    assert control.control and control.towers == ["half A", "half B"]
     half_a = control_halves(96, 3)
     assert control.control_split == np.flatnonzero(half_a).tolist() and half_a.sum() == 48
     # the recorded split is the one tested: the same as two "towers" made of those halves
-    as_two = bisection(scores, torch.as_tensor(np.where(half_a, 1, 2)), permutations=B, seed=3)
+    as_two = eta2_of(kernels, torch.as_tensor(np.where(half_a, 1, 2)), seed=3)
     assert control.eta2 == pytest.approx(as_two.eta2, abs=1e-12)
     # a random split does not follow the kernel index: the contiguous grey/colour blocks do not separate
-    assert control.p_value > 0.01 and bisection(scores, tower_labels(2, 48), permutations=B).p_value < 0.001
+    assert control.p_eta2 > 0.01 and eta2_of(kernels, tower_labels(2, 48)).p_eta2 < 0.001
     assert not np.array_equal(control_halves(96, 3), control_halves(96, 4))  # seeded
-    odd = bisection(scores[:95], torch.ones(95), permutations=999)
-    assert odd.sizes == [47, 48]
+    assert eta2_of(kernels[:95], torch.ones(95), 999).sizes == [47, 48]
+    three = control_partition(97, 3, 0)
+    assert (
+        np.bincount(three).tolist() == [32, 32, 33] and (control_partition(96, 2, 3) == 0).tolist() == half_a.tolist()
+    )
 
 
 def test_correlated_neighbours_do_not_fool_the_random_control():
@@ -184,10 +207,10 @@ def test_correlated_neighbours_do_not_fool_the_random_control():
     a contiguous-halves control anticonservative; random halves keep it near its level."""
     rng = np.random.default_rng(0)
     random_halves, contiguous = [], []
-    for i in range(60):
-        drift = np.cumsum(rng.normal(size=96)) * 0.3 + rng.normal(size=96)  # strongly lag-correlated
-        random_halves.append(bisection(drift, np.ones(96), permutations=999, seed=i, bootstrap=10).p_value)
-        contiguous.append(bisection(drift, tower_labels(2, 48), permutations=999, seed=i, bootstrap=10).p_value)
+    for i in range(40):
+        kernels = drifting(rng, np.cumsum(rng.normal(size=96)) * 0.1)  # strongly lag-correlated scores
+        random_halves.append(eta2_of(kernels, np.ones(96), 999, seed=i, bootstrap=0).p_eta2)
+        contiguous.append(eta2_of(kernels, tower_labels(2, 48), 999, seed=i, bootstrap=0).p_eta2)
     assert np.mean(np.array(random_halves) < 0.05) <= 0.15
     assert np.mean(np.array(contiguous) < 0.05) >= 0.3  # what the old control would have said
 
@@ -205,30 +228,40 @@ def test_more_than_two_towers_also_get_the_best_bipartition():
     # towers 2 and 4 coloured, 1 and 3 grey: the best split is {2, 4} vs {1, 3}
     kernels = torch.cat([grey(24, 0), opponent(24, 1), grey(24, 2), opponent(24, 3)])
     kernels = kernels + 0.05 * torch.randn(kernels.shape, generator=torch.Generator().manual_seed(0))
-    scores, labels = color_specificity(kernels), tower_labels(4, 24)
-    result = bisection(scores, labels, permutations=B)
+    result = eta2_of(kernels, tower_labels(4, 24))
     assert result.color_side == [2, 4]
-    assert result.eta2_split > 0.99 and result.p_value_split == result.p_floor
+    assert result.eta2_split > 0.99 and result.p_eta2_split == 1 / (B + 1)
     assert result.eta2_null == pytest.approx(3 / 95)
 
-    random_scores = torch.rand(120, generator=torch.Generator().manual_seed(1))
-    labels5 = tower_labels(5, 24)
-    r = bisection(random_scores, labels5, permutations=999)
-    assert r.eta2_split == pytest.approx(best_split_reference(random_scores.numpy(), labels5.numpy()), rel=1e-10)
+    random_kernels, labels5 = drifting(np.random.default_rng(1), k=120), tower_labels(5, 24)
+    r = eta2_of(random_kernels, labels5, 999)
+    reference = best_split_reference(color_specificity(random_kernels).numpy(), labels5.numpy())
+    assert r.eta2_split == pytest.approx(reference, rel=1e-10)
     assert r.eta2_split <= r.eta2 + 1e-12  # merging towers can only lose explained variance
-    assert r.p_value_split > 0.01
+    assert r.p_eta2_split > 0.01
 
 
 def test_bad_input_is_refused_with_a_message():
-    scores = torch.rand(96)
+    kernels = drifting(np.random.default_rng(2))
     with pytest.raises(ValueError, match="at least 999"):
-        bisection(scores, tower_labels(2, 48), permutations=100)
-    with pytest.raises(ValueError, match="96 scores but 95"):
-        bisection(scores, tower_labels(2, 48)[:95])
-    with pytest.raises(ValueError, match=r"kernels \[3\]"):
-        bisection(torch.where(torch.arange(96) == 3, float("nan"), scores), tower_labels(2, 48))
-    with pytest.raises(ValueError, match="all scores are equal"):
-        bisection(torch.zeros(96), tower_labels(2, 48))
+        eta2_of(kernels, tower_labels(2, 48), 100)
+    with pytest.raises(ValueError, match="96 kernels but 95"):
+        eta2_of(kernels, tower_labels(2, 48)[:95])
+    with pytest.raises(ValueError, match="not finite"):
+        eta2_of(torch.where(torch.arange(96).view(96, 1, 1, 1) == 3, float("nan"), kernels), tower_labels(2, 48))
+    with pytest.raises(ValueError, match=r"kernels \[3\] are all zero"):
+        eta2_of(torch.where(torch.arange(96).view(96, 1, 1, 1) == 3, 0.0, kernels), tower_labels(2, 48))
+
+
+def test_movement_and_dominant_frequency():
+    w0 = torch.randn(4, 3, 11, 11, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(movement(w0 * 3, w0), torch.full((4,), 2.0, dtype=torch.float64))
+    x = torch.arange(11.0)
+    stripes = torch.cos(2 * math.pi * 0.25 * x).expand(11, 11)  # a vertical grating, 4 px period
+    flat = torch.ones(11, 11)
+    kernels = torch.stack([stripes, flat]).unsqueeze(1).expand(2, 3, 11, 11)
+    f = dominant_frequency(kernels)
+    assert f[1] == 0 and abs(f[0] - 0.25) < 1 / 11  # the nearest frequency of an 11-point transform
 
 
 def test_the_colour_score_imports_without_lightning():

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from towers import KernelBisectionCallback, TowerClassifier
-from towers.color import bisection, color_specificity, tower_labels
+from towers.color import Bisection, color_specificity, tower_labels
 from towers.data.demo import demo_image
 from towers.figures import SCORE_PLOT_FONT_PT, kernel_grid, label_width, score_figure
 from towers.model import TowerAlexNet
 from towers.runs import run_dir
+from towers.verdict import verdict
 
 SIZE = 67  # the smallest input the network takes comfortably
 STD = torch.tensor([30.0, 60.0, 90.0])  # a data module that divides by very unequal channel stds
@@ -100,10 +101,14 @@ def test_state_dicts_keep_the_plain_conv1_key_both_ways():
 
 @pytest.fixture(scope="module")
 def blind_fit(tmp_path_factory):
-    """Two towers, tower 1 colour-blind, inputs divided by STD: 4 steps with the real callback and a checkpoint."""
+    """Two towers, tower 1 colour-blind, inputs divided by STD: 4 steps with the real callback and a checkpoint.
+    Initialised like the demo (configs/demo.yaml: std 0.05, positive bias 0.1) but with conv1 25 times
+    smaller (0.0002 rather than 0.005), so the conv1
+    kernels move further than their initial size in 4 steps (as the demo's do in 90) and the verdict judges
+    learned kernels, not their initialisation."""
     root = tmp_path_factory.mktemp("blind")
     L.seed_everything(0)
-    module = tiny(color_blind_towers=[1])
+    module = tiny(color_blind_towers=[1], init_std=0.05, init_std_overrides={"conv1": 0.0002}, positive_bias=0.1)
     callback = KernelBisectionCallback(every_n_epochs=1, permutations=999, bootstrap=200)
     trainer = L.Trainer(
         max_steps=4,
@@ -125,15 +130,19 @@ def blind_fit(tmp_path_factory):
 def test_the_real_callback_calls_the_positive_control_specialised(blind_fit):
     _, folder, _ = blind_fit
     saved = json.loads((folder / "bisection.json").read_text())
-    for stage in ("init", "last"):  # even untrained: tower 1 grey (score 0), tower 2 random (score ~2/3)
-        record = saved[stage]
-        assert record["channel_std"] == pytest.approx(STD.tolist())
-        assert record["verdict"] == "specialised", record
-        assert (record["agnostic_tower"], record["specific_tower"]) == (1, 2)
-        assert max(record["score"][:6]) < 1e-9 and min(record["score"][6:]) > 1 / 3
-        assert record["colour_fraction"] == [0.0, 1.0]
-    assert saved["init"]["kernel_change"] == [0.0, 0.0]
-    assert all(c > 0 for c in saved["last"]["kernel_change"])
+    init, last = saved["init"], saved["last"]
+    # untrained: tower 1 grey (score 0), tower 2 random (score ~2/3), but nothing is learned yet, so every
+    # kernel is unstructured and counts for neither side (issue 22: noise never reads as colour)
+    assert init["verdict"] == "not specialised" and init["unstructured_count"] == [6, 6]
+    assert init["structure_method"] == "movement" and init["specific_tower"] is None
+    assert init["kernel_change"] == [0.0, 0.0]
+    # trained: tower 1 learned in grey, tower 2 in colour
+    assert last["channel_std"] == pytest.approx(STD.tolist()) and last["structure_method"] == "movement"
+    assert all(c > 1 for c in last["kernel_change"]) and min(last["movement"]) > 1
+    assert last["verdict"] == "specialised", last["reason"]
+    assert (last["agnostic_tower"], last["specific_tower"]) == (1, 2)
+    assert max(last["score"][:6]) < 1e-9 and min(last["score"][6:]) > 1 / 3
+    assert last["colour_fraction"] == [0.0, 1.0] and last["margin"] >= 1
 
 
 def test_the_positive_control_survives_a_lightning_checkpoint(blind_fit):
@@ -253,9 +262,11 @@ def test_kernel_grids_name_their_towers_and_frame_weak_kernels():
 
 
 def test_score_plot_text_is_legible_and_its_legend_covers_no_data():
-    scores = color_specificity(torch.randn(12, 3, 11, 11, generator=torch.Generator().manual_seed(0)))
+    kernels = torch.randn(12, 3, 11, 11, generator=torch.Generator().manual_seed(0))
+    scores = color_specificity(kernels)
     towers = tower_labels(2, 6)
-    fig = score_figure(scores, towers, bisection(scores, towers, 999, 0, 200), scores, "end · step 10")
+    stats = Bisection(**verdict(kernels.view(2, 6, 3, 11, 11), permutations=999, bootstrap=200).statistics())
+    fig = score_figure(scores, towers, stats, scores, "end · step 10")
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     texts = [

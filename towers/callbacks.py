@@ -200,7 +200,15 @@ class KernelBisectionCallback(Callback):
             "axis_name": self.axis,
         }
         record.update(
-            measure(kernels, self.channel_std, self.axis_vector, self.permutations, self.bootstrap, self.seed)
+            measure(
+                kernels,
+                self.channel_std,
+                self.axis_vector,
+                self.permutations,
+                self.bootstrap,
+                self.seed,
+                initial=self._initial_kernels(kernels, stage),
+            )
         )
         record["kernel_change"] = self._kernel_change(kernels, stage)
         stats = None if record["statistics"] is None else Bisection(**record["statistics"])
@@ -247,6 +255,15 @@ class KernelBisectionCallback(Callback):
             f.write(records.history_line(record))
         self._log(trainer, record, images)
         self._cost += time.perf_counter() - start
+
+    def _initial_kernels(self, kernels: torch.Tensor, stage: str) -> torch.Tensor | None:
+        """The kernels at initialisation, so the verdict judges untrained kernels by how far they moved
+        (at initialisation: the kernels themselves; None without the file, e.g. resumed without it)."""
+        if stage == "init":
+            return kernels
+        path = self._dir / records.kernels_file(init=True)
+        initial = torch.from_numpy(np.load(path)).to(kernels.dtype) if path.is_file() else None
+        return initial if initial is not None and initial.shape == kernels.shape else None
 
     def _kernel_change(self, kernels: torch.Tensor, stage: str) -> list | None:
         """Per tower ||W - W0|| / ||W0||, W0 the kernels at initialisation (its file; None without one):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from towers.color import RANDOM_KERNEL_SCORE, Bisection
 from towers.files import write_atomic
+from towers.verdict import format_p
 
 LABEL_FONT_PX = 14  # tower labels: 14 px is 10.5 pt at 96 dpi, 8.4 pt even read at 120 dpi
 WEAK_FRAME = (220, 30, 30)  # the frame around a weak kernel (towers.verdict: too small to judge)
@@ -124,8 +125,9 @@ def score_figure(scores, towers, stats: Bisection | None = None, init_scores=Non
     from matplotlib.figure import Figure
 
     s = np.asarray(scores, dtype=float)
-    if stats is not None and stats.control:  # one tower: show the two halves the control compares
-        idx = (np.arange(len(s)) >= len(s) // 2).astype(np.int64)
+    if stats is not None and stats.control:  # one tower: show the random halves the control compares
+        idx = np.ones(len(s), dtype=np.int64)
+        idx[np.asarray(stats.control_split or [], dtype=np.int64)] = 0
         ticks = [f"tower {np.asarray(towers).flat[0]}\n{half}" for half in stats.groups]
     else:
         names, idx = np.unique(np.asarray(towers), return_inverse=True)
@@ -174,12 +176,12 @@ def score_figure(scores, towers, stats: Bisection | None = None, init_scores=Non
     if stats is not None:
         title += (
             f"\n{'control (halves): ' if stats.control else ''}η² = {stats.eta2:.3f} "
-            f"(chance {stats.eta2_null:.3f}), p = {stats.p_value:.2g}"
+            f"(chance {stats.eta2_null:.3f}), p {format_p(stats.p_value, stats.permutations)}"
         )
         if len(stats.groups) > 2:
             title += (
                 f"\nbest split: towers {', '.join(map(str, stats.color_side))} vs rest, "
-                f"η² = {stats.eta2_split:.3f}, p = {stats.p_value_split:.2g}"
+                f"η² = {stats.eta2_split:.3f}, p {format_p(stats.p_value_split, stats.permutations)}"
             )
     ax.set_title(title, fontsize=SCORE_PLOT_FONT_PT)
     fig.legend(fontsize=SCORE_PLOT_FONT_PT, loc="lower center", bbox_to_anchor=(0.5, 0.01), ncol=2, frameon=False)

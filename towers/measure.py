@@ -1,6 +1,6 @@
-"""One measurement of first-layer kernels: their colour scores, the bisection statistic and the
-verdict, as the record that ``bisection.json`` holds (:mod:`towers.records`), and the one line that says
-its answer. Pure functions (torch, NumPy, scipy; no Lightning): the callback measures with them during
+"""One measurement of first-layer kernels: their colour scores and the verdict with its eta2 statistics
+(one engine, :func:`towers.verdict.verdict`), as the record that ``bisection.json`` holds
+(:mod:`towers.records`), and the one line that says its answer. Pure functions (torch, NumPy, scipy; no Lightning): the callback measures with them during
 training, ``analysis/kernels.py`` any checkpoint, array or picture afterwards.
 """
 
@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from towers.color import bisection, color_energy, tower_labels, unit_axis
+from towers.color import color_energy, tower_labels, unit_axis
 from towers.verdict import Verdict, format_p, verdict
 
 
@@ -18,13 +18,20 @@ def floats(x) -> list:
 
 
 def measure(
-    kernels, channel_std=None, axis=None, permutations: int = 9999, bootstrap: int = 2000, seed: int = 0
+    kernels,
+    channel_std=None,
+    axis=None,
+    permutations: int = 9999,
+    bootstrap: int = 2000,
+    seed: int = 0,
+    initial=None,
 ) -> dict:
-    """Score kernels (T, n, 3, h, w), test the tower split and judge it: the measurement part of a record
-    (what the callback and ``analysis/kernels.py`` both compute). Beside the scores and ``statistics``
-    (eta2, its permutation p, the medians; :class:`towers.color.Bisection`) the record holds every field of
-    :class:`towers.verdict.Verdict` at its top level: ``verdict``, ``delta_f``, ``colour_fraction``,
-    ``agnostic_tower``, ``specific_tower`` and the rest (all None when the weights are not finite)."""
+    """Score kernels (T, n, 3, h, w) and judge them: the measurement part of a record (what the callback
+    and ``analysis/kernels.py`` both compute). Beside the scores the record holds every field of
+    :class:`towers.verdict.Verdict` at its top level (``verdict``, ``reason``, ``margin``, ``delta_f``,
+    ``eta2``, ``p_eta2`` and the rest; all None when the weights are not finite) and ``statistics``, the
+    same run's eta2 numbers under :class:`towers.color.Bisection`'s keys. ``initial``: the kernels at
+    initialisation (same shape), so that unstructured kernels are judged by how far they moved."""
     kernels = torch.as_tensor(kernels)
     t, n = kernels.shape[:2]
     towers = tower_labels(t, n)
@@ -61,29 +68,28 @@ def measure(
         tower_median_ac=floats(per_tower[2]),
     )
     try:
-        record["statistics"] = bisection(energy.total, towers, permutations, seed, bootstrap).to_dict()
+        v = verdict(kernels, None, channel_std, axis, initial, permutations, seed, bootstrap=bootstrap)
     except ValueError as e:
-        record["statistics"], record["error"] = None, str(e)
-    try:
-        record.update(verdict(kernels, None, channel_std, axis, permutations, seed).to_dict())
-    except ValueError as e:
-        record.update(dict.fromkeys(Verdict.__dataclass_fields__))
-        record["error"] = record["error"] or str(e)
+        record.update(dict.fromkeys(Verdict.__dataclass_fields__), statistics=None, error=str(e))
+        return record
+    record.update(v.to_dict(), statistics=v.statistics())
     return record
 
 
 def summary_line(record: dict) -> str:
-    """One line that says a record's answer: the verdict with delta f, the towers' colour fractions
-    with their intervals, and eta2 with its p (as the end of a fit prints it)."""
+    """One line that says a record's answer: the verdict and what decided it, delta f, the margin, the
+    towers' colour fractions with their intervals, and eta2 with its p (as the end of a fit prints it)."""
     if record.get("verdict") is None:
         return f"no verdict: {record.get('error') or 'not measured'}"
-    line = Verdict(**{k: record[k] for k in Verdict.__dataclass_fields__}).summary()
-    stats = record.get("statistics")
-    if stats:
-        line += f"; η² = {stats['eta2']:.3f} (chance {stats['eta2_null']:.3f}), p {format_p(stats['p_value'], stats['permutations'])}"
+    line = Verdict(**{k: record.get(k) for k in Verdict.__dataclass_fields__}).summary()
+    if record.get("eta2") is not None:
+        line += (
+            f"; η² = {record['eta2']:.3f} (chance {record['eta2_null']:.3f}), "
+            f"p {format_p(record['p_eta2'], record['permutations'])}"
+        )
     return line
 
 
 def p_text(p, permutations) -> str:
-    """A p-value as tables print it: "0.031", or "≤ 1e-4" at the permutation floor; "" for none."""
-    return "" if p is None else format_p(p, permutations).removeprefix("= ")
+    """A p-value as tables print it (:func:`towers.verdict.format_p` without its "= ")."""
+    return format_p(p, permutations, bare=True)

@@ -1,40 +1,29 @@
 """The verdict: is one tower's first layer largely colour-agnostic and another's largely colour-specific?
 
 Pure functions (torch, NumPy, scipy; no Lightning), so they work on any checkpoint, saved array or
-kernel grid read from a published figure (``analysis/kernels.py``):
+kernel grid read from a published figure (``analysis/kernels.py``). One function, one permutation loop,
+answers the verdict and the eta2 statistics:
 
-    v = verdict(model.conv1_kernels())            # (towers, kernels per tower, 3, h, w), RGB
-    v.verdict, v.delta_f, v.colour_fraction, v.agnostic_tower, v.specific_tower
-    v.summary()                                   # one line
+    v = verdict(model.conv1_kernels(), initial=kernels_at_init)   # (towers, n, 3, h, w), RGB
+    v.verdict, v.reason, v.margin, v.delta_f, v.colour_fraction, v.eta2, v.p_eta2
+    v.summary()                                                     # one line
 
 The paper's claim (§6.1): "The kernels on GPU 1 are largely color-agnostic, while the kernels on GPU 2
-are largely color-specific. This kind of specialization occurs during every run". The rule below is
-fixed before any result and documented in the README ("The verdict"); its constants live here only.
+are largely color-specific. This kind of specialization occurs during every run". The rule, derived
+from those words and written down before it met a real network, is the README's "The verdict"; its
+constants live here only:
 
-1. Every kernel is *grey*, *colour* or *weak*. Weak: its norm (raw-RGB units) is below
-   ``WEAK_FRACTION`` of its tower's median kernel norm. A kernel whose gradient vanished shrinks under
-   weight decay with its direction frozen, so it keeps its random colour score (about 2/3) and would
-   read as "colour"; its norm gives it away. Weak kernels are counted apart, never as grey or colour.
-   The others are colour when their colour score (:func:`towers.color.color_specificity`, the
-   chromatic energy fraction) is at least ``COLOUR_CUT``, grey below it.
-2. Per tower: colour fraction = colour / (grey + colour) with its exact (Clopper-Pearson) interval;
-   energy share = chromatic energy / energy over all its kernels.
-3. The towers are split into an agnostic and a specific group: for two towers, the tower with the
-   lower colour fraction and the one with the higher; for three or more, the bipartition of the towers
-   whose pooled colour fractions differ most. Delta f = f(specific) - f(agnostic), with Newcombe's
-   hybrid-score interval; its permutation p-value takes the maximum over bipartitions (and both
-   orientations) again in every permutation of the kernels' tower labels, so picking the best
-   bipartition and naming the sides is paid for. AUC: the chance that a non-weak kernel of the
-   specific group scores above one of the agnostic group.
-4. **Specialised** when all four hold:
-   - Delta f >= ``MIN_DELTA_F``;
-   - its permutation p < ``ALPHA`` (the towers differ more than random tower labels make them);
-   - the agnostic group is *largely* grey: one-sided exact binomial test of grey fraction > 1/2, p < ``ALPHA``;
-   - the specific group is *largely* colour: the same test of colour fraction > 1/2, p < ``ALPHA``.
-   Otherwise not specialised, and no tower is named the agnostic or the specific one.
+1. Every kernel is *weak* (norm below WEAK_FRACTION of the median norm over all towers), *unstructured*
+   (moved less than MOVEMENT_MIN times its initial norm; without initial kernels: a spatial power
+   spectrum as flat as white noise's, STRUCTURE_QUANTILE), else *colour* (score >= COLOUR_CUT) or *grey*.
+2. A tower is largely agnostic when more than LARGELY of all its kernels are grey, largely specific when
+   more than LARGELY are colour (weak and unstructured kernels count for neither).
+3. Sides by each tower's majority; Delta f = pooled colour fraction (colour / (grey + colour)) of the
+   specific side minus the agnostic side; its permutation p re-chooses the sides in every relabelling.
+4. Specialised: both sides non-empty and p < ALPHA. The margin: kernels that would have to change class.
 
-One tower is the control: its kernels are split into two random halves (seeded, the split kept in
-the result; :func:`towers.color.control_halves`) and judged exactly like two towers.
+One tower is the control: its kernels are split into ``control_groups`` seeded random groups and judged
+exactly like that many towers.
 """
 
 import math
@@ -43,64 +32,107 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from towers.color import CONTROL_GROUPS, color_energy, control_halves, raw_rgb_kernels
+from towers.color import (
+    color_energy,
+    control_group_names,
+    control_partition,
+    dominant_frequency,
+    effective_frequencies,
+    movement,
+    raw_rgb_kernels,
+    white_noise_frequencies,
+)
 
 # --- the decision rule: written down before any result (README, "The verdict") --------------------
 # A kernel is colour when its chromatic energy fraction is at least 1/3: half the level of an
-# unstructured (random) kernel, 2/3. Grey kernels sit near 0, opponent-colour kernels near 1 and
-# colour blobs at 2/3 and above (a saturated single-primary blob scores 2/3), so 1/3 lies in the
-# valley between the two modes; equivalently, a colour kernel carries at least half as much chromatic
-# as luminance energy, and a rank-one kernel g(p)·c is grey when its colour c lies within 35° of grey.
+# unstructured (random) kernel, 2/3, in the valley between grey kernels (near 0) and colour ones
+# (blobs 2/3 and above, opponent gratings near 1).
 COLOUR_CUT = 1 / 3
-# A kernel is weak when its norm is below a quarter of its tower's median norm: it then carries less
-# than 1/16 of a typical kernel's energy. Freshly initialised kernels never are (363 i.i.d. weights:
-# the norm's relative spread is about 4%); a dead kernel under weight decay 5e-4 with momentum 0.9 at
-# learning rate 0.01 loses a factor e in about 20,000 steps, while trained kernels grow.
+# Weak: norm below a quarter of the median norm over ALL kernels (under 1/16 of a typical kernel's
+# energy); the median over all towers, so no tower can drag its own reference down.
 WEAK_FRACTION = 1 / 4
-# "Largely" both ways, with a gap a grid shows: a tower where grey outnumbers colour two to one
-# beside one where colour outnumbers grey two to one differs by 1/3 in colour fraction.
-MIN_DELTA_F = 1 / 3
+# Unstructured, with initial kernels: ||W - W0|| < ||W0||. A grey learned part beside orthogonal
+# leftover noise of equal energy scores (2/3) / 2 = 1/3, the colour cut: below that a grey kernel can
+# read as colour from its noise alone.
+MOVEMENT_MIN = 1.0
+# Unstructured, without: the effective number of spatial frequencies at or above the 1% quantile of
+# i.i.d. Gaussian kernels of the same size (a fresh tower of 48 then has half a kernel read as structured).
+STRUCTURE_QUANTILE = 0.01
+# "Largely": for the most part, more than half of the tower's kernels; a count over the whole tower.
+LARGELY = 1 / 2
+# The one test, where chance can explain what is seen: the towers differ more than random labels make them.
 ALPHA = 0.05
 SENSITIVITY_CUTS = (0.1, 0.2, 0.3, 1 / 3, 0.4, 0.5)
+# Dominant-frequency bands, cycles/pixel: low (period over 8 px), mid (4 to 8 px), high (under 4 px).
+FREQUENCY_BANDS = (0.0, 1 / 8, 1 / 4, 1.0)
 SPECIALISED, NOT_SPECIALISED = "specialised", "not specialised"
-GREY, COLOUR, WEAK = "grey", "colour", "weak"
+GREY, COLOUR, WEAK, UNSTRUCTURED = "grey", "colour", "weak", "unstructured"
+CLASSES = (GREY, COLOUR, WEAK, UNSTRUCTURED)  # codes 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
 class Verdict:
     """One run's answer and the numbers behind it. Per-tower lists follow ``towers`` (sorted labels;
-    the one-tower control has the two halves ``"half A"``, ``"half B"``)."""
+    the one-tower control has its random groups); per-kernel lists follow the input order."""
 
     verdict: str  # SPECIALISED or NOT_SPECIALISED
-    delta_f: float  # colour fraction of the specific group minus that of the agnostic group
+    reason: str  # what decided it
+    margin: int | None  # kernels that would have to change class to flip the verdict (None: not computed)
+    margin_reason: str  # which criterion that many changes would break (or, not specialised, meet)
+    delta_f: float  # pooled colour fraction of the specific side minus the agnostic side (NaN: a side empty)
     delta_f_low: float  # Newcombe hybrid-score interval, ci_level
     delta_f_high: float
-    p_delta_f: float  # permutation p of delta_f, maximum over bipartitions taken in every permutation
-    auc: float  # P(score of a specific-group kernel > score of an agnostic-group kernel), non-weak kernels
-    agnostic_tower: object  # the tower with the lowest colour fraction; None unless specialised
-    specific_tower: object  # the tower with the highest colour fraction; None unless specialised
-    agnostic_group: list  # towers on the agnostic side of the best bipartition (kept even when not specialised)
-    specific_group: list
-    grey_fraction_agnostic: float  # pooled over the agnostic group, non-weak kernels
-    p_largely_agnostic: float  # one-sided exact binomial test: grey fraction > 1/2
+    p_delta_f: float  # permutation p of delta_f, the sides chosen again in every permutation
+    auc: float  # P(score of a specific-side kernel > score of an agnostic-side one), grey and colour kernels
+    agnostic_tower: object  # the tower with the largest grey share; None unless specialised
+    specific_tower: object  # the tower with the largest colour share; None unless specialised
+    agnostic_group: list  # towers largely grey (kept even when not specialised)
+    specific_group: list  # towers largely colour
+    neither_group: list  # towers that are neither
+    grey_fraction_agnostic: float  # pooled over the agnostic side, grey / (grey + colour)
     colour_fraction_specific: float
-    p_largely_specific: float  # colour fraction > 1/2
-    towers: list  # tower labels (or the control's halves)
-    colour_fraction: list  # per tower: colour / (grey + colour); None for a tower of weak kernels only
+    towers: list  # tower labels (or the control's groups)
+    sizes: list  # kernels per tower
+    colour_fraction: list  # per tower: colour / (grey + colour); None for a tower without either
     colour_fraction_low: list  # exact Clopper-Pearson interval, ci_level
     colour_fraction_high: list
+    grey_share: list  # per tower: grey / all its kernels (the "largely" quantity)
+    colour_share: list  # per tower: colour / all its kernels
     energy_share: list  # per tower: chromatic energy / energy, all its kernels
-    grey_count: list  # per tower: kernels of each class
+    grey_count: list
     colour_count: list
     weak_count: list
-    kernel_class: list  # per kernel, in the input order: "grey", "colour" or "weak"
+    unstructured_count: list
+    kernel_class: list  # per kernel: "grey", "colour", "weak" or "unstructured"
+    structure_method: str  # "movement" (initial kernels given) or "spectrum"
+    movement: list | None  # per kernel ||W - W0|| / ||W0|| (with initial kernels)
+    effective_frequencies: list  # per kernel 1 / sum p^2 of its normalised spatial power spectrum
+    dominant_frequency: list  # per kernel, cycles/pixel, peak of its luminance part's power spectrum
+    frequency_bands: list  # FREQUENCY_BANDS
+    frequency_grey: list  # per tower, grey kernels per band
+    frequency_colour: list  # per tower, colour kernels per band
+    frequency_median: list  # per tower, median dominant frequency of its grey and colour kernels
+    eta2: float  # SS_between / SS_total of the scores by tower
+    eta2_null: float  # its expectation under random labels, (G - 1) / (K - 1)
+    omega2: float  # eta2 less its chance bias
+    p_eta2: float  # permutation p of eta2 (same permutations as delta f)
+    eta2_split: float  # the best two-sided eta2 over bipartitions of the towers (= eta2 for two)
+    p_eta2_split: float  # with the maximum taken again in every permutation
+    color_side: list  # the high-score side of that bipartition
+    mean: list  # per tower mean score
+    median: list  # per tower median score
+    median_low: list  # percentile bootstrap interval of the median, over kernels
+    median_high: list
     sensitivity: list  # [{"cut", "delta_f", "p_delta_f", "verdict", "colour_fraction"}] over SENSITIVITY_CUTS
-    control: bool  # one tower, judged on two random halves
-    control_split: list | None  # the control's kernel indices in half A (None for real towers)
+    control: bool  # one tower, judged on random groups
+    control_split: list | None  # two control groups: the kernel indices of half A
+    control_assignment: list | None  # the control's group (0..G-1) of every kernel
+    bipartition: str  # how the sides were found
     rule: dict  # the constants the verdict was reached with
     permutations: int
     seed: int
     ci_level: float
+    bootstrap: int
 
     @property
     def specialised(self) -> bool:
@@ -110,28 +142,71 @@ class Verdict:
         return {k: _plain(v) for k, v in asdict(self).items()}
 
     def summary(self) -> str:
-        """One line: the verdict, Delta f with its interval and p, the towers' colour fractions."""
+        """One line: the verdict and what decided it, Delta f with its interval and p, the margin, the
+        towers' colour fractions."""
         fractions = ", ".join(
             f"{t}: {_pct(f)} [{_pct(lo)}-{_pct(hi)}]"
             for t, f, lo, hi in zip(
                 self.towers, self.colour_fraction, self.colour_fraction_low, self.colour_fraction_high
             )
         )
-        named = f"; agnostic {self.agnostic_tower}, specific {self.specific_tower}" if self.specialised else ""
-        what = "control (random halves of one tower)" if self.control else "towers"
-        return (
-            f"{self.verdict}: Δf = {self.delta_f:.2f} [{self.delta_f_low:.2f}, {self.delta_f_high:.2f}], "
-            f"p {format_p(self.p_delta_f, self.permutations)}; colour fraction by {what}: {fractions}{named}"
+        apart = sum(self.weak_count or ()) + sum(self.unstructured_count or ())
+        what = f"control ({len(self.towers)} random groups of one tower)" if self.control else "towers"
+        delta = (
+            f"Δf = {self.delta_f:.2f} [{self.delta_f_low:.2f}, {self.delta_f_high:.2f}], "
+            f"p {format_p(self.p_delta_f, self.permutations)}; "
+            if _finite(self.delta_f)
+            else ""
+        )
+        margin = "" if self.margin is None else f"margin {self.margin} kernel{'s' * (self.margin != 1)}; "
+        reason = f": {self.reason}" if self.reason else ""
+        return f"{self.verdict}{reason}; {delta}{margin}colour fraction by {what}: {fractions}" + (
+            f" ({apart} weak or unstructured kernel{'s' * (apart != 1)} counted apart)" if apart else ""
+        )
+
+    def statistics(self) -> dict:
+        """The record's ``statistics`` entry (:class:`towers.color.Bisection`'s keys), from this result."""
+        best = max(range(len(self.towers)), key=lambda j: (self.median[j], self.mean[j], j))
+        return _plain(
+            {
+                "groups": self.towers,
+                "sizes": self.sizes,
+                "mean": self.mean,
+                "median": self.median,
+                "ci_low": self.median_low,
+                "ci_high": self.median_high,
+                "color_group": self.towers[best],
+                "eta2": self.eta2,
+                "eta2_null": self.eta2_null,
+                "p_value": self.p_eta2,
+                "eta2_split": self.eta2_split,
+                "p_value_split": self.p_eta2_split,
+                "color_side": self.color_side,
+                "control": self.control,
+                "permutations": self.permutations,
+                "bootstrap": self.bootstrap,
+                "ci_level": self.ci_level,
+                "seed": self.seed,
+                "omega2": self.omega2,
+                "control_split": self.control_split,
+            }
         )
 
 
-def format_p(p: float, permutations: int | None = None) -> str:
-    """``= 0.031``, or ``≤ 1e-4`` at the permutation floor 1/(B+1) (a p-value there is a bound, not a value)."""
+def format_p(p, permutations: int | None = None, bare: bool = False) -> str:
+    """Every p-value printed one way: ``= 0.031``, or ``≤ 1e-4`` at the permutation floor 1/(B+1) (a
+    p-value there is a bound, not a value); ``= n/a`` for none. ``bare``: without the ``= `` (tables;
+    "" for none)."""
     if p is None or (isinstance(p, float) and math.isnan(p)):
-        return "= n/a"
+        return "" if bare else "= n/a"
     if permutations and p <= 1 / (permutations + 1) * (1 + 1e-9):
         return f"≤ {10 ** math.ceil(math.log10(1 / (permutations + 1))):.0e}".replace("e-0", "e-")
-    return f"= {p:.2g}"
+    text = f"{p:.2g}"
+    return text if bare else f"= {text}"
+
+
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)
 
 
 def _pct(x) -> str:
@@ -139,7 +214,7 @@ def _pct(x) -> str:
 
 
 def _plain(v):
-    if isinstance(v, (np.generic,)):
+    if isinstance(v, np.generic):
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
         return None
@@ -150,20 +225,87 @@ def _plain(v):
     return v
 
 
-# --- the pieces ---------------------------------------------------------------------------------
+# --- the rule on counts, vectorised over permutations --------------------------------------------
 
 
-def classify(scores, norms, towers, cut: float = COLOUR_CUT, weak_fraction: float = WEAK_FRACTION) -> np.ndarray:
-    """Per kernel 0 grey, 1 colour, 2 weak (int array). Weak is judged against the median norm of the
-    kernel's own tower (``towers``: one label per kernel)."""
-    s, n, t = (
-        np.asarray(x, dtype=np.float64).ravel() if i < 2 else np.asarray(x).ravel()
-        for i, x in enumerate((scores, norms, towers))
-    )
-    names, index = np.unique(t, return_inverse=True)
-    median = np.array([np.median(n[index == j]) for j in range(len(names))])  # per tower, a handful
-    weak = n < weak_fraction * median[index]
-    return np.where(weak, 2, (s >= cut).astype(np.int64))
+def classify(scores, norms, unstructured=None, cut: float = COLOUR_CUT, weak_fraction: float = WEAK_FRACTION):
+    """Per kernel 0 grey, 1 colour, 2 weak, 3 unstructured (int array). Weak is judged against the
+    median norm over all kernels given; weak before unstructured."""
+    s, n = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(norms, dtype=np.float64).ravel()
+    u = np.zeros(s.size, bool) if unstructured is None else np.asarray(unstructured, bool).ravel()
+    weak = n < weak_fraction * np.median(n)
+    return np.where(weak, 2, np.where(u, 3, (s >= cut).astype(np.int64)))
+
+
+def _sides(grey: np.ndarray, colour: np.ndarray, total: np.ndarray):
+    """The rule on counts (..., G): (delta f (...), specific (..., G), agnostic (..., G)); delta is NaN
+    where a side is empty."""
+    specific, agnostic = colour > LARGELY * total, grey > LARGELY * total
+    cs, gs = (colour * specific).sum(-1), (grey * specific).sum(-1)
+    ca, ga = (colour * agnostic).sum(-1), (grey * agnostic).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        delta = cs / (cs + gs) - ca / (ca + ga)
+    return np.where(specific.any(-1) & agnostic.any(-1), delta, np.nan), specific, agnostic
+
+
+def split_statistic(classes, groups, num_groups: int):
+    """The rule on class vectors: ``classes`` (B, K) or (K,) codes (0 grey, 1 colour, 2 weak,
+    3 unstructured), ``groups`` (K,) 0..G-1. Returns delta f (B,) (NaN where a side is empty) and the
+    specific and agnostic sides (B, G) bool. For simulations of many runs."""
+    c = np.atleast_2d(np.asarray(classes))
+    onehot = np.eye(num_groups)[np.asarray(groups)]
+    total = onehot.sum(0)
+    return _sides((c == 0) @ onehot, (c == 1) @ onehot, total)
+
+
+def _arrangements(seed: int, permutations: int, k: int):
+    """The permutations, in chunks that bound memory: (b, K) int32, one random arrangement per row.
+    The same (seed, permutations, K) give the same arrangements, so every test shares them."""
+    rng = np.random.default_rng([seed, 3])
+    chunk = max(1, min(permutations, 2**21 // max(k, 1)))
+    for start in range(0, permutations, chunk):
+        yield rng.random((min(chunk, permutations - start), k)).argsort(1).astype(np.int32)
+
+
+def _best_cut(sums: np.ndarray, sizes: np.ndarray):
+    """Largest two-sided SS_between over bipartitions of the groups, for centred group sums (B, G).
+    Exact without trying all 2^(G-1) bipartitions: in one dimension the best two-cluster split of the
+    group means (weighted by size) is a cut of them in sorted order, so G - 1 cuts suffice. Returns
+    (B,) SS, the (B, G) order and the (B,) cut index (side = order[cut + 1:] is the high side)."""
+    k = sizes.sum()
+    order = np.argsort(sums / sizes, axis=-1, kind="stable")
+    s = np.take_along_axis(sums, order, -1).cumsum(-1)[..., :-1]
+    n = sizes[order].cumsum(-1)[..., :-1]
+    ss = np.square(s) * (k / (n * (k - n)))
+    cut = ss.argmax(-1)
+    return np.take_along_axis(ss, cut[..., None], -1)[..., 0], order, cut
+
+
+def _medians(values: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Medians along the last axis of (..., G, n_max) arrays whose group g holds sizes[g] values
+    followed by padding (the mean of the two middle values for an even count)."""
+    padded = np.where(np.arange(values.shape[-1]) < sizes[:, None], values, np.inf)
+    ordered = np.sort(padded, axis=-1)
+    lower = np.take_along_axis(ordered, np.broadcast_to(((sizes - 1) // 2)[:, None], ordered.shape[:-1] + (1,)), -1)
+    upper = np.take_along_axis(ordered, np.broadcast_to((sizes // 2)[:, None], ordered.shape[:-1] + (1,)), -1)
+    return ((lower + upper) / 2)[..., 0]
+
+
+def _median_intervals(scores, index, g, bootstrap, seed, ci_level):
+    """Per group mean, median and percentile-bootstrap interval of the median (all groups at once)."""
+    counts = np.bincount(index, minlength=g)
+    by_group = np.argsort(index, kind="stable")
+    table = np.zeros((g, counts.max()))
+    table[index[by_group], np.arange(index.size) - (np.cumsum(counts) - counts)[index[by_group]]] = scores[by_group]
+    means = np.bincount(index, scores, g) / counts
+    medians = _medians(table, counts)
+    if bootstrap <= 0:
+        return means, medians, np.full(g, np.nan), np.full(g, np.nan)
+    draws = (np.random.default_rng([seed, 1]).random((bootstrap, g, counts.max())) * counts[:, None]).astype(np.int64)
+    boot = _medians(np.take_along_axis(np.broadcast_to(table, draws.shape), draws, -1), counts)
+    tail = (1 - ci_level) / 2
+    lo, hi = np.quantile(boot, [tail, 1 - tail], axis=0)
+    return means, medians, lo, hi
 
 
 def newcombe_interval(k1: int, n1: int, k2: int, n2: int, level: float = 0.95) -> tuple[float, float]:
@@ -190,80 +332,149 @@ def _fraction(k: int, n: int, level: float) -> tuple:
     return k / n, float(ci.low), float(ci.high)
 
 
-def _bipartitions(g: int) -> np.ndarray:
-    """(P, G) 0/1: every split of G groups into two non-empty sides, each once (G = 2: one)."""
-    masks = np.arange(1, 2 ** (g - 1))
-    return ((masks[:, None] >> np.arange(g)) & 1).astype(np.float64)
+class _Test:
+    """The permutation loop: every statistic of one set of arrangements, computed together."""
+
+    def __init__(self, index: np.ndarray, g: int, seed: int, permutations: int):
+        self.onehot, self.g, self.seed, self.permutations = np.eye(g)[index], g, seed, permutations
+        self.total = self.onehot.sum(0)
+
+    def counts(self, cls: np.ndarray):
+        return (cls == 0) @ self.onehot, (cls == 1) @ self.onehot
+
+    def run(self, class_vectors: list, x: np.ndarray | None = None):
+        """p of delta f for every class vector (and of eta2 and its best split for centred scores x)."""
+        observed = [_sides(*self.counts(c), self.total)[0] for c in class_vectors]
+        hits = np.zeros(len(class_vectors))
+        eta_hits = np.zeros(2)
+        if x is not None:
+            sums = x @ self.onehot
+            eta_obs = np.array([(np.square(sums) / self.total).sum(), _best_cut(sums[None], self.total)[0][0]])
+        for rows in _arrangements(self.seed, self.permutations, len(self.onehot)):
+            for i, c in enumerate(class_vectors):
+                if np.isfinite(observed[i]):
+                    d = _sides(*self.counts(c[rows]), self.total)[0]
+                    hits[i] += np.sum(d >= observed[i] - 1e-12)
+            if x is not None:
+                sums = x[rows] @ self.onehot
+                eta = (np.square(sums) / self.total).sum(1)
+                split = _best_cut(sums, self.total)[0]
+                eta_hits += [np.sum(eta >= eta_obs[0] * (1 - 1e-12)), np.sum(split >= eta_obs[1] * (1 - 1e-12))]
+        p = [(1 + h) / (self.permutations + 1) if np.isfinite(o) else math.nan for h, o in zip(hits, observed)]
+        return p, (1 + eta_hits) / (self.permutations + 1)
 
 
-def _best_split(colour: np.ndarray, grey: np.ndarray, sides: np.ndarray):
-    """Largest colour-fraction difference over bipartitions and orientations.
-
-    colour, grey: (B, G) counts per group; sides: (P, G). Returns (B,) delta and (B,) index into
-    2P (bipartition p with side 1 specific: p; with side 0 specific: P + p)."""
-    c1, g1 = colour @ sides.T, grey @ sides.T  # (B, P) on side 1
-    c0, g0 = colour.sum(1, keepdims=True) - c1, grey.sum(1, keepdims=True) - g1
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1, f0 = c1 / (c1 + g1), c0 / (c0 + g0)
-    d = np.concatenate([f1 - f0, f0 - f1], 1)  # (B, 2P)
-    d = np.where(np.isnan(d), -np.inf, d)
-    best = d.argmax(1)
-    return np.take_along_axis(d, best[:, None], 1)[:, 0], best
+def _classes_from_counts(grey, colour, total) -> tuple[np.ndarray, np.ndarray]:
+    """A class vector (and its groups) with these counts per group; the rest "weak" (only counts matter
+    to the test)."""
+    cls = np.concatenate(
+        [np.repeat([0, 1, 2], [int(a), int(b), int(n - a - b)]) for a, b, n in zip(grey, colour, total)]
+    )
+    return cls, np.repeat(np.arange(len(total)), total.astype(int))
 
 
-def _permutation_p(cls: np.ndarray, group: np.ndarray, g: int, observed: float, perms: np.ndarray) -> float:
-    """p of the best-split delta f under random relabelling of kernels (group sizes kept); ``perms``
-    (B, K): one random arrangement of the kernels per row."""
-    onehot = np.eye(g)[group]  # (K, G)
-    is_colour, is_grey = (cls == 1).astype(np.float64), (cls == 0).astype(np.float64)
-    sides = _bipartitions(g)
-    hits, chunk = 0, max(1, 2**21 // max(cls.size, 1))  # bounds the (chunk, K) temporaries
-    for start in range(0, len(perms), chunk):
-        rows = perms[start : start + chunk]
-        d, _ = _best_split(is_colour[rows] @ onehot, is_grey[rows] @ onehot, sides)
-        hits += int((d >= observed - 1e-12).sum())
-    return (1 + hits) / (len(perms) + 1)
+def _p_of_counts(grey, colour, total, seed, permutations) -> float:
+    cls, index = _classes_from_counts(grey, colour, total)
+    return _Test(index, len(total), seed, permutations).run([cls])[0][0]
 
 
-def _judge(cls, scores, group, names, perms, ci_level, alpha, min_delta_f):
-    """The group-level numbers and the verdict for one classification (one cut)."""
-    from scipy import stats
+def _margin(grey, colour, total, specialised, names, seed, permutations, alpha, label):
+    """How many kernels would have to change class to flip the verdict, and which criterion.
 
-    g = len(names)
-    onehot = np.eye(g)[group]
-    colour = (cls == 1).astype(np.float64) @ onehot
-    grey = (cls == 0).astype(np.float64) @ onehot
-    sides = _bipartitions(g)
-    delta, best = _best_split(colour[None], grey[None], sides)
-    delta, best = float(delta[0]), int(best[0])
-    if not math.isfinite(delta):  # fewer than two groups with a non-weak kernel: no split to judge
+    Specialised: the majorities exactly (a side is emptied when every tower on it loses its majority),
+    the test along the path that narrows delta f most, one kernel at a time (binary search of p on it).
+    Not specialised: an upper bound, the most colour tower made largely colour and the most grey other
+    tower largely grey, then delta f widened until p < alpha."""
+    grey, colour, total = grey.astype(float), colour.astype(float), total.astype(float)
+    half = np.floor(total * LARGELY)
+    _, spec, agn = _sides(grey, colour, total)
+    path = []  # count tables after 1, 2, ... changes
+    if specialised:
+        need_spec = int((colour - half)[spec].sum())
+        need_agn = int((grey - half)[agn].sum())
+        majority = min(need_spec, need_agn)
+        which = (
+            f"{', '.join(label(n) for n, s in zip(names, spec) if s)} would no longer be largely colour-specific"
+            if need_spec <= need_agn
+            else f"{', '.join(label(n) for n, a in zip(names, agn) if a)} would no longer be largely colour-agnostic"
+        )
+        g, c = grey.copy(), colour.copy()
+        sign = np.where(spec, -1.0, np.where(agn, 1.0, 0.0))  # colour -> grey on the specific side, back on the other
+        for _ in range(majority - 1):  # all single changes at once, (G, G) candidate tables
+            movable = (spec & (c > 0)) | (agn & (g > 0))
+            g2 = g[None] - np.diag(sign)
+            c2 = c[None] + np.diag(sign)
+            d = np.where(movable, np.nan_to_num(_sides(g2, c2, total[None])[0], nan=-np.inf), np.inf)
+            t = int(np.argmin(d))
+            g, c = g2[t], c2[t]
+            path.append((g, c))
+        found = _search(path, lambda gc: _p_of_counts(*gc, total, seed, permutations) >= alpha)
+        if found is None:
+            return majority, which
+        return found + 1, f"the towers would differ no more than random labels make them (p ≥ {alpha:g})"
+    if len(total) < 2:
+        return None, ""
+    s = int(np.argmax(colour / total))
+    a = int(np.argmax(np.where(np.arange(len(total)) == s, -np.inf, grey / total)))
+    g, c = grey.copy(), colour.copy()
+    steps = 0
+    while c[s] <= half[s]:  # grey -> colour first (it widens delta f too), then weak/unstructured -> colour
+        g[s] -= 1 if g[s] > 0 else 0
+        c[s] += 1
+        steps += 1
+        path.append((g.copy(), c.copy()))
+    while g[a] <= half[a]:
+        c[a] -= 1 if c[a] > 0 else 0
+        g[a] += 1
+        steps += 1
+        path.append((g.copy(), c.copy()))
+    start = len(path)
+    while g[s] > 0 or c[a] > 0:  # then widen delta f until the test is met
+        if g[s] > 0:
+            g[s], c[s] = g[s] - 1, c[s] + 1
+        else:
+            c[a], g[a] = c[a] - 1, g[a] + 1
+        path.append((g.copy(), c.copy()))
+    offset = max(start - 1, 0)  # the first state with both majorities (or the first change, if they hold)
+    found = _search(path[offset:], lambda gc: _p_of_counts(*gc, total, seed, permutations) < alpha)
+    if found is None:
+        return None, "no change of the two nearest towers would make it specialised"
+    return offset + found + 1, (
+        f"at most: {label(names[s])} made largely colour-specific and {label(names[a])} largely "
+        f"colour-agnostic, with p < {alpha:g}"
+    )
+
+
+def _search(path: list, flips) -> int | None:
+    """The first index of ``path`` where ``flips`` holds (assumed monotone along the path); None if none."""
+    if not path or not flips(path[-1]):
         return None
-    side = sides[best % len(sides)].astype(bool)
-    specific_side = side if best < len(sides) else ~side
-    p_delta = _permutation_p(cls, group, g, delta, perms)
-    spec_members, agn_members = specific_side[group], ~specific_side[group]
-    kc, ks = int(colour[specific_side].sum()), int((colour + grey)[specific_side].sum())
-    kg, ka = int(grey[~specific_side].sum()), int((colour + grey)[~specific_side].sum())
-    p_agn = stats.binomtest(kg, ka, 0.5, alternative="greater").pvalue
-    p_spec = stats.binomtest(kc, ks, 0.5, alternative="greater").pvalue
-    lo, hi = newcombe_interval(ka - kg, ka, kc, ks, ci_level)
-    x_spec = scores[spec_members & (cls != 2)]
-    x_agn = scores[agn_members & (cls != 2)]
-    auc = float(stats.mannwhitneyu(x_spec, x_agn).statistic / (x_spec.size * x_agn.size))
-    ok = delta >= min_delta_f - 1e-12 and p_delta < alpha and p_agn < alpha and p_spec < alpha
-    return {
-        "delta_f": delta,
-        "delta_f_low": lo,
-        "delta_f_high": hi,
-        "p_delta_f": p_delta,
-        "auc": auc,
-        "specific_side": specific_side,
-        "grey_fraction_agnostic": kg / ka,
-        "p_largely_agnostic": float(p_agn),
-        "colour_fraction_specific": kc / ks,
-        "p_largely_specific": float(p_spec),
-        "verdict": SPECIALISED if ok else NOT_SPECIALISED,
-    }
+    lo, hi = 0, len(path) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if flips(path[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _reason(names, label, grey_share, colour_share, spec, agn, p, permutations, alpha) -> str:
+    """What decided the verdict, in words."""
+    if spec.any() and agn.any() and p < alpha:
+        a = ", ".join(f"{label(n)} ({_pct(x)} grey)" for n, x, s in zip(names, grey_share, agn) if s)
+        c = ", ".join(f"{label(n)} ({_pct(x)} colour)" for n, x, s in zip(names, colour_share, spec) if s)
+        return f"largely colour-agnostic: {a}; largely colour-specific: {c}"
+    why = []
+    if not spec.any():
+        j = int(np.argmax(colour_share))
+        why.append(f"no tower is largely colour-specific (most: {label(names[j])}, {_pct(colour_share[j])} colour)")
+    if not agn.any():
+        j = int(np.argmax(grey_share))
+        why.append(f"no tower is largely colour-agnostic (most: {label(names[j])}, {_pct(grey_share[j])} grey)")
+    if not why:
+        why.append(f"the towers differ no more than random tower labels make them (p {format_p(p, permutations)})")
+    return "; ".join(why)
 
 
 def verdict(
@@ -271,26 +482,38 @@ def verdict(
     towers=None,
     channel_std=None,
     axis=None,
+    initial=None,
     permutations: int = 9999,
     seed: int = 0,
     ci_level: float = 0.95,
+    bootstrap: int = 2000,
+    control_groups: int = 2,
+    sensitivity: bool = True,
+    margin: bool = True,
     cut: float = COLOUR_CUT,
     weak_fraction: float = WEAK_FRACTION,
-    min_delta_f: float = MIN_DELTA_F,
     alpha: float = ALPHA,
-    sensitivity: bool = True,
 ) -> Verdict:
-    """Judge first-layer kernels against the paper's claim (the rule in this module's docstring).
+    """Judge first-layer kernels against the paper's claim (the rule in this module's docstring), with
+    eta2 and its tests from the same permutations.
 
     Args:
         kernels: (T, n, 3, h, w) tower after tower, or (K, 3, h, w) with ``towers`` given.
         towers: (K,) tower label of every kernel; None for the (T, n, ...) shape. One label: the control.
         channel_std, axis: as :func:`towers.color.color_energy` (scores and norms in raw-RGB units).
-        permutations, seed: the permutation test of delta f (at least 999); the control's halves use the seed too.
-        cut, weak_fraction, min_delta_f, alpha: the rule's constants; keep the defaults for a verdict
-            that compares with other runs (they are recorded in ``rule``).
+        initial: the kernels at initialisation, same shape: unstructured = moved less than MOVEMENT_MIN
+            times its initial norm. None: judged from the spatial power spectrum.
+        permutations, seed: the permutation tests (at least 999); the control's groups and the
+            bootstrap use the seed too.
+        ci_level, bootstrap: intervals of Delta f, the colour fractions and the medians.
+        control_groups: one tower only: into how many random groups its kernels are split.
         sensitivity: also judge at every cut in SENSITIVITY_CUTS (same permutations).
+        margin: compute the margin (a few more permutation tests).
+        cut, weak_fraction, alpha: the rule's constants; keep the defaults for a verdict that compares
+            with other runs (they are recorded in ``rule``).
     """
+    from scipy import stats
+
     w = torch.as_tensor(np.asarray(kernels) if not isinstance(kernels, torch.Tensor) else kernels)
     if towers is None:
         if w.dim() != 5:
@@ -308,103 +531,183 @@ def verdict(
         raise ValueError(f"{raw.shape[0]} kernels but {labels.size} tower labels")
     energy = color_energy(raw, None, axis)
     scores = energy.total.numpy()
-    sq = raw.square().sum((1, 2, 3))
-    norms = sq.sqrt().numpy()
     if not np.isfinite(scores).all():
         raise ValueError(f"kernels {np.flatnonzero(~np.isfinite(scores))[:10].tolist()} are all zero")
+    sq = raw.square().sum((1, 2, 3)).numpy()
+    spread = effective_frequencies(raw).numpy()
+    if initial is not None:
+        raw0 = raw_rgb_kernels(initial, channel_std)
+        if not bool(torch.isfinite(raw0).all()):
+            raise ValueError("initial kernel weights are not finite (NaN or inf)")
+        moved = movement(raw, raw0).numpy()
+        unstructured, method = moved < MOVEMENT_MIN, "movement"
+    else:
+        moved = None
+        unstructured = spread >= white_noise_frequencies(*raw.shape[2:], STRUCTURE_QUANTILE)
+        method = "spectrum"
+    cls = classify(scores, np.sqrt(sq), unstructured, cut, weak_fraction)
 
     names, index = np.unique(labels, return_inverse=True)
     names = [n.item() if isinstance(n, np.generic) else n for n in names]
-    cls = classify(scores, norms, labels, cut, weak_fraction)  # weak against the real tower, even for the control
-    control, control_split = len(names) == 1, None
+    control, control_split, assignment = len(names) == 1, None, None
     if control:
-        half_a = control_halves(labels.size, seed)
-        control_split = np.flatnonzero(half_a).tolist()
-        names, index = list(CONTROL_GROUPS), np.where(half_a, 0, 1)
-    if labels.size < 2 * len(names) or len(names) < 2:
-        raise ValueError(f"need at least two kernels per group, got {labels.size} kernels in {len(names)} groups")
-
-    # One set of random arrangements for the verdict and every cut of the sensitivity table.
-    perms = np.random.default_rng([seed, 3]).random((permutations, labels.size)).argsort(1).astype(np.int32)
-    judged = _judge(cls, scores, index, names, perms, ci_level, alpha, min_delta_f)
+        assignment = control_partition(labels.size, control_groups, seed)
+        names, index = control_group_names(control_groups), assignment
+        control_split = np.flatnonzero(assignment == 0).tolist() if control_groups == 2 else None
     g = len(names)
-    onehot = np.eye(g)[index]
-    colour = (cls == 1).astype(np.float64) @ onehot
-    grey = (cls == 0).astype(np.float64) @ onehot
-    weak = (cls == 2).astype(np.float64) @ onehot
-    fractions, lows, highs = zip(*(_fraction(int(c), int(n), ci_level) for c, n in zip(colour, colour + grey)))
-    chroma = (energy.total * sq).numpy()  # chromatic energy per kernel
-    energy_share = ((chroma @ onehot) / np.maximum(sq.numpy() @ onehot, np.finfo(float).tiny)).tolist()
+    if labels.size < 2 * g or g < 2:
+        raise ValueError(f"need at least two kernels per group, got {labels.size} kernels in {g} groups")
 
-    nan = math.nan
-    if judged is None:
-        judged = {
-            "delta_f": nan,
-            "delta_f_low": nan,
-            "delta_f_high": nan,
-            "p_delta_f": nan,
-            "auc": nan,
-            "specific_side": np.zeros(g, bool),
-            "grey_fraction_agnostic": nan,
-            "p_largely_agnostic": nan,
-            "colour_fraction_specific": nan,
-            "p_largely_specific": nan,
-            "verdict": NOT_SPECIALISED,
-        }
-    side = judged["specific_side"]
-    specialised = judged["verdict"] == SPECIALISED
-    f = np.array([nan if x is None else x for x in fractions])
-    agnostic = names[int(np.nanargmin(np.where(~side, f, np.inf)))] if specialised else None
-    specific = names[int(np.nanargmax(np.where(side, f, -np.inf)))] if specialised else None
+    def label(n):
+        return str(n) if control else f"tower {n}"
+
+    # One permutation loop: delta f at the rule's cut and at every sensitivity cut, eta2 and its split.
+    cuts = SENSITIVITY_CUTS if sensitivity else ()
+    vectors = [cls] + [classify(scores, np.sqrt(sq), unstructured, c, weak_fraction) for c in cuts]
+    # The permutations act on a canonical order (groups by size and sorted scores, kernels by score), so
+    # neither the towers' names nor the kernels' order changes a p-value, and eta2's p depends on the
+    # scores alone.
+    keys = [(int((index == j).sum()), tuple(np.sort(scores[index == j]))) for j in range(g)]
+    rank = np.empty(g, dtype=np.int64)
+    rank[sorted(range(g), key=keys.__getitem__)] = np.arange(g)
+    canon = np.lexsort((rank[index], scores))
+    x = scores - scores.mean()
+    ss_total = float(np.square(x).sum())
+    p_values, (p_eta2, p_split) = _Test(rank[index][canon], g, seed, permutations).run(
+        [v[canon] for v in vectors], x[canon] if ss_total > 0 else None
+    )
+    test = _Test(index, g, seed, permutations)  # counts in the towers' own order
+    total = test.total
+    grey, colour = test.counts(cls)
+    delta, spec, agn = (a[0] if np.ndim(a) > 1 else a for a in _sides(grey, colour, total))
+    delta = float(delta[()] if np.ndim(delta) else delta)
+    p_delta = p_values[0]
+    specialised = bool(spec.any() and agn.any() and p_delta < alpha)
+
+    grey_share, colour_share = grey / total, colour / total
+    kc, ks = int(colour[spec].sum()), int((colour + grey)[spec].sum())
+    kg, ka = int(grey[agn].sum()), int((colour + grey)[agn].sum())
+    lo, hi = newcombe_interval(ka - kg, ka, kc, ks, ci_level) if math.isfinite(delta) else (math.nan, math.nan)
+    judged = cls < 2
+    x_spec, x_agn = scores[spec[index] & judged], scores[agn[index] & judged]
+    auc = (
+        float(stats.mannwhitneyu(x_spec, x_agn).statistic / (x_spec.size * x_agn.size))
+        if x_spec.size and x_agn.size
+        else math.nan
+    )
+    fractions, lows, highs = zip(*(_fraction(int(c), int(n), ci_level) for c, n in zip(colour, colour + grey)))
+    onehot = test.onehot
+    energy_share = ((scores * sq) @ onehot / np.maximum(sq @ onehot, np.finfo(float).tiny)).tolist()
+    weak = (cls == 2) @ onehot
+    unstructured_count = (cls == 3) @ onehot
+
+    # eta2 beside the verdict (same permutations)
+    if ss_total > 0:
+        sums = x @ onehot
+        eta2 = float((np.square(sums) / total).sum() / ss_total)
+        split_ss, order, cut_at = _best_cut(sums[None], total)
+        eta2_split = float(split_ss[0] / ss_total)
+        color_side = [names[j] for j in sorted(order[0, cut_at[0] + 1 :])]
+        ms_within = (ss_total - eta2 * ss_total) / max(labels.size - g, 1)
+        omega2 = (eta2 * ss_total - (g - 1) * ms_within) / (ss_total + ms_within)
+    else:
+        eta2 = eta2_split = omega2 = p_eta2 = p_split = math.nan
+        color_side = []
+    means, medians, med_lo, med_hi = _median_intervals(scores, index, g, bootstrap, seed, ci_level)
+
+    # dominant spatial frequency, per tower and band (a description, not part of the rule)
+    freq = dominant_frequency(raw, axis).numpy()
+    band = np.clip(np.searchsorted(FREQUENCY_BANDS, freq, side="right") - 1, 0, len(FREQUENCY_BANDS) - 2)
+    band_onehot = np.eye(len(FREQUENCY_BANDS) - 1)[band]
+    freq_grey = (onehot * (cls == 0)[:, None]).T @ band_onehot
+    freq_colour = (onehot * (cls == 1)[:, None]).T @ band_onehot
+    freq_median = [
+        float(np.median(freq[(index == j) & judged])) if ((index == j) & judged).any() else None for j in range(g)
+    ]
 
     rows = []
-    if sensitivity:
-        for c in SENSITIVITY_CUTS:
-            cls_c = classify(scores, norms, labels, c, weak_fraction)
-            j = _judge(cls_c, scores, index, names, perms, ci_level, alpha, min_delta_f)
-            col_c = (cls_c == 1).astype(float) @ onehot
-            n_c = (cls_c != 2).astype(float) @ onehot
-            rows.append(
-                {
-                    "cut": round(c, 4),
-                    "delta_f": nan if j is None else j["delta_f"],
-                    "p_delta_f": nan if j is None else j["p_delta_f"],
-                    "verdict": NOT_SPECIALISED if j is None else j["verdict"],
-                    "colour_fraction": [None if n == 0 else float(a / n) for a, n in zip(col_c, n_c)],
-                }
-            )
+    for c, v, p in zip(cuts, vectors[1:], p_values[1:]):
+        gc, cc = test.counts(v)
+        d, sp, ag = _sides(gc, cc, total)
+        rows.append(
+            {
+                "cut": round(c, 4),
+                "delta_f": float(d),
+                "p_delta_f": p,
+                "verdict": SPECIALISED if sp.any() and ag.any() and p < alpha else NOT_SPECIALISED,
+                "colour_fraction": [None if a + b == 0 else float(b / (a + b)) for a, b in zip(gc, cc)],
+            }
+        )
 
+    how_many, why = (
+        _margin(grey, colour, total, specialised, names, seed, permutations, alpha, label) if margin else (None, "")
+    )
     return Verdict(
-        verdict=judged["verdict"],
-        delta_f=judged["delta_f"],
-        delta_f_low=judged["delta_f_low"],
-        delta_f_high=judged["delta_f_high"],
-        p_delta_f=judged["p_delta_f"],
-        auc=judged["auc"],
-        agnostic_tower=agnostic,
-        specific_tower=specific,
-        agnostic_group=[n for n, s in zip(names, side) if not s],
-        specific_group=[n for n, s in zip(names, side) if s],
-        grey_fraction_agnostic=judged["grey_fraction_agnostic"],
-        p_largely_agnostic=judged["p_largely_agnostic"],
-        colour_fraction_specific=judged["colour_fraction_specific"],
-        p_largely_specific=judged["p_largely_specific"],
+        verdict=SPECIALISED if specialised else NOT_SPECIALISED,
+        reason=_reason(names, label, grey_share, colour_share, spec, agn, p_delta, permutations, alpha),
+        margin=how_many,
+        margin_reason=why,
+        delta_f=delta,
+        delta_f_low=lo,
+        delta_f_high=hi,
+        p_delta_f=p_delta,
+        auc=auc,
+        agnostic_tower=names[int(np.argmax(grey_share))] if specialised else None,
+        specific_tower=names[int(np.argmax(colour_share))] if specialised else None,
+        agnostic_group=[n for n, s in zip(names, agn) if s],
+        specific_group=[n for n, s in zip(names, spec) if s],
+        neither_group=[n for n, s, a in zip(names, spec, agn) if not (s or a)],
+        grey_fraction_agnostic=kg / ka if ka else math.nan,
+        colour_fraction_specific=kc / ks if ks else math.nan,
         towers=names,
+        sizes=total.astype(int).tolist(),
         colour_fraction=list(fractions),
         colour_fraction_low=list(lows),
         colour_fraction_high=list(highs),
+        grey_share=grey_share.tolist(),
+        colour_share=colour_share.tolist(),
         energy_share=energy_share,
         grey_count=grey.astype(int).tolist(),
         colour_count=colour.astype(int).tolist(),
         weak_count=weak.astype(int).tolist(),
-        kernel_class=[(GREY, COLOUR, WEAK)[c] for c in cls],
+        unstructured_count=unstructured_count.astype(int).tolist(),
+        kernel_class=[CLASSES[c] for c in cls],
+        structure_method=method,
+        movement=None if moved is None else moved.tolist(),
+        effective_frequencies=spread.tolist(),
+        dominant_frequency=freq.tolist(),
+        frequency_bands=list(FREQUENCY_BANDS),
+        frequency_grey=freq_grey.astype(int).tolist(),
+        frequency_colour=freq_colour.astype(int).tolist(),
+        frequency_median=freq_median,
+        eta2=eta2,
+        eta2_null=(g - 1) / (labels.size - 1),
+        omega2=omega2,
+        p_eta2=float(p_eta2),
+        eta2_split=eta2_split,
+        p_eta2_split=float(p_split) if g > 2 else float(p_eta2),
+        color_side=color_side,
+        mean=means.tolist(),
+        median=medians.tolist(),
+        median_low=med_lo.tolist(),
+        median_high=med_hi.tolist(),
         sensitivity=rows,
         control=control,
         control_split=control_split,
-        rule={"colour_cut": cut, "weak_fraction": weak_fraction, "min_delta_f": min_delta_f, "alpha": alpha},
+        control_assignment=None if assignment is None else assignment.tolist(),
+        bipartition="majority: each tower on the side its own majority puts it (no search)",
+        rule={
+            "colour_cut": cut,
+            "weak_fraction": weak_fraction,
+            "largely": LARGELY,
+            "alpha": alpha,
+            "movement_min": MOVEMENT_MIN,
+            "structure_quantile": STRUCTURE_QUANTILE,
+        },
         permutations=permutations,
         seed=seed,
         ci_level=ci_level,
+        bootstrap=bootstrap,
     )
 
 
