@@ -134,7 +134,15 @@ FIXED_COLUMNS = """
 # No per-run interval of delta f: the verdict's Newcombe interval of its data-chosen sides does not cover
 # where no real split exists (benchmarks/seed_simulation.py); the record keeps it.
 ROW_FIELDS = ("verdict", "reason", "margin", "delta_f", "p_delta_f", "auc")
-PER_TOWER = ("colour_fraction", "colour_fraction_low", "colour_fraction_high", "unstructured_count", "frequency_median")
+PER_TOWER = (
+    "colour_fraction",
+    "colour_fraction_low",
+    "colour_fraction_high",
+    "grey_share",
+    "colour_share",
+    "unstructured_count",
+    "frequency_median",
+)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import numpy as np
 
 from analysis.compare_read import Run
 from towers import conditions as cond
+from towers.verdict import format_p
 
 
 def median_interval_ranks(n: int, level: float = 0.95) -> tuple[int, int, float]:
@@ -269,8 +270,8 @@ def condition_line(s: dict, level: float = 0.95) -> str:
         if s["control_seeds"]:
             line += (
                 f"; one-tower control as {s['num_towers']} random groups ({s['control_seeds']} seeds): median Δf "
-                f"{_num(s['control_median'])}; towers vs control p = {_num(s['control_p'], '.2g')} "
-                f"(one-sided Mann-Whitney on the seeds' Δf)"
+                f"{_num(s['control_median'])}; towers vs control p {format_p(s['control_p'])} "
+                f"(one-sided Mann-Whitney on the seeds' Δf, a run without a split counted lowest)"
             )
         else:
             line += "; no one-tower control with the same settings"

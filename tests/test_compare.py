@@ -1132,3 +1132,29 @@ def test_three_towers_count_by_the_best_bipartition(tmp_path):
     assert [run.row[f"tower{k}_colour_fraction"] for k in (1, 2, 3)] == last["colour_fraction"]
     _, labels = compare_figures.montage_grid(run)
     assert [label for label, _, _ in labels] == ["tower 1\nagnostic", "tower 2\nspecific", "tower 3\nspecific"]
+
+
+def test_the_control_is_judged_with_as_many_groups_as_the_towers(tmp_path):
+    """Towers against control at T = 3: the one-tower control's kernels split into 3 random groups and
+    judged by the verdict's own rule, exactly as towers.verdict.verdict(control_groups=3) judges them."""
+    from towers.verdict import verdict
+
+    for seed in range(3):
+        write_run(tmp_path / "runs" / f"three{seed}", 3, 1, seed=seed)
+        write_run(tmp_path / "runs" / f"one{seed}", 1, 0, seed=seed)
+    runs = compare.collect_local([tmp_path / "runs"])
+    (three,) = [s for s in compare_stats.summarize(runs) if s["num_towers"] == 3]
+    controls = [r for r in runs if r.row["num_towers"] == 1]
+    expected = []
+    for run in controls:
+        seed = run.last.value("seed")
+        direct = verdict(kernels(1, run.row["seed"], 0), permutations=999, seed=seed, control_groups=3).delta_f
+        assert compare_stats.control_delta_f(run, 3) == pytest.approx(compare_stats.seed_value(direct))
+        expected.append(compare_stats.seed_value(direct))
+    assert three["control_seeds"] == 3 and three["num_towers"] == 3
+    assert three["control_p"] == pytest.approx(
+        compare_stats.versus_control(
+            [compare_stats.seed_value(r.row["delta_f"]) for r in runs if r.row["num_towers"] == 3], expected
+        )
+    )
+    assert "one-tower control as 3 random groups (3 seeds)" in compare_stats.condition_line(three)
