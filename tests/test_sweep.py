@@ -577,16 +577,22 @@ def test_demo_sweep_end_to_end_through_train_py(tmp_path, capsys):
     printed = capsys.readouterr().out
     # the end table: the run's verdict, delta f and eta2 with their p, as its bisection.json says
     result = runs[0]["bisection"]
-    assert result["verdict"] in ("specialised", "not specialised") and -1 <= result["delta_f"] <= 1
+    # (a few steps leave every kernel unstructured: then no side, no delta f, and its cells are empty)
+    assert result["verdict"] in ("specialised", "not specialised")
+    assert result["delta_f"] is None or -1 <= result["delta_f"] <= 1
     row = next(line for line in printed.splitlines() if line.startswith(runs[0]["name"] + " "))
-    p_delta_f = format_p(result["p_delta_f"], result["permutations"]).removeprefix("= ")
-    assert f" {result['verdict']} " in row and f" {result['delta_f']:.4g} " in row and f" {p_delta_f} " in row
+    p_delta_f = format_p(result["p_delta_f"], result["permutations"], bare=True)
+    delta_f = "" if result["delta_f"] is None else f"{result['delta_f']:.4g}"
+    assert f" {result['verdict']} " in row and f" {delta_f} " in row and f" {p_delta_f} " in row
     assert (
         f" {result['eta2']:.4g} " in row
         and f" {format_p(result['p_eta2'], result['permutations']).removeprefix('= ')} " in row
     )
     first, low, high = result["towers"][0], result["colour_fraction_low"][0], result["colour_fraction_high"][0]
-    assert f"{first}: {100 * result['colour_fraction'][0]:.0f}% [{100 * low:.0f}-{100 * high:.0f}]" in row
+    fraction = result["colour_fraction"][0]
+    assert (
+        f"{first}: n/a" if fraction is None else f"{first}: {100 * fraction:.0f}% [{100 * low:.0f}-{100 * high:.0f}]"
+    ) in row
     estimate, files, parameters, per_parameter = agent_mod.train_checkpoint_bytes(config, runs[0]["params"])
     assert (files, per_parameter) == (2, 8)
     assert (
