@@ -5,43 +5,53 @@
     python train.py fit --config configs/paper.yaml --print_config
 
 Exit status: 0 done, 2 a user error (a bad option, a missing or read-only folder, an impossible
-model, a damaged checkpoint: one line, no traceback), 3 (towers.runs.EXIT_DIVERGED) the training
-loss or the weights became NaN or infinite, 1 any other failure (a full disk: one line naming the
-file). ``TOWERS_DEBUG=1`` shows the traceback of any of them. Under DDP every rank runs this same command line, so values given on it
+model, a damaged checkpoint, a checkpoint of another run: one line, no traceback), 3
+(towers.runs.EXIT_DIVERGED) the training loss or the weights became NaN or infinite, 128 + the signal
+for a run stopped by SIGTERM (143) or SIGUSR1 (138) after saving a checkpoint to resume from, 1 any
+other failure (a full disk: one line naming the file). ``TOWERS_DEBUG=1`` shows the traceback of any
+of them. Under DDP every rank runs this same command line, so values given on it
 (sweep parameters included) reach every rank; only global rank zero creates the W&B run.
 """
 
 import errno
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 import towers.parallel  # noqa: F401  registers `--trainer.strategy tower_parallel` with Lightning
 from towers.allocator import keep_freed_memory
 from towers.callbacks import KernelBisectionCallback
 from towers.data import CatsDogsDataModule
-from towers.errors import BadOption, Diverged, MissingData, UserError
+from towers.errors import BadOption, Diverged, Interrupted, MissingData, UserError
 from towers.measure import summary_line
 from towers.model import PAPER_WIDTHS, tower_widths
 from towers.module import TowerClassifier
 from towers.records import TEST_ACC
+from towers.resume import HPC_CHECKPOINTS, find_own_checkpoint, read_checkpoint, settings_differences, slurm_job
 from towers.runs import (
+    CHECKPOINT_KEY,
     EXIT_DIVERGED,
     AtomicCheckpointIO,
     RunStatus,
     SaveRunConfig,
     checkpoint_problem,
     damaged_checkpoint,
-    newest_last_checkpoint,
     run_folder,
+    wandb_run_id,
 )
+
+# --ckpt_path values Lightning resolves itself (and URLs): not files to check here
+LIGHTNING_CKPT_NAMES = ("best", "hpc", "registry")
 
 
 def _wandb_reachable() -> bool:
@@ -93,6 +103,14 @@ class TowersCLI(LightningCLI):
             help="after fit, test the final weights on the held-out test split",
         )
         parser.add_argument(
+            "--resume_settings",
+            type=str,
+            choices=["command_line", "checkpoint"],
+            default="command_line",
+            help="fit --ckpt_path with a checkpoint whose seed or model settings differ from the command "
+            "line's: command_line refuses it, naming the differences; checkpoint continues it with its own",
+        )
+        parser.add_argument(
             "--keep_freed_memory",
             type=bool,
             default=True,
@@ -114,6 +132,103 @@ class TowersCLI(LightningCLI):
                 )
                 raise SystemExit(2)
         super().parse_arguments(parser, args)
+        self.resumed_from = None  # the checkpoint this run continues (fit) or evaluates, once chosen
+        subcommand = self.config.get("subcommand")
+        seed = (self.config[subcommand] if subcommand else self.config).get("seed_everything")
+        if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:
+            raise BadOption(f"seed_everything={seed} is out of range; a seed is an integer from 0 to {2**32 - 1}")
+        if subcommand:
+            self.choose_checkpoint(subcommand)
+
+    # -- which checkpoint: this run's own, never another's -------------------------------------------
+    def choose_checkpoint(self, subcommand: str) -> None:
+        """Resolves ``--ckpt_path`` in the parsed config before any class is built (or any checkpoint read).
+
+        ``last``: the newest checkpoint under ``default_root_dir`` of the run with this seed and these
+        model settings (:func:`towers.resume.find_own_checkpoint`), never another run's. A path: refused
+        when damaged, and for ``fit`` when its seed or model settings differ from the command line's
+        (unless ``--resume_settings checkpoint``). No ``--ckpt_path`` under SLURM: the newest checkpoint
+        this run's SLURM job wrote (a requeued job), as Lightning's own SLURM resume would, but only this
+        run's. The chosen path replaces the option, so config.yaml records what was resumed.
+        """
+        config = self.config[subcommand]
+        given = config.get("ckpt_path")
+        root = Path(config.trainer.get("default_root_dir") or os.getcwd())
+        seed, model = config.get("seed_everything"), config.model.as_dict()
+        if isinstance(seed, bool):
+            seed = None if seed is False else True
+        if given == "last" or (given is None and subcommand == "fit" and SLURMEnvironment.detect()):
+            if seed is True:
+                raise BadOption(
+                    "--ckpt_path last finds this run's checkpoint by its seed and model settings; "
+                    "seed_everything is true (a random seed), so give the run's seed: --seed_everything N"
+                )
+            job = None if given == "last" else slurm_job()
+            found, passed = find_own_checkpoint(root, seed, model, job)
+            others = f" ({len(passed)} checkpoint(s) of other runs or damaged passed over)" if passed else ""
+            label = f"--ckpt_path {given}" if given else f"SLURM job {slurm_job()} (no --ckpt_path)"
+            for path, why in passed[:5]:
+                rank_zero_info(f"{label}: passed over {path}: {why}")
+            if len(passed) > 5:
+                rank_zero_info(f"{label}: passed over {len(passed) - 5} more checkpoint(s) of other runs")
+            if found is not None:
+                rank_zero_info(f"Resuming from {found}, this run's newest checkpoint under {root.resolve()}{others}")
+                config.ckpt_path = str(found)
+                self.resumed_from = found
+            elif given == "last" and subcommand != "fit":
+                raise MissingData(
+                    f"--ckpt_path last: no readable checkpoint of this run (seed {seed} and these model "
+                    f"settings) under {root.resolve()}{others}; give --trainer.default_root_dir of the run, "
+                    f"or the checkpoint's path"
+                )
+            elif given == "last":
+                rank_zero_info(
+                    f"--ckpt_path last: no checkpoint of this run under {root.resolve()}{others}, "
+                    f"so training starts from the beginning"
+                )
+                config.ckpt_path = None
+            else:  # a fresh fit under SLURM: Lightning would resume any hpc_ckpt_* in the root
+                foreign = sorted(root.glob(HPC_CHECKPOINTS))
+                if foreign:
+                    raise BadOption(
+                        f"{foreign[-1]} is in trainer.default_root_dir, and under SLURM Lightning resumes "
+                        f"it when no --ckpt_path is given, but it is not this run's checkpoint; move it into "
+                        f"its run's folder, or give this run another --trainer.default_root_dir"
+                    )
+            return
+        if not given or given in LIGHTNING_CKPT_NAMES or "://" in str(given):
+            return
+        path = Path(given)
+        if not path.is_file():
+            what = "a folder, not a checkpoint file" if path.is_dir() else "no such checkpoint file"
+            raise MissingData(f"--ckpt_path {given}: {what}")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise damaged_checkpoint(path, problem)
+        checkpoint = read_checkpoint(path) or {}
+        identity = checkpoint.get(CHECKPOINT_KEY) or {}
+        self.resumed_from = path
+        if seed is True and identity.get("seed") is not None:  # no seed asked for (a random one): the checkpoint's
+            seed = identity["seed"]
+            self.config = self.parser.parse_object({subcommand: {"seed_everything": seed}}, self.config)
+        differences = settings_differences(checkpoint, seed, model)
+        if not differences:
+            return
+        if subcommand == "fit" and config.get("resume_settings") != "checkpoint":
+            raise BadOption(
+                f"--ckpt_path {path} is a checkpoint of another run: {'; '.join(differences)}; give the "
+                f"checkpoint's settings on the command line, or --resume_settings checkpoint to continue "
+                f"it with its own"
+            )
+        # Deferring to the checkpoint (as Lightning's own --ckpt_path does for the model): its seed too.
+        rank_zero_info(
+            f"--ckpt_path {path}: the checkpoint's settings replace the command line's: {'; '.join(differences)}"
+        )
+        hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+        update = {"model": {k: v for k, v in hparams.items() if k in model}}
+        if "seed" in identity:
+            update["seed_everything"] = identity["seed"]
+        self.config = self.parser.parse_object({subcommand: update}, self.config)
 
     def before_instantiate_classes(self):
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -130,6 +245,10 @@ class TowersCLI(LightningCLI):
         for init in wandb_loggers:
             if init.get("name") is None:
                 init.name = run_name(config)
+            # A resumed fit continues the W&B run that wrote its checkpoint: one run, one W&B run.
+            resumed_id = wandb_run_id(self.resumed_from) if self.subcommand == "fit" and self.resumed_from else None
+            if resumed_id and not (init.get("id") or init.get("version") or os.environ.get("WANDB_RUN_ID")):
+                init.id = resumed_id
             # Keep the W&B folder (and the checkpoints Lightning puts beside it) under the run's
             # default_root_dir, like the CSV and TensorBoard loggers, rather than in the current folder.
             if str(init.get("save_dir")) == "." and init.get("dir") is None and config.trainer.default_root_dir:
@@ -156,56 +275,26 @@ class TowersCLI(LightningCLI):
             if isinstance(error, UserError):
                 raise
             raise BadOption(str(error)) from error
+        # Every checkpoint records the run's seed (with its model settings, its identity: towers.resume).
+        run_status = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("run_status")
+        if isinstance(run_status, RunStatus):
+            seed = (self.config[self.subcommand] if self.subcommand else self.config).get("seed_everything")
+            run_status.seed = None if isinstance(seed, bool) else seed
 
-    def _instantiate_trainer(self, config, callbacks):
+    def instantiate_trainer(self, **kwargs):
         # Every run writes its checkpoints through AtomicCheckpointIO (complete or not at all), unless
-        # the config names its own checkpoint I/O (as a plugin or in a strategy object).
-        plugins = config.get("plugins")
+        # the config names its own checkpoint I/O (as a plugin, or in a strategy object).
+        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get("trainer", {})
+        plugins = kwargs.get("plugins", config.get("plugins"))
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-        strategy = config.get("strategy")
-        if not any(isinstance(p, CheckpointIO) for p in plugins) and getattr(strategy, "_checkpoint_io", None) is None:
-            config["plugins"] = plugins + [AtomicCheckpointIO()]
-        return super()._instantiate_trainer(config, callbacks)
-
-    def _parse_ckpt_path(self):
-        # LightningCLI reads the hyperparameters of a --ckpt_path file while parsing; a damaged one is
-        # refused first, in one line that names it and the newest checkpoint beside it that loads.
-        given = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-        if given and Path(given).is_file():
-            problem = checkpoint_problem(given)
-            if problem is not None:
-                raise damaged_checkpoint(given, problem)
-        super()._parse_ckpt_path()
-
-    def _resolve_last_checkpoint(self):
-        # Lightning resolves `--ckpt_path last` inside the checkpoint folder of the *new* run, which a
-        # fresh W&B run id or logger version makes empty; look for the newest last.ckpt under
-        # default_root_dir instead, so `fit --ckpt_path last` continues the interrupted run and
-        # `test --ckpt_path last` tests its final weights.
-        # A damaged last.ckpt is passed over for the newest checkpoint of its run that loads (said so).
-        kwargs = self.config_init[self.subcommand]
-        if kwargs.get("ckpt_path") != "last":
-            return
-        root = Path(self.trainer.default_root_dir)
-        found = newest_last_checkpoint(root, check=True)
-        if found is None and self.subcommand != "fit":
-            raise MissingData(
-                f"--ckpt_path last: no readable last.ckpt under {root.resolve()}; "
-                f"give --trainer.default_root_dir of the run, or the checkpoint's path"
-            )
-        kwargs["ckpt_path"] = None if found is None else str(found)
-        rank_zero_info(
-            f"Resuming from {found}"
-            if found
-            else f"--ckpt_path last: no last.ckpt under {root.resolve()}, so training starts from the beginning"
-        )
+        strategy = kwargs.get("strategy", config.get("strategy"))
+        own_io = isinstance(strategy, Strategy) and type(strategy.checkpoint_io) is not TorchCheckpointIO
+        if not any(isinstance(p, CheckpointIO) for p in plugins) and not own_io:
+            kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
     def _before_run(self):
-        self._resolve_last_checkpoint()
-        if (
-            self.config_init[self.subcommand].get("keep_freed_memory")
-            and self.trainer.strategy.root_device.type == "cpu"
-        ):
+        if self.config[self.subcommand].get("keep_freed_memory") and self.trainer.strategy.root_device.type == "cpu":
             keep_freed_memory()
 
     before_validate = before_test = before_predict = _before_run
@@ -253,7 +342,7 @@ class TowersCLI(LightningCLI):
         # Every run ends with its accuracy on the held-out test images, logged beside the kernel
         # statistics of the same final weights (skipped for a diverged run, or with --test_after_fit false).
         diverged = exit_status(self) == EXIT_DIVERGED
-        if self.config_init["fit"].get("test_after_fit") and not diverged:
+        if self.config["fit"].get("test_after_fit") and not diverged:
             self.trainer.test(self.model, datamodule=self.datamodule)
         if self.trainer.is_global_zero:
             print(fit_summary(self.trainer), flush=True)
@@ -316,11 +405,20 @@ def command_line(args=None) -> int:
     """train.py's command line: :func:`main`, with its errors told in one line and an exit status.
 
     User errors (towers.errors.UserError, a folder it may not write to) exit 2, a diverged run 3,
-    a failed write (a full disk, an I/O error) 1, each with one line on stderr instead of a traceback;
+    a run stopped by SIGTERM or SIGUSR1 128 + the signal (143, 138; it saved a checkpoint to resume
+    from), a failed write (a full disk, an I/O error) 1, each with one line on stderr instead of a traceback;
     ``TOWERS_DEBUG=1`` raises them as they are. Anything else is a bug and keeps its traceback.
     """
     try:
         return exit_status(main(args))
+    except (SIGTERMException, Interrupted) as error:  # SIGTERMException is a SystemExit: code 0 unless caught
+        status = 128 + (signal.SIGTERM if isinstance(error, SIGTERMException) else error.signum)
+        line = getattr(error, "towers_message", None) or f"stopped by signal {status - 128}"
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish(exit_code=status)
+        print(f"train.py: interrupted: {line}", file=sys.stderr)
+        return status
     except (UserError, MisconfigurationException, Diverged, OSError) as error:
         if os.environ.get("TOWERS_DEBUG", "") not in ("", "0"):
             raise

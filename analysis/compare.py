@@ -10,8 +10,10 @@ Local folders may hold any mix of a sweep's output folder (``sweep.json`` and ``
 that ``towers.callbacks.KernelBisectionCallback`` and ``towers.runs.RunStatus`` write into the folder
 the run owns (``towers.runs.run_dir``), plus every run a ``sweep.json`` lists (a run that failed
 before it wrote anything is still a row). From W&B the same files are downloaded from each run,
-so both sources give the same table. ``--reference OUT.json``: a published figure's record, from
-``python analysis/kernels.py FIGURE.png --towers 2 --json OUT.json``, shown beside the runs.
+so both sources give the same table. The paper's Figure 3 (shipped with towers, ``towers.reference``;
+its record is written as ``OUT/krizhevsky2012_figure3.json``) is shown beside the runs unless
+``--no-paper``; ``--reference OUT.json`` adds other published figures' records, from
+``python analysis/kernels.py FIGURE.png --towers 2 --json OUT.json``.
 
 One row per run: its settings (seed, tower count, width policy, precision, data, batch size, learning
 rate, epochs), accuracy, the verdict with delta f, its interval and p, the agnostic and specific tower
@@ -51,6 +53,7 @@ from analysis.compare_html import git_commit, report_html
 from analysis.compare_read import Run, collect_local, collect_wandb, read_reference, table_csv
 from analysis.compare_stats import condition_line, summarize
 from towers.files import write_atomic
+from towers.reference import write_paper_record
 
 
 def write_report(
@@ -142,6 +145,9 @@ def main(argv=None) -> int:
         metavar="OUT.json",
         help="published figures' records (analysis/kernels.py FIGURE.png --json OUT.json)",
     )
+    parser.add_argument(
+        "--no-paper", action="store_true", help="leave out the paper's Figure 3 (shown beside the runs by default)"
+    )
     parser.add_argument("--format", choices=FORMATS, default="png", help="file format of the figures (png)")
     parser.add_argument("--alpha", type=float, default=0.05, help="level of eta^2's p at initialisation (calibration)")
     parser.add_argument("--montage", nargs="+", metavar="RUN", help="runs whose kernel grids to show")
@@ -155,6 +161,8 @@ def main(argv=None) -> int:
         references = [read_reference(p) for p in args.reference]
     except SystemExit as err:  # a user's mistake: one line, status 2
         parser.error(str(err))
+    if not args.no_paper:  # the paper's Figure 3 (shipped, towers.reference) beside the runs, first
+        references.insert(0, read_reference(write_paper_record(args.out)))
     if args.wandb:
         if args.wandb.count("/") != 1:
             parser.error(f"--wandb wants ENTITY/PROJECT, got {args.wandb!r}")

@@ -2,17 +2,24 @@
 
     python analysis/kernels.py runs/.../checkpoints/last.ckpt            # a Lightning checkpoint
     python analysis/kernels.py runs/*/*/checkpoints/last.ckpt            # several: a table each, then one line each
-    python analysis/kernels.py conv1.npy --towers 2 --bgr                # (96, 3, 11, 11), e.g. Caffe's
+    python analysis/kernels.py bvlc_alexnet.caffemodel                   # Caffe: towers from conv2's group, BGR
+    python analysis/kernels.py bvlc_alexnet.onnx                         # ONNX: towers from the next Conv's group
+    python analysis/kernels.py alexnet-owt-7be5be79.pth                  # a state dict (torchvision's: one tower)
+    python analysis/kernels.py model.ckpt-100.index [--variables A,B]    # TensorFlow 1 (demul/AlexNet's names)
+    python analysis/kernels.py conv1.npy --towers 2 [--channels bgr]     # (96, 3, 11, 11)
     python analysis/kernels.py runs/.../bisection.json [--record init]   # what the callback saved
-    python analysis/kernels.py figure3.png --towers 2 [--grid 8x12] [--json OUT]   # a picture of a kernel grid
+    python analysis/kernels.py figure3.png --towers 2 [--grid 8x12] [--order rows|kernels] [--json OUT]
+    python analysis/kernels.py --reference paper                         # the paper's Figure 3, shipped
 
 Prints the per-tower table, the statistic and the verdict line of every input, then (for several) one
 summary line per input, and writes <stem>_kernels.png, <stem>_scores.png and <stem>_bisection.json into
 --out (default: the input's folder); --json OUT writes the one input's record to OUT as well. For a
 checkpoint written with KernelBisectionCallback the settings it used (input channel std, grey axis,
-permutations, seed) come from the checkpoint, so the numbers are the callback's. A picture (PNG, JPEG, ...)
-is read by :mod:`towers.figure_reader` (cells, resampling, the display's grey offset; its docstring says
-how); the record then has a ``figure`` entry that says how it was read.
+permutations, seed) come from the checkpoint, so the numbers are the callback's. Weight files are read by
+:mod:`towers.weights` (its table says what each format gives), pictures (PNG, JPEG, ...) by
+:mod:`towers.figure_reader` (its docstring says how); the record then has a ``figure`` entry that says how
+the picture was read. A user's mistake (a wrong path, a damaged or unsupported file, a missing optional
+reader) is one line on stderr and exit status 2.
 """
 
 import argparse
@@ -24,54 +31,43 @@ import torch
 
 from towers import records
 from towers.color import RANDOM_KERNEL_SCORE, Bisection, color_specificity
-from towers.figure_reader import IMAGE_SUFFIXES, OFFSET_MODES, FigureError, parse_grid, read_figure
+from towers.errors import UserError
+from towers.figure_reader import IMAGE_SUFFIXES, OFFSET_MODES, ORDERS, FigureError, parse_grid, read_figure
 from towers.figures import kernel_grid, score_plot, write_png
 from towers.measure import measure, summary_line
 from towers.records import write_json
 from towers.verdict import format_p
+from towers.weights import CHANNELS, read_weights, weight_kind
 
-CONV1 = "model.features.conv1.weight"
-
-
-def _split_towers(weights: torch.Tensor, towers: int | None, source: str) -> torch.Tensor:
-    """(K, 3, h, w) -> (towers, K / towers, 3, h, w); (T, n, 3, h, w) passes."""
-    if weights.dim() == 5 and weights.shape[2] == 3:
-        if towers is not None and towers != weights.shape[0]:
-            raise SystemExit(f"{source}: holds {weights.shape[0]} towers, but --towers {towers} was given")
-        return weights
-    if weights.dim() != 4 or weights.shape[1] != 3:
-        raise SystemExit(
-            f"{source}: expected first-layer weights (K, 3, h, w) or (towers, K/towers, 3, h, w), "
-            f"got shape {tuple(weights.shape)} (TensorFlow's (h, w, 3, K) needs a transpose)"
-        )
-    if towers is None:
-        raise SystemExit(
-            f"{source}: a bare weight tensor does not say how many towers it had; give --towers "
-            f"(1 for a one-tower network; 2 for the paper's, kernels 0..K/2-1 being the first tower)"
-        )
-    if towers < 1 or weights.shape[0] % towers:
-        raise SystemExit(f"{source}: {weights.shape[0]} kernels cannot be split into {towers} equal towers")
-    return weights.view(towers, weights.shape[0] // towers, *weights.shape[1:])
+FRAMED = ("weak", "unstructured")  # kernel classes the verdict does not judge: framed in the grid
 
 
-def load(path: Path, towers: int | None = None, record: str = "last", figure: dict | None = None) -> dict:
+def load(
+    path: Path,
+    towers: int | None = None,
+    record: str = "last",
+    figure: dict | None = None,
+    channels: str | None = None,
+    variables=None,
+) -> dict:
     """Kernels (T, n, 3, h, w) and the settings they were measured with, from any supported file.
 
     Returns a dict with ``kernels`` (or None when a bisection.json has no matching kernels file),
     ``record`` (the saved measurement, bisection.json only), ``init`` (the initialisation record if
     the file has one), ``settings`` (channel_std, axis, permutations, bootstrap, seed; None = default),
     ``figure`` (how a picture was read, pictures only) and ``source`` (a line that says what was read).
-    ``figure``: keyword arguments of :func:`towers.figure_reader.read_figure` (grid, size, offset, chroma).
+    ``figure``: keyword arguments of :func:`towers.figure_reader.read_figure` (grid, size, offset, chroma,
+    order). ``channels``, ``variables``: as :func:`towers.weights.read_weights`.
     """
-    if not path.exists():
-        raise SystemExit(f"{path}: no such file")
     settings = {"channel_std": None, "axis": None, "permutations": None, "bootstrap": None, "seed": None}
     out = {"kernels": None, "record": None, "init": None, "settings": settings, "figure": None}
+    if not path.exists() and weight_kind(path) != "tf":
+        raise SystemExit(f"{path}: no such file")
 
     if path.suffix.lower() in IMAGE_SUFFIXES:
         if towers is None:
             raise SystemExit(
-                f"{path}: a picture does not say how many towers its rows hold; give --towers "
+                f"{path}: a picture does not say how many towers its kernels belong to; give --towers "
                 f"(2 for the paper's Figure 3: GPU 1's kernels on top)"
             )
         try:
@@ -85,8 +81,8 @@ def load(path: Path, towers: int | None = None, record: str = "last", figure: di
             kernels=torch.from_numpy(read.kernels),
             figure=info,
             source=f"{path} (picture: {info['grid'][0]}x{info['grid'][1]} cells of "
-            f"{info['cell_px'][0]:g}x{info['cell_px'][1]:g} px, {read.blank} blank; display offset "
-            f"removed {'per kernel' if read.offset == 'kernel' else 'globally'})",
+            f"{info['cell_px'][0]:g}x{info['cell_px'][1]:g} px, {read.blank} blank, towers by {read.order}; display "
+            f"offset removed {'per kernel' if read.offset == 'kernel' else 'globally'})",
         )
         return out
 
@@ -129,42 +125,26 @@ def load(path: Path, towers: int | None = None, record: str = "last", figure: di
             print(f"warning: no kernels file {rec.get('kernels_file')!r} beside {path.name}; no grid", file=sys.stderr)
         return out
 
-    if path.suffix == ".npy":
-        weights = torch.from_numpy(np.load(path, allow_pickle=False))
-        out.update(kernels=_split_towers(weights, towers, str(path)), source=f"{path} (weight array)")
-        return out
-
-    # weights_only: checkpoints and .pt files are read as tensors and plain values, never arbitrary pickles.
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"{path}: cannot be read as a PyTorch file ({type(e).__name__}: {str(e)[:300]})") from None
-    if isinstance(obj, torch.Tensor):
-        out.update(kernels=_split_towers(obj, towers, str(path)), source=f"{path} (weight tensor)")
-        return out
-    if not isinstance(obj, dict) or CONV1 not in obj.get("state_dict", {}):
-        keys = list(obj.get("state_dict", obj))[:8] if isinstance(obj, dict) else type(obj).__name__
+    if weight_kind(path) is None:
         raise SystemExit(
-            f"{path}: neither a weight tensor nor a TowerClassifier checkpoint with {CONV1!r} "
-            f"(found {keys}); export conv1's weights as a (K, 3, h, w) array instead"
+            f"{path}: not a file kind this reads (checkpoints and weight files: .ckpt .pt .pth .bin .npy "
+            f".caffemodel .onnx .index; pictures: {' '.join(IMAGE_SUFFIXES)}; bisection.json)"
         )
-    num_towers = obj.get("hyper_parameters", {}).get("num_towers")
-    if num_towers is None and towers is None:
-        raise SystemExit(f"{path}: the checkpoint has no hyper_parameters.num_towers; give --towers")
-    if towers is not None and num_towers is not None and towers != num_towers:
-        raise SystemExit(f"{path}: the checkpoint was trained with {num_towers} towers, not --towers {towers}")
-    out["kernels"] = _split_towers(obj["state_dict"][CONV1], num_towers or towers, str(path))
-    state = obj.get("callbacks", {}).get("KernelBisectionCallback")
+    try:
+        conv1 = read_weights(path, towers, channels, variables)
+    except UserError as e:  # a damaged file, a missing optional reader: one line, exit 2
+        raise SystemExit(str(e)) from None
+    out.update(kernels=torch.from_numpy(conv1.kernels), source=conv1.describe())
+    state = conv1.checkpoint.get("callback")
     if state:
         settings.update({k: state.get(k) for k in settings})
         out["init"] = state.get("init")
-    else:
+    elif conv1.checkpoint:
         print(
             "warning: the checkpoint has no KernelBisectionCallback state, so the input channel std is unknown; "
             "scores assume the network saw raw (mean-subtracted) RGB. Pass --channel-std if it did not.",
             file=sys.stderr,
         )
-    out["source"] = f"{path} (checkpoint, epoch {obj.get('epoch')}, step {obj.get('global_step')})"
     return out
 
 
@@ -187,8 +167,14 @@ def table(rec: dict) -> str:
 
 def analyse(path: Path, args, stem: str) -> dict:
     """One input: load, measure (or take the saved record), print its table and verdict, write its files."""
-    figure = {"grid": args.grid, "size": args.kernel_size, "offset": args.offset, "chroma": args.jpeg_chroma}
-    loaded = load(path, args.towers, args.record, figure)
+    figure = {
+        "grid": args.grid,
+        "size": args.kernel_size,
+        "offset": args.offset,
+        "chroma": args.jpeg_chroma,
+        "order": args.order,
+    }
+    loaded = load(path, args.towers, args.record, figure, args.channels, args.variables)
     settings = loaded["settings"]
     for name in settings:
         if getattr(args, name) is not None:
@@ -196,10 +182,10 @@ def analyse(path: Path, args, stem: str) -> dict:
     defaults = {"permutations": 9999, "bootstrap": 2000, "seed": 0}
     settings = {k: defaults.get(k) if v is None else v for k, v in settings.items()}
     kernels = loaded["kernels"]
-    if kernels is not None and args.bgr:
-        kernels = kernels.flip(2)
+    if kernels is not None and args.channels == "bgr" and loaded["figure"] is not None:
+        kernels = kernels.flip(2)  # a picture drawn from BGR weights (weight files are flipped by their reader)
 
-    if kernels is not None and (loaded["record"] is None or args.channel_std or args.axis or args.bgr):
+    if kernels is not None and (loaded["record"] is None or args.channel_std or args.axis or args.channels):
         rec = measure(
             kernels,
             settings["channel_std"],
@@ -219,7 +205,7 @@ def analyse(path: Path, args, stem: str) -> dict:
     print(loaded["source"])
     print(
         f"{rec['num_towers']} tower(s) x {rec['kernels_per_tower']} kernels of {rec['kernel_size'][0]}x"
-        f"{rec['kernel_size'][1]}; channels {'BGR->RGB' if args.bgr else 'RGB'}; "
+        f"{rec['kernel_size'][1]}; "
         + (
             f"weights divided by input std {settings['channel_std']}"
             if settings["channel_std"]
@@ -249,8 +235,7 @@ def analyse(path: Path, args, stem: str) -> dict:
         ),
     )
     if kernels is not None:
-        order = torch.tensor(rec["score"]).view(kernels.shape[:2]).argsort(1) if args.sort else None
-        write_png(out / f"{stem}_kernels.png", kernel_grid(kernels, args.global_scale, order))
+        write_png(out / f"{stem}_kernels.png", grid_picture(kernels, rec, args))
     write_json(out / f"{stem}_bisection.json", rec)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -260,6 +245,43 @@ def analyse(path: Path, args, stem: str) -> dict:
         + (f", and {args.json}" if args.json else "")
     )
     return rec
+
+
+def analyse_reference(args) -> dict:
+    """``--reference paper``: the shipped Figure 3, measured and judged like any input."""
+    from towers import reference
+
+    if args.reference != reference.PAPER:
+        raise SystemExit(f"--reference {args.reference}: the shipped references are: {reference.PAPER}")
+    rec = reference.paper_record(args.permutations or 9999, args.seed or 0)
+    about = rec["provenance"]
+    print(f"{about['paper']}, {about['figure']}")
+    print(
+        f"read once from {about['picture']['file']} (sha256 {about['picture']['sha256'][:12]}...) by {about['read_with']}"
+    )
+    print(table(rec))
+    print(summary_line(rec))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        kernels = torch.from_numpy(reference.paper_kernels().astype(np.float64))
+        write_png(args.out / f"{reference.NAME}_kernels.png", grid_picture(kernels, rec, args))
+        write_json(args.out / f"{reference.NAME}_bisection.json", rec)
+        print(f"wrote {args.out / reference.NAME}_{{kernels.png,bisection.json}}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.json, rec)
+        print(f"wrote {args.json}")
+    return rec
+
+
+def grid_picture(kernels, rec: dict, args) -> np.ndarray:
+    """The kernel grid as the callback draws it: one global scale (``--per-kernel-scale`` to stretch each
+    kernel), the kernels the verdict does not judge (weak, unstructured) framed."""
+    shape = kernels.shape[:2]
+    order = torch.tensor(rec["score"]).view(shape).argsort(1) if args.sort else None
+    classes = rec.get("kernel_class")
+    framed = None if not classes else np.isin(np.asarray(classes), FRAMED).reshape(shape)
+    return kernel_grid(kernels, not args.per_kernel_scale, order, weak=framed)
 
 
 def _stems(paths: list[Path], record: str, shared_out: bool) -> list[str]:
@@ -283,16 +305,35 @@ def main(argv=None) -> dict | list[dict]:
     parser.add_argument(
         "paths",
         type=Path,
-        nargs="+",
+        nargs="*",
         metavar="path",
-        help="checkpoint (.ckpt/.pt), weight array (.pt/.npy), bisection.json or a picture of a "
-        "kernel grid (.png/.jpg/...); several at once",
+        help="checkpoint (.ckpt/.pt), weight file (.caffemodel/.onnx/.pth/.index/.npy), bisection.json or a "
+        "picture of a kernel grid (.png/.jpg/...); several at once",
     )
     parser.add_argument("--out", type=Path, help="folder for the grid, plot and JSON (default: beside each input)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the (one) input's record to OUT")
-    parser.add_argument("--towers", type=int, help="tower count of a bare (K, 3, h, w) array or of a picture")
     parser.add_argument(
-        "--bgr", action="store_true", help="the weights' colour channels are in BGR order (Caffe, OpenCV)"
+        "--towers",
+        type=int,
+        help="tower count of a bare (K, 3, h, w) array or of a picture; checked against a file that says it",
+    )
+    parser.add_argument(
+        "--channels",
+        choices=CHANNELS,
+        help="the file's colour channel order (default: the format's own: BGR for Caffe, ONNX and TensorFlow "
+        "checkpoints, RGB otherwise)",
+    )
+    parser.add_argument("--bgr", dest="channels", action="store_const", const="bgr", help="same as --channels bgr")
+    parser.add_argument(
+        "--variables",
+        type=lambda text: [v for v in text.split(",") if v],
+        metavar="NAME,NAME",
+        help="TensorFlow checkpoints: conv1's variables, one per tower (default: conv1_gpu1,conv1_gpu2)",
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="NAME",
+        help="a reference shipped with towers instead of a file: 'paper' (Figure 3, read once from the figure)",
     )
     parser.add_argument("--record", choices=["last", "init"], default="last", help="which record of a bisection.json")
     parser.add_argument(
@@ -312,11 +353,21 @@ def main(argv=None) -> dict | list[dict]:
     parser.add_argument("--permutations", type=int)
     parser.add_argument("--bootstrap", type=int)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--global-scale", action="store_true", help="one colour scale for all kernels in the grid")
+    parser.add_argument(
+        "--per-kernel-scale",
+        action="store_true",
+        help="stretch each kernel to its own range in the grid (default: one scale for all, as the callback)",
+    )
     parser.add_argument("--sort", action="store_true", help="order each tower's kernels by score in the grid")
     picture = parser.add_argument_group("pictures of kernel grids (towers.figure_reader)")
     picture.add_argument(
         "--grid", metavar="ROWSxCOLS", help="the grid's rows and columns (default: found from the separating lines)"
+    )
+    picture.add_argument(
+        "--order",
+        choices=ORDERS,
+        help="how the cells go to the towers: rows (each tower a block of rows, the paper's) or kernels (in "
+        "reading order, Caffe's vis_square); default: the only one possible (stated)",
     )
     picture.add_argument("--kernel-size", type=int, default=11, help="pixels of a kernel's side (default 11)")
     picture.add_argument(
@@ -333,6 +384,10 @@ def main(argv=None) -> dict | list[dict]:
         "taken from a PDF as PNG; 1x1 for none (default: a JPEG file's own, else 1x1)",
     )
     args = parser.parse_args(argv)
+    if bool(args.paths) == bool(args.reference):
+        parser.error("give files to read, or --reference paper (one of the two)")
+    if args.reference:
+        return analyse_reference(args)
     if args.json and len(args.paths) > 1:
         parser.error("--json writes one input's record; with several inputs use --out")
     try:
@@ -348,11 +403,12 @@ def main(argv=None) -> dict | list[dict]:
         print(f"\n== {path}")
         try:
             records.append(analyse(path, args, stem))
-        except SystemExit as e:  # one bad input (a diverged run, a wrong file) does not hide the others
-            if not isinstance(e.code, str):
+        except (SystemExit, UserError) as e:  # one bad input (a diverged run, a wrong file) does not hide the others
+            message = str(e) if isinstance(e, UserError) else e.code
+            if not isinstance(message, str):
                 raise
-            print(e.code, file=sys.stderr)
-            records.append({"source": str(path), "error": e.code, "verdict": None})
+            print(message, file=sys.stderr)
+            records.append({"source": str(path), "error": message, "verdict": None})
     print("\nsummary")
     width = max(len(str(p)) for p in args.paths)
     for path, rec in zip(args.paths, records):
@@ -360,13 +416,23 @@ def main(argv=None) -> dict | list[dict]:
     return records
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> None:
+    """The command: a user's mistake (SystemExit with a message, a towers UserError) is its one line on
+    stderr and exit status 2; several inputs of which one failed exit 2 after the others."""
     try:
-        result = main()
-    except SystemExit as e:  # a user's mistake: its one line, exit status 2
+        result = main(argv)
+    except SystemExit as e:
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
             sys.exit(2)
         raise
+    except UserError as e:
+        print(e, file=sys.stderr)
+        sys.exit(2)
     if isinstance(result, list) and any(r.get("error") for r in result):
         sys.exit(2)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    cli()

@@ -25,7 +25,20 @@ The images are synthetic, of Cats-vs-Dogs size (long side 400-500 px, ~30 KB JPE
 so that the files are as large as photographs of that size. ``--data-dir`` takes any folder the data
 module reads instead (its store is built in a temporary cache folder, so the build is always timed).
 
-    python benchmarks/bench_data.py                 # 320 images, batch 32, 0 / 1 / all-core workers
+Then, per CPU core (one process, ``torch.set_num_threads(1)``), what each stage of a GPU run's input
+pipeline costs the host, and from it the cores a node needs to feed a GPU at ``--target`` images/s:
+
+    build raw / jpeg    the store build (decode, check, resize to 256, write; jpeg also re-encodes)
+    files               the plain path: decode + resize every file every epoch (``fast_path: false``)
+    raw rows            a raw store's rows, random order, collated into uint8 batches
+    jpeg bytes          a JPEG store's bytes only (what the host does when the GPU decodes them)
+    jpeg + CPU decode   a JPEG store's rows decoded by torchvision's libjpeg-turbo on the CPU
+    augmentation (CPU)  the training augmentation per image on the CPU (on a GPU it runs on the device)
+
+and the bytes per image of each format (the disk or page-cache bandwidth at the target rate).
+
+    python benchmarks/bench_data.py                 # 320 images, batch 32, 0 / 1 / all-core workers; per core
+    python benchmarks/bench_data.py --part per-core # only the per-core figures
     python benchmarks/bench_data.py --quick         # tiny images and model, seconds: checks that it runs
 """
 
@@ -118,6 +131,145 @@ class Pipeline:
         return images, seconds, augment
 
 
+def _timed_epochs(loader, min_seconds: float = 1.0) -> tuple[int, float, float]:
+    """(images, wall seconds, CPU seconds) of whole passes over ``loader`` after one untimed pass (page
+    cache, mappings), until at least ``min_seconds`` have passed."""
+    for _ in loader:
+        pass
+    images, start, cpu = 0, time.perf_counter(), time.process_time()
+    while True:
+        for batch in loader:
+            images += len(batch[1])
+        if time.perf_counter() - start >= min_seconds:
+            return images, time.perf_counter() - start, time.process_time() - cpu
+
+
+def per_core(count: int, batch_size: int, resize_size: int, image_size: int, target: float, quick: bool) -> dict:
+    """The host's cost per image of each stage, on one core, and the cores ``target`` images/s needs."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from towers.data.augment import augment, draw_augmentation
+    from towers.data.files import ImageFiles
+    from towers.data.shard_reader import StoreImages, collate_encoded, open_store
+    from towers.data.store import index_images
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows, sizes = {}, {}
+
+    def row(name: str, images: int, seconds: float, cpu: float, what: str) -> None:
+        """The CPU time (``time.process_time``, one thread) is the cost; on a shared machine the wall
+        time also holds the waits for a core another process has."""
+        rows[name] = dict(
+            images_per_cpu_s=images / cpu,
+            ms_per_image=1000 * cpu / images,
+            images_per_s_wall=images / seconds,
+            what=what,
+        )
+        print(
+            f"  {name:<20} {images / cpu:8.0f} images per CPU-second ({images / seconds:6.0f}/s wall)  ({what})",
+            flush=True,
+        )
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_data-core-") as tmp:
+            tmp = Path(tmp)
+            root = tmp / "images"
+            dataset = make_dataset(root, count, (100, 130) if quick else (400, 500), seed=1)
+            print(f"per core (1 process, 1 thread), {count} images of {dataset['mean_kb']:.1f} KB:", flush=True)
+            index = {}
+            for fmt in ("raw", "jpeg"):
+                start, cpu = time.perf_counter(), time.process_time()
+                index[fmt] = index_images(root, "auto", tmp / fmt, resize_size, True, True, 0, store_format=fmt)
+                what = "decode, resize, write" + (", re-encode at quality 90 4:4:4" if fmt == "jpeg" else "")
+                row(f"build {fmt}", count, time.perf_counter() - start, time.process_time() - cpu, what)
+                sizes[fmt] = (
+                    sum(p.stat().st_size for p in (tmp / fmt).glob(f"store-*/*.{'npy' if fmt == 'raw' else 'bin'}"))
+                    / count
+                )
+            usable = index["raw"].usable
+            labels = [label for _, label in usable]
+
+            def loader(data, collate=None):
+                sampler = RandomSampler(data, generator=torch.Generator().manual_seed(0))
+                kwargs = dict(collate_fn=collate) if collate else {}
+                return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=0, **kwargs)
+
+            files = ImageFiles(index["raw"].base, [f for f, _ in usable], labels, resize_size)
+            row("files", *_timed_epochs(loader(files)), "decode + resize every file (fast_path false)")
+            stores = {fmt: [index[fmt].store_rows[f] for f, _ in usable] for fmt in index}
+            raw = StoreImages(index["raw"].store_path, stores["raw"], labels)
+            row("raw rows", *_timed_epochs(loader(raw)), "store rows from the page cache, collated")
+            encoded = StoreImages(index["jpeg"].store_path, stores["jpeg"], labels, decode="device")
+            row("jpeg bytes", *_timed_epochs(loader(encoded, collate_encoded)), "the bytes only: the GPU decodes")
+            decoded = StoreImages(index["jpeg"].store_path, stores["jpeg"], labels)
+            row("jpeg + CPU decode", *_timed_epochs(loader(decoded)), "torchvision.io.decode_jpeg on the CPU")
+
+            a, b = open_store(index["raw"].store_path), open_store(index["jpeg"].store_path)
+            pairs = [(a[r].astype(np.float64), b[s].astype(np.float64)) for r, s in zip(stores["raw"], stores["jpeg"])]
+            mse = float(np.mean([np.mean((x - y) ** 2) for x, y in pairs]))
+            jpeg_psnr = 10 * np.log10(255**2 / mse)
+
+            images = next(iter(loader(raw)))[0]
+            g = torch.Generator().manual_seed(0)
+            mean_image = torch.rand(3, resize_size, resize_size, generator=g) * 255
+            vectors = torch.linalg.qr(torch.randn(3, 3, generator=g))[0]
+            n, start, cpu = 0, time.perf_counter(), time.process_time()
+            while time.perf_counter() - start < 1.0:
+                draws = draw_augmentation(torch.arange(len(images)) + n, 0, 0, resize_size, image_size, 0.1)
+                augment(
+                    images,
+                    resize_size,
+                    image_size,
+                    draws,
+                    False,
+                    mean="pixel",
+                    mean_image=mean_image,
+                    channel_mean=mean_image.mean((1, 2)),
+                    pca_noise_std=0.1,
+                    rgb_eigenvalues=torch.tensor([3000.0, 300.0, 30.0]),
+                    rgb_eigenvectors=vectors,
+                )
+                n += len(images)
+            row(
+                "augmentation (CPU)",
+                n,
+                time.perf_counter() - start,
+                time.process_time() - cpu,
+                "crop, flip, mean, PCA noise; on a GPU: the device's",
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+    feeds = {
+        "raw store, GPU augments": ("raw rows", sizes["raw"]),
+        "jpeg store, GPU decodes and augments": ("jpeg bytes", sizes["jpeg"]),
+        "jpeg store, CPU decodes, GPU augments": ("jpeg + CPU decode", sizes["jpeg"]),
+        "files, CPU decodes, GPU augments": ("files", dataset["mean_kb"] * 1024),
+        "files, CPU decodes and augments": (("files", "augmentation (CPU)"), dataset["mean_kb"] * 1024),
+    }
+    plan = []
+    for name, (stages, per_image) in feeds.items():
+        stages = (stages,) if isinstance(stages, str) else stages
+        ms = sum(rows[stage]["ms_per_image"] for stage in stages)
+        plan.append(
+            dict(pipeline=name, host_ms_per_image=ms, cores=target * ms / 1000, read_mb_per_s=target * per_image / 1e6)
+        )
+    print(
+        f"\nhost cores (CPU time per image x rate) to feed {target:,.0f} images/s (1 per {1000 / target:.3f} ms), and the read bandwidth:"
+    )
+    for p in plan:
+        print(
+            f"  {p['pipeline']:<40} {p['host_ms_per_image']:7.3f} ms/image -> {p['cores']:6.1f} cores, {p['read_mb_per_s']:7.0f} MB/s"
+        )
+    print(
+        f"  bytes per image: raw {sizes['raw']:,.0f}, jpeg {sizes['jpeg']:,.0f} ({sizes['jpeg'] / sizes['raw']:.2f} of raw, PSNR {jpeg_psnr:.1f} dB against raw)"
+    )
+    return dict(
+        dataset=dataset, threads=1, rows=rows, bytes_per_image=sizes, jpeg_psnr_db=jpeg_psnr, target=target, plan=plan
+    )
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| pipeline | workers | images/s | × training step | ms per batch (min–max) | augmentation ms per batch |",
@@ -142,6 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, help="timed rounds (default 5; --quick 1)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, all cores)")
     parser.add_argument("--quick", action="store_true", help="tiny images, model and batch: checks that it runs")
+    parser.add_argument("--part", choices=["all", "pipeline", "per-core"], default="all")
+    parser.add_argument("--target", type=float, default=15000.0, help="images/s the GPU trains (per-core part)")
+    parser.add_argument("--per-core-images", type=int, help="images of the per-core part (default 400; --quick 32)")
     add_malloc_argument(parser)
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_data-<time>.json)")
     args = parser.parse_args(argv)
@@ -160,6 +315,15 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("towers.data").setLevel(logging.ERROR)  # a generated set has no bad files to report
 
     started, info = datetime.datetime.now(datetime.timezone.utc), machine()
+    per_core_results = None
+    if args.part in ("all", "per-core"):
+        images = args.per_core_images or (32 if args.quick else 400)
+        per_core_results = per_core(
+            images, 128 if not args.quick else 8, resize_size, image_size, args.target, args.quick
+        )
+    if args.part == "per-core":
+        info["loadavg_at_end"] = os.getloadavg()
+        return save_results("bench_data", args.out, argv, started, info, per_core=per_core_results)
     info["keep_freed_memory"] = malloc_as_train_py(args, torch.device("cpu"))
     with tempfile.TemporaryDirectory(prefix="bench_data-") as tmp:
         tmp = Path(tmp)
@@ -267,6 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
         rounds=rounds,
         store_build=store_build,
         results=rows,
+        per_core=per_core_results,
     )
 
 

@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--cpu-dry-run", action="store_true", help="run every mode on the CPU with a tiny net")
     p.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="the JSON file with every result")
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile run")
+    p.add_argument("--data-only", action="store_true", help="only the input pipeline rows (section 3)")
+    p.add_argument("--skip-data", action="store_true", help="leave out the input pipeline rows")
+    p.add_argument("--data-images", type=int, default=2048, help="generated images of the input pipeline rows")
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--precision", help=argparse.SUPPRESS)
@@ -142,6 +145,146 @@ def check_equivalence(args) -> bool:
         "half_dtype": str(half),
         "half_output_error": half_err,
     }
+
+
+# --- 3. the input pipeline on the GPU ----------------------------------------------------------------
+
+
+def data_rows(args) -> list[dict]:
+    """Images/s of the input pipeline's GPU stages, and of the whole pipeline into the model.
+
+    On ``--data-images`` generated Cats-vs-Dogs-size JPEGs stored at 256 px (raw and JPEG stores,
+    :mod:`towers.data.shards`): (a) batched nvJPEG decode of the JPEG store's bytes,
+    ``decode_batch(list, "cuda")``; (b) the training augmentation on the device (crop, flip, mean,
+    PCA noise) on uint8 batches already there; (c) loader -> pinned uint8 batch -> device -> (decode)
+    -> augmentation -> a training step of the model in bf16 and channels_last, per store format, and
+    the same without the step (the loader's own rate). The device is synchronised at the ends of each
+    timed window only. ``--cpu-dry-run``: the same code on the CPU at 72 px with a tiny net.
+    """
+    import os
+    import tempfile
+
+    from benchmarks.bench_data import make_dataset
+    from towers.data.augment import augment, draw_augmentation
+    from towers.data.shard_reader import StoreImages, collate_encoded, decode_batch
+    from towers.data.store import index_images
+    from towers.model import TowerAlexNet
+
+    dry = args.cpu_dry_run
+    device = torch.device("cpu" if dry else "cuda")
+    resize, size, batch = (72, 67, 8) if dry else (256, args.image_size, args.batch_size)
+    count = 4 * batch if dry else args.data_images
+    workers = 0 if dry else min(15, max(1, (os.cpu_count() or 2) - 1))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = []
+
+    def timed(name: str, step, batches: int, **extra) -> None:
+        step(0)  # warm-up: cudnn, nvJPEG handles, the workers
+        sync()
+        start = time.perf_counter()
+        for i in range(batches):
+            step(i)
+        sync()
+        seconds = time.perf_counter() - start
+        rows.append(
+            dict(row=name, images_per_s=batches * batch / seconds, ms_per_batch=1000 * seconds / batches, **extra)
+        )
+        print(
+            f"{name:<52}{batches * batch / seconds:>11.0f} images/s{1000 * seconds / batches:>9.1f} ms/batch",
+            flush=True,
+        )
+
+    with tempfile.TemporaryDirectory(prefix="gpu_check-data-") as tmp:
+        tmp = Path(tmp)
+        make_dataset(tmp / "images", count, (100, 130) if dry else (400, 500))
+        stores = {
+            fmt: index_images(tmp / "images", "auto", tmp / "cache", resize, True, True, workers, store_format=fmt)
+            for fmt in ("raw", "jpeg")
+        }
+        usable = stores["raw"].usable
+        labels = [label for _, label in usable]
+        datasets = {
+            fmt: StoreImages(
+                stores[fmt].store_path,
+                [stores[fmt].store_rows[f] for f, _ in usable],
+                labels,
+                decode="device" if fmt == "jpeg" else "cpu",
+            )
+            for fmt in stores
+        }
+        encoded = [datasets["jpeg"][i][0] for i in range(batch)]
+        timed(f"(a) batched JPEG decode on {device.type}", lambda i: decode_batch(encoded, device), 2 if dry else 20)
+
+        images = torch.stack([datasets["raw"][i][0] for i in range(batch)]).to(device)
+        g = torch.Generator().manual_seed(0)
+        mean_image = (torch.rand(3, resize, resize, generator=g) * 255).to(device)
+        vectors = torch.linalg.qr(torch.randn(3, 3, generator=g))[0].to(device)
+        values = torch.tensor([3000.0, 300.0, 30.0], device=device)
+
+        def augmented(x, i):
+            draws = draw_augmentation(torch.arange(len(x)) + i * len(x), 0, 0, resize, size, 0.1)
+            draws = {k: v.to(device, non_blocking=True) for k, v in draws.items()}
+            return augment(
+                x,
+                resize,
+                size,
+                draws,
+                False,
+                mean="pixel",
+                mean_image=mean_image,
+                channel_mean=mean_image.mean((1, 2)),
+                pca_noise_std=0.1,
+                rgb_eigenvalues=values,
+                rgb_eigenvectors=vectors,
+            )
+
+        timed(
+            f"(b) augmentation on {device.type} (uint8 batch there)", lambda i: augmented(images, i), 2 if dry else 50
+        )
+
+        model = TowerAlexNet(args.num_towers, num_classes=1000, width_multiplier=args.width_multiplier, image_size=size)
+        model = model.to(device, memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        half = torch.bfloat16 if dry or torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        for fmt, data in datasets.items():
+            loader = torch.utils.data.DataLoader(
+                data,
+                batch_size=batch,
+                shuffle=True,
+                drop_last=True,
+                num_workers=workers,
+                pin_memory=device.type == "cuda" and fmt == "raw",  # JPEG bytes go to nvJPEG from the host
+                persistent_workers=workers > 0,
+                collate_fn=collate_encoded if fmt == "jpeg" else None,
+                generator=torch.Generator().manual_seed(0),
+            )
+            for train in (False, True):
+                stream = iter(())
+
+                def step(i, loader=loader, fmt=fmt, train=train):
+                    nonlocal stream
+                    x, y, _ = next(stream, None) or (None, None, None)
+                    if x is None:
+                        stream = iter(loader)
+                        x, y, _ = next(stream)
+                    assert (x[0] if fmt == "jpeg" else x).dtype == torch.uint8  # 1 byte a pixel until the device
+                    if fmt == "jpeg":
+                        x = decode_batch(x, device)
+                    else:
+                        x = x.to(device, non_blocking=True)
+                    x = augmented(x, i)
+                    if train:
+                        with torch.autocast(device.type, dtype=half):
+                            loss = torch.nn.functional.cross_entropy(model(x), y.to(device, non_blocking=True))
+                        loss.backward()
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+
+                what = "into a training step" if train else "loader, transfer, decode, augmentation"
+                steps = 2 * len(loader) if not dry else 1
+                timed(f"(c) {fmt} store: {what}", step, steps, store=fmt, workers=workers, train=train)
+            del loader
+    return rows
 
 
 # --- 2. throughput, one subprocess per run --------------------------------------------------------
@@ -256,6 +399,13 @@ def train_one(args) -> None:
 
 def run_all(args) -> int:
     start = time.perf_counter()
+    if args.data_only:
+        rows = data_rows(args)
+        from towers.files import write_atomic
+
+        write_atomic(args.out, json.dumps({"cpu_dry_run": args.cpu_dry_run, "data": rows}, indent=1))
+        print(f"wrote {args.out}")
+        return 0
     gpus = 2 if args.cpu_dry_run else torch.cuda.device_count()
     names = ["cpu"] * gpus if args.cpu_dry_run else [torch.cuda.get_device_name(i) for i in range(gpus)]
     print(f"{gpus} device(s): {', '.join(names)}; torch {torch.__version__}; default precision {precision(args)}")
@@ -331,10 +481,15 @@ def run_all(args) -> int:
         print(
             f"{r['mode']:<22}{r['gpus']:>5}{r['precision']:>12}{r['images_per_s']:>11.0f}{r['ms_per_step']:>9.1f}  {r['peak_gib']}"
         )
+    data = []
+    if not args.skip_data:
+        print("\ninput pipeline (towers.data.shards), batch " + str(args.batch_size if not args.cpu_dry_run else 8))
+        data = data_rows(args)
     from towers.files import write_atomic
 
     seconds = time.perf_counter() - start
     report = {
+        "data": data,
         "ok": ok,
         "devices": names,
         "torch": torch.__version__,
@@ -360,7 +515,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.cpu_dry_run and not torch.cuda.is_available():
         print(
-            "no GPU, skipped: torch.cuda.is_available() is False (use --cpu-dry-run to exercise the script on the CPU)"
+            "no GPU, skipped: torch.cuda.is_available() is False, so neither the model rows nor the input "
+            "pipeline rows (batched nvJPEG decode, augmentation on the device, images/s into the model) were "
+            "measured (use --cpu-dry-run to exercise the script on the CPU)"
         )
         return 0
     if args.mode:

@@ -267,7 +267,7 @@ def test_scalars_reach_the_csv_logger_and_images_tensorboard(run):
 
 def test_analysis_script_gives_the_callbacks_numbers(run, tmp_path, capsys):
     last = json.loads((run["dir"] / "bisection.json").read_text())["last"]
-    from_ckpt = analysis.main([str(run["ckpt"]), "--out", str(tmp_path)])
+    from_ckpt = analysis.main([str(run["ckpt"]), "--out", str(tmp_path), "--per-kernel-scale"])  # the callback's scale
     assert from_ckpt["score"] == last["score"]
     for key in ("eta2", "p_value", "median", "ci_low", "ci_high", "color_group"):
         assert from_ckpt["statistics"][key] == last["statistics"][key], key

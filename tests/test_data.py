@@ -16,6 +16,7 @@ from PIL import Image
 
 from towers.data import CatsDogsDataModule, ImageFiles, download_microsoft, find_images, load_image, safe_extract
 from towers.data.demo import make_demo_dataset
+from towers.data.shard_reader import open_store
 from towers.module import TowerClassifier
 
 SMALL = dict(resize_size=32, image_size=27, num_workers=0, batch_size=8)
@@ -313,7 +314,7 @@ def test_fast_path_gives_the_plain_path_pixels(tmp_path):
     rebuilt = module(tmp_path, cache_dir=str(tmp_path / "fast"))
     assert rebuilt.store_path != fast.store_path and not fast.store_path.exists()
     row = rebuilt.store_rows["dog.0.jpg"]
-    assert np.array_equal(np.load(rebuilt.store_path)[row], load_image(tmp_path / "train" / "dog.0.jpg", 32)[0])
+    assert np.array_equal(open_store(rebuilt.store_path)[row], load_image(tmp_path / "train" / "dog.0.jpg", 32)[0])
 
 
 def test_training_order_and_draws_do_not_depend_on_global_rng(tmp_path):

@@ -1,6 +1,9 @@
-"""towers.figure_reader and analysis/kernels.py on pictures: a run's own kernels.png and a paper-style figure
-(dark lines, one global grey scale, JPEG quality 75) give back the kernels' scores and verdict."""
+"""towers.figure_reader and analysis/kernels.py on pictures: known kernels drawn in every layout people publish
+(the paper's, also on a page with text; Caffe's vis_square; cuda-convnet's shownet; matplotlib subplots; a run's
+kernels.png), saved as PNG and JPEG quality 75, give back their scores, ranking, verdict and tower order; a
+shrinking figure is read within 0.05 or refused; errors name what to try next."""
 
+import functools
 import io
 import json
 
@@ -11,6 +14,7 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from analysis import kernels as analysis
+from tests import figure_layouts as layouts
 from tests.fixtures.kernels import colour, gabor, noisy, towers_of, unit
 from towers.color import color_specificity
 from towers.figure_reader import FigureError, match_chroma_resolution, parse_grid, read_figure
@@ -66,10 +70,9 @@ def paper_figure(
     return buffer.getvalue()
 
 
-# JPEG quality 75 quantises chroma coarsely: fine colour detail (a Gabor's tint) loses up to 0.05 of
-# its score at kernel pixels of 5 picture pixels, more at smaller ones (always downward; see
-# test_without_matching_the_chroma_resolution_jpeg_loses_colour). The PNG reads stay within 0.05.
-JPEG_ERROR = 0.06
+# JPEG quality 75 quantises chroma coarsely: fine colour detail (a Gabor's tint) loses over 0.05 of its
+# score at kernel pixels under 5.5 picture pixels (always downward; see
+# test_without_matching_the_chroma_resolution_jpeg_loses_colour), so the reader refuses such JPEGs.
 
 
 def assert_read_back(kernels, read, max_error=0.05):
@@ -109,15 +112,18 @@ def test_a_towers_last_row_of_blank_cells_is_dropped(tmp_path):
     assert np.abs(color_specificity(read.kernels) - color_specificity(kernels)).max() < 0.05
 
 
-@pytest.mark.parametrize("zoom,max_error", [(8, 0.05), (5, JPEG_ERROR)])
-def test_a_paper_style_jpeg_figure_reads_back(tmp_path, zoom, max_error):
-    """Kernel pixels of 8 picture pixels read back within 0.05; at 5, JPEG's coarse chroma costs a little more."""
+def test_a_paper_style_jpeg_figure_reads_back(tmp_path):
+    """Kernel pixels of 8 picture pixels read back within 0.05; at 6, JPEG's coarse chroma may cost more
+    (0.051 on these kernels in kernel_grid's layout), so a JPEG of that size is refused."""
     kernels = spread_towers()
     path = tmp_path / "figure3.jpg"
-    path.write_bytes(paper_figure(kernels, zoom=zoom))
+    path.write_bytes(paper_figure(kernels, zoom=6))
+    with pytest.raises(FigureError, match="smaller than the 77 px"):
+        read_figure(path, towers=2)
+    path.write_bytes(paper_figure(kernels, zoom=8))
     read = read_figure(path, towers=2)
     assert read.info()["grid"] == [8, 12] and read.offset == "global" and read.chroma == (2, 2)
-    got = assert_read_back(kernels, read, max_error)
+    got = assert_read_back(kernels, read)
     assert got.verdict == SPECIALISED and got.weak_count == [0, 0]
     # JPEG's chroma noise leaves the grey kernels grey: their scores stay far under the colour cut
     assert color_specificity(read.kernels[0]).max() < 0.25
@@ -127,7 +133,7 @@ def test_weak_kernels_in_a_globally_scaled_figure_read_back_weak():
     kernels = spread_towers().clone()
     kernels[0, ::12] *= 0.1  # four faint kernels in each tower: weak (under a quarter of the median norm)
     kernels[1, 5::12] *= 0.1
-    picture = np.asarray(Image.open(io.BytesIO(paper_figure(kernels))).convert("RGB")) / 255
+    picture = np.asarray(Image.open(io.BytesIO(paper_figure(kernels, zoom=8))).convert("RGB")) / 255
     read = read_figure(picture, towers=2, chroma=(2, 2))
     expected = verdict(kernels, permutations=B, sensitivity=False)
     got = verdict(read.kernels, permutations=B, sensitivity=False)
@@ -142,7 +148,8 @@ def test_without_matching_the_chroma_resolution_jpeg_loses_colour():
     picture = np.asarray(Image.open(io.BytesIO(paper_figure(kernels, zoom=3))).convert("RGB")) / 255
     own = color_specificity(kernels).numpy()
     plain = color_specificity(read_figure(picture, towers=2, chroma=(1, 1)).kernels).numpy() - own
-    matched = color_specificity(read_figure(picture, towers=2, chroma=(2, 2)).kernels).numpy() - own
+    matched = read_figure(picture, towers=2, chroma=(2, 2), refuse_small=False).kernels
+    matched = color_specificity(matched).numpy() - own
     assert plain.min() < -0.25 and matched.min() > plain.min() / 4 and matched.max() < 0.05
     # matching leaves a picture without chroma detail as it was
     grey = np.repeat(np.linspace(0, 1, 20 * 30).reshape(20, 30, 1), 3, 2)
@@ -151,14 +158,16 @@ def test_without_matching_the_chroma_resolution_jpeg_loses_colour():
 
 def test_a_resized_figure_and_a_given_grid_read_back():
     kernels = spread_towers()
-    picture = np.asarray(Image.open(io.BytesIO(paper_figure(kernels, columns=16, scale=0.87))).convert("RGB")) / 255
+    picture = paper_figure(kernels, columns=16, zoom=10, scale=0.87)
+    picture = np.asarray(Image.open(io.BytesIO(picture)).convert("RGB")) / 255
     read = read_figure(picture, towers=2, chroma=(2, 2))  # lines blurred to under 2 px
     assert read.info()["grid"] == [6, 16]
-    assert_read_back(kernels, read, JPEG_ERROR + 0.02)  # resampled twice: blurred a little more
+    assert_read_back(kernels, read)
     given = read_figure(picture, towers=2, chroma=(2, 2), grid=(6, 16))
     assert given.rows == read.rows and given.cols == read.cols
-    with pytest.raises(FigureError, match="cannot go to 4 towers"):
-        read_figure(picture, towers=4)
+    assert read_figure(picture, towers=4).order == "kernels"  # 6 rows: only 24 kernels in reading order each
+    with pytest.raises(FigureError, match="go to 5 towers equally neither"):
+        read_figure(picture, towers=5)
 
 
 def test_a_mixed_construction_reads_back_not_specialised():
@@ -183,7 +192,7 @@ def test_parse_grid_and_pictures_without_lines():
 def test_analysis_script_reads_figures_and_several_inputs(tmp_path, capsys):
     kernels = spread_towers()
     Image.fromarray(kernel_grid(kernels)).save(tmp_path / "kernels.png")
-    (tmp_path / "figure3.jpg").write_bytes(paper_figure(kernels))
+    (tmp_path / "figure3.jpg").write_bytes(paper_figure(kernels, zoom=8))
     np.save(tmp_path / "conv1.npy", kernels.flatten(0, 1).numpy())
     with pytest.raises(SystemExit, match="--towers"):
         analysis.main([str(tmp_path / "figure3.jpg")])
@@ -216,8 +225,7 @@ def test_analysis_script_reads_figures_and_several_inputs(tmp_path, capsys):
     assert [r["verdict"] for r in records] == [SPECIALISED, None, SPECIALISED, SPECIALISED]
     assert "cannot be read as a picture" in records[1]["error"]
     printed = capsys.readouterr().out
-    assert printed.count("specialised: largely colour-agnostic: tower 1") >= 6  # under each table, in the summary
-    assert printed.count("Δf = 1.00") >= 6
+    assert printed.count("Δf = 1.00") >= 6  # once under each table, once in the summary
     summary = printed[printed.rindex("summary") :].splitlines()[1:]
     assert [line.split()[0] for line in summary] == [str(p) for p in inputs]
     assert "no verdict: " in summary[1]
@@ -225,3 +233,124 @@ def test_analysis_script_reads_figures_and_several_inputs(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         analysis.main([str(tmp_path / "kernels.png"), str(tmp_path / "conv1.npy"), "--towers", "2", "--json", str(out)])
     assert exit.value.code == 2 and "--json writes one input's record" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the layouts people publish
+
+LAYOUTS = {  # name: (drawing, the order the towers must be read in); cells of 77 px or more, JPEG's minimum
+    "paper": (lambda k: layouts.paper(k, zoom=8), "rows"),
+    "paper on a page": (lambda k: layouts.on_a_page(layouts.paper(k, zoom=8)), "rows"),
+    "vis_square": (lambda k: layouts.vis_square(k, inches=12), "kernels"),
+    "shownet": (lambda k: layouts.shownet(k, inches=16), "rows"),
+    "subplots (save_W1)": (lambda k: layouts.subplots(k, inches_per_axes=1.3), "rows"),
+    "kernels.png": (lambda k: kernel_grid(k, global_scale=True, zoom=7), "rows"),
+}
+
+
+@functools.cache
+def drawn(layout: str) -> np.ndarray:
+    return LAYOUTS[layout][0](spread_towers())
+
+
+@pytest.fixture(scope="module")
+def known():
+    kernels = spread_towers()
+    return kernels, verdict(kernels, permutations=B, sensitivity=False)
+
+
+@pytest.mark.parametrize("format", ["PNG", "JPEG"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_each_layout_reads_back(known, layout, format):
+    """Known kernels drawn as each tool draws them, saved as PNG and as JPEG quality 75: the same scores
+    within 0.05, the same ranking, the same verdict with the same towers, read without any option."""
+    kernels, expected = known
+    order = LAYOUTS[layout][1]
+    read = read_figure(layouts.saved(drawn(layout), format), towers=2, chroma=(2, 2) if format == "JPEG" else None)
+    assert read.order == order and any(f"towers by {order}" in note for note in read.notes)
+    got = assert_read_back(kernels, read)
+    assert got.verdict == expected.verdict == SPECIALISED
+    if layout == "paper on a page":
+        assert any("cropped the rest away" in note for note in read.notes)
+
+
+def test_an_impossible_order_names_the_possible_one():
+    picture = layouts.saved(drawn("vis_square"), "PNG")  # kernel 48 opens mid-row
+    with pytest.raises(FigureError, match="--order kernels can") as error:
+        read_figure(picture, towers=2, order="rows")
+    assert "--towers" not in str(error.value)
+    assert read_figure(picture, towers=2, order="kernels").order == "kernels"
+
+
+def test_a_grid_problem_does_not_blame_the_tower_count(known):
+    """Cells that cannot split into the towers say what to check about the grid, not --towers."""
+    picture = layouts.saved(layouts.paper(known[0][:, :40], columns=10), "PNG")  # 80 kernels, 8 rows
+    with pytest.raises(FigureError) as error:
+        read_figure(picture, towers=3)
+    assert "--grid ROWSxCOLS" in str(error.value) and "--towers" not in str(error.value)
+
+
+SCALES = (1, 0.75, 0.6, 0.5, 0.4, 0.33, 0.25)
+
+
+@pytest.mark.parametrize("format", ["PNG", "JPEG"])
+def test_a_shrinking_figure_is_read_within_005_or_refused(known, format):
+    """A paper-style figure (6 x 16 cells of 57 px, like Figure 3's) from 1x down to 0.25x: every size
+    is read within 0.05 of the kernels' scores with the same verdict, or refused with the size it needs."""
+    kernels, expected = known
+    own = color_specificity(kernels).numpy()
+    picture = Image.fromarray(layouts.paper(kernels, zoom=5 if format == "PNG" else 9))
+    outcomes = []
+    for scale in SCALES:
+        small = picture.resize((round(picture.width * scale), round(picture.height * scale)), Image.BICUBIC)
+        try:
+            read = read_figure(
+                layouts.saved(np.asarray(small), format), towers=2, chroma=(2, 2) if format == "JPEG" else None
+            )
+        except FigureError as e:
+            assert "px" in str(e) or "--grid" in str(e)
+            outcomes.append("refused")
+            continue
+        back = color_specificity(read.kernels).numpy()
+        assert np.abs(back - own).max() <= 0.05, scale
+        assert verdict(read.kernels, permutations=B, sensitivity=False).verdict == expected.verdict
+        outcomes.append("read")
+    assert outcomes[0] == "read" and outcomes[-1] == "refused"
+
+
+@pytest.mark.parametrize("format", ["PNG", "JPEG"])
+def test_real_kernels_in_caffes_layout_read_back(format):
+    """The paper's own kernels (towers.reference: weak and low-contrast ones among them) drawn by vis_square:
+    the same scores within 0.05, ranking and verdict, tower 1 (GPU 1) still the grey one."""
+    from towers.reference import paper_kernels
+
+    kernels = torch.from_numpy(paper_kernels().astype(np.float64))
+    picture = layouts.saved(layouts.vis_square(kernels, inches=12), format)
+    read = read_figure(picture, towers=2, chroma=(2, 2) if format == "JPEG" else None)
+    assert read.order == "kernels"
+    got = verdict(read.kernels, permutations=B, sensitivity=False)
+    own, back = color_specificity(kernels).numpy(), color_specificity(read.kernels).numpy()
+    assert np.abs(back - own).max() < 0.05 and spearmanr(back, own).statistic >= 0.95
+    assert got.verdict == verdict(kernels, permutations=B, sensitivity=False).verdict
+    assert got.colour_fraction[0] < 0.1 < 0.5 < got.colour_fraction[1]
+
+
+def test_kernels_png_with_framed_weak_kernels(tmp_path):
+    """analysis/kernels.py draws like the callback (one global scale, the verdict's weak kernels framed), and
+    that picture reads back: the same weak kernels, the others within 0.05 (a faint kernel's own score is
+    8-bit quantisation noise, which is why the verdict does not judge it)."""
+    kernels = spread_towers().clone()
+    kernels[0, ::12] *= 0.1
+    kernels[1, 5::12] *= 0.1
+    np.save(tmp_path / "conv1.npy", kernels.flatten(0, 1).numpy())
+    rec = analysis.main([str(tmp_path / "conv1.npy"), "--towers", "2", "--permutations", str(B), "--bootstrap", "200"])
+    weak = np.array(rec["kernel_class"]).reshape(2, 48) == "weak"
+    assert weak.sum() == 8
+    drawn = np.asarray(Image.open(tmp_path / "conv1_kernels.png").convert("RGB"))
+    assert np.array_equal(drawn, kernel_grid(kernels, global_scale=True, weak=weak))
+    read = read_figure(tmp_path / "conv1_kernels.png", towers=2)
+    assert read.offset == "global"
+    error = np.abs(color_specificity(read.kernels) - color_specificity(kernels)).numpy().reshape(2, 48)
+    assert error[~weak].max() < 0.05
+    assert (
+        np.array(verdict(read.kernels, permutations=B, sensitivity=False).kernel_class).reshape(2, 48) == "weak"
+    ).tolist() == weak.tolist()

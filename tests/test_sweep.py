@@ -310,6 +310,7 @@ def test_failed_and_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path, c
 
 def test_gpus_give_each_run_its_own_gpu_and_never_one_gpu_two_runs(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(agent_mod, "visible_gpu_count", lambda: 8)  # a machine with GPUs 0..7
     path = write_sweep(
         tmp_path,
         {
@@ -341,6 +342,7 @@ def test_gpu_ids_count_within_the_agents_own_visible_devices_and_bad_options_get
     tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6")  # e.g. the GPUs SLURM gave the job
+    monkeypatch.setattr(agent_mod, "visible_gpu_count", lambda: 2)  # which CUDA then numbers 0 and 1
     path = write_sweep(tmp_path, {"model.lr": {"values": [0.01]}})
     out = tmp_path / "out"
     assert agent_mod.main([str(path), "--out", str(out), "--gpus", "1", "--shard", "0/2"]) == 0
@@ -350,6 +352,11 @@ def test_gpu_ids_count_within_the_agents_own_visible_devices_and_bad_options_get
     for bad in (
         ["--gpus", "2"],
         ["--gpus", "0,0"],
+        ["--gpus", "a"],
+        ["--count", "-3"],
+        ["--count", "0"],
+        ["--jobs", "0"],
+        ["--jobs", "two"],
         ["--jobs", "3", "--gpus", "0,1"],
         ["--shard", "2/2"],
         ["--shard", "1"],
@@ -358,7 +365,8 @@ def test_gpu_ids_count_within_the_agents_own_visible_devices_and_bad_options_get
         with pytest.raises(SystemExit) as stopped:
             agent_mod.main([str(path), "--out", str(out), *bad])
         err = capsys.readouterr().err
-        assert stopped.value.code == 2 and f"error: {bad[0]}" in err and "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]  # argparse's usage, then one line naming the option
+        assert stopped.value.code == 2 and "error:" in last and bad[0] in last and "Traceback" not in err, err
 
 
 def test_three_shards_split_a_grid_and_a_killed_shard_resumes_its_own_runs(tmp_path):
@@ -405,6 +413,10 @@ def test_three_shards_split_a_grid_and_a_killed_shard_resumes_its_own_runs(tmp_p
     resumed = runs[1]["attempts"][1]
     assert resumed["resumed_from"].endswith("last.ckpt")
     assert resumed["command"][-1] == f"--ckpt_path={resumed['resumed_from']}"
+    # one W&B run per grid point: both attempts of the resumed run got its id, every run its own
+    ids = {r["name"]: {s["env"]["WANDB_RUN_ID"] for s in standin_starts(out, r["name"])} for r in runs}
+    assert all(ids[r["name"]] == {r["wandb_id"]} for r in runs) and len({r["wandb_id"] for r in runs}) == 6
+    assert {s["env"]["WANDB_RESUME"] for s in standin_starts(out, "run-001")} == {"allow"}
     assert sum(len(standin_starts(out, r["name"])) for r in runs) == 7  # 6 runs, one resumed once
 
 
@@ -508,19 +520,21 @@ def test_hyperband_stops_runs_that_fall_behind(tmp_path):
     assert all(r["message"] == "stopped early by hyperband" for r in runs[2:])
 
 
-def test_an_output_folder_of_another_sweep_is_refused(tmp_path):
+def test_an_output_folder_of_another_sweep_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
     path = write_sweep(tmp_path, {"model.lr": {"values": [0.01]}})
     assert agent_mod.main([str(path), "--out", str(out)]) == 0
     path = write_sweep(tmp_path, {"model.lr": {"values": [0.02]}})
-    with pytest.raises(SystemExit, match="different sweep"):
-        agent_mod.main([str(path), "--out", str(out)])
+    capsys.readouterr()
+    assert agent_mod.main([str(path), "--out", str(out)]) == 2
+    assert "belongs to a different sweep config" in one_error_line(capsys)
 
 
-def test_a_random_sweep_needs_a_count(tmp_path):
+def test_a_random_sweep_needs_a_count(tmp_path, capsys):
     path = write_sweep(tmp_path, {"model.lr": {"min": 0.001, "max": 0.1}}, method="random")
-    with pytest.raises(SystemExit, match="--count"):
+    with pytest.raises(SystemExit) as stopped:
         agent_mod.main([str(path), "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2 and "sweep has no end: give --count N" in capsys.readouterr().err
     assert agent_mod.main([str(path), "--out", str(tmp_path / "out"), "--count", "2", "--jobs", "2"]) == 0
     assert [r["status"] for r in state(tmp_path / "out")["runs"]] == ["finished", "finished"]
 
@@ -573,6 +587,8 @@ def test_demo_sweep_end_to_end_through_train_py(tmp_path, capsys):
         (record,) = [r.run for r in wandb_records(next(folder.glob("*.wandb"))) if r.WhichOneof("record_type") == "run"]
         assert (record.project, record.run_group) == (config["project"], "out")
         assert record.job_type.startswith(f"towers: {towers}")  # the run's condition (towers.conditions)
+        # the grid point's W&B id, which every attempt of it gets: train.py's WandbLogger takes it
+        assert record.run_id == run["wandb_id"] and folder.name.endswith(f"-{run['wandb_id']}")
     # the estimate: 2 checkpoint files (the latest epoch, last.ckpt links to it; the best) of weights and momentum
     printed = capsys.readouterr().out
     # the end table: the run's verdict, delta f and eta2 with their p, as its bisection.json says
@@ -602,3 +618,190 @@ def test_demo_sweep_end_to_end_through_train_py(tmp_path, capsys):
     written = [p for p in (out / "runs" / runs[0]["name"]).rglob("*.ckpt") if not p.is_symlink()]
     assert len(written) == 2
     assert 0.9 < sum(p.stat().st_size for p in written) / estimate < 1.1
+
+
+# -- what the agent refuses, and what it does with damaged state (issue 24) -------------------------
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_jobs_2_without_gpus_runs_two_runs_at_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    path = write_sweep(tmp_path, {"seed_everything": {"values": [0, 1, 2]}, "standin.sleep": {"value": 0.2}})
+    out = tmp_path / "out"
+    assert agent_mod.main([str(path), "--out", str(out), "--jobs", "2"]) == 0
+    spans = sorted((s["start"], s["end"]) for r in state(out)["runs"] for s in standin_starts(out, r["name"]))
+    assert len(spans) == 3
+    # the first two ran at once: each started before the other ended; and never more than two at once
+    (a0, a1), (b0, b1) = spans[:2]
+    assert a0 < b1 and b0 < a1, spans
+    assert max(sum(s0 <= t < s1 for s0, s1 in spans) for t, _ in spans) == 2, spans
+    assert all(a["gpu"] is None for r in state(out)["runs"] for a in r["attempts"])  # the devices they find
+
+
+def test_gpus_the_agent_cannot_see_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    path = write_sweep(tmp_path, {"model.lr": {"values": [0.01]}})
+    out = tmp_path / "out"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for count, ids, said in ((2, "0,7", "sees 2 GPUs, numbered 0..1; 7 is not"), (0, "0", "sees no GPU; 0 is not")):
+        monkeypatch.setattr(agent_mod, "visible_gpu_count", lambda count=count: count)
+        with pytest.raises(SystemExit) as stopped:
+            agent_mod.main([str(path), "--out", str(out), "--gpus", ids])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and said in err.strip().splitlines()[-1], err
+    assert not out.exists()
+    # and the count is the real one: this process's CUDA devices as PyTorch counts them
+    import torch
+
+    monkeypatch.undo()
+    assert agent_mod.visible_gpu_count() == torch.cuda.device_count()
+
+
+def test_a_sweep_parameter_train_py_does_not_know_stops_the_agent_before_any_launch(tmp_path, monkeypatch, capsys):
+    config = yaml.safe_load((ROOT / "sweeps/demo.yaml").read_text())
+    monkeypatch.chdir(ROOT)  # the sweep's paths (train.py, configs/demo.yaml) are relative to the repository
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    out = tmp_path / "out"
+    for parameters, said in (
+        ({"model.num_towerz": {"values": [2]}}, "unrecognized arguments: --model.num_towerz=2"),
+        ({"model.num_towers": {"values": [2, "two"]}}, 'model.num_towers="two"'),
+    ):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(dict(config, parameters={**parameters, "seed_everything": {"values": [0]}})))
+        assert agent_mod.main([str(path), "--out", str(out)]) == 2
+        err = one_error_line(capsys)
+        assert said in err and "nothing was launched" in err, err
+        assert not out.exists()  # nothing launched, nothing written
+
+
+def test_a_sweep_file_or_output_folder_that_cannot_be_used_is_one_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    cases = {"missing.yaml": None, "notyaml.yaml": "parameters: [a\n", "empty.yaml": "", "list.yaml": "- 1\n"}
+    for name, text in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        assert agent_mod.main([str(tmp_path / name), "--out", str(out)]) == 2, name
+        assert name in one_error_line(capsys)
+    # valid for W&B's schema, but not for its engine: a continuous parameter in a grid
+    path = write_sweep(tmp_path, {"model.lr": {"min": 0.001, "max": 0.1}})
+    assert agent_mod.main([str(path), "--out", str(out)]) == 2
+    assert "is a disallowed type with grid search" in one_error_line(capsys)
+    path = write_sweep(tmp_path, {"model.lr": {"values": [0.01]}})
+    config = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump(dict(config, program=str(tmp_path / "nowhere.py"))))
+    assert agent_mod.main([str(path), "--out", str(out)]) == 2
+    assert "nowhere.py is not a file" in one_error_line(capsys)
+    path = write_sweep(tmp_path, {"model.lr": {"values": [0.01]}})
+    (tmp_path / "a-file").write_text("")
+    assert agent_mod.main([str(path), "--out", str(tmp_path / "a-file")]) == 2  # --out names a file
+    assert "a-file (give --out a folder" in one_error_line(capsys)
+
+
+def finished_sweep(tmp_path):
+    """A grid of two runs, both finished: the sweep file, OUT, and what each run's stand-in saw."""
+    path = write_sweep(tmp_path, {"seed_everything": {"values": [0, 1]}})
+    out = tmp_path / "out"
+    assert agent_mod.main([str(path), "--out", str(out)]) == 0
+    assert [r["status"] for r in state(out)["runs"]] == ["finished", "finished"]
+    return path, out
+
+
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        ("cut", "is not JSON"),
+        ("[]", "is not a sweep's state ([] is not of type 'object')"),
+        ("wrong shape", "is not a sweep's state (state.runs[1]: 'params' is a required property)"),
+        ("0 bytes", "is empty (0 bytes) while"),
+        ("missing", "is missing while"),
+    ],
+)
+def test_a_damaged_sweep_json_stops_the_agent_naming_its_backup_and_repeats_nothing(tmp_path, capsys, damage, said):
+    path, out = finished_sweep(tmp_path)
+    good = (out / "sweep.json").read_text()
+    assert (out / "sweep.json.bak").read_text() == good  # the copy kept at every save
+    damaged = {
+        "cut": good[: len(good) // 2],
+        "[]": "[]",
+        "wrong shape": json.dumps({**json.loads(good), "runs": [json.loads(good)["runs"][0], {"name": "run-001"}]}),
+        "0 bytes": "",
+    }
+    if damage == "missing":
+        (out / "sweep.json").unlink()
+    else:
+        (out / "sweep.json").write_text(damaged[damage])
+    capsys.readouterr()
+    assert agent_mod.main([str(path), "--out", str(out)]) == 2
+    err = one_error_line(capsys)
+    assert said in err and "sweep.json.bak, holds 2 runs (2 finished)" in err, err
+    assert f"`cp {out}/sweep.json.bak {out}/sweep.json`" in err
+    # nothing ran again, and the damaged file was left as it was for the user to see
+    assert all(len(standin_starts(out, f"run-00{k}")) == 1 for k in range(2))
+    assert (
+        not (out / "sweep.json").exists()
+        if damage == "missing"
+        else (out / "sweep.json").read_text() == damaged[damage]
+    )
+    # what the line says to do works: the sweep is whole again, and done
+    (out / "sweep.json").write_text((out / "sweep.json.bak").read_text())
+    assert agent_mod.main([str(path), "--out", str(out)]) == 0
+    assert all(len(standin_starts(out, f"run-00{k}")) == 1 for k in range(2))
+    assert json.loads((out / "sweep.json").read_text())["runs"] == json.loads(good)["runs"]
+
+
+def test_a_damaged_sweep_json_without_a_good_backup_says_so_and_an_empty_one_without_runs_is_a_new_sweep(
+    tmp_path, capsys
+):
+    path, out = finished_sweep(tmp_path)
+    (out / "sweep.json").write_text("[]")
+    (out / "sweep.json.bak").write_text('{"runs": ')
+    capsys.readouterr()
+    assert agent_mod.main([str(path), "--out", str(out)]) == 2
+    assert "sweep.json.bak is not JSON" in one_error_line(capsys)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "sweep.json").write_text("")  # e.g. `touch`: no run folders, so a new sweep
+    assert agent_mod.main([str(path), "--out", str(fresh)]) == 0
+    assert [r["status"] for r in state(fresh)["runs"]] == ["finished", "finished"]
+
+
+def test_two_processes_generating_the_demo_data_at_once_both_get_it(tmp_path):
+    # as two sharded agents' first runs on a data folder that does not exist yet: both generate it
+    # (each into a folder of its own); the second rename finds the first's complete folder and uses it
+    root = tmp_path / "demo-data"
+    code = "import sys; from towers.data.demo import make_demo_dataset; make_demo_dataset(sys.argv[1], 6, 0)"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(root)],
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    assert sorted(p.name for p in (root / "train").iterdir()) == sorted(
+        f"{c}.{i}.jpg" for c in ("cat", "dog") for i in range(6)
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["demo-data"]  # no temporary folder left
+
+
+def test_the_sync_command_uploads_every_attempt_of_a_run_into_its_one_wandb_run(tmp_path):
+    from towers.sweep_report import sync_command
+
+    path = write_sweep(tmp_path, {"seed_everything": {"values": [0, 1]}})
+    sweep = agent_mod.Sweep(path, tmp_path / "out")
+    with sweep.locked():
+        one, old = sweep.new_run({"seed_everything": 0}), sweep.new_run({"seed_everything": 1})
+        folders = [f"w/offline-run-2026120{k}_000000-{one['wandb_id']}" for k in (1, 2)]
+        one["attempts"] = [{"wandb_dir": f} for f in folders]  # killed once, resumed: one id
+        one["wandb_dir"] = folders[-1]
+        old.pop("wandb_id")  # a state from before the runs had one id: their attempts had two
+        old["attempts"] = [{"wandb_dir": "w/offline-run-1-aaaa"}, {"wandb_dir": "w/offline-run-2-bbbb"}]
+        old["wandb_dir"] = "w/offline-run-2-bbbb"
+    assert sync_command(sweep).splitlines()[-1].split()[2:] == [*folders, "w/offline-run-2-bbbb"]

@@ -46,7 +46,9 @@ def tiny(demo_root, out, *extra):
 
 
 def run_train(args, **kwargs):
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(ROOT))
+    # the repository first; an outer PYTHONPATH kept after it (.ci/run puts the oldest Lightning there)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=path)
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=ROOT,

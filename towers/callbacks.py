@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from towers import records
 from towers.color import Bisection, unit_axis
 from towers.figures import kernel_grid, png_bytes, score_plot, write_png
-from towers.files import atomic_path
+from towers.files import append_jsonl, atomic_path
 from towers.measure import floats, measure, summary_line
 from towers.runs import run_dir
 
@@ -162,8 +162,16 @@ class KernelBisectionCallback(Callback):
             self._measure(trainer, pl_module, "interval")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        if trainer.is_global_zero:
+            self._measure_end(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A fit resumed from a checkpoint at its very end trains nothing, and Lightning then skips
+        # on_train_end: the final weights are measured here, so every finished run has its verdict.
+        if trainer.is_global_zero and self._fit_seconds is None and self._dir is not None:
+            self._measure_end(trainer, pl_module)
+
+    def _measure_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._measured(trainer.global_step):  # the weights were measured at this very step
             self.last_record = dict(self.last_record, stage="end")
         else:
@@ -251,8 +259,7 @@ class KernelBisectionCallback(Callback):
             self.init_record = record
         self.last_record = record
         self._write_json()
-        with open(self._dir / records.HISTORY_FILE, "a") as f:
-            f.write(records.history_line(record))
+        append_jsonl(self._dir / records.HISTORY_FILE, records.as_record(record).to_dict())  # a whole line or nothing
         self._log(trainer, record, images)
         self._cost += time.perf_counter() - start
 

@@ -29,3 +29,12 @@ class DamagedCheckpoint(UserError, ValueError):
 
 class Diverged(RuntimeError):
     """The training loss or the weights became NaN or infinite; train.py exits with status 3."""
+
+
+class Interrupted(Exception):
+    """The run was stopped by a signal (SIGUSR1 outside SLURM) after saving a resumable checkpoint;
+    train.py exits with ``128 + signum`` (the status a shell gives a process the signal ended)."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or f"stopped by signal {signum}")
+        self.signum = signum

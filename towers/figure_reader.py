@@ -2,15 +2,19 @@
 
 Pure NumPy and Pillow (no Lightning), so a figure is judged by the same :mod:`towers.verdict` as a checkpoint:
 
-    read = read_figure("figure3.png", towers=2)        # or grid=(8, 12) when the lines cannot be found
+    read = read_figure("figure3.png", towers=2)        # or grid=(8, 12) when the lines cannot be found, order="kernels"
     read.kernels                                       # (towers, kernels per tower, 3, 11, 11), RGB
     read.info()                                        # how it was read (grid, cell size, offset), JSON-able
 
-What a grid picture is taken to be: cells of one size on a rectangular grid, kernel after kernel row by
-row (left to right, top to bottom), separated by lines of one colour (dark lines, white padding, a
-wider gap between tower blocks); rows belong to the towers top to bottom, the same number of rows each.
-Blank cells (separator colour, no content; ``kernel_grid`` fills a tower's last row with them) are
-dropped. Crop captions and labels away first.
+What a grid picture is taken to be: cells of one size on a rectangular grid, separated by lines of one
+colour (dark lines, white padding, a wider gap between tower blocks), possibly inside a larger picture
+(a page, a slide: :func:`find_grid` finds the grid and the notes say what was cropped). Blank cells
+(separator colour, no content: ``kernel_grid`` fills a tower's last row with them, ``vis_square`` the end of
+its square) are dropped. The towers get the cells by rows (each tower an equal block of rows, top to
+bottom: the paper's Figure 3) or in kernel order (the non-blank cells left to right, top to bottom, in equal
+runs: Caffe's ``vis_square``); ``order`` chooses, and without it the only reading that gives equal towers is
+used and stated (:func:`_choose_order`). Cells smaller than :func:`minimum_cell` are refused with the size
+needed: below it the scores are no longer read within 0.05 (BENCHMARKS.md, "Reading figures: size").
 
 1. **Cells.** The picture's uniform outer margin is trimmed. The separator colour is the median level
    of the interior rows and columns that are uniform (low luminance spread; if none is, the 3% least
@@ -61,6 +65,7 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 OFFSET_MODES = ("auto", "kernel", "global")
+ORDERS = ("rows", "kernels")
 
 # Detection constants, mostly in units of the picture's own spread (none fitted to any one figure):
 UNIFORM = 0.3  # a row is uniform when its luminance spread is under this fraction of the median row's
@@ -73,6 +78,17 @@ SLIVER = 0.4  # a run shorter than this fraction of the median cell is no cell
 IRREGULAR = 4 / 3  # cells may differ in size by this factor at most
 STRETCH_REACH, STRETCH_SHARE = 0.15, 0.9  # per-kernel stretch: this share of the cells reaches within this of both ends
 BLANK_RANGE, BLANK_LEVEL = 0.03, 0.1  # a blank cell: flat, at the separator colour
+MAX_PICTURE_PIXELS = 30_000_000  # read as float64 RGB: 720 MB; a figure, even a page at 600 dpi, is smaller
+PAGE_CONTRAST = 0.12  # content differs from the page colour by more than this (30 of 255 levels; JPEG noise is under)
+GRID_SHARE = 0.5  # one connected piece covering this share of all content's box is the grid (lines join it)
+PAGE_MARGIN = 4  # a page has a margin of at least this many pixels on some side; a frame line is thinner
+# Picture pixels per kernel pixel below which a cell is refused (measured with tests/figure_layouts.py's
+# paper-style figure from 1x down to 0.25x, BENCHMARKS.md "Reading figures: size"): with full colour resolution
+# the error stays within 0.036 down to 13-px cells; 2 px a kernel pixel keeps a blurred 1-2 px separating line
+# off all but a kernel's edge pixels. A JPEG's 4:2:0 colour (one chroma sample per 2x2 pixels, quantised in
+# 16x16 blocks at quality 75) takes fine colour detail away: at 5-6 px a kernel pixel the error reached
+# 0.048-0.058, at 7 and more it stayed at or under 0.046.
+MIN_PX_PER_KERNEL_PX = {"full": 2.0, "subsampled": 7.0}
 
 
 class FigureError(ValueError):
@@ -90,6 +106,7 @@ class FigureKernels:
     offset: str  # "kernel" or "global": the offset that was removed
     offset_value: float | None  # the global offset (luminance in [0, 1]); None per kernel
     chroma: tuple  # the JPEG chroma subsampling (h, v) the luma was matched to; (1, 1): none
+    order: str = "rows"  # how the cells went to the towers: "rows" (blocks of rows) or "kernels" (reading order)
     notes: list = field(default_factory=list)  # what a reader should know (small cells, blocks not matching the towers)
 
     def info(self) -> dict:
@@ -105,6 +122,7 @@ class FigureKernels:
             "offset": self.offset,
             "offset_value": self.offset_value,
             "chroma_subsampling": list(self.chroma),
+            "order": self.order,
             "notes": list(self.notes),
         }
 
@@ -115,7 +133,12 @@ def load_image(path) -> tuple[np.ndarray, tuple[int, int]]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only
+            if im.width * im.height > MAX_PICTURE_PIXELS:
+                raise FigureError(
+                    f"{path}: {im.width}x{im.height} pixels, more than the {MAX_PICTURE_PIXELS // 10**6} million this "
+                    f"reads (a decompression bomb, or a page scanned very finely): crop it to the figure or scale it down"
+                )
             im.load()
             chroma = (1, 1)
             layers = getattr(im, "layer", None)  # JPEG: (component id, h, v, table) per component
@@ -126,6 +149,8 @@ def load_image(path) -> tuple[np.ndarray, tuple[int, int]]:
                 canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(canvas, rgba)
             return np.asarray(im.convert("RGB"), dtype=np.float64) / 255, chroma
+    except Image.DecompressionBombError as e:  # past twice Pillow's own limit: refused while opening
+        raise FigureError(f"{path}: {e}; crop it to the figure or scale it down") from None
     except (UnidentifiedImageError, OSError) as e:
         raise FigureError(f"{path}: cannot be read as a picture ({e})") from None
 
@@ -201,7 +226,11 @@ def _separator_level(lum: np.ndarray) -> float:
     uniform = spreads < UNIFORM * np.median(spreads)
     if not uniform.any():
         uniform = spreads <= np.quantile(spreads, 0.03)
-    return float(np.median(levels[uniform]))
+    # Rows along the cells' edges can be as uniform as the lines: the kernels' zero background. The lines
+    # are the candidates farthest from the picture's typical level (that background), dark or light.
+    away = np.abs(levels - np.median(lum))
+    far = uniform & (away >= 0.5 * away[uniform].max())
+    return float(np.median(levels[far]))
 
 
 def _split(band: tuple[int, int], parts: int) -> list[tuple[int, int]]:
@@ -290,8 +319,9 @@ def resample(image: np.ndarray, rows: list, cols: list, size: int) -> np.ndarray
     """(rows, cols, 3, size, size): every cell averaged onto size x size pixels."""
     wr = _area_weights(rows, size, image.shape[0])
     wc = _area_weights(cols, size, image.shape[1])
-    by_rows = np.einsum("rih,hwc->riwc", wr, image)
-    return np.einsum("riwc,sjw->rscij", by_rows, wc)
+    by_rows = np.tensordot(wr, image, axes=(2, 0))  # (rows, size, W, 3); tensordot: BLAS, not einsum's loops
+    by_both = np.tensordot(by_rows, wc, axes=(2, 2))  # (rows, size, 3, cols, size)
+    return by_both.transpose(0, 3, 2, 1, 4)
 
 
 def per_kernel_stretch(cells: np.ndarray) -> bool:
@@ -315,6 +345,116 @@ def remove_offset(cells: np.ndarray, offset: str = "auto") -> tuple[np.ndarray, 
     return cells - level, offset, level
 
 
+def find_grid(image: np.ndarray) -> tuple[tuple[slice, slice], str | None]:
+    """The box of the kernel grid inside a larger picture (a page, a slide, a plot with a title), and a
+    note saying what was cropped away (None when nothing but an empty margin was).
+
+    The page is the colour of the picture's border; everything else that differs from it by more than
+    PAGE_CONTRAST is content, in connected pieces. A grid drawn with separating lines (the paper's, shownet's)
+    is one piece, larger than any text: when one piece covers GRID_SHARE of the content's box, or more than
+    all other pieces together (a slide with a logo, a page of text), it is the grid. A grid whose cells are
+    separated by the page colour (Caffe's ``vis_square``, matplotlib subplots, ``kernel_grid``) is many
+    pieces of about one size: the grid is the box around the pieces of at least a quarter of a cell's area
+    (text glyphs and labels are smaller). A picture whose border is not one colour, or whose border colour
+    is only a frame line (under PAGE_MARGIN pixels on every side), is no page: nothing is cropped."""
+    from scipy import ndimage
+
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    page = np.median(border, 0)
+    content = np.abs(image - page).max(2) > PAGE_CONTRAST
+    whole_picture = (slice(0, image.shape[0]), slice(0, image.shape[1])), None
+    if np.mean(np.abs(border - page).max(1) > PAGE_CONTRAST) > 0.1:  # no page around it: the grid fills the picture
+        return whole_picture
+    rows, cols = content.any(1), content.any(0)
+    margins = [np.argmax(rows), np.argmax(cols), np.argmax(rows[::-1]), np.argmax(cols[::-1])]
+    if max(margins) < PAGE_MARGIN:  # a frame line around the grid (the paper's), not a page
+        return whole_picture
+    if not content.any():
+        raise FigureError("the picture is uniform: no kernels in it")
+    labels, count = ndimage.label(content, structure=np.ones((3, 3)))
+    boxes = np.array([[s[0].start, s[0].stop, s[1].start, s[1].stop] for s in ndimage.find_objects(labels)])
+    h, w = boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]
+    area = h * w
+    whole = [boxes[:, 0].min(), boxes[:, 1].max(), boxes[:, 2].min(), boxes[:, 3].max()]
+    largest = int(np.argmax(area))
+    if area[largest] >= min(GRID_SHARE * (whole[1] - whole[0]) * (whole[3] - whole[2]), area.sum() - area[largest]):
+        chosen = boxes[largest : largest + 1]
+    else:
+        cell = np.median(area[area >= 0.25 * area.max()])  # a cell, or a few cells joined by a blurred line
+        chosen = boxes[area >= 0.25 * cell]
+    y0, y1, x0, x1 = chosen[:, 0].min(), chosen[:, 1].max(), chosen[:, 2].min(), chosen[:, 3].max()
+    outside = content.copy()
+    outside[y0:y1, x0:x1] = False
+    note = None
+    if outside.sum() > 0.001 * content.sum():
+        note = (
+            f"found the kernel grid at rows {y0}-{y1}, columns {x0}-{x1} of the {image.shape[0]}x{image.shape[1]} "
+            f"picture and cropped the rest away ({100 * outside.sum() / content.sum():.0f}% of the non-background "
+            f"pixels: text, labels, axes); crop by hand if that is not the grid"
+        )
+    return (slice(int(y0), int(y1)), slice(int(x0), int(x1))), note
+
+
+def minimum_cell(size: int, chroma: tuple[int, int]) -> int:
+    """The smallest cell (picture pixels a side) read within 0.05 of the kernels' scores: MIN_PX_PER_KERNEL_PX
+    picture pixels per kernel pixel, more where the picture's colour was subsampled (a JPEG's 4:2:0)."""
+    per_pixel = MIN_PX_PER_KERNEL_PX["subsampled" if tuple(chroma) != (1, 1) else "full"]
+    return int(np.ceil(per_pixel * size))
+
+
+def _tower_readings(blank: np.ndarray, towers: int) -> dict:
+    """{order: (R, C) tower index of every cell, -1 for blank cells} for every order in which the cells can go
+    to ``towers`` towers equally (at least 2 kernels each): "rows" (blocks of rows, top to bottom) and
+    "kernels" (the non-blank cells in reading order, left to right, top to bottom, in equal runs)."""
+    rows, cols = blank.shape
+    readings = {}
+    if rows % towers == 0:
+        tower = np.repeat(np.arange(towers), rows // towers)[:, None].repeat(cols, 1)
+        counts = np.bincount(tower[~blank], minlength=towers)
+        if len(set(counts.tolist())) == 1 and counts[0] >= 2:
+            readings["rows"] = np.where(blank, -1, tower)
+    kept = int((~blank).sum())
+    if kept % towers == 0 and kept // towers >= 2:
+        tower = np.full(blank.shape, -1)
+        tower[~blank] = np.arange(kept) // (kept // towers)
+        readings["kernels"] = tower
+    return readings
+
+
+def _choose_order(readings: dict, order: str | None, blocks: list, rows: int, cols: int, kept: int, towers: int):
+    """The order used and a note saying why (or a FigureError saying what to give)."""
+    shape = f"{rows}x{cols} cells holding {kept} kernels"
+    if order is not None:
+        if order not in ORDERS:
+            raise FigureError(f"order {order!r}: expected rows or kernels")
+        if order not in readings:
+            other = [o for o in readings if o != order]
+            hint = f"; --order {other[0]} can" if other else "; check the grid found (--grid ROWSxCOLS) or crop"
+            raise FigureError(f"found {shape}: they cannot go to {towers} towers equally by --order {order}{hint}")
+        return order, f"towers by --order {order} (given)"
+    if not readings:
+        raise FigureError(
+            f"found {shape}, which go to {towers} towers equally neither by rows nor in kernel order: if that "
+            f"grid is wrong, give --grid ROWSxCOLS or crop the picture to the kernels"
+        )
+    if len(readings) == 2:
+        if np.array_equal(readings["rows"], readings["kernels"]):
+            return "rows", f"towers by rows = by kernel order ({shape}: both readings agree)"
+        if len(blocks) == towers and len(set(blocks)) == 1:
+            return (
+                "rows",
+                f"towers by rows: the picture's {towers} blocks of rows ({shape}); --order kernels reads otherwise",
+            )
+        raise FigureError(
+            f"found {shape}: by rows and in kernel order they go to the towers differently; give --order rows "
+            f"(each tower a block of rows, as in the paper) or --order kernels (kernels in reading order, as "
+            f"Caffe's vis_square draws them)"
+        )
+    (only,) = readings
+    other = "kernels" if only == "rows" else "rows"
+    return only, f"towers by {only}: the only reading of {shape} ({other} would not give {towers} equal towers)"
+
+
 def read_figure(
     picture,
     towers: int,
@@ -322,11 +462,17 @@ def read_figure(
     size: int = 11,
     offset: str = "auto",
     chroma: tuple[int, int] | None = None,
+    order: str | None = None,
+    crop: bool = True,
+    refuse_small: bool = True,
 ) -> FigureKernels:
     """Kernels (towers, n, 3, size, size) from a picture of a kernel grid (a path or an (H, W, 3) array
-    in [0, 1]); rows go to the towers top to bottom, equally. ``chroma``: the chroma subsampling of the
-    JPEG the picture was (h, v), e.g. (2, 2) for 4:2:0; None: read from the file (a JPEG's own), or
-    (1, 1) for an array. See the module docstring."""
+    in [0, 1]). ``order``: how cells go to the towers, "rows" (blocks of rows, top to bottom) or "kernels"
+    (reading order); None: the only one possible, stated in ``notes``. ``chroma``: the chroma subsampling
+    of the JPEG the picture was (h, v), e.g. (2, 2) for 4:2:0; None: read from the file (a JPEG's own), or
+    (1, 1) for an array. ``crop``: find the grid inside a larger picture first (:func:`find_grid`).
+    ``refuse_small``: refuse cells under :func:`minimum_cell` (False: read them, with a note; to measure).
+    See the module docstring."""
     if isinstance(picture, (str, Path)):
         image, own = load_image(picture)
         chroma = chroma or own
@@ -338,6 +484,11 @@ def read_figure(
     if towers < 1 or size < 1:
         raise FigureError(f"towers ({towers}) and the kernel size ({size}) must be positive")
     notes = []
+    if crop:
+        box, note = find_grid(image)
+        image = image[box]
+        if note:
+            notes.append(note)
     lum = image.mean(2)  # luminance: the projection on the grey axis (1, 1, 1)/sqrt(3), up to a factor
     box = _trim(lum)
     lum = lum[box]
@@ -348,20 +499,19 @@ def read_figure(
         rows = row_cores = _split((-box[0].start, image.shape[0] - box[0].start), grid[0])
     if cols is None:
         cols = col_cores = _split((-box[1].start, image.shape[1] - box[1].start), grid[1])
-    if len(rows) % towers:
-        raise FigureError(
-            f"found {len(rows)} rows of cells, which cannot go to {towers} towers equally; "
-            f"give --grid ROWSxCOLS if that count is wrong"
-        )
     blocks = _blocks(rows)
-    if len(blocks) > 1 and blocks != [len(rows) // towers] * towers:
-        notes.append(
-            f"the picture's blocks of rows ({'+'.join(map(str, blocks))}) do not match {towers} "
-            f"towers; rows were given to the towers equally, top to bottom"
+    cell_px = min(np.median([b - a for a, b in rows]), np.median([b - a for a, b in cols]))
+    smallest = minimum_cell(size, chroma)
+    if cell_px < smallest and not refuse_small:
+        notes.append(f"cells of {cell_px:g} px are under the {smallest} px at which scores read within 0.05")
+    elif cell_px < smallest:
+        raise FigureError(
+            f"the cells are {cell_px:g} px, smaller than the {smallest} px at which {size}x{size} kernels read "
+            f"within 0.05 of their scores ({MIN_PX_PER_KERNEL_PX['subsampled' if chroma != (1, 1) else 'full']:g} "
+            f"px a kernel pixel{', colour subsampled as in a JPEG' if chroma != (1, 1) else ''}): use a copy at "
+            f"least {smallest / cell_px:.2f} times larger (from the PDF at a higher resolution"
+            f"{', saved as PNG' if chroma != (1, 1) else ''})"
         )
-    smallest = min(min(b - a for a, b in rows), min(b - a for a, b in cols))
-    if smallest < size:
-        notes.append(f"cells of {smallest} px are smaller than the {size}x{size} kernels: pixels are repeated")
 
     rows, row_cores, cols, col_cores = (
         [(a + box[i].start, b + box[i].start) for a, b in x]  # in the whole picture
@@ -373,17 +523,20 @@ def read_figure(
     image = image[_nearest(row_cores, image.shape[0])][:, _nearest(col_cores, image.shape[1])]
     image = match_chroma_resolution(image, chroma)
     cells = resample(image, rows, cols, size)  # (R, C, 3, size, size)
-    per_tower = cells.reshape(towers, -1, 3, size, size)
-    flat = per_tower.reshape(*per_tower.shape[:2], -1)
+    flat = cells.reshape(*cells.shape[:2], -1)
     blank = (np.ptp(flat, 2) < BLANK_RANGE) & (np.abs(flat.mean(2) - level) < BLANK_LEVEL)
-    kept = (~blank).sum(1)
-    if len(set(kept.tolist())) != 1 or kept[0] < 2:
-        raise FigureError(
-            f"the towers hold {', '.join(map(str, kept))} non-blank cells: they must hold the "
-            f"same number, at least 2 (is --towers right?)"
+    readings = _tower_readings(blank, towers)
+    used, why = _choose_order(readings, order, blocks, len(rows), len(cols), int((~blank).sum()), towers)
+    notes.append(why)
+    tower = readings[used]
+    if used == "rows" and len(blocks) > 1 and blocks != [len(rows) // towers] * towers:
+        notes.append(
+            f"the picture's blocks of rows ({'+'.join(map(str, blocks))}) do not match {towers} "
+            f"towers; rows were given to the towers equally, top to bottom"
         )
-    kernels = per_tower[~blank].reshape(towers, int(kept[0]), 3, size, size)
-    kernels, mode, value = remove_offset(kernels.reshape(-1, 3, size, size), offset)
+    picked = cells[~blank]  # reading order
+    kernels = picked[np.argsort(tower[~blank], kind="stable")]
+    kernels, mode, value = remove_offset(kernels, offset)
     if mode == "kernel":
         notes.append(
             "offset removed per kernel (each kernel stretched to its own range): no kernel can be "
@@ -399,5 +552,6 @@ def read_figure(
         offset=mode,
         offset_value=value,
         chroma=chroma,
+        order=used,
         notes=notes,
     )

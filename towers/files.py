@@ -59,16 +59,54 @@ def shown_path(path) -> str:
     return text.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def read_jsonl(path) -> list[dict]:
-    """The records of a JSON-lines file that is appended to; a last line cut short by a killed
-    process is dropped with a warning, a bad line anywhere else is an error."""
-    records = []
-    lines = Path(path).read_text().splitlines()
+def append_jsonl(path, record: dict) -> None:
+    """Append ``record`` to a JSON-lines file as one whole line, in one write, flushed to the disk.
+
+    A line left cut short by a process killed while appending (no newline at the end of the file)
+    is ended first, so the new record starts a line of its own and the reader skips only the cut one
+    (:func:`read_jsonl`) instead of reading the two run together as one broken line.
+    """
+    line = (json.dumps(record, allow_nan=False) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        view = memoryview(line)
+        while view:  # one write for a regular file; the loop only if the system splits it
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def scan_jsonl(path) -> tuple[list[dict], list[str]]:
+    """The records of a JSON-lines file, and what was skipped: one ``line N (why)`` per line that is
+    not a whole JSON object (cut short by a killed process, or damaged). Empty lines are ignored."""
+    records, broken = [], []
+    lines = Path(path).read_bytes().split(b"\n")
     for i, line in enumerate(lines):
+        if not line.strip():
+            continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
-            warnings.warn(f"{path}: dropping the last line, cut short ({len(line)} characters)", stacklevel=2)
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:  # the last piece has no newline after it: a write that did not finish
+            broken.append(f"line {i + 1} ({'cut short' if i == len(lines) - 1 else 'not a JSON object'})")
+    return records, broken
+
+
+def read_jsonl(path) -> list[dict]:
+    """The records of a JSON-lines file that is appended to (:func:`append_jsonl`). A line that is not
+    a whole record is skipped, and the lines skipped are counted and named in one warning, so one
+    line cut by a killed process costs that line, not the file."""
+    records, broken = scan_jsonl(path)
+    if broken:
+        warnings.warn(
+            f"{shown_path(path)}: skipped {len(broken)} broken line{'s' * (len(broken) > 1)}: {', '.join(broken)}",
+            stacklevel=2,
+        )
     return records

@@ -2,7 +2,7 @@
 
 Every run of ``train.py`` writes ``status.json`` into its own folder (:func:`run_dir`)::
 
-    {"status": "running" | "finished" | "diverged" | "failed" | "interrupted",
+    {"status": "running" | "finished" | "diverged" | "failed" | "interrupted" | "requeued",
      "step": 1200, "epoch": 3, "message": "...",
      "precision": "bf16-mixed", "world_size": 1,                          # trainer.precision, processes
      "history": [{"epoch": 0, "step": 300, "val/acc": 0.61, ...}, ...],   # one entry per validation
@@ -11,6 +11,10 @@ Every run of ``train.py`` writes ``status.json`` into its own folder (:func:`run
 The sweep agent (``towers/sweep.py``) reads it to learn a run's metrics (for the table, bayes search
 and hyperband stopping) and how it ended; ``train.py`` exits with :data:`EXIT_DIVERGED` when the
 training loss became NaN or infinite. The file names and :data:`EXIT_DIVERGED` are :mod:`towers.records`'.
+
+SIGTERM and SIGUSR1 (:class:`RunStatus`): the run saves a resumable checkpoint, ``status.json`` says
+``interrupted`` (or ``requeued`` when Lightning's SLURM auto-requeue took the SIGUSR1), and train.py
+exits with ``128 + signum``. Which checkpoint a run resumes, and its W&B id: :mod:`towers.resume`.
 """
 
 import errno
@@ -19,6 +23,8 @@ import logging
 import math
 import os
 import pickle
+import signal
+import threading
 import zipfile
 from pathlib import Path
 
@@ -31,7 +37,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from towers.conditions import condition, condition_id
-from towers.errors import DamagedCheckpoint, Diverged
+from towers.errors import DamagedCheckpoint, Diverged, Interrupted
 from towers.files import atomic_path, write_atomic
 from towers.records import (  # noqa: F401  EXIT_DIVERGED and the checkpoint finders: Lightning-free, used from here by train.py
     EXIT_DIVERGED,
@@ -41,6 +47,13 @@ from towers.records import (  # noqa: F401  EXIT_DIVERGED and the checkpoint fin
     first_line,
     newest_last_checkpoint,
     newest_loadable_checkpoint,
+)
+from towers.resume import (  # noqa: F401  wandb_run_id: the one place a resumed run's W&B id comes from
+    CHECKPOINT_KEY,
+    HPC_CHECKPOINTS,
+    INTERRUPTED_CHECKPOINT,
+    slurm_job,
+    wandb_run_id,
 )
 
 log = logging.getLogger(__name__)
@@ -175,12 +188,27 @@ class RunStatus(Callback):
     runs ModelCheckpoint callbacks after all others) the flag and the weights are checked, and a
     diverged run switches its ModelCheckpoints off, so ``last.ckpt`` and ``best-*.ckpt`` keep the last
     finite weights. Any other save of non-finite weights is refused with :class:`towers.errors.Diverged`.
+
+    Pre-emption. Every checkpoint carries the run's identity (:data:`towers.resume.CHECKPOINT_KEY`:
+    ``seed``, which train.py sets, the W&B run id, the SLURM job). SIGTERM (Lightning stops the loop
+    with ``SIGTERMException``) and SIGUSR1 outside SLURM (here: the run stops after the current batch
+    with :class:`towers.errors.Interrupted`) save ``last-interrupted.ckpt`` beside the run's other
+    checkpoints and set ``interrupted``. Under SLURM with Lightning's auto-requeue, SIGUSR1 is
+    Lightning's: it saves ``hpc_ckpt_N.ckpt`` into ``default_root_dir``, which every run there shares,
+    and requeues the job; this callback moves that file into the run's own ``checkpoints/`` (so no
+    other run can resume it) and sets ``requeued``; the SIGTERM that follows saves nothing more when
+    the step has not changed.
     """
 
     def __init__(self, check_every_n_steps: int = 50):
         if check_every_n_steps < 1:
             raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.check_every_n_steps = check_every_n_steps
+        self.seed: int | None = None  # seed_everything, recorded in every checkpoint (train.py sets it)
+        self.resumable: Path | None = None  # the checkpoint saved when the run was stopped by a signal
+        self._stop_signal: int | None = None
+        self._previous_sigusr1 = None
+        self._hpc_step: int | None = None
         self.status = None
         self.message = ""
         self.history = []
@@ -209,6 +237,7 @@ class RunStatus(Callback):
         if stage != "fit":
             return
         self.status, self.message, self.history, self.summary = "running", "", [], None
+        self.resumable, self._stop_signal, self._hpc_step = None, None, None
         if trainer.is_global_zero:
             place_checkpoints(trainer)  # here because this callback is in every train.py run, before ModelCheckpoint
             self._path = run_dir(trainer) / STATUS_FILE
@@ -255,6 +284,9 @@ class RunStatus(Callback):
             not _finite_weights(pl_module), all=False
         ):
             self._refuse(trainer)
+        logger = trainer.logger
+        wandb_id = logger.version if isinstance(logger, WandbLogger) and trainer.is_global_zero else None
+        checkpoint[CHECKPOINT_KEY] = {"seed": self.seed, "wandb_id": wandb_id, "slurm_job": slurm_job()}
 
     def _refuse(self, trainer: Trainer) -> None:
         if self.status != "diverged":
@@ -301,16 +333,96 @@ class RunStatus(Callback):
         self.summary.update({k: v for k, v in _scalars(trainer.callback_metrics).items() if k.startswith("test/")})
         self._write(trainer, summary=self.summary)
 
+    # -- pre-emption: SIGTERM, SIGUSR1 ------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module):
+        # Lightning installs its signal handlers just before training starts (and restores the earlier
+        # ones at its teardown); SIGUSR1 is chained here, after Lightning's SLURM handler if it set one.
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
+            self._previous_sigusr1 = signal.getsignal(signal.SIGUSR1)
+            signal.signal(signal.SIGUSR1, lambda signum, frame: self._on_sigusr1(trainer, signum, frame))
+
+    def _on_sigusr1(self, trainer, signum, frame):
+        root = Path(trainer.default_root_dir)
+        before = set(root.glob(HPC_CHECKPOINTS))
+        if callable(self._previous_sigusr1):
+            self._previous_sigusr1(signum, frame)  # Lightning's SLURM handler: saves hpc_ckpt_N.ckpt, requeues
+        written = sorted(set(root.glob(HPC_CHECKPOINTS)) - before)
+        if not written:  # no SLURM requeue took it: stop after this batch, like SIGTERM
+            self._stop_signal = signum
+            return
+        self._hpc_step = trainer.global_step
+        if trainer.is_global_zero:
+            folder = _checkpoint_folder(trainer)
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in written:  # out of the shared root, so no other run's fresh fit resumes it
+                target = folder / path.name
+                while target.exists():
+                    target = target.with_name(f"{target.stem}-1{target.suffix}")
+                os.replace(path, target)
+                self.resumable = target
+            self.status = "requeued"
+            self.message = (
+                f"SLURM pre-emption (signal {signum}) at step {trainer.global_step}: Lightning saved "
+                f"{self.resumable} and requeued the job; it resumes with --ckpt_path last"
+            )
+            self._write(trainer)
+
+    def _stop_if_signalled(self, trainer):
+        if self._stop_signal is not None:
+            signum, self._stop_signal = self._stop_signal, None
+            raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} at step {trainer.global_step}")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._stop_if_signalled(trainer)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.state.fn == "fit":
+            self._stop_if_signalled(trainer)
+
+    def _save_resumable(self, trainer) -> None:
+        """A checkpoint to resume from, unless Lightning's SLURM handler saved one at this very step."""
+        if self._hpc_step == trainer.global_step:  # decided alike on every rank that got the signal
+            return
+        path = _checkpoint_folder(trainer) / INTERRUPTED_CHECKPOINT
+        trainer.save_checkpoint(path)
+        self.resumable = path
+
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, Diverged):
             return  # status.json already says diverged
-        interrupted = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
-        self.status = "interrupted" if interrupted else "failed"
-        self.message = f"{type(exception).__name__}: {exception}"
+        signalled = isinstance(exception, (SIGTERMException, Interrupted))
+        if signalled and trainer.state.fn == "fit":
+            try:
+                self._save_resumable(trainer)
+            except (OSError, RuntimeError, Diverged) as error:  # told in status.json; the signal still ends the run
+                log.error("could not save a checkpoint to resume from: %s", error)
+                self.resumable = None
+        interrupted = signalled or isinstance(exception, KeyboardInterrupt)
+        self.status = (
+            "requeued" if signalled and self.status == "requeued" else "interrupted" if interrupted else "failed"
+        )
+        if signalled:
+            name = "SIGTERM" if isinstance(exception, SIGTERMException) else signal.Signals(exception.signum).name
+            self.message = f"stopped by {name} at step {trainer.global_step}; " + (
+                f"resume with --ckpt_path last (it continues {self.resumable})"
+                if self.resumable
+                else "no checkpoint could be saved"
+            )
+            exception.towers_message = self.message  # train.py's one line
+        else:
+            self.message = f"{type(exception).__name__}: {exception}"
         try:
             self._write(trainer)
         except OSError as error:  # the disk that made the run fail may refuse status.json too
             log.error("could not record the failure in %s (%s); the failure: %s", self._path, error, self.message)
+
+
+def _checkpoint_folder(trainer: Trainer) -> Path:
+    """Where the run keeps its checkpoints: the first ModelCheckpoint's folder, else ``run_folder/checkpoints``."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and getattr(callback, "dirpath", None):
+        return Path(callback.dirpath)
+    return run_folder(trainer) / "checkpoints" if trainer.is_global_zero else Path(trainer.default_root_dir)
 
 
 def _finite_weights(pl_module) -> bool:

@@ -6,12 +6,11 @@ callbacks of its config say how many files a run keeps. For another program the 
 sweep's runs have written so far are measured.
 """
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
+from towers.sweep_program import parse_train_config
 from towers.sweep_state import SEED_KEYS, Sweep, render_command
 
 
@@ -20,37 +19,6 @@ def _size(n: float) -> str:
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-
-
-def _parse_train_config(program: Path, args: list):
-    """train.py's resolved config for these arguments, parsed by its own CLI without building anything."""
-    module = sys.modules.get("train")
-    if module is None or Path(getattr(module, "__file__", "")).resolve() != program.resolve():
-        spec = importlib.util.spec_from_file_location("_towers_sweep_program", program)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-
-    class ParseOnly(module.TowersCLI):
-        def before_instantiate_classes(self):  # no W&B login check, no run name
-            pass
-
-        def instantiate_classes(self):
-            pass
-
-        def _set_seed(self):
-            pass
-
-        def _run_subcommand(self, subcommand):
-            pass
-
-    argv, sys.argv = sys.argv, [str(program)]  # LightningCLI warns when args and sys.argv both have some
-    try:
-        cli = ParseOnly(
-            module.TowerClassifier, module.CatsDogsDataModule, args=args, save_config_callback=module.SaveRunConfig
-        )
-    finally:
-        sys.argv = argv
-    return module, cli.config[cli.config["subcommand"]]
 
 
 def train_checkpoint_bytes(config: dict, params: dict) -> tuple[int, int, int, int]:
@@ -65,7 +33,7 @@ def train_checkpoint_bytes(config: dict, params: dict) -> tuple[int, int, int, i
 
     command = render_command(config, params)
     at = command.index(config["program"])
-    module, cfg = _parse_train_config(Path(config["program"]), command[at + 1 :])
+    module, cfg = parse_train_config(Path(config["program"]), command[at + 1 :])
     model_args = {k: v for k, v in vars(cfg["model"]).items() if not k.startswith("_")}
     with torch.device("meta"):  # sizes only: no memory, no initialisation
         model = module.TowerClassifier(**model_args)

@@ -8,6 +8,11 @@ while its owner is alive (:func:`owner_alive`): on the same host the pid, with t
 (against pid reuse), must still run; on another host the heartbeat, which the owner refreshes while
 it runs, must be younger than STALE_SECONDS (the hosts' clocks must agree, as NTP keeps them).
 
+The state is checked whenever it is read: a file that is not JSON or not a sweep's state, or one that
+is missing or empty while ``OUT/runs`` holds run folders, stops the agent with one line
+(:class:`DamagedState`) that names the copy it keeps, ``OUT/sweep.json.bak`` (written before every
+save, so it holds the last good state), rather than start the sweep afresh and train its runs again.
+
 Also here: the sweep file as ``wandb sweep`` reads it and the command ``wandb agent`` renders from
 it, and how a run's results are read from its own files.
 """
@@ -25,10 +30,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import jsonschema
+import yaml
 from wandb.sdk.launch.sweeps import utils as sweep_utils
+from wandb.sdk.lib.runid import generate_id
 
 from towers import conditions, records
-from towers.files import write_atomic
+from towers.errors import UserError
+from towers.files import shown_path, write_atomic
 
 with warnings.catch_warnings():  # sweeps' pydantic models use a pydantic-1 config key; harmless
     warnings.simplefilter("ignore", UserWarning)
@@ -36,21 +44,51 @@ with warnings.catch_warnings():  # sweeps' pydantic models use a pydantic-1 conf
 
 STATE_FILE = records.SWEEP_FILE
 LOCK_FILE = records.SWEEP_LOCK_FILE
+BACKUP_SUFFIX = ".bak"  # OUT/sweep.json.bak: the state as it was saved last, to restore a damaged sweep.json from
+STATUSES = ("pending", "running", "interrupted", "finished", "failed", "diverged", "stopped")
 STALE_SECONDS = 120  # a run held by an agent on another host whose heartbeat is this old is taken over
 SEED_KEYS = ("seed_everything",)  # swept values that are not part of a run's condition (sweep_disk)
 HOST = socket.gethostname()
 
 
+class SweepFileError(UserError, ValueError):
+    """A sweep file that cannot be read or is not a W&B sweep config, or an output folder of another sweep."""
+
+
+class DamagedState(UserError):
+    """``OUT/sweep.json`` that is not a sweep's state (or is gone while its runs are there)."""
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
 # -- the sweep file ---------------------------------------------------------------------------------
 def load_sweep(path) -> dict:
-    """The sweep config as ``wandb sweep`` reads it, checked against W&B's schema."""
-    config = sweep_utils.load_sweep_config(str(path))
-    if config is None:
-        raise SystemExit(f"cannot read sweep file {path}")
+    """The sweep config as ``wandb sweep`` reads it (``yaml.safe_load``, as ``load_sweep_config`` does),
+    checked against W&B's schema; a file that cannot be read or checked is one :class:`SweepFileError`."""
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise SweepFileError(
+            f"cannot read the sweep file {shown_path(path)}: {getattr(err, 'strerror', err)}"
+        ) from None
+    except yaml.YAMLError as err:
+        raise SweepFileError(f"{shown_path(path)} is not YAML: {_one_line(err)}") from None
+    if not isinstance(config, dict) or not config:
+        raise SweepFileError(
+            f"{shown_path(path)} is not a W&B sweep config (a YAML mapping with method, parameters, ...)"
+        )
     try:
         sweeps.SweepConfig(config)
     except jsonschema.ValidationError as err:
-        raise SystemExit(f"{path} is not a valid W&B sweep config:\n{err.message}") from None
+        raise SweepFileError(f"{shown_path(path)} is not a valid W&B sweep config: {_one_line(err.message)}") from None
+    if not config.get("program"):
+        raise SweepFileError(f"{shown_path(path)} names no program: add e.g. `program: train.py`")
+    try:  # what the schema allows but the engine cannot run (a continuous parameter in a grid, `custom`)
+        next_params(config, [])
+    except ValueError as err:
+        raise SweepFileError(f"{shown_path(path)}: W&B's sweep engine cannot run it: {_one_line(err)}") from None
     return config
 
 
@@ -112,6 +150,49 @@ def condition(config: dict, params: dict) -> str:
 
 
 # -- state ------------------------------------------------------------------------------------------
+RUN_SCHEMA = {
+    "type": "object",
+    "required": ["name", "params", "status", "exit_code", "message", "log", "attempts", "history", "summary"],
+    "properties": {
+        "name": {"type": "string"},
+        "params": {"type": "object"},
+        "status": {"enum": list(STATUSES)},
+        "exit_code": {"type": ["integer", "null"]},
+        "message": {"type": "string"},
+        "log": {"type": ["string", "null"]},
+        "attempts": {"type": "array", "items": {"type": "object"}},
+        "owner": {"type": ["object", "null"], "required": ["host", "pid", "start", "heartbeat"]},
+        "history": {"type": "array", "items": {"type": "object"}},
+        "summary": {"type": "object"},
+        "wandb_id": {"type": "string"},
+    },
+}
+STATE_SCHEMA = {  # what the agent reads from sweep.json; other keys are kept as they are
+    "type": "object",
+    "required": ["sweep", "name", "runs"],
+    "properties": {
+        "sweep": {"type": "object"},
+        "name": {"type": "string"},
+        "shards": {"type": "integer", "minimum": 1},
+        "runs": {"type": "array", "items": RUN_SCHEMA},
+    },
+}
+
+
+def state_problem(text: bytes) -> str | None:
+    """What is wrong with the bytes of a ``sweep.json`` (None: a sweep's state), in a few words."""
+    try:
+        state = json.loads(text)
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+        return f"is not JSON ({_one_line(err)})"
+    error = jsonschema.exceptions.best_match(jsonschema.Draft7Validator(STATE_SCHEMA).iter_errors(state))
+    if error is None:
+        return None
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    message = _one_line(error.message)
+    return f"is not a sweep's state ({'state' + where + ': ' if where else ''}{message[:200]})"
+
+
 class Sweep:
     """The sweep's state file and the runs in it.
 
@@ -119,10 +200,11 @@ class Sweep:
     writes it back when the block ends; run dicts from before the block are stale inside it.
     """
 
-    def __init__(self, sweep_file: Path, out: Path):
+    def __init__(self, sweep_file: Path, out: Path, config: dict | None = None):
         self.out = out
         self.path = out / STATE_FILE
-        self.config = load_sweep(sweep_file)
+        self.backup = out / (STATE_FILE + BACKUP_SUFFIX)
+        self.config = load_sweep(sweep_file) if config is None else config
         self.state = None
         self._depth = 0
         out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +218,7 @@ class Sweep:
                     "runs": [],
                 }
             elif self.state["sweep"] != self.config:
-                raise SystemExit(
+                raise SweepFileError(
                     f"{self.path} belongs to a different sweep config than {sweep_file}; "
                     f"give another --out, or remove {out} to start this sweep afresh"
                 )
@@ -159,7 +241,7 @@ class Sweep:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
             self._depth = 1
             try:
-                text = self.path.read_text() if self.path.exists() else None
+                text = self._read()
                 self.state = json.loads(text) if text else None
                 yield self.state
                 if self.state is not None and json.dumps(self.state, indent=1) != text:
@@ -175,7 +257,53 @@ class Sweep:
         return next(r for r in self.runs if r["name"] == name)
 
     def save(self) -> None:
-        write_atomic(self.path, json.dumps(self.state, indent=1))
+        text = json.dumps(self.state, indent=1)
+        write_atomic(self.backup, text)  # both whole: whichever of the two survives holds this state
+        write_atomic(self.path, text)
+
+    def run_folders(self) -> list[Path]:
+        runs = self.out / "runs"
+        return sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+
+    def _read(self) -> str | None:
+        """The state file's text; None for a new sweep. A damaged one stops the agent: :class:`DamagedState`."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            data = None
+        if data:
+            problem = state_problem(data)
+            if problem is None:
+                return data.decode()
+        elif self.run_folders():  # a new sweep has no runs yet: these belong to a state that was lost
+            problem = (
+                f"is {'missing' if data is None else 'empty (0 bytes)'} while {self.out / 'runs'} holds "
+                f"{len(self.run_folders())} run folders, so this is not a new sweep"
+            )
+        else:
+            return None
+        raise DamagedState(
+            f"{shown_path(self.path)} {problem}; the agent stops so that no run is repeated. {self._restore()}"
+        )
+
+    def _restore(self) -> str:
+        """How to go on from a damaged state: the backup to copy back, if it is good."""
+        try:
+            data = self.backup.read_bytes()
+        except FileNotFoundError:
+            data = None
+        problem = "is missing" if data is None else state_problem(data) if data else "is empty"
+        if problem:
+            return (
+                f"Its copy {shown_path(self.backup)} {problem}, so there is nothing to restore: the runs' own "
+                f"files are in {shown_path(self.out / 'runs')}; start this sweep in another --out"
+            )
+        state = json.loads(data)
+        done = sum(r["status"] == "finished" for r in state["runs"])
+        return (
+            f"Its last good copy, {shown_path(self.backup)}, holds {len(state['runs'])} runs ({done} finished): "
+            f"`cp {shown_path(self.backup)} {shown_path(self.path)}` and start the agent again"
+        )
 
     def new_run(self, params: dict) -> dict:
         """A new pending run in ``self.state`` (the agent calls it under the lock; saved with the state)."""
@@ -192,6 +320,7 @@ class Sweep:
             "summary": {},
             "bisection": None,
             "wandb_dir": None,
+            "wandb_id": generate_id(),  # one W&B run for the grid point, however many attempts it takes
         }
         self.runs.append(run)
         return run

@@ -18,6 +18,7 @@ about 75% (``tests/test_known_answers.py`` checks this with linear probes on the
 the oriented gradient energy).
 """
 
+import errno
 import os
 import shutil
 import tempfile
@@ -74,8 +75,10 @@ def _umask() -> int:
 def make_demo_dataset(root: str | Path, images_per_class: int = 600, seed: int = 0) -> Path:
     """Write ``root/train/cat.N.jpg`` and ``root/train/dog.N.jpg``; the same seed gives the same bytes.
 
-    The images are written into a temporary folder next to ``root`` and moved into place at
-    the end, so an interrupted run never leaves a half-written dataset behind.
+    The images are written into a temporary folder of this call's own next to ``root`` and moved into
+    place at the end, so an interrupted run never leaves a half-written dataset behind. Processes
+    that generate it at once (sharded sweep agents on a fresh data folder) each write their own; the
+    first rename wins and the others, finding a complete ``root/train``, use it (same seed, same bytes).
     """
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +90,11 @@ def make_demo_dataset(root: str | Path, images_per_class: int = 600, seed: int =
         for i in tqdm(range(images_per_class), desc=f"demo dataset -> {root}", unit="pair"):
             for name in ("cat", "dog"):
                 Image.fromarray(demo_image(rng, name)).save(tmp / "train" / f"{name}.{i}.jpg", quality=90)
-        os.replace(tmp, root)
+        try:
+            os.replace(tmp, root)
+        except OSError as error:  # root is there and not empty: another process's rename came first
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (root / "train").is_dir():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root

@@ -266,7 +266,7 @@ class ImageFiles(Dataset):
 
 
 class ImageStore(Dataset):
-    """The fast path: rows of a pre-resized uint8 (N, 3, R, R) NumPy file, opened as a memmap."""
+    """The fast path: rows of the pre-resized store (:mod:`towers.data.shard_reader`), uint8 (3, R, R) each."""
 
     def __init__(self, path: Path, rows: list[int], labels: list[int]):
         self.path, self.rows, self.labels = path, rows, labels
@@ -277,7 +277,9 @@ class ImageStore(Dataset):
 
     def __getitem__(self, index: int):
         if self._array is None:  # opened lazily, so each loader worker maps the file itself
-            self._array = np.load(self.path, mmap_mode="r")
+            from towers.data.shard_reader import open_store  # the sharded store (raw or JPEG), sizes checked
+
+            self._array = open_store(self.path, verify=False)
         return torch.from_numpy(np.array(self._array[self.rows[index]])), self.labels[index], index
 
     def __getstate__(self):

@@ -1,10 +1,12 @@
 """What the data module knows about a dataset folder, each part cached on disk under ``cache_dir``:
 
-* :func:`index_images`: the layout's files, every file checked once (results kept in ``checks.json``
-  by size and modification time), unusable ones reported in ``bad_files.tsv`` and skipped; for the
-  fast path, every image decoded once into a pre-resized uint8 store (``store-R-<fingerprint>.npy``);
+* :func:`index_images`: the layout's files, every file checked once (results appended to the check
+  index ``checks.jsonl``, by size and modification time), unusable ones reported in ``bad_files.tsv``
+  and skipped; for the fast path, every image decoded once into the pre-resized store
+  (:mod:`towers.data.shards`: sharded, built in parallel, resumable, verified);
 * :func:`split_files`: test, validation and training images, by image, from ``split_seed`` alone;
-* :func:`training_statistics`: mean image, mean colour and RGB covariance of the training images.
+* :func:`training_statistics`: mean image, mean colour and RGB covariance of the training images
+  (with a SHA-256 of their values: a damaged file is computed again, never used).
 """
 
 import errno
@@ -23,8 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from towers.data.files import BadImage, find_images, link_problem, load_image
+from towers.data.shards import build_store, plan_store
 from towers.errors import BadOption, MissingData, NotWritable
-from towers.files import allocate, atomic_path, shown_path, write_atomic
+from towers.files import append_jsonl, atomic_path, scan_jsonl, shown_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ def _check_and_load(args: tuple[Path, int, bool]) -> tuple[np.ndarray | None, bo
         return pixels, True, note
     except BadImage as error:
         return None, False, str(error)
+    except Exception as error:  # any failure of one file (a decoder's own error) marks that file, with why
+        return None, False, f"cannot be decoded: {type(error).__name__}: {error}"
 
 
 def _check(args: tuple[Path, bool]) -> tuple[bool, str]:
@@ -72,9 +77,19 @@ class Index:
 
 
 def index_images(
-    root: Path, source: str, cache_dir: Path, resize_size: int, exif_transpose: bool, fast_path: bool, num_workers: int
+    root: Path,
+    source: str,
+    cache_dir: Path,
+    resize_size: int,
+    exif_transpose: bool,
+    fast_path: bool,
+    num_workers: int,
+    store_format: str = "raw",
+    jpeg_quality: int = 90,
+    shard_rows: int = 1024,
 ) -> Index:
-    """Find, check (cached), and for the fast path store the images of ``root``."""
+    """Find, check (cached), and for the fast path store the images of ``root``
+    (:func:`towers.data.shards.build_store`: ``store_format`` raw or jpeg, ``shard_rows`` images a shard)."""
     unused: list[tuple[Path, str]] = []  # files under the root that are not read, and why
     layout, base, found, classes = find_images(root, source, unused)
     files = []
@@ -101,34 +116,44 @@ def index_images(
     stamps = [(f, s.st_size, s.st_mtime_ns) for (f, _), s in zip(files, (p.stat() for p in paths))]
 
     # the notes (and pixels) depend on exif_transpose, so each setting keeps its own check results
-    checks_path = cache_dir / ("checks.json" if exif_transpose else "checks-exif-ignored.json")
-    checks = json.loads(checks_path.read_text()) if checks_path.is_file() else {}
+    checks_path = cache_dir / ("checks.jsonl" if exif_transpose else "checks-exif-ignored.jsonl")
+    checks = read_checks(checks_path)
     fresh = {f: checks[f] for f, size, mtime in stamps if checks.get(f, [None] * 2)[:2] == [size, mtime]}
 
-    fingerprint = hashlib.sha1(json.dumps([CACHE_VERSION, resize_size, exif_transpose, stamps]).encode()).hexdigest()[
-        :16
-    ]
-    store_path = cache_dir / f"store-{resize_size}-{fingerprint}.npy"
-    if fast_path and not store_path.is_file():
-        results = _build_store(store_path, paths, resize_size, exif_transpose, num_workers)
-    else:
-        todo = [i for i, (f, _, _) in enumerate(stamps) if f not in fresh]
-        results = dict(
-            zip(
-                todo,
-                (
-                    r
-                    for r in _imap(
-                        _check, [(paths[i], exif_transpose) for i in todo], num_workers, f"checking images in {base}"
-                    )
-                ),
-            )
+    if fast_path:
+        store_path, results = build_store(
+            cache_dir,
+            base,
+            stamps,
+            resize_size,
+            exif_transpose,
+            num_workers,
+            store_format,
+            jpeg_quality,
+            shard_rows,
+            CACHE_VERSION,
         )
-    if results:
-        for i, (usable, note) in results.items():
-            f, size, mtime = stamps[i]
-            fresh[f] = [size, mtime, usable, note]
-        write_atomic(checks_path, json.dumps(fresh))
+        new = [
+            [*stamp, *result] for stamp, result in zip(stamps, results) if fresh.get(stamp[0]) != [*stamp[1:], *result]
+        ]
+        append_checks(checks_path, new)
+    else:
+        # not built, but named by the files' stamps all the same: the statistics' cache key holds it
+        store_path = plan_store(
+            cache_dir, stamps, resize_size, exif_transpose, store_format, jpeg_quality, shard_rows, CACHE_VERSION
+        )[1]
+        todo = [i for i, (f, _, _) in enumerate(stamps) if f not in fresh]
+        checked = _imap(_check, [(paths[i], exif_transpose) for i in todo], num_workers, f"checking images in {base}")
+        new, batch = [], []
+        for i, (usable, note) in zip(todo, checked):  # appended every 4,096 files, so a killed check resumes
+            batch.append([*stamps[i], usable, note])
+            if len(batch) == 4096:
+                append_checks(checks_path, batch)
+                new, batch = new + batch, []
+        append_checks(checks_path, batch)
+        new += batch
+    fresh.update({f: entry for f, *entry in new})
+    compact_checks(checks_path, fresh, checks)
 
     notes = [(base / f, *fresh[f][2:]) for f, _ in files if not fresh[f][2] or fresh[f][3]]
     for f, _ in files:  # a name that is not valid UTF-8 is read, but said so
@@ -148,26 +173,50 @@ def index_images(
     )
 
 
-def _build_store(
-    store_path: Path, paths: list[Path], size: int, exif_transpose: bool, num_workers: int
-) -> dict[int, tuple[bool, str]]:
-    """Decode every file once into rows of a uint8 .npy memmap (unreadable files keep a zero row)."""
-    results = {}
-    for old in store_path.parent.glob(f"store-{size}-*.npy"):
-        old.unlink()  # a store of files that have since changed
-    with atomic_path(store_path) as tmp:
-        store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
-        allocate(tmp, shown=store_path)  # a full disk is an OSError here, not a SIGBUS when a row is written
-        loaded = _imap(
-            _check_and_load, [(p, size, exif_transpose) for p in paths], num_workers, f"building {store_path.name}"
-        )
-        for row, (pixels, usable, note) in enumerate(loaded):
-            if pixels is not None:
-                store[row] = pixels
-            results[row] = (usable, note)
-        store.flush()
-        del store
-    return results
+# ----------------------------------------------------------------------------- the check index
+
+
+def read_checks(path: Path) -> dict[str, list]:
+    """The check index: ``{file: [size, mtime_ns, usable, note]}`` from the appended lines of ``path``
+    (each ``{"checks": [[file, size, mtime_ns, usable, note], ...]}``, appended by
+    :func:`towers.files.append_jsonl`; later lines win). A line that does not parse (cut by a killed
+    process, or damaged) is skipped with one warning: its files are checked again."""
+    checks, entries = Checks(), 0
+    if not path.is_file():
+        return checks
+    records, broken = scan_jsonl(path)
+    broken = len(broken)
+    for record in records:
+        try:
+            for f, size, mtime, usable, note in record["checks"]:
+                checks[f] = [size, mtime, usable, note]
+                entries += 1
+        except (KeyError, ValueError, TypeError):
+            broken += 1
+    if broken:
+        log.warning("%s: %d damaged line(s) skipped; their files are checked again", path, broken)
+    checks.broken, checks.entries = broken, entries
+    return checks
+
+
+class Checks(dict):
+    """The check index as read, with ``broken``, how many of its lines did not parse, and ``entries``,
+    how many entries its lines hold (superseded ones included)."""
+
+    broken = entries = 0
+
+
+def append_checks(path: Path, entries: list[list]) -> None:
+    """``entries`` ([file, size, mtime_ns, usable, note] each) appended to the check index as one line."""
+    if entries:
+        append_jsonl(path, {"checks": entries})
+
+
+def compact_checks(path: Path, current: dict[str, list], read: Checks) -> None:
+    """Rewrite the check index as ``current`` alone (atomically) when, as ``read``, it had damaged lines
+    or held more than twice as many entries (files since changed or gone); otherwise leave it."""
+    if current and (read.broken or read.entries > 2 * len(current)):
+        write_atomic(path, json.dumps({"checks": [[f, *entry] for f, entry in sorted(current.items())]}) + "\n")
 
 
 def _report(path: Path, notes: list[tuple[Path, bool, str]], total: int) -> Path:
@@ -255,9 +304,8 @@ def training_statistics(
     """
     digest = hashlib.sha1(json.dumps([CACHE_VERSION, resize_size, *key]).encode()).hexdigest()[:16]
     path = cache_dir / f"stats-{digest}.pt"
-    if path.is_file():
-        stats = torch.load(path)
-    else:
+    stats = _load_statistics(path) if path.is_file() else None
+    if stats is None:
         size = resize_size
         pixel_sum = torch.zeros(3, size, size, dtype=torch.float64)
         outer_sum = torch.zeros(3, 3, dtype=torch.float64)
@@ -273,7 +321,7 @@ def training_statistics(
         covariance = outer_sum / (count * size * size) - torch.outer(channel_mean, channel_mean)
         stats = {"mean_image": mean_image.float(), "channel_mean": channel_mean.float(), "rgb_covariance": covariance}
         with atomic_path(path) as tmp:
-            torch.save(stats, tmp)
+            torch.save({**stats, "sha256": _statistics_digest(stats)}, tmp)
     covariance = stats["rgb_covariance"]
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
     return {
@@ -284,3 +332,27 @@ def training_statistics(
         "rgb_eigenvectors": eigenvectors.flip(1).float(),
         "input_channel_std": covariance.diagonal().sqrt().float() if divide_std else None,
     }
+
+
+STATISTICS = ("mean_image", "channel_mean", "rgb_covariance")
+
+
+def _statistics_digest(stats: dict) -> str:
+    digest = hashlib.sha256()
+    for name in STATISTICS:
+        digest.update(stats[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load_statistics(path: Path) -> dict | None:
+    """The cached statistics in ``path``, or None (with one warning) when the file is cut, zeroed, not
+    a statistics file, or its values do not match the SHA-256 stored with them: they are computed again."""
+    try:
+        stats = torch.load(path, weights_only=True)
+        if isinstance(stats, dict) and stats.get("sha256") == _statistics_digest(stats):
+            return stats
+        why = "its values do not match their SHA-256"
+    except Exception as error:  # a cut or zeroed zip, another file: whatever torch.load raises
+        why = f"cannot be read ({type(error).__name__})"
+    log.warning("%s: damaged cached statistics (%s); computing them again", path, why)
+    return None
