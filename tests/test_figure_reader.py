@@ -225,7 +225,8 @@ def test_analysis_script_reads_figures_and_several_inputs(tmp_path, capsys):
     assert [r["verdict"] for r in records] == [SPECIALISED, None, SPECIALISED, SPECIALISED]
     assert "cannot be read as a picture" in records[1]["error"]
     printed = capsys.readouterr().out
-    assert printed.count("Δf = 1.00") >= 6  # once under each table, once in the summary
+    assert printed.count("specialised: largely colour-agnostic: tower 1") >= 6  # under each table, in the summary
+    assert printed.count("Δf = 1.00") >= 6
     summary = printed[printed.rindex("summary") :].splitlines()[1:]
     assert [line.split()[0] for line in summary] == [str(p) for p in inputs]
     assert "no verdict: " in summary[1]
