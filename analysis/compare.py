@@ -50,36 +50,8 @@ from analysis.compare_figures import (
     render,
 )
 from analysis.compare_html import git_commit, report_html
-from analysis.compare_read import (  # noqa: F401
-    BISECTION_FILE,
-    CONDITION,
-    CONFIG_COLUMNS,
-    FIXED_COLUMNS,
-    Run,
-    collect_local,
-    collect_wandb,
-    flatten,
-    load_run_folder,
-    make_run,
-    measurement,
-    read_bisection,
-    read_config,
-    read_history,
-    read_reference,
-    read_status,
-    table_columns,
-    table_csv,
-)
-from analysis.compare_stats import (  # noqa: F401
-    clopper_pearson,
-    condition_line,
-    conditions,
-    dersimonian_laird,
-    every_run_bound,
-    median_interval,
-    summarize,
-    versus_control,
-)
+from analysis.compare_read import Run, collect_local, collect_wandb, read_reference, table_csv
+from analysis.compare_stats import condition_line, summarize
 from towers.files import write_atomic
 from towers.reference import write_paper_record
 
@@ -104,10 +76,10 @@ def write_report(
     chosen = choose_montage(runs, montage)
     figures = {
         "Δf against tower count": (
-            "One point per seed with its Newcombe 95% interval (filled: specialised); black square: median over "
-            "seeds with its 95% bootstrap interval; grey diamond: DerSimonian–Laird random-effects estimate with "
-            "the 95% prediction interval for a new run (3+ seeds); red dashes: the rule's minimum Δf; dotted: "
-            "published figures (--reference).",
+            "One point per seed (filled: specialised; a run without both sides counts 0; no per-run interval: the "
+            "sides are chosen from the run's own kernels, and the interval of the chosen sides does not cover when "
+            "no real split exists, BENCHMARKS.md); black square: median over seeds with its order-statistic "
+            "interval (exact level in the lines above; none below 5 seeds); dotted: published figures.",
             fig_delta_f(runs, summary, references),
             "delta_f_by_towers",
         ),
@@ -179,7 +151,7 @@ def main(argv=None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="png", help="file format of the figures (png)")
     parser.add_argument("--alpha", type=float, default=0.05, help="level of eta^2's p at initialisation (calibration)")
     parser.add_argument("--montage", nargs="+", metavar="RUN", help="runs whose kernel grids to show")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap over seeds")
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # kept for old command lines
     args = parser.parse_args(argv)
     if bool(args.folders) == bool(args.wandb):
         parser.error("give run folders or --wandb ENTITY/PROJECT (one of the two)")
@@ -194,10 +166,10 @@ def main(argv=None) -> int:
     if args.wandb:
         if args.wandb.count("/") != 1:
             parser.error(f"--wandb wants ENTITY/PROJECT, got {args.wandb!r}")
-        runs = collect_wandb(args.wandb, args.sweep, cache=args.out / "wandb-files", alpha=args.alpha)
+        runs = collect_wandb(args.wandb, args.sweep, cache=args.out / "wandb-files")
         source = f"W&B {args.wandb}" + (f" sweep {args.sweep}" if args.sweep else "")
     else:
-        runs = collect_local(args.folders, alpha=args.alpha)
+        runs = collect_local(args.folders)
         source = ", ".join(map(str, args.folders))
     paths = write_report(runs, args.out, args.alpha, args.montage, source, args.seed, references, args.format)
     counts = {}
@@ -207,7 +179,10 @@ def main(argv=None) -> int:
     for s in summarize(runs, args.alpha, seed=args.seed):
         print("  " + condition_line(s))
     for ref in references:
-        print(f"  published {ref['name']}: {ref['verdict']}, Δf = {ref['delta_f']:.2f}")
+        print(
+            f"  published {ref['name']}: {ref['verdict']}, Δf = "
+            + ("n/a" if ref["delta_f"] is None else f"{ref['delta_f']:.2f}")
+        )
     print(f"report: {paths['report.html']}\ntable:  {paths['table.csv']}")
     return 0
 

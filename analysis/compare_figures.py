@@ -11,15 +11,8 @@ import textwrap
 import numpy as np
 
 from analysis.compare_read import Run
-from analysis.compare_stats import (
-    CONDITION,
-    condition_key,
-    condition_label,
-    conditions,
-    fixed_delta_f,
-    is_control,
-    varying_columns,
-)
+from analysis.compare_stats import condition_labels, conditions, fixed_delta_f, seed_value
+from towers import conditions as cond
 from towers.records import KERNELS_NPY, KERNELS_PNG
 from towers.verdict import format_p
 
@@ -86,8 +79,8 @@ def _jitter(n: int, width: float = 0.18) -> np.ndarray:
 
 def _positions(summary: list[dict]):
     """x of every condition: grouped by tower count, side by side within a count; tick labels."""
-    towers = sorted({s["condition"]["num_towers"] for s in summary}, key=lambda t: (t is None, t))
-    per_t = {t: [s for s in summary if s["condition"]["num_towers"] == t] for t in towers}
+    towers = sorted({s["num_towers"] for s in summary}, key=lambda t: (t is None, str(t)))
+    per_t = {t: [s for s in summary if s["num_towers"] == t] for t in towers}
     width = 0.8 / max(len(v) for v in per_t.values())
     xs = {}
     for xi, t in enumerate(towers):
@@ -99,24 +92,19 @@ def _positions(summary: list[dict]):
 
 def _colours(runs: list[Run], summary: list[dict]):
     """One colour per condition less its tower count (so a learning rate keeps its colour across T)."""
-    varying = [c for c in varying_columns(runs) if c != "num_towers"]
-    rest = sorted(
-        {condition_label(tuple(s["condition"][c] for c in CONDITION), varying, True, towers=False) for s in summary}
-    )
-    return {
-        s["label"]: (f"C{rest.index(o) % 10}", o)
-        for s in summary
-        for o in [condition_label(tuple(s["condition"][c] for c in CONDITION), varying, True, towers=False)]
-    }
+    rest = sorted({s["colour_label"] for s in summary})
+    return {s["label"]: (f"C{rest.index(s['colour_label']) % 10}", s["colour_label"]) for s in summary}
 
 
-YLIM = (-0.55, 1.05)  # delta f of the best split is at least 0; its intervals reach below
+YLIM = (-0.1, 1.05)  # delta f of a split is above 0 (a run without one counts 0)
+# No per-run interval of delta f is drawn: the sides are chosen from the run's own kernels, and where no
+# real split exists the verdict's Newcombe interval of the chosen sides covers in 50-80% of the runs that
+# split (benchmarks/seed_simulation.py, BENCHMARKS.md).
 
 
 def fig_delta_f(runs: list[Run], summary: list[dict], references: list[dict]):
-    """Delta f per seed against tower count, each with its Newcombe interval (filled: specialised); the
-    median over seeds with its bootstrap interval; the random-effects estimate with its prediction
-    interval for a new run; published figures as horizontal lines (the rule has no minimum Δf)."""
+    """Delta f per seed against tower count (filled: specialised; a run without both sides: 0); the
+    median over seeds with its order-statistic interval; published figures as lines."""
     if not summary and not references:
         return _empty("no finished run with a verdict")
     fig = figure(8, 4.5)
@@ -134,13 +122,10 @@ def fig_delta_f(runs: list[Run], summary: list[dict], references: list[dict]):
 
     for s in summary:
         x, (colour, other) = xs[s["label"]], colours[s["label"]]
-        group = groups[tuple(s["condition"][c] for c in CONDITION)]
-        d = np.array([r.row["delta_f"] for r in group], float)
-        lo = np.array([np.nan if r.row["delta_f_low"] is None else r.row["delta_f_low"] for r in group], float)
-        hi = np.array([np.nan if r.row["delta_f_high"] is None else r.row["delta_f_high"] for r in group], float)
+        group = groups[s["key"]]
+        d = np.array([seed_value(r.row["delta_f"]) for r in group], float)
         spec = np.array([r.row["verdict"] == "specialised" for r in group])
         px = x - width * 0.1 + _jitter(len(d), width * 0.22)
-        ax.vlines(px, lo, hi, color=colour, lw=1.3, alpha=0.8, zorder=2)
         ax.scatter(px[spec], d[spec], s=26, color=colour, zorder=3)
         ax.scatter(px[~spec], d[~spec], s=26, facecolors="white", edgecolors=colour, zorder=3)
         if other:
@@ -154,30 +139,16 @@ def fig_delta_f(runs: list[Run], summary: list[dict], references: list[dict]):
                 color="k",
                 ms=5,
                 zorder=4,
-                label=once("median, 95% bootstrap interval"),
-                **INTERVAL,
-            )
-        re = s["re"]
-        if math.isfinite(re["pi_low"]):  # clipped to the axes: with 3 seeds t_1 makes it very wide
-            ax.errorbar(
-                x + width * 0.36,
-                re["estimate"],
-                [[re["estimate"] - max(re["pi_low"], YLIM[0])], [min(re["pi_high"], YLIM[1]) - re["estimate"]]],
-                fmt="D",
-                color="0.5",
-                ms=5,
-                ls="none",
-                zorder=4,
-                label=once("random effects, 95% prediction interval for a new run"),
+                label=once("median, order-statistic interval (≥ 93.75%)"),
                 **INTERVAL,
             )
         ax.annotate(
             f"{s['specialised']} of {s['seeds']}", (x, YLIM[0] + 0.03), ha="center", va="bottom", fontsize=MIN_FONT
         )
-    ax.scatter([], [], s=26, color="k", label="seed, specialised (with its Newcombe 95% interval)")
+    ax.scatter([], [], s=26, color="k", label="seed, specialised")
     ax.scatter([], [], s=26, facecolors="white", edgecolors="k", label="seed, not specialised")
     ax.axhline(0, color="0.7", lw=0.8)
-    for i, ref in enumerate(references):
+    for i, ref in enumerate(r for r in references if r["delta_f"] is not None):
         ax.axhline(
             ref["delta_f"],
             color=f"C{(i + 4) % 10}",
@@ -223,14 +194,9 @@ def fig_specialised(summary: list[dict], level: float = 0.95):
             ha="center",
             fontsize=MIN_FONT,
         )
-    varying = [c for c in CONDITION if len({s["condition"][c] for s in summary}) > 1]
     ax.set_xticks(
         x,
-        [
-            condition_label(tuple(s["condition"][c] for c in CONDITION), varying, True, "\n")
-            + ("\n(control)" if s["control"] else "")
-            for s in summary
-        ],
+        [s["label"].replace("; ", "\n") + ("\n(control)" if s["control"] else "") for s in summary],
         fontsize=MIN_FONT,
     )
     ax.set_ylim(-0.3, 1.08)
@@ -244,7 +210,7 @@ def fig_specialised(summary: list[dict], level: float = 0.95):
 
 def fig_omega2(runs: list[Run], summary: list[dict]):
     """omega^2 (eta^2 less its chance bias, comparable across tower counts) per seed against tower
-    count, median with its bootstrap interval; at initialisation (grey crosses) as a calibration check."""
+    count, median with its order-statistic interval; at initialisation (grey crosses) as a calibration check."""
     if not summary:
         return _empty("no finished run with a verdict")
     fig = figure(8, 4)
@@ -255,7 +221,7 @@ def fig_omega2(runs: list[Run], summary: list[dict]):
     done = set()
     for s in summary:
         x, (colour, other) = xs[s["label"]], colours[s["label"]]
-        group = groups[tuple(s["condition"][c] for c in CONDITION)]
+        group = groups[s["key"]]
         om = np.array([np.nan if r.row["omega2"] is None else r.row["omega2"] for r in group], float)
         init = np.array([r.row["omega2_init"] for r in group if r.row["omega2_init"] is not None], float)
         ax.scatter(
@@ -285,7 +251,7 @@ def fig_omega2(runs: list[Run], summary: list[dict]):
                 fmt="s",
                 color="k",
                 ms=5,
-                label=None if "med" in done else "median, 95% bootstrap interval",
+                label=None if "med" in done else "median, order-statistic interval (≥ 93.75%)",
                 **INTERVAL,
             )
             done.add("med")
@@ -300,21 +266,21 @@ def fig_omega2(runs: list[Run], summary: list[dict]):
 def fig_tower_fractions(runs: list[Run]):
     """Per run, each tower's colour fraction with its exact 95% interval, towers ranked from the least
     to the most coloured; one panel per condition (the one-tower control: its two random halves)."""
-    groups = conditions(runs)
-    varying = varying_columns(runs)
-    panels = [(k, g) for k, g in groups.items() if any(r.last.get("colour_fraction") for r in g)]
+    groups, names = conditions(runs), condition_labels(runs)
+    panels = [(k, g) for k, g in groups.items() if any(r.last.value("colour_fraction") for r in g)]
     if not panels:
         return _empty("no finished run with colour fractions")
     cols = min(len(panels), 3)
     rows = math.ceil(len(panels) / cols)
     fig = figure(max(5, 4 * cols + 1.5), 3.8 * rows)
-    most = max(len(r.last["colour_fraction"]) for _, g in panels for r in g)
+    most = max(len(r.last.value("colour_fraction") or ()) for _, g in panels for r in g)
     for i, (key, group) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         for j, run in enumerate(group):
-            f = [np.nan if v is None else v for v in run.last["colour_fraction"]]
-            lo = [np.nan if v is None else v for v in run.last["colour_fraction_low"]]
-            hi = [np.nan if v is None else v for v in run.last["colour_fraction_high"]]
+            f, lo, hi = (
+                [np.nan if v is None else v for v in run.last.value(part) or ()]
+                for part in ("colour_fraction", "colour_fraction_low", "colour_fraction_high")
+            )
             order = np.argsort(f)
             for rank, t in enumerate(order):
                 off = (rank - (len(order) - 1) / 2) * 0.6 / max(len(order), 1)
@@ -336,8 +302,8 @@ def fig_tower_fractions(runs: list[Run]):
         ax.set_xticks(range(len(group)), [f"seed {r.row['seed']}" for r in group], fontsize=MIN_FONT)
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlim(-0.6, len(group) - 0.4)
-        control = is_control(key)
-        _style(ax, textwrap.fill(condition_label(key, varying, True) + (" (halves A/B)" if control else ""), 44))
+        control = cond.is_control(group[0].condition)
+        _style(ax, textwrap.fill(names[key] + (" (random groups)" if control else ""), 44))
         if i % cols == 0:
             ax.set_ylabel("colour fraction of a tower")
     handles, labels = fig.axes[0].get_legend_handles_labels()
@@ -386,7 +352,7 @@ def montage_grid(run: Run):
         return np.asarray(Image.open(run.kernels_png).convert("RGB")), []
     k = torch.as_tensor(np.load(run.kernels_npy))
     names = [str(t) for t in range(1, k.shape[0] + 1)]
-    split = run.last.get("control_split")
+    split = run.last.value("control_split")
     if k.shape[0] == 1 and split and 2 * len(split) == k.shape[1]:
         flat = k[0]
         half_a = torch.zeros(flat.shape[0], dtype=torch.bool)
@@ -399,8 +365,8 @@ def montage_grid(run: Run):
     groups = {}  # tower (or half) -> its side, named only for a specialised run
     if run.row["verdict"] == "specialised":
         groups = {
-            **{str(t): "agnostic" for t in run.last.get("agnostic_group") or []},
-            **{str(t): "specific" for t in run.last.get("specific_group") or []},
+            **{str(t): "agnostic" for t in run.last.value("agnostic_group") or []},
+            **{str(t): "specific" for t in run.last.value("specific_group") or []},
         }
     labels = []
     for i, name in enumerate(names):
@@ -431,7 +397,7 @@ def fig_montage(chosen: list[Run]):
             else r["verdict"]  # no delta f when a side is empty (towers.verdict)
             if r["delta_f"] is None
             else (
-                f"{r['verdict']}, Δf = {r['delta_f']:.2f} [{r['delta_f_low']:.2f}, {r['delta_f_high']:.2f}], "
+                f"{r['verdict']}, Δf = {'n/a' if r['delta_f'] is None else format(r['delta_f'], '.2f')}, "
                 f"p {format_p(r['p_delta_f'], r['permutations'])}"
             )
         )
@@ -449,22 +415,22 @@ def fig_montage(chosen: list[Run]):
 def fig_over_steps(runs: list[Run]):
     """Delta f over training, one line per run, each with its final verdict's groups fixed for the whole
     run (so a line is one labelling, not the best one at every step); its onset marked."""
-    with_history = [r for r in runs if r.judged and any(h.get("colour_count") for h in r.history)]
+    with_history = [r for r in runs if r.judged and any(h.value("colour_count") for h in r.history)]
     if not with_history:
         return _empty("no run has a bisection history with the verdict")
     fig = figure(8, 4)
     ax = fig.add_subplot()
-    varying = varying_columns(runs)
-    keys = sorted({condition_key(r) for r in with_history}, key=str)
+    names = condition_labels(runs)
+    keys = sorted({cond.key(r.condition) for r in with_history}, key=str)
     labelled = set()
     for run in with_history:
-        agn, spec = run.last.get("agnostic_group"), run.last.get("specific_group")
-        h = [x for x in run.history if x.get("colour_count") and x.get("step") is not None]
-        steps = [x["step"] for x in h]
+        agn, spec = run.last.value("agnostic_group"), run.last.value("specific_group")
+        h = [x for x in run.history if x.value("colour_count") and x.step is not None]
+        steps = [x.step for x in h]
         d = [fixed_delta_f(x, agn, spec) for x in h]
-        key = condition_key(run)
+        key = cond.key(run.condition)
         colour = f"C{keys.index(key) % 10}"
-        label = None if key in labelled else condition_label(key, varying, short=True)
+        label = None if key in labelled else names.get(key)
         labelled.add(key)
         ax.plot(steps, d, color=colour, lw=1.2, marker=".", ms=4, label=label)
         onset = run.row["onset_step"]

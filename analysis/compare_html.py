@@ -14,6 +14,7 @@ import yaml
 from analysis.compare_figures import DPI
 from analysis.compare_read import Run, table_columns
 from analysis.compare_stats import condition_line
+from towers.conditions import show
 from towers.measure import p_text
 
 SORT_SCRIPT = """
@@ -83,7 +84,7 @@ def _num(value) -> str:
     return html.escape(str(value))
 
 
-P_COLUMNS = ("p_delta_f", "p_value", "p_value_split", "p_value_init")  # permutation p-values (same B per run)
+P_COLUMNS = ("p_delta_f", "p_eta2", "p_eta2_init")  # permutation p-values (same B per run)
 
 
 def _cell(run: Run, column: str) -> str:
@@ -109,34 +110,29 @@ def conditions_table(summary: list[dict], references: list[dict], level: float) 
         "condition",
         "seeds specialised",
         f"one-sided {level:.0%} lower bound",
-        "median Δf [bootstrap]",
-        "random effects Δf [CI]",
-        "new run: prediction interval",
-        "vs one-tower control p",
-        "median ω²",
+        "median Δf [order-statistic interval, its level]",
+        "one-tower control, same selection: median Δf",
+        "towers vs control p (Mann-Whitney)",
+        "median ω² [interval]",
         "onset step (median)",
         "at init: specialised / p < α",
     ]
     rows = []
     for s in summary:
-        re = s["re"]
-        pi = "" if math.isnan(re["pi_low"]) else f"[{re['pi_low']:.2f}, {re['pi_high']:.2f}]"
-        ctrl = (
-            "control"
-            if s["control"]
-            else "no control"
-            if not s["control_seeds"]
-            else f"{s['control_p']:.2g} (n = {s['seeds']} vs {s['control_seeds']})"
-        )
+        level_text = "" if math.isnan(s["median_level"]) else f", {s['median_level']:.1%}"
+        control = s["control"] or not s["control_seeds"]
         rows.append(
             [
-                s["label"],
+                f"{s['label']} [{s['id']}]",
                 f"{s['specialised']} of {s['seeds']}",
                 f"{s['bound']:.2f}",
-                _interval(s["delta_f_median"], s["delta_f_low"], s["delta_f_high"]),
-                _interval(re["estimate"], re["ci_low"], re["ci_high"]),
-                pi,
-                ctrl,
+                _interval(s["delta_f_median"], s["delta_f_low"], s["delta_f_high"]) + level_text,
+                "(control)"
+                if s["control"]
+                else "none"
+                if control
+                else f"{_num(s['control_median'])} ({s['control_seeds']} seeds, {s['num_towers']} groups)",
+                "" if control else f"{s['control_p']:.2g} (n = {s['seeds']} vs {s['control_seeds']})",
                 _interval(s["omega2_median"], s["omega2_low"], s["omega2_high"]),
                 "" if s["onset_median"] is None else f"{s['onset_median']:g} ({s['onsets']} seeds)",
                 f"{s['init_specialised']} of {s['init_judged']} / {s['init_significant']} of {s['init_p']}",
@@ -154,9 +150,7 @@ def conditions_table(summary: list[dict], references: list[dict], level: float) 
                 f"published: {ref['name']} (T={ref['num_towers']})",
                 ref["verdict"],
                 "",
-                f"Δf {_interval(ref['delta_f'], ref['delta_f_low'], ref['delta_f_high'])}, "
-                f"p {p_text(ref['p_delta_f'], ref['permutations'])}",
-                "",
+                f"Δf {_num(ref['delta_f'])}, p {p_text(ref['p_delta_f'], ref['permutations'])}",
                 "",
                 "",
                 "" if ref["omega2"] is None else f"{ref['omega2']:.3f}",
@@ -171,6 +165,18 @@ def conditions_table(summary: list[dict], references: list[dict], level: float) 
         + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
         + "</tbody></table></div>"
     )
+
+
+def conditions_section(summary: list[dict]) -> str:
+    """Every condition's settings in full, by its id, folded (what makes runs poolable: towers.conditions)."""
+    parts = []
+    for s in summary:
+        settings = "\n".join(show(k, v) + f"   ({k})" for k, v in s["condition"].items())
+        parts.append(
+            f"<details><summary>{html.escape(s['id'])}: {html.escape(s['label'])}</summary>"
+            f"<pre>{html.escape(settings)}</pre></details>"
+        )
+    return "\n".join(parts)
 
 
 def sensitivity_table(summary: list[dict]) -> str:
@@ -232,7 +238,7 @@ def report_html(
     lines = [f"<li>{html.escape(condition_line(s, level))}</li>" for s in summary]
     lines += [
         f"<li>published figure {html.escape(ref['name'])}: {html.escape(ref['verdict'])}, Δf "
-        f"{_interval(ref['delta_f'], ref['delta_f_low'], ref['delta_f_high'])}, p "
+        f"{_num(ref['delta_f'])}, p "
         f"{html.escape(p_text(ref['p_delta_f'], ref['permutations']))}</li>"
         for ref in references
     ]
@@ -241,7 +247,7 @@ def report_html(
         why = {
             r.name: str(r.row["status"] or "no final measurement")
             if not r.usable
-            else "no verdict in its bisection.json"
+            else r.row["message"] or "no verdict in its bisection.json"
             for r in left_out
         }
         lines.append(
@@ -264,11 +270,16 @@ def report_html(
 <p class=note>{len(runs)} runs from {html.escape(source)}; made {when} with analysis/compare.py at commit
 <code id=commit>{html.escape(commit)}</code>. A run is <i>specialised</i> when one tower is largely grey and
 another largely colour (the verdict, towers/verdict.py, the README's "The verdict"); Δf is the specific
-tower's colour fraction less the agnostic tower's. With one tower, the control, its kernels are split into two
-random halves and judged the same way. A condition is every setting but the seed (precision, data and width
-policy included: runs that differ in them are never pooled).</p>
+tower's colour fraction less the agnostic tower's. With one tower, the control, its kernels are split into
+random groups and judged the same way: into two on its own row, and into as many as the towers it is compared
+with. A condition is every setting that can change the network, its data, its training or the measurement
+(all but the seed and the settings towers/conditions.py names, each with its reason): runs that differ in any
+are never pooled. Below, each condition is named by the settings that differ between them; its id opens the
+full list. Every interval here is checked for coverage by benchmarks/seed_simulation.py (BENCHMARKS.md).</p>
 <ul>{"".join(lines)}</ul>
 {conditions_table(summary, references, level)}
+<h2>Conditions</h2>
+{conditions_section(summary)}
 <h2>Sensitivity to the colour cut</h2><p class=note>Seeds specialised when a kernel counts as colour from
 a score of <i>cut</i> on (the rule's cut is 1/3 ≈ 0.333; everything else in the rule unchanged), and their median
 Δf. A verdict that holds only near one cut is fragile.</p>

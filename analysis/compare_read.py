@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from towers import records
+from towers import conditions, records
+from towers.conditions import flatten
 from towers.records import (
     BISECTION_FILE,
     CONFIG_FILE,
@@ -27,7 +28,7 @@ from towers.records import (
     VAL_ACC,
     WANDB_OFFLINE_PREFIX,
     WANDB_SUMMARY_FILE,
-    measurement,
+    Record,
     read_bisection,
     read_history,
     read_status,
@@ -50,19 +51,6 @@ RUN_FILES = (
     WANDB_SUMMARY_FILE,
     METRICS_CSV,
 )
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    """Nested config -> dotted keys; jsonargparse's ``init_args`` level is dropped
-    (``data.init_args.batch_size`` -> ``data.batch_size``)."""
-    out = {}
-    for key, value in config.items():
-        key = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{key}."))
-        else:
-            out[key] = value
-    return {k.replace(".init_args.", ".").removeprefix("init_args."): v for k, v in out.items()}
 
 
 def read_config(path: Path) -> dict:
@@ -97,6 +85,8 @@ def read_metrics_csv(path: Path) -> dict:
 def read_sweep(path: Path) -> dict:
     """``sweep.json`` of ``towers.sweep``: the sweep's name and its runs (name, params, status)."""
     data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("runs", []), list):
+        raise ValueError(f"a JSON {type(data).__name__}, not a sweep's state")
     return {
         "name": data.get("name") or Path(path).parent.name,
         "runs": [
@@ -117,46 +107,56 @@ def numbers(d: dict) -> dict:
 
 
 # Table columns taken from the run's config (first key found wins): the CLI's names, then
-# hparams.yaml's (read_hparams puts them under model.*), then a plain W&B config.
+# hparams.yaml's (read_hparams puts them under model.*), then a plain W&B config. What is pooled is the
+# whole condition (towers.conditions), of which these are the settings a table shows.
 CONFIG_COLUMNS = {
     "seed": ("seed_everything", "seed"),
     "num_towers": ("model.num_towers", "num_towers"),
     "width_policy": ("model.width_policy", "width_policy"),
     "color_blind": ("model.color_blind_towers",),  # the positive control's grey towers, e.g. "1"
     "precision": ("trainer.precision", "precision"),
-    "data": ("data.source", "data.class_path"),  # the data set (demo or real; its data module) ...
-    "data_root": ("data.root",),  # ... and where it lives
+    "data": ("data.source", "data.class_path"),
+    "data_root": ("data.root",),
     "batch_size": ("data.batch_size", "batch_size"),
     "lr": ("model.lr", "lr"),
+    "lr_schedule": ("model.lr_schedule",),
     "max_epochs": ("trainer.max_epochs", "max_epochs"),
 }
 
 # ----------------------------------------------------------------------------- the table
 
 FIXED_COLUMNS = """
-    run sweep seed num_towers width_policy color_blind precision data data_root batch_size lr max_epochs
-    epochs step test_acc val_acc verdict delta_f delta_f_low delta_f_high p_delta_f auc agnostic_tower
-    specific_tower onset_step eta2 eta2_null p_value omega2 eta2_split p_value_split eta2_init
-    p_value_init omega2_init verdict_init permutations
+    run sweep condition seed num_towers width_policy color_blind precision data data_root batch_size lr lr_schedule
+    max_epochs epochs step test_acc val_acc verdict reason margin delta_f p_delta_f
+    auc agnostic_tower specific_tower onset_step eta2 eta2_null p_eta2 omega2 eta2_init p_eta2_init
+    omega2_init verdict_init permutations version
 """.split()
-# A condition is every one of these but the seed: runs that differ in precision, data or width policy
-# are never pooled (a run whose config does not say is its own "None" condition, not a wildcard).
-CONDITION = """
-    num_towers width_policy color_blind precision data data_root batch_size lr max_epochs
-""".split()
+# No per-run interval of delta f: the verdict's Newcombe interval of its data-chosen sides does not cover
+# where no real split exists (benchmarks/seed_simulation.py); the record keeps it.
+ROW_FIELDS = ("verdict", "reason", "margin", "delta_f", "p_delta_f", "auc")
+PER_TOWER = (
+    "colour_fraction",
+    "colour_fraction_low",
+    "colour_fraction_high",
+    "grey_share",
+    "colour_share",
+    "unstructured_count",
+    "frequency_median",
+)
 
 
 @dataclass
 class Run:
-    """One run: its table row, and what the figures need beyond it."""
+    """One run: its table row, its records and its condition (towers.conditions)."""
 
     row: dict
-    last: dict = field(default_factory=dict)  # measurement() of the final record
-    init: dict = field(default_factory=dict)
-    history: list = field(default_factory=list)  # measurement() per step
+    last: Record | None = None  # the final measurement
+    init: Record | None = None
+    history: list = field(default_factory=list)  # a Record per measurement
     kernels_png: Path | None = None
     kernels_npy: Path | None = None
     config: dict = field(default_factory=dict)  # the run's flattened config, as read (shown in the report)
+    condition: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -164,19 +164,23 @@ class Run:
 
     @property
     def usable(self) -> bool:
-        """Counts as a seed of its condition: finished, with a final measurement."""
+        """Finished, with a final measurement."""
         status = self.row["status"]
-        finished = status == "finished" or (status in (None, "") and self.last.get("stage") == "end")
-        return finished and (self.row["delta_f"] is not None or self.row["eta2"] is not None)
+        finished = status == "finished" or (status in (None, "") and self.last is not None and self.last.stage == "end")
+        return (
+            finished
+            and self.last is not None
+            and (self.last.verdict is not None or self.last.value("eta2") is not None)
+        )
 
     @property
     def judged(self) -> bool:
-        """A seed with a verdict (bisection.json format 2): what the statistics across seeds count."""
-        return self.usable and self.row["verdict"] is not None
+        """A seed with a verdict of this version's rule: what the statistics across seeds count."""
+        return self.usable and self.last.judged
 
 
-def _status(status: str | None, last: dict) -> str | None:
-    if last.get("error") and "not finite" in last["error"]:
+def _status(status: str | None, last: Record | None) -> str | None:
+    if last is not None and last.error and "not finite" in last.error:
         return "diverged"
     return {"crashed": "failed"}.get(status, status)
 
@@ -191,61 +195,59 @@ def make_run(
     history: list,
     kernels_png: Path | None,
     source: str,
-    alpha: float,
     fallback_status: str | None = None,
     message: str = "",
     kernels_npy: Path | None = None,
 ) -> Run:
     """The table row of one run from what was read (the same function for both sources)."""
-    bisection = bisection or {"init": {}, "last": {}}
-    last, init = bisection["last"], bisection["init"]
+    last, init = (bisection or {}).get("last"), (bisection or {}).get("init")
+    value = lambda rec, k: None if rec is None else rec.value(k)  # noqa: E731
     row = {"run": name, "sweep": sweep}
     for column, keys in CONFIG_COLUMNS.items():
         row[column] = next((config[k] for k in keys if config.get(k) is not None), None)
-    if isinstance(row["color_blind"], (list, tuple)):  # a list of tower numbers, kept hashable: "1", "1,3"
+    if isinstance(row["color_blind"], (list, tuple)):  # a list of tower numbers: "1", "1,3"
         row["color_blind"] = ",".join(map(str, row["color_blind"])) or None
     if row["num_towers"] is None:
-        row["num_towers"] = last.get("num_towers") or init.get("num_towers")
+        row["num_towers"] = (last or init or Record()).num_towers
+    condition = conditions.condition({**config, conditions.TOWERS: row["num_towers"]})
+    row["condition"] = conditions.condition_id(condition)
     status = status or {}
     # trainer.current_epoch / global_step when the run ended (for a finished run: epochs completed);
     # the last measurement's epoch is the index of the epoch it was taken in, hence status.json first
-    row["epochs"] = status["epoch"] if status.get("epoch") is not None else last.get("epoch")
-    row["step"] = status["step"] if status.get("step") is not None else last.get("step")
+    row["epochs"] = status["epoch"] if status.get("epoch") is not None else getattr(last, "epoch", None)
+    row["step"] = status["step"] if status.get("step") is not None else getattr(last, "step", None)
     row["test_acc"], row["val_acc"] = summary.get(TEST_ACC), summary.get(VAL_ACC)
-    for key in ("eta2", "eta2_null", "p_value", "eta2_split", "p_value_split"):
-        row[key] = last.get(key)
-    for key in ("verdict", "delta_f", "delta_f_low", "delta_f_high", "p_delta_f", "auc", "omega2"):
-        row[key] = last.get(key)
-    # named only when specialised (the verdict leaves them None otherwise): no "colour tower" of a run
-    # that did not split
-    row["agnostic_tower"], row["specific_tower"] = last.get("agnostic_tower"), last.get("specific_tower")
-    row["onset_step"] = onset_step(history) if last.get("verdict") is not None else None
-    row["permutations"] = last.get("p_permutations") or last.get("permutations")  # the verdict's, or eta2's test
-    row["eta2_init"], row["p_value_init"] = init.get("eta2"), init.get("p_value")
-    row["omega2_init"], row["verdict_init"] = init.get("omega2"), init.get("verdict")
-    # per tower (the one-tower control: tower1 = half A, tower2 = half B of its random split)
-    fractions = zip(
-        last.get("colour_fraction") or [], last.get("colour_fraction_low") or [], last.get("colour_fraction_high") or []
-    )
-    for k, (f, lo, hi) in enumerate(fractions, start=1):
-        row[f"tower{k}_colour_fraction"], row[f"tower{k}_colour_fraction_low"] = f, lo
-        row[f"tower{k}_colour_fraction_high"] = hi
-    for k, median in enumerate(last.get("tower_median") or [], start=1):
+    for key in (*ROW_FIELDS, "eta2", "eta2_null", "p_eta2", "omega2", "permutations"):
+        row[key] = value(last, key)
+    # named only when specialised (the verdict leaves them None otherwise)
+    row["agnostic_tower"], row["specific_tower"] = value(last, "agnostic_tower"), value(last, "specific_tower")
+    row["onset_step"] = onset_step([h.to_dict() for h in history if h.verdict]) if value(last, "verdict") else None
+    row["version"] = getattr(last, "version", None)
+    for key in ("eta2", "p_eta2", "omega2", "verdict"):
+        row[f"{key}_init"] = value(init, key)
+    # per tower (the one-tower control: its random groups)
+    for part in PER_TOWER:
+        for k, x in enumerate(value(last, part) or [], start=1):
+            row[f"tower{k}_{part}"] = x
+    for k, median in enumerate(getattr(last, "tower_median", None) or [], start=1):
         row[f"tower{k}_score"] = median
-    for k, median in enumerate(init.get("tower_median") or [], start=1):
-        row[f"tower{k}_score_init"] = median
     row["status"] = _status(status.get("status") or fallback_status, last)
-    row["message"] = message or status.get("message") or last.get("error") or ""
+    older = last is not None and last.verdict is not None and not last.judged
+    messages = [
+        message or status.get("message") or getattr(last, "error", None) or "",
+        f"judged by an earlier rule (record version {last.version}, this is {records.VERSION}): not pooled; "
+        "measure it again with analysis/kernels.py"
+        if older
+        else "",
+    ]
+    row["message"] = "; ".join(m for m in messages if m)
     row["source"] = source
-    return Run(
-        row=row, last=last, init=init, history=history, kernels_png=kernels_png, kernels_npy=kernels_npy, config=config
-    )
+    return Run(row, last, init, history, kernels_png, kernels_npy, config, condition)
 
 
 def load_run_folder(
     folder: Path | None,
     name: str,
-    alpha: float,
     sweep: str | None = None,
     config: dict | None = None,
     summary: dict | None = None,
@@ -267,12 +269,16 @@ def load_run_folder(
             return default
         try:
             return reader(files[file_name])
-        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError, csv.Error) as err:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError, csv.Error) as err:
             problems.append(f"unreadable {file_name}: {err}")
             warnings.warn(f"run {name}: cannot read {files[file_name]}: {err}", stacklevel=2)
             return default
 
-    merged_config = {**read(read_hparams, HPARAMS_FILE, {}), **read(read_config, CONFIG_FILE, {}), **(config or {})}
+    merged_config = {
+        **read(read_hparams, HPARAMS_FILE, {}),
+        **read(read_config, CONFIG_FILE, {}),
+        **flatten(config or {}),
+    }
     status_json = read(read_status, STATUS_FILE)
     merged_summary = {
         **numbers(status_json["summary"] if status_json else {}),
@@ -282,7 +288,9 @@ def load_run_folder(
     }
     bisection = read(read_bisection, BISECTION_FILE)
     if history is None:
-        history = read(read_history, HISTORY_FILE, [])
+        history, broken = read(read_history, HISTORY_FILE, ([], 0))
+        if broken:
+            problems.append(f"{HISTORY_FILE}: {broken} broken line{'s' * (broken > 1)} skipped")
     if status:
         status_json = dict(status_json or {}, status=status)
     message = "; ".join(m for m in [message or (status_json or {}).get("message", ""), *problems] if m)
@@ -296,7 +304,6 @@ def load_run_folder(
         history,
         files.get(KERNELS_PNG),
         source or str(folder),
-        alpha,
         fallback_status,
         message,
         files.get(KERNELS_NPY),
@@ -320,9 +327,18 @@ def _run_folders(folder: Path) -> list[Path]:
     return [min(candidates)[1] for _, candidates in sorted(found.items())]
 
 
-def collect_local(folders, alpha: float = 0.05) -> list[Run]:
+def unreadable(name: str, source, error: BaseException, sweep: str | None = None) -> Run:
+    """A run whose folder cannot be read at all: a row that says why, counted nowhere."""
+    warnings.warn(f"run {name}: cannot read {source}: {error}", stacklevel=2)
+    row = dict.fromkeys(FIXED_COLUMNS)
+    row.update(run=name, sweep=sweep, status="unreadable", message=f"cannot be read: {error}", source=str(source))
+    return Run(row)
+
+
+def collect_local(folders) -> list[Run]:
     """Every run under the given folders: the runs of each ``sweep.json`` (in its order), then every
-    other folder holding a ``bisection.json`` or ``status.json``."""
+    other folder holding a ``bisection.json`` or ``status.json``. A sweep file or a run folder that
+    cannot be read is a row that says why; the others are read on."""
     runs, claimed = [], set()
     for folder in map(Path, folders):
         if not folder.is_dir():
@@ -330,24 +346,26 @@ def collect_local(folders, alpha: float = 0.05) -> list[Run]:
         for sweep_file in sorted(folder.rglob(SWEEP_FILE)):
             try:
                 sweep = read_sweep(sweep_file)
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                raise SystemExit(f"{sweep_file}: not a readable towers.sweep state file: {err}") from None
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                runs.append(unreadable(str(sweep_file.relative_to(folder)), sweep_file, err))
+                continue
             for entry in sweep["runs"]:
                 run_folder = _newest_run_folder(entry["root"])
                 if entry["root"].is_dir():
                     claimed.add(entry["root"].resolve())
-                runs.append(
-                    load_run_folder(
+                try:
+                    run = load_run_folder(
                         run_folder,
                         entry["name"],
-                        alpha,
                         sweep=sweep["name"],
                         config=entry["params"],
                         status=entry["status"],
                         message=entry["message"],
                         source=str(run_folder or entry["root"]),
                     )
-                )
+                except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                    run = unreadable(entry["name"], run_folder or entry["root"], err, sweep["name"])
+                runs.append(run)
         for run_folder in _run_folders(folder):
             resolved = run_folder.resolve()
             if any(resolved == c or c in resolved.parents for c in claimed):
@@ -356,7 +374,10 @@ def collect_local(folders, alpha: float = 0.05) -> list[Run]:
             if run_folder.name == "files" and records.is_wandb_run_folder(run_folder):
                 run_folder = run_folder.parent  # name a W&B run by its folder, offline-run-<time>-<id>
             name = str(run_folder.relative_to(folder)) if run_folder != folder else resolved.name
-            runs.append(load_run_folder(resolved, name, alpha))
+            try:
+                runs.append(load_run_folder(resolved, name))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                runs.append(unreadable(name, resolved, err))
     if not runs:
         raise SystemExit(
             f"no runs found under {', '.join(map(str, folders))}: looked for {SWEEP_FILE} (a towers.sweep output "
@@ -371,9 +392,7 @@ def _wandb_state(state: str | None) -> str | None:
     return {"crashed": "failed"}.get((state or "").lower(), (state or "").lower() or None)
 
 
-def collect_wandb(
-    path: str, sweep: str | None = None, api=None, cache: Path | None = None, alpha: float = 0.05
-) -> list[Run]:
+def collect_wandb(path: str, sweep: str | None = None, api=None, cache: Path | None = None) -> list[Run]:
     """Every run of a W&B project (``ENTITY/PROJECT``) or of one of its sweeps, through ``wandb.Api()``.
 
     The run's own files (``bisection.json`` etc., uploaded from its ``files/`` folder) are
@@ -395,16 +414,18 @@ def collect_wandb(
         history = None
         if not (folder / HISTORY_FILE).is_file():  # fall back on the logged scalars
             history = [
-                {
-                    "step": h.get("_step"),
-                    "eta2": h.get(records.ETA2),
-                    "p_value": h.get(records.P_VALUE),
-                    "eta2_null": h.get(records.ETA2_NULL),
-                    "delta_f": h.get(records.DELTA_F),
-                    "verdict": None
-                    if h.get(records.SPECIALISED) is None
-                    else ("specialised" if h[records.SPECIALISED] else "not specialised"),
-                }
+                Record.from_dict(
+                    {
+                        "step": h.get("_step"),
+                        "eta2": h.get(records.ETA2),
+                        "p_eta2": h.get(records.P_VALUE),
+                        "delta_f": h.get(records.DELTA_F),
+                        "verdict": None
+                        if h.get(records.SPECIALISED) is None
+                        else ("specialised" if h[records.SPECIALISED] else "not specialised"),
+                    },
+                    records.VERSION,
+                )
                 for h in run.scan_history(keys=[records.ETA2, records.P_VALUE, records.DELTA_F, records.SPECIALISED])
             ]
         sweep_name = run.sweep.id if getattr(run, "sweep", None) is not None else getattr(run, "group", None)
@@ -413,7 +434,6 @@ def collect_wandb(
             load_run_folder(
                 folder,
                 run.name or run.id,
-                alpha,
                 sweep=sweep_name,
                 config=read_wandb_config(run.config),
                 summary=summary,
@@ -435,20 +455,9 @@ def read_wandb_config(config: dict) -> dict:
 def table_columns(runs: list[Run]) -> list[str]:
     towers = max(
         [r.row.get("num_towers") or 0 for r in runs]
-        + [len(r.last.get("colour_fraction") or []) for r in runs]
-        + [len(r.last.get("tower_median") or []) for r in runs]
+        + [len(r.last.value("colour_fraction") or []) for r in runs if r.last is not None]
     )
-    per_tower = [
-        c
-        for k in range(1, towers + 1)
-        for c in (
-            f"tower{k}_colour_fraction",
-            f"tower{k}_colour_fraction_low",
-            f"tower{k}_colour_fraction_high",
-            f"tower{k}_score",
-            f"tower{k}_score_init",
-        )
-    ]
+    per_tower = [f"tower{k}_{part}" for k in range(1, towers + 1) for part in (*PER_TOWER, "score")]
     return FIXED_COLUMNS + per_tower + ["status", "message", "source"]
 
 
@@ -474,35 +483,16 @@ def read_reference(path: Path) -> dict:
     except (OSError, ValueError) as err:
         raise SystemExit(f"--reference {path}: cannot read it as JSON: {err}") from None
     record = data.get("last") if isinstance(data, dict) and isinstance(data.get("last"), dict) else data
-    if not isinstance(record, dict) or record.get("delta_f") is None or record.get("verdict") is None:
+    if not isinstance(record, dict) or record.get("verdict") is None:
         raise SystemExit(
             f"--reference {path}: no verdict in it (write it with python analysis/kernels.py "
             f"FIGURE.png --towers 2 --json {path.name})"
         )
-    m = measurement(record)
+    rec = Record.from_dict(record, records.VERSION)
     return {
         "name": path.stem,
         "source": str(path),
-        "num_towers": m["num_towers"],
-        **{
-            k: m[k]
-            for k in (
-                "verdict",
-                "delta_f",
-                "delta_f_low",
-                "delta_f_high",
-                "p_delta_f",
-                "auc",
-                "colour_fraction",
-                "colour_fraction_low",
-                "colour_fraction_high",
-                "agnostic_tower",
-                "specific_tower",
-                "towers",
-                "eta2",
-                "p_value",
-                "omega2",
-            )
-        },
-        "permutations": m["p_permutations"],
+        "record": rec,
+        "num_towers": rec.num_towers,
+        **{k: rec.value(k) for k in (*records.SUMMARY_FIELDS, "auc")},
     }

@@ -1,39 +1,62 @@
-"""The statistics across seeds: per condition, how many seeds are specialised (with the one-sided bound
-that "every run" needs), the median delta f, a random-effects estimate with a prediction interval for
-a new run, and the trained towers against the trained one-tower control. Part of analysis/compare.py.
+"""The statistics across seeds, per condition (towers.conditions: every setting but the seed): how
+many seeds are specialised with the one-sided bound that "every run" needs, the median delta f with an
+exact order-statistic interval, and the trained towers against the trained one-tower control judged
+with exactly the towers' selection. Part of analysis/compare.py.
 
-A *condition* is every CONDITION column but the seed (tower count, width policy, precision, data,
-batch size, learning rate, epochs): runs that differ in any of them are never pooled. Its seeds are
-its finished runs with a verdict.
+Delta f is chosen from the data (the sides of every run are picked from its own kernels), so it is
+above 0 even when towers make no difference; what the report prints is therefore only what stays
+valid for such a quantity, each checked by benchmarks/seed_simulation.py (BENCHMARKS.md):
+
+- k of n seeds specialised, the one-sided Clopper-Pearson lower bound (exact for any per-run rate);
+- the median delta f over seeds with the order-statistic interval, which covers the median of any
+  distribution at its stated exact level (93.75% at 5 seeds, 97.9% at 10; none below 5 seeds);
+- towers against control: the one-tower control's kernels split into as many random groups as the
+  condition has towers and judged by the same rule, so both sides are the same statistic of the
+  same chance; one-sided Mann-Whitney on the seeds' delta f (a run with no split counts as 0).
+
+Dropped, because simulation shows they cannot be made valid here: DerSimonian-Laird's random-effects
+interval and prediction interval (a normal model of a bounded, selected quantity with per-run SEs
+that ignore the selection) and the percentile bootstrap of the median.
 """
 
 import math
-import warnings
 
 import numpy as np
 
-from analysis.compare_read import CONDITION, Run
+from analysis.compare_read import Run
+from towers import conditions as cond
+from towers.verdict import format_p
 
-Z95 = 1.959963984540054  # the normal quantile of a 95% interval: the Newcombe interval's width is 2 Z SE
 
-
-def median_interval(values, level: float = 0.95, resamples: int = 9999, seed: int = 0):
-    """Median of ``values`` and its percentile-bootstrap interval (scipy.stats.bootstrap) over them;
-    (median, nan, nan) for fewer than two values."""
+def median_interval_ranks(n: int, level: float = 0.95) -> tuple[int, int, float]:
+    """The order statistics (r, s), 1-based, whose interval [x_(r), x_(s)] covers the median of any
+    distribution with probability at least ``level`` (exact, distribution-free: the count of seeds below
+    the median is Binomial(n, 1/2)), the narrowest symmetric such pair, and its exact level
+    1 - 2 P(Bin(n, 1/2) <= r - 1). Below ``level`` even [min, max] does not reach it: then (1, n) with
+    its own level (93.75% at 5 seeds, 87.5% at 4), which the report prints beside the interval."""
     from scipy import stats
 
-    x = np.asarray([v for v in values if v is not None], dtype=float)
+    r = 1
+    while r + 1 <= n // 2 and 1 - 2 * stats.binom.cdf(r, n, 0.5) >= level:
+        r += 1
+    return r, n + 1 - r, float(1 - 2 * stats.binom.cdf(r - 1, n, 0.5))
+
+
+MIN_MEDIAN_LEVEL = 0.93  # below this exact level (4 seeds or fewer: 87.5%) the report prints no interval
+
+
+def median_interval(values, level: float = 0.95):
+    """Median of ``values`` and its order-statistic interval with the interval's exact level
+    (:func:`median_interval_ranks`): (median, low, high, level). Valid for any distribution of the
+    seeds' values (ties included), so also for a delta f chosen from the data, whose distribution is
+    bounded and lumpy. nan bounds when fewer seeds than give MIN_MEDIAN_LEVEL (5)."""
+    x = np.sort(np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float))
     if x.size == 0:
-        return math.nan, math.nan, math.nan
-    med = float(np.median(x))
-    if x.size < 2:
-        return med, math.nan, math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # all-equal values: a degenerate (but correct) interval
-        ci = stats.bootstrap(
-            (x,), np.median, confidence_level=level, n_resamples=resamples, method="percentile", random_state=seed
-        ).confidence_interval
-    return med, float(ci.low), float(ci.high)
+        return math.nan, math.nan, math.nan, math.nan
+    r, s, achieved = median_interval_ranks(x.size, level)
+    if achieved < MIN_MEDIAN_LEVEL:
+        return float(np.median(x)), math.nan, math.nan, achieved
+    return float(np.median(x)), float(x[r - 1]), float(x[s - 1]), achieved
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95):
@@ -55,58 +78,6 @@ def every_run_bound(k: int, n: int, level: float = 0.95) -> float:
     return float(stats.binomtest(k, n, alternative="greater").proportion_ci(level, method="exact").low)
 
 
-def se_from_interval(low, high, z: float = Z95) -> float:
-    """A run's standard error of delta f from its (Newcombe, 95%) interval: width / (2 z)."""
-    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
-        return math.nan
-    return (high - low) / (2 * z)
-
-
-def dersimonian_laird(estimates, standard_errors, level: float = 0.95) -> dict:
-    """Random-effects estimate (DerSimonian & Laird 1986) of a quantity measured once per run.
-
-    Per run i: estimate y_i with variance v_i = SE_i^2, weight w_i = 1 / v_i. Cochran's
-    Q = sum w_i (y_i - ybar_w)^2; between-run variance tau^2 = max(0, (Q - (k - 1)) / (sum w - sum w^2 / sum w));
-    the estimate mu = sum w*_i y_i / sum w*_i with w*_i = 1 / (v_i + tau^2), SE(mu) = (sum w*)^(-1/2);
-    its confidence interval mu +- z SE(mu); the prediction interval for a new run (Higgins, Thompson &
-    Spiegelhalter 2009) mu +- t_{k-2} sqrt(tau^2 + SE(mu)^2), which needs k >= 3 runs. Runs with a
-    missing or zero SE are left out."""
-    from scipy import stats
-
-    y, se = np.asarray(estimates, float), np.asarray(standard_errors, float)
-    keep = np.isfinite(y) & np.isfinite(se) & (se > 0)
-    y, v = y[keep], se[keep] ** 2
-    k = int(y.size)
-    nan = math.nan
-    out = {
-        "k": k,
-        "estimate": nan,
-        "se": nan,
-        "tau2": nan,
-        "q": nan,
-        "ci_low": nan,
-        "ci_high": nan,
-        "pi_low": nan,
-        "pi_high": nan,
-    }
-    if k == 0:
-        return out
-    w = 1 / v
-    ybar = float((w * y).sum() / w.sum())
-    q = float((w * (y - ybar) ** 2).sum())
-    c = float(w.sum() - (w**2).sum() / w.sum())
-    tau2 = max(0.0, (q - (k - 1)) / c) if k > 1 and c > 0 else 0.0
-    ws = 1 / (v + tau2)
-    mu = float((ws * y).sum() / ws.sum())
-    se_mu = float(math.sqrt(1 / ws.sum()))
-    z = stats.norm.ppf(0.5 + level / 2)
-    out.update(estimate=mu, se=se_mu, tau2=tau2, q=q, ci_low=mu - z * se_mu, ci_high=mu + z * se_mu)
-    if k >= 3:
-        half = stats.t.ppf(0.5 + level / 2, k - 2) * math.sqrt(tau2 + se_mu**2)
-        out.update(pi_low=mu - half, pi_high=mu + half)
-    return out
-
-
 def versus_control(trained, control) -> float:
     """One-sided p that the trained towers' delta f exceeds the trained one-tower control's, at the
     seed level: Mann-Whitney U (exact for small samples, no normality assumed), one value per seed.
@@ -121,89 +92,106 @@ def versus_control(trained, control) -> float:
     return float(stats.mannwhitneyu(a, b, alternative="greater").pvalue)
 
 
-def condition_key(run: Run) -> tuple:
-    return tuple(run.row[c] for c in CONDITION)
+def seed_value(delta_f) -> float:
+    """A run's delta f as a seed counts it: a run with no agnostic or no specific side (no split) is 0,
+    below every split (whose delta f is positive by construction)."""
+    return 0.0 if delta_f is None or not math.isfinite(delta_f) else float(delta_f)
 
 
-def is_control(key: tuple) -> bool:
-    """Whether a condition is the one-tower control (its kernels judged on two random halves)."""
-    return key[CONDITION.index("num_towers")] == 1
+def control_delta_f(run: Run, groups: int) -> float:
+    """The one-tower control's delta f with its kernels split into ``groups`` random groups and judged by
+    the verdict's own rule (the towers' selection, exactly): its record's own value when it was judged
+    with that many groups, else from its kernels' classes (towers.color.control_partition,
+    towers.verdict.split_statistic). nan when the record has no classes."""
+    last = run.last
+    if last is None or last.verdict is None:
+        return math.nan
+    if len(last.value("towers") or ()) == groups:
+        return seed_value(last.value("delta_f"))
+    classes = last.value("kernel_class")
+    if not classes:
+        return math.nan
+    from towers.color import control_partition
+    from towers.verdict import split_statistic
 
-
-def control_key(key: tuple) -> tuple:
-    """The one-tower control of a condition: the same hyperparameters with num_towers = 1 (and no
-    colour-blind tower: the positive control is compared with the same one-tower control)."""
-    return tuple(1 if c == "num_towers" else None if c == "color_blind" else v for c, v in zip(CONDITION, key))
+    codes = {"grey": 0, "colour": 1, "weak": 2, "unstructured": 3}
+    labels = np.array([codes[c] for c in classes])
+    seed = last.value("seed") or 0
+    delta, _, _ = split_statistic(labels, control_partition(labels.size, groups, seed), groups)
+    return seed_value(float(np.asarray(delta).ravel()[0]))
 
 
 def conditions(runs: list[Run]) -> dict:
-    """Judged runs (finished, with a verdict) grouped by every CONDITION column: {key: [runs]}, stable order."""
+    """Judged runs (finished, with a verdict of this rule) grouped by condition: {key: [runs]}, stable order."""
     groups = {}
     for run in runs:
         if run.judged:
-            groups.setdefault(condition_key(run), []).append(run)
-    return dict(
-        sorted(
-            groups.items(),
-            key=lambda kv: tuple((v is None, str(v) if not isinstance(v, (int, float)) else v) for v in kv[0]),
-        )
-    )
+            groups.setdefault(cond.key(run.condition), []).append(run)
+    return dict(sorted(groups.items(), key=lambda kv: (str(kv[1][0].row["num_towers"]), kv[0])))
 
 
-SHORT_NAMES = {
-    "num_towers": "T",
-    "width_policy": "width",
-    "color_blind": "blind",
-    "precision": "precision",
-    "data": "data",
-    "data_root": "root",
-    "batch_size": "batch",
-    "lr": "lr",
-    "max_epochs": "epochs",
-}
+def condition_label(condition: dict, varying: list[str], towers: bool = True, sep: str = "; ") -> str:
+    """``towers: 2; LR schedule: step``: the tower count and the settings that differ between conditions
+    (settings a run's config does not record are counted, not listed: its id tells it apart)."""
+    names = [n for n in varying if n != cond.TOWERS]
+    shown = [cond.show(cond.TOWERS, condition.get(cond.TOWERS))] if towers else []
+    shown += [cond.show(n, condition[n]) for n in names if n in condition]
+    missing = sum(n not in condition for n in names)
+    if missing:
+        shown.append(f"{missing} setting{'s' * (missing > 1)} not recorded")
+    return sep.join(shown)
 
 
-def condition_label(key: tuple, varying: list[str], short: bool = False, sep: str = ", ", towers: bool = True) -> str:
-    """``T=2, lr=0.01``: the tower count and the CONDITION columns that differ between runs."""
-    parts = [
-        f"{SHORT_NAMES[c] if short else c}={v:g}" if isinstance(v, float) else f"{SHORT_NAMES[c] if short else c}={v}"
-        for c, v in zip(CONDITION, key)
-        if c in varying or (c == "num_towers" and towers)
-    ]
-    return sep.join(parts)
-
-
-def varying_columns(runs: list[Run]) -> list[str]:
-    return [c for c in CONDITION if len({r.row[c] for r in runs}) > 1]
+def condition_labels(runs: list[Run], sep: str = "; ") -> dict:
+    """{condition key: its label} for the judged runs' conditions (the settings that differ between them)."""
+    first = {key: group[0].condition for key, group in conditions(runs).items()}
+    varying = cond.differences(list(first.values()))
+    return {key: condition_label(c, varying, sep=sep) for key, c in first.items()}
 
 
 def summarize(runs: list[Run], alpha: float = 0.05, level: float = 0.95, seed: int = 0) -> list[dict]:
     """Per condition: k of n seeds specialised with the one-sided Clopper-Pearson lower bound (and the
-    two-sided interval), the median delta f with its bootstrap interval, the DerSimonian-Laird estimate
-    with its prediction interval, the seed-level test against the one-tower control, omega^2 (eta^2 less
-    its chance bias) and, as a calibration check, the verdict and eta^2's p at initialisation."""
+    two-sided interval), the median delta f with its order-statistic interval, the seed-level test against
+    the one-tower control judged with as many groups as the condition has towers, omega^2's median with
+    the same interval, the onset, and as a calibration check the verdict and eta^2's p at initialisation.
+    (``seed`` is kept for the command line; nothing here is random.)"""
     groups = conditions(runs)
-    varying = varying_columns(runs)
-    delta = {key: [r.row["delta_f"] for r in group] for key, group in groups.items()}
+    first = {key: group[0].condition for key, group in groups.items()}
+    varying = cond.differences(list(first.values()))
     out = []
     for key, group in groups.items():
+        condition = first[key]
         n = len(group)
         k = sum(r.row["verdict"] == "specialised" for r in group)
-        med, lo, hi = median_interval(delta[key], level, seed=seed)
-        om, om_lo, om_hi = median_interval([r.row["omega2"] for r in group], level, seed=seed)
-        re = dersimonian_laird(
-            delta[key], [se_from_interval(r.row["delta_f_low"], r.row["delta_f_high"]) for r in group], level
+        towers = condition.get(cond.TOWERS)
+        values = [seed_value(r.row["delta_f"]) for r in group]
+        med, lo, hi, med_level = median_interval(values, level)
+        om, om_lo, om_hi, _ = median_interval([r.row["omega2"] for r in group], level)
+        control = cond.is_control(condition)
+        controls = (
+            []
+            if control or not isinstance(towers, int)
+            else [
+                r
+                for ck, cg in groups.items()
+                if cond.same_setup(first[ck], cond.control_of(condition)) and cond.is_control(first[ck])
+                for r in cg
+            ]
         )
-        control = is_control(key)
-        ctrl = None if control else control_key(key)
+        control_values = [v for v in (control_delta_f(r, towers) for r in controls) if math.isfinite(v)]
         onsets = [r.row["onset_step"] for r in group if r.row["onset_step"] is not None]
         init_judged = [r for r in group if r.row["verdict_init"] is not None]
-        init_p = [r.row["p_value_init"] for r in group if r.row["p_value_init"] is not None]
+        init_p = [r.row["p_eta2_init"] for r in group if r.row["p_eta2_init"] is not None]
         cp_lo, cp_hi = clopper_pearson(k, n, level)
+        cmed, clo, chi, _ = median_interval(control_values, level)
         out.append(
             {
-                "condition": dict(zip(CONDITION, key)),
-                "label": condition_label(key, varying, short=True),
+                "key": key,
+                "condition": condition,
+                "id": group[0].row["condition"],
+                "num_towers": towers,
+                "label": condition_label(condition, varying),
+                "colour_label": condition_label(condition, varying, towers=False),
                 "control": control,
                 "seeds": n,
                 "specialised": k,
@@ -213,9 +201,12 @@ def summarize(runs: list[Run], alpha: float = 0.05, level: float = 0.95, seed: i
                 "delta_f_median": med,
                 "delta_f_low": lo,
                 "delta_f_high": hi,
-                "re": re,
-                "control_seeds": len(delta.get(ctrl, [])) if ctrl else None,
-                "control_p": versus_control(delta[key], delta[ctrl]) if ctrl in delta else math.nan,
+                "median_level": med_level,
+                "control_seeds": len(control_values) if not control else None,
+                "control_median": cmed,
+                "control_low": clo,
+                "control_high": chi,
+                "control_p": versus_control(values, control_values) if control_values else math.nan,
                 "omega2_median": om,
                 "omega2_low": om_lo,
                 "omega2_high": om_hi,
@@ -240,7 +231,7 @@ def sensitivity(group: list[Run]) -> list[dict]:
     (towers.verdict.SENSITIVITY_CUTS), the seeds specialised at that cut and their median delta f."""
     by_cut = {}
     for run in group:
-        for row in run.last.get("sensitivity") or ():
+        for row in run.last.value("sensitivity") or ():
             by_cut.setdefault(row["cut"], []).append(row)
     return [
         {
@@ -257,27 +248,30 @@ def _num(x, fmt: str = ".2f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
 
 
+def _interval(med, lo, hi, level) -> str:
+    if not math.isfinite(med):
+        return "n/a"
+    if not math.isfinite(lo):
+        return f"{med:.2f} (no interval below 5 seeds)"
+    return f"{med:.2f} [{lo:.2f}, {hi:.2f}] ({level:.1%} order-statistic interval)"
+
+
 def condition_line(s: dict, level: float = 0.95) -> str:
-    """The report's one line per condition: "T=2: 3 of 5 seeds specialised (one-sided 95% lower bound
-    0.19); median Δf 0.41 [0.30, 0.52]; random effects 0.40 (prediction for a new run [..]); vs
-    one-tower control p = 0.004"."""
+    """The report's one line per condition: "towers: 2: 3 of 5 seeds specialised (one-sided 95% lower
+    bound 0.19); median Δf 0.41 [0.30, 0.55] (93.8% ...); one-tower control as 2 random groups (5 seeds):
+    median Δf 0.10 [...]; towers vs control p = 0.004 (one-sided Mann-Whitney on the seeds' Δf)"."""
     pct = f"{level:.0%}"
     line = (
-        f"{s['label']}{' (one-tower control, random halves)' if s['control'] else ''}: {s['specialised']} of "
+        f"{s['label']} [{s['id']}]{' (one-tower control)' if s['control'] else ''}: {s['specialised']} of "
         f"{s['seeds']} seeds specialised (one-sided {pct} lower bound {_num(s['bound'])}); "
-        f"median Δf {_num(s['delta_f_median'])} [{_num(s['delta_f_low'])}, {_num(s['delta_f_high'])}]"
+        f"median Δf {_interval(s['delta_f_median'], s['delta_f_low'], s['delta_f_high'], s['median_level'])}"
     )
-    re = s["re"]
-    if re["k"] >= 3:
-        line += (
-            f"; random effects {_num(re['estimate'])} [{_num(re['ci_low'])}, {_num(re['ci_high'])}], "
-            f"a new run {pct} in [{_num(re['pi_low'])}, {_num(re['pi_high'])}]"
-        )
     if not s["control"]:
         if s["control_seeds"]:
             line += (
-                f"; vs one-tower control ({s['control_seeds']} seeds) p = {_num(s['control_p'], '.2g')} "
-                f"(one-sided Mann-Whitney on the seeds' Δf)"
+                f"; one-tower control as {s['num_towers']} random groups ({s['control_seeds']} seeds): median Δf "
+                f"{_num(s['control_median'])}; towers vs control p {format_p(s['control_p'])} "
+                f"(one-sided Mann-Whitney on the seeds' Δf, a run without a split counted lowest)"
             )
         else:
             line += "; no one-tower control with the same settings"
@@ -286,11 +280,11 @@ def condition_line(s: dict, level: float = 0.95) -> str:
     return line
 
 
-def fixed_delta_f(record: dict, agnostic_group, specific_group) -> float:
+def fixed_delta_f(record, agnostic_group, specific_group) -> float:
     """Delta f of one measurement with the groups fixed to the final record's (one labelling for the
     whole run, the verdict's at the end): pooled colour fraction of ``specific_group`` minus that of
     ``agnostic_group``, from the record's per-tower counts. nan when a side has no non-weak kernel."""
-    towers, colour, grey = record.get("towers"), record.get("colour_count"), record.get("grey_count")
+    towers, colour, grey = record.value("towers"), record.value("colour_count"), record.value("grey_count")
     if not towers or colour is None or grey is None or not agnostic_group or not specific_group:
         return math.nan
 

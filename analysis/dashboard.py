@@ -15,7 +15,11 @@ and ``colour_fraction`` (the run comparer shows them beside the config), η² (`
 stores in the run (``model.*``, ``data.*``, ``trainer.precision``, nested as in the YAML). W&B's
 panels pool what they group: group by tower count only runs of one precision, data set and width
 policy (filter by them; ``analysis/compare.py`` never pools them, and gives the statistics across
-seeds, the one-sided bounds and the test against the one-tower control that panels cannot).
+seeds, the one-sided bounds and the test against the one-tower control that panels cannot). The
+panels that pool runs group them by ``condition``, the id every run logs in its W&B config
+(:func:`towers.conditions.condition_id`, ``T2-3fa2b1c0``: its tower count and a hash of every setting
+but the seed), the same id the report names its conditions by; the summary keys are the record's
+(:data:`towers.records.SUMMARY_FIELDS`).
 """
 
 import argparse
@@ -35,10 +39,11 @@ from towers.records import (  # noqa: F401
     color_score_key,
     image_key,
 )
+from towers.records import SUMMARY_FIELDS as SUMMARY_KEYS  # noqa: F401  the run summary's answer the comparer shows
 from towers.records import colour_fraction_key as colour_fraction
 
 # What the runs log (towers.records, the callback's keys) and the config keys train.py stores (nested, as in the YAML).
-SUMMARY_KEYS = ("verdict", "delta_f", "colour_fraction")  # the run summary's answer the comparer shows
+CONDITION = "condition"  # towers.runs.SaveRunConfig logs towers.conditions.condition_id into the W&B config
 KERNELS, SCORES = image_key(GRID), image_key(SCORE_PLOT)
 NUM_TOWERS, LR, BATCH_SIZE, SEED = "model.num_towers", "model.lr", "data.batch_size", "seed_everything"
 PRECISION = "trainer.precision"
@@ -64,7 +69,7 @@ def panels(max_towers: int = 4) -> dict:
     """The panels, by section: {section title: [panel, ...]}."""
     import wandb_workspaces.reports.v2 as wr
 
-    towers = wr.Config(NUM_TOWERS)
+    towers, condition = wr.Config(NUM_TOWERS), wr.Config(CONDITION)
     fractions = [colour_fraction(k) for k in range(1, max_towers + 1)]
     return {
         "The verdict by tower count": [
@@ -74,17 +79,17 @@ def panels(max_towers: int = 4) -> dict:
                 y=wr.SummaryMetric(DELTA_F),
             ),
             wr.BarPlot(
-                title="fraction of runs specialised, by tower count (mean of verdict/specialised)",
+                title="fraction of runs specialised, by condition (mean of verdict/specialised)",
                 metrics=[SPECIALISED],
-                groupby=towers,
+                groupby=condition,
                 groupby_aggfunc="mean",
                 groupby_rangefunc="none",
                 orientation="v",
             ),
             wr.BarPlot(
-                title="Δf by tower count: median over runs, min-max",
+                title="Δf by condition: median over runs, min-max",
                 metrics=[DELTA_F],
-                groupby=towers,
+                groupby=condition,
                 groupby_aggfunc="median",
                 groupby_rangefunc="minmax",
                 orientation="v",
@@ -192,8 +197,8 @@ def build_report(
             f"Do the first-layer kernels split into a colour-agnostic and a colour-specific tower, across the "
             f"runs of {scope}? The verdict of every run (specialised or not), Δf (the specific tower's colour "
             "fraction less the agnostic tower's) and each tower's colour fraction; η² of the colour scores "
-            "with its p beside them; the kernel grids side by side. Group only runs of one precision, data "
-            "set and width policy. The statistics across seeds (k of n specialised with its one-sided bound, "
+            "with its p beside them; the kernel grids side by side. Runs pool by condition (every setting but the "
+            "seed; its id is in each run's config). The statistics across seeds (k of n specialised with its one-sided bound, "
             "the test against the one-tower control): python analysis/compare.py."
         )
     ]

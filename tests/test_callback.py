@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from analysis import kernels as analysis
-from towers import KernelBisectionCallback, TowerClassifier
+from towers import KernelBisectionCallback, TowerClassifier, records
 from towers.color import color_specificity
 from towers.figures import kernel_grid, label_width
 from towers.files import read_jsonl
@@ -170,7 +170,7 @@ def test_run_folder_holds_grids_plots_weights_and_records(run):
 def test_bisection_json_and_history_follow_the_schema(run):
     d, model = run["dir"], run["model"]
     data = json.loads((d / "bisection.json").read_text())
-    assert data["format"] == "towers.bisection" and data["version"] == 2
+    assert data["format"] == "towers.bisection" and data["version"] == records.VERSION
     assert data["history"] == "bisection_history.jsonl" and 0 < data["measurement_seconds"] < data["fit_seconds"]
     init, last = data["init"], data["last"]
     assert (init["stage"], init["step"], init["kernels_file"]) == ("init", 0, "kernels_init.npy")
@@ -379,6 +379,7 @@ def test_wandb_gets_the_images_and_the_files_go_into_its_run_folder(tmp_path, mo
         "colour_fraction_high",
     ):
         assert summary.get(key) == last[key], key  # None (e.g. no delta f: a side is empty) is not logged
-    assert summary["eta2"] == last["statistics"]["eta2"] and summary["p_value"] == last["statistics"]["p_value"]
+    # the summary is the record's (towers.records.Record.summary): eta2's p under the verdict's name, p_eta2
+    assert summary["eta2"] == last["statistics"]["eta2"] and summary["p_eta2"] == last["statistics"]["p_value"]
     media = sorted(p.name.split("_")[0] for p in (files / "media" / "images" / "bisection").iterdir())
     assert media == ["kernels", "kernels", "scores", "scores"]  # init and end

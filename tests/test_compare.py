@@ -18,9 +18,10 @@ import pytest
 import torch
 import yaml
 
-from analysis import compare, compare_figures
+from analysis import compare, compare_figures, compare_read, compare_stats
 from tests.fixtures.kernels import colour, gabor, noisy
 from towers import records
+from towers.verdict import Verdict
 
 N = 16  # kernels per tower: small, and enough for the verdict to tell a planted split
 
@@ -100,7 +101,7 @@ def write_run(
         json.dumps(
             {
                 "format": "towers.bisection",
-                "version": 2,
+                "version": records.VERSION,
                 "init": dict(init, kernels_file="kernels_init.npy"),
                 "last": dict(last, kernels_file="kernels.npy"),
                 "history": "bisection_history.jsonl",
@@ -108,7 +109,7 @@ def write_run(
             }
         )
     )
-    (folder / "bisection_history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    (folder / "bisection_history.jsonl").write_text("".join(records.history_line(r) for r in history))
     from towers.figures import kernel_grid, write_png
 
     k = kernels(towers, seed, swap)
@@ -242,8 +243,6 @@ def test_table_from_sweep_and_lightning_folders(folders):
     for key in (
         "verdict",
         "delta_f",
-        "delta_f_low",
-        "delta_f_high",
         "p_delta_f",
         "auc",
         "agnostic_tower",
@@ -251,12 +250,9 @@ def test_table_from_sweep_and_lightning_folders(folders):
     ):
         assert r[key] == last[key], key
     assert r["verdict"] == "specialised" and (r["agnostic_tower"], r["specific_tower"]) == (1, 2)
-    assert (r["eta2"], r["p_value"], r["omega2"]) == (
-        last["statistics"]["eta2"],
-        last["statistics"]["p_value"],
-        last["statistics"]["omega2"],
-    )
-    assert r["eta2_init"] == init["statistics"]["eta2"] and r["verdict_init"] == init["verdict"]
+    rec, rec_init = records.Record.from_dict(last, records.VERSION), records.Record.from_dict(init, records.VERSION)
+    assert (r["eta2"], r["p_eta2"], r["omega2"]) == (rec.value("eta2"), rec.value("p_eta2"), rec.value("omega2"))
+    assert r["eta2"] is not None and r["eta2_init"] == rec_init.value("eta2") and r["verdict_init"] == init["verdict"]
     assert [r["tower1_colour_fraction"], r["tower2_colour_fraction"]] == last["colour_fraction"]
     assert [r["tower1_colour_fraction_low"], r["tower2_colour_fraction_high"]] == [
         last["colour_fraction_low"][0],
@@ -264,7 +260,8 @@ def test_table_from_sweep_and_lightning_folders(folders):
     ]
     assert r["tower1_colour_fraction"] == 2 / N and r["tower2_colour_fraction"] == 1 - 2 / N  # two kernels swapped
     assert r["onset_step"] == 15  # specialised at steps 15 and 20, not at 10 (near half and half)
-    assert "color_tower" not in r and "color_tower" not in compare.FIXED_COLUMNS
+    assert "color_tower" not in r and "color_tower" not in compare_read.FIXED_COLUMNS
+    assert "delta_f_low" not in compare_read.FIXED_COLUMNS  # no per-run interval of a data-chosen delta f
     control = rows["run-000"]
     assert control["num_towers"] == 1 and control["verdict"] == "not specialised"
     assert control["agnostic_tower"] is None and control["specific_tower"] is None  # no tower named unless specialised
@@ -317,57 +314,115 @@ def test_no_runs_found_says_what_it_looked_for(tmp_path):
         compare.main(["--out", str(tmp_path / "o")])  # neither folders nor --wandb
 
 
+def _resolved(*files) -> dict:
+    """The config train.py resolves from the given files, with every default (what SaveRunConfig writes)."""
+    import contextlib
+
+    import train
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        train.main(args=["fit", *(a for f in files for a in ("--config", f)), "--print_config"])
+    return yaml.safe_load(out.getvalue())
+
+
+def test_paper_and_code2012_runs_are_different_conditions(tmp_path):
+    """Same towers, learning rate, batch and epochs, but the 2012 code's LR schedule, LRN placement and
+    initial stds: two conditions, never pooled, named by what differs."""
+    paper, code = _resolved("configs/paper.yaml"), _resolved("configs/paper.yaml", "configs/code2012.yaml")
+    for name, config in (("paper", paper), ("code2012", code)):
+        for seed in range(2):
+            write_run(tmp_path / name / f"s{seed}", 2, 0, seed, config=dict(config, seed_everything=seed))
+    runs = compare.collect_local([tmp_path])
+    summary = compare_stats.summarize(runs)
+    assert len(summary) == 2 and [s["seeds"] for s in summary] == [2, 2]
+    assert len({r.row["condition"] for r in runs}) == 2
+    by_id = {s["id"]: s for s in summary}
+    for run in runs:
+        assert run.name in by_id[run.row["condition"]]["runs"]
+        assert run.name.startswith("code2012") == (run.condition["model.lr_schedule"] == "step")
+    code_label = next(s["label"] for s in summary if s["condition"]["model.lr_schedule"] == "step")
+    paper_label = next(s["label"] for s in summary if s["condition"]["model.lr_schedule"] == "plateau")
+    assert code_label == (
+        "towers: 2; conv1 LRN before ReLU (2012 code): yes; initial std overrides: conv3 0.03, conv4 0.03, "
+        "conv5 0.03; LR schedule: step"
+    )
+    assert paper_label == (
+        "towers: 2; conv1 LRN before ReLU (2012 code): no; initial std overrides: none; LR schedule: plateau"
+    )
+    # the one condition is also the sweep's W&B job type (the swept settings of it) and the logged id
+    from towers.conditions import condition, condition_id
+    from towers.sweep_state import condition as job_type
+
+    sweep = {
+        "parameters": {"model.lr_schedule": {"values": ["plateau", "step"]}, "seed_everything": {"values": [0, 1]}}
+    }
+    assert job_type(sweep, {"model.lr_schedule": "step", "seed_everything": 1}) == "LR schedule: step"
+    assert condition_id(condition(dict(code, seed_everything=5))) == condition_id(condition(code))
+    assert condition_id(condition(code)) != condition_id(condition(paper))
+
+
 # ----------------------------------------------------------------------------- statistics by hand
 
 
 def test_every_run_bound_is_the_one_sided_clopper_pearson_bound():
     # n of n: the bound solves p^n = 0.05
     for n, bound in ((5, 0.549), (10, 0.741), (29, 0.902)):
-        assert compare.every_run_bound(n, n) == pytest.approx(0.05 ** (1 / n)) == pytest.approx(bound, abs=5e-4)
+        assert compare_stats.every_run_bound(n, n) == pytest.approx(0.05 ** (1 / n)) == pytest.approx(bound, abs=5e-4)
     # k < n: the exact one-sided bound, P(X >= k | n, p) = 0.05 (3 of 5 -> 0.189)
     from scipy import stats
 
-    lb = compare.every_run_bound(3, 5)
+    lb = compare_stats.every_run_bound(3, 5)
     assert lb == pytest.approx(0.1893, abs=5e-4) and stats.binom.sf(2, 5, lb) == pytest.approx(0.05)
-    assert compare.every_run_bound(0, 5) == 0.0
-    assert compare.clopper_pearson(5, 5)[0] == pytest.approx(0.478, abs=5e-4)  # two-sided: 0.025 ** (1/5)
-
-
-def test_dersimonian_laird_against_a_hand_computation():
-    # y = (0.2, 0.5, 0.8), SE = (0.1, 0.2, 0.1): w = (100, 25, 100), ybar = 112.5 / 225 = 0.5,
-    # Q = 100 * 0.09 * 2 = 18, C = 225 - 20625 / 225 = 133.33, tau^2 = (18 - 2) / C = 0.12,
-    # w* = 1 / (v + 0.12) = (1/0.13, 1/0.16, 1/0.13), mu = 0.5 by symmetry, SE = (sum w*)^-1/2 = 0.21499,
-    # prediction: 0.5 +- t_{1, 0.975} sqrt(0.12 + 0.046222) = 0.5 +- 12.7062 * 0.40770 = 0.5 +- 5.1803
-    re = compare.dersimonian_laird([0.2, 0.5, 0.8], [0.1, 0.2, 0.1])
-    assert (re["k"], re["q"]) == (3, pytest.approx(18))
-    assert re["tau2"] == pytest.approx(0.12) and re["estimate"] == pytest.approx(0.5)
-    assert re["se"] == pytest.approx(0.214994, abs=1e-6)
-    assert (re["pi_low"], re["pi_high"]) == pytest.approx((0.5 - 5.1803, 0.5 + 5.1803), abs=2e-4)
-    assert (re["ci_low"], re["ci_high"]) == pytest.approx((0.5 - 1.96 * 0.214994, 0.5 + 1.96 * 0.214994), abs=1e-4)
-    # homogeneous runs: Q < k - 1, tau^2 = 0, the fixed-effect mean (0.3 * 100 + 0.4 * 25) / 125 = 0.32
-    hom = compare.dersimonian_laird([0.3, 0.4, 0.3], [0.1, 0.2, 0.1])
-    assert hom["tau2"] == 0 and hom["estimate"] == pytest.approx((0.3 * 200 + 0.4 * 25) / 225)
-    two = compare.dersimonian_laird([0.3, 0.4], [0.1, 0.1])  # two runs: no prediction interval (t with 0 df)
-    assert two["k"] == 2 and np.isnan(two["pi_low"]) and two["estimate"] == pytest.approx(0.35)
+    assert compare_stats.every_run_bound(0, 5) == 0.0
+    assert compare_stats.clopper_pearson(5, 5)[0] == pytest.approx(0.478, abs=5e-4)  # two-sided: 0.025 ** (1/5)
 
 
 def test_towers_against_the_one_tower_control_at_the_seed_level():
     # every trained Delta f above every control's: the exact one-sided p is 1 / C(6, 3) = 0.05
-    assert compare.versus_control([0.5, 0.6, 0.7], [0.0, 0.05, 0.1]) == pytest.approx(0.05)
-    assert compare.versus_control([0.5, 0.6], [0.0, 0.1]) == pytest.approx(1 / 6)  # two seeds each: p >= 1/6
-    assert compare.versus_control([0.0, 0.05, 0.1], [0.5, 0.6, 0.7]) == pytest.approx(1.0)
-    assert np.isnan(compare.versus_control([0.5], []))
+    assert compare_stats.versus_control([0.5, 0.6, 0.7], [0.0, 0.05, 0.1]) == pytest.approx(0.05)
+    assert compare_stats.versus_control([0.5, 0.6], [0.0, 0.1]) == pytest.approx(1 / 6)  # two seeds each: p >= 1/6
+    assert compare_stats.versus_control([0.0, 0.05, 0.1], [0.5, 0.6, 0.7]) == pytest.approx(1.0)
+    assert np.isnan(compare_stats.versus_control([0.5], []))
 
 
-def test_median_and_bootstrap_interval():
-    med, lo, hi = compare.median_interval([0.9, 0.1, 0.5, 0.3, 0.7])
-    assert med == 0.5 and 0.1 <= lo <= med <= hi <= 0.9 and lo < hi
-    med, lo, hi = compare.median_interval([0.3])
-    assert med == 0.3 and np.isnan(lo) and np.isnan(hi)
+def test_median_interval_is_the_exact_order_statistic_interval():
+    # 5 seeds: [min, max] covers the median with probability 1 - 2 / 2^5 = 93.75%, the most 5 seeds give
+    med, lo, hi, level = compare_stats.median_interval([0.9, 0.1, 0.5, 0.3, 0.7])
+    assert (med, lo, hi, level) == (0.5, 0.1, 0.9, 0.9375)
+    # 10 seeds: the 2nd and 9th values, 1 - 2 P(Bin(10, 1/2) <= 1) = 1 - 22 / 1024
+    values = [0.05 * i for i in range(10)]
+    med, lo, hi, level = compare_stats.median_interval(values[::-1])
+    assert (lo, hi) == (values[1], values[8]) and level == pytest.approx(1 - 22 / 1024)
+    # fewer than 5 seeds: no interval (4 seeds reach only 87.5%)
+    med, lo, hi, level = compare_stats.median_interval([0.3, 0.4, 0.5, 0.6])
+    assert med == pytest.approx(0.45) and np.isnan(lo) and np.isnan(hi) and level == 0.875
+    assert compare_stats.median_interval_ranks(17, 0.95)[:2] == (5, 13)  # 95.1%; (6, 12) would be 85.7%
+
+
+def test_seed_simulation_runs_and_keeps_its_size(tmp_path):
+    """benchmarks/seed_simulation.py, few draws: every row, the null's size near 5% at most, Figure 3's power,
+    every printed interval at its level (the full run's table is in BENCHMARKS.md)."""
+    from benchmarks import seed_simulation
+
+    out = tmp_path / "sim.json"
+    assert seed_simulation.main(["--draws", "150", "--truth-runs", "20000", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 18 and {(r["num_towers"], r["seeds"]) for r in rows} == {
+        (t, n) for t in (2, 3, 4) for n in (5, 10)
+    }
+    null = [r for r in rows if r["effect"] == "none"]
+    assert max(r["rejects"] for r in null) <= 0.05 + 3 * (0.05 * 0.95 / 150) ** 0.5  # 5% within Monte-Carlo error
+    fig3 = next(r for r in rows if r["effect"] == "Figure 3" and (r["num_towers"], r["seeds"]) == (2, 10))
+    assert fig3["rejects"] >= 0.9
+    for r in rows:
+        for side in ("towers", "control"):
+            c = r[side]
+            assert c["median_interval"] >= c["median_interval_level"] - 0.06 and c["one_sided_bound"] >= 0.89
 
 
 def _row(towers, seed, delta, specialised, precision="32-true", lr=0.01):
-    row = {c: None for c in compare.FIXED_COLUMNS}
+    row = {c: None for c in compare_read.FIXED_COLUMNS}
     row.update(
         run=f"t{towers}s{seed}{precision}lr{lr}",
         seed=seed,
@@ -375,13 +430,22 @@ def _row(towers, seed, delta, specialised, precision="32-true", lr=0.01):
         lr=lr,
         precision=precision,
         delta_f=delta,
-        delta_f_low=delta - 0.2,
-        delta_f_high=delta + 0.2,
         omega2=delta / 2,
         verdict="specialised" if specialised else "not specialised",
         status="finished",
     )
-    return compare.Run(row=row, last={"stage": "end"})
+    last = records.Record.from_dict(
+        {
+            "stage": "end",
+            "verdict": row["verdict"],
+            "delta_f": delta,
+            "towers": ["half A", "half B"] if towers == 1 else [1, 2],
+        },
+        records.VERSION,
+    )
+    config = {"model": {"num_towers": towers, "lr": lr}, "trainer": {"precision": precision}}
+    row["condition"] = compare_read.conditions.condition_id(compare_read.conditions.condition(config))
+    return compare.Run(row=row, last=last, condition=compare_read.conditions.condition(config))
 
 
 def test_summary_by_condition_never_pools_precisions():
@@ -390,34 +454,36 @@ def test_summary_by_condition_never_pools_precisions():
     runs += [_row(1, s, d, False) for s, d in enumerate([0.0, 0.05, 0.1])]
     runs += [_row(2, s, 0.05, False, precision="bf16-mixed") for s in range(3)]  # same settings, other precision
     runs += [_row(1, s, 0.3, False, precision="bf16-mixed") for s in range(2)]
-    runs.append(compare.Run(row=dict(runs[0].row, run="diverged", status="diverged"), last={"stage": "end"}))
-    summary = {s["label"]: s for s in compare.summarize(runs)}
+    runs.append(compare.Run(row=dict(runs[0].row, run="diverged", status="diverged"), last=runs[0].last))
+    summary = {s["label"]: s for s in compare_stats.summarize(runs)}
     assert set(summary) == {
-        "T=1, precision=32-true",
-        "T=2, precision=32-true",
-        "T=1, precision=bf16-mixed",
-        "T=2, precision=bf16-mixed",
+        "towers: 1; precision: 32-true",
+        "towers: 2; precision: 32-true",
+        "towers: 1; precision: bf16-mixed",
+        "towers: 2; precision: bf16-mixed",
     }
-    fp32 = summary["T=2, precision=32-true"]
+    fp32 = summary["towers: 2; precision: 32-true"]
     assert (fp32["seeds"], fp32["specialised"]) == (5, 4)  # the diverged run is no seed; bf16 runs not pooled
-    assert fp32["bound"] == pytest.approx(compare.every_run_bound(4, 5))
+    assert fp32["bound"] == pytest.approx(compare_stats.every_run_bound(4, 5))
     assert fp32["delta_f_median"] == pytest.approx(0.5)
     assert fp32["control_seeds"] == 3  # its control: T=1 at the same precision, not the bf16 one
-    assert fp32["control_p"] == pytest.approx(compare.versus_control([0.5, 0.6, 0.7, 0.4, 0.1], [0.0, 0.05, 0.1]))
-    se = 0.4 / (2 * 1.959963984540054)
-    assert fp32["re"]["estimate"] == pytest.approx(
-        compare.dersimonian_laird([0.5, 0.6, 0.7, 0.4, 0.1], [se] * 5)["estimate"]
-    )
-    bf16 = summary["T=2, precision=bf16-mixed"]
+    assert fp32["control_p"] == pytest.approx(compare_stats.versus_control([0.5, 0.6, 0.7, 0.4, 0.1], [0.0, 0.05, 0.1]))
+    assert (fp32["delta_f_low"], fp32["delta_f_high"], fp32["median_level"]) == (0.1, 0.7, 0.9375)  # 5 seeds: min, max
+    assert "re" not in fp32  # no random-effects estimate: it does not cover (benchmarks/seed_simulation.py)
+    bf16 = summary["towers: 2; precision: bf16-mixed"]
     assert bf16["control_seeds"] == 2 and bf16["control_p"] == pytest.approx(
-        compare.versus_control([0.05] * 3, [0.3, 0.3])
+        compare_stats.versus_control([0.05] * 3, [0.3, 0.3])
     )
-    line = compare.condition_line(fp32)
+    line = compare_stats.condition_line(fp32)
     assert line.startswith(
-        "T=2, precision=32-true: 4 of 5 seeds specialised (one-sided 95% lower bound 0.34); median Δf 0.50 ["
+        f"towers: 2; precision: 32-true [{fp32['id']}]: 4 of 5 seeds specialised (one-sided 95% lower bound 0.34); "
+        "median Δf 0.50 [0.10, 0.70] (93.8% order-statistic interval)"
     )
-    assert f"vs one-tower control (3 seeds) p = {fp32['control_p']:.2g}" in line
-    assert "(one-tower control, random halves)" in compare.condition_line(summary["T=1, precision=32-true"])
+    assert (
+        f"one-tower control as 2 random groups (3 seeds): median Δf 0.05; towers vs control p = {fp32['control_p']:.2g}"
+        in line
+    )
+    assert "(one-tower control)" in compare_stats.condition_line(summary["towers: 1; precision: 32-true"])
 
 
 # ----------------------------------------------------------------------------- figures, CSV, HTML
@@ -442,25 +508,37 @@ def test_figures_csv_and_html_are_written(report):
     assert [r["run"] for r in rows] == [r.name for r in runs]
     assert rows[4]["verdict"] == "specialised" and rows[4]["precision"] == "32-true" and rows[7]["status"] == "failed"
     assert rows[4]["p_delta_f"] == "0.001"  # the number in the CSV; the HTML prints the floor as a bound
-    assert {"tower1_colour_fraction", "tower2_colour_fraction_low", "tower1_score_init"} <= set(rows[0])
+    assert {"tower1_colour_fraction", "tower2_colour_fraction_low", "tower1_score", "condition"} <= set(rows[0])
     page = paths["report.html"].read_text()
     assert page.count('src="data:image/png;base64,') == len(FIGURES)
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing loaded from outside the file
     assert page.count("<tr class=") == len(runs)
-    settings = "width=split, precision=32-true, data=demo, root=data/demo, batch=32, lr=0.01, epochs=2"
-    assert f"<li>T=2, {settings}: 3 of 3 seeds specialised (one-sided 95% lower bound 0.37); median Δf " in page
-    delta = {
-        t: [r.row["delta_f"] for r in runs if r.judged and r.row["num_towers"] == t and r.row["lr"] == 0.01]
+    settings = "batch: 32; data module: towers.data.CatsDogsDataModule; data folder: data/demo; data: demo; "
+    settings += "learning rate: 0.01; width policy: split; epochs: 2; precision: 32-true"
+    ids = {
+        t: next(r.row["condition"] for r in runs if r.row["num_towers"] == t and r.row["lr"] == 0.01) for t in (1, 2)
+    }
+    assert f"<li>towers: 2; {settings} [{ids[2]}]: 3 of 3 seeds specialised (one-sided 95% lower bound 0.37)" in page
+    delta = {  # a run without both sides counts 0
+        t: [
+            compare_stats.seed_value(r.row["delta_f"])
+            for r in runs
+            if r.judged and r.row["num_towers"] == t and r.row["lr"] == 0.01
+        ]
         for t in (1, 2)
     }
-    assert f"vs one-tower control (3 seeds) p = {compare.versus_control(delta[2], delta[1]):.2g}" in page
-    assert f"<li>T=1, {settings} (one-tower control, random halves): 0 of 3 seeds specialised" in page
+    p = compare_stats.versus_control(delta[2], delta[1])
+    assert (
+        f"one-tower control as 2 random groups (3 seeds): median Δf {np.median(delta[1]):.2f}; towers vs control p = {p:.2g}"
+        in page
+    )
+    assert f"<li>towers: 1; {settings} [{ids[1]}] (one-tower control): 0 of 3 seeds specialised" in page
     assert "run-006 (diverged)" in page and "run-007 (failed)" in page
     assert '<td data-v="0.001">≤ 1e-3</td>' in page  # p_delta_f at the floor of 999 permutations
     # the sensitivity table: every cut of the records, the rule's 1/3 among them, the T=2 seeds at each
     section = page[page.index("<h2>Sensitivity to the colour cut</h2>") :]
     assert all(f"<th>cut {c:g}</th>" in section for c in (0.1, 0.2, 0.3, 0.3333, 0.4, 0.5))
-    row = next(r for r in section.split("<tr>") if r.startswith(f"<td>T=2, {settings}</td>"))
+    row = next(r for r in section.split("<tr>") if r.startswith(f"<td>towers: 2; {settings}</td>"))
     assert (
         row.count("<td>3 of 3 (") + row.count("<td>2 of 3 (") + row.count("<td>1 of 3 (") + row.count("<td>0 of 3 (")
         == 6
@@ -477,7 +555,11 @@ def test_report_records_the_commit_and_the_configs(report):
     ).stdout.strip()
     commit = re.search(r"<code id=commit>(.*?)</code>", page).group(1)
     assert commit.split()[0] == (head or "unknown")
-    assert page.count("<details><summary>") == 9  # every run's config, the failed one's too
+    configs = page[page.index("<h2>Configs of the runs</h2>") :]
+    assert configs.count("<details><summary>") == 9  # every run's config, the failed one's too
+    conditions = page[page.index("<h2>Conditions</h2>") : page.index("<h2>Sensitivity")]
+    assert conditions.count("<details><summary>") == 3  # each condition's settings in full, under its id
+    assert "LR schedule: not recorded" not in conditions and "learning rate: 0.01   (model.lr)" in conditions
     assert "trainer.precision: 32-true" in page and "data.root: data/demo" in page
 
 
@@ -497,9 +579,9 @@ def test_reference_is_shown_beside_the_runs(report, tmp_path):
     }
     assert (plain["delta_f"], plain["verdict"], plain["num_towers"]) == (record["delta_f"], record["verdict"], 2)
     page = paths["report.html"].read_text()
-    assert f"published figure figure3: {record['verdict']}, Δf {record['delta_f']:.2f} [" in page
+    assert f"published figure figure3: {record['verdict']}, Δf {record['delta_f']:.4g}, p " in page
     assert "published: figure3 (T=2)" in page  # its row in the conditions' table
-    fig = compare_figures.fig_delta_f(runs, compare.summarize(runs), [plain])
+    fig = compare_figures.fig_delta_f(runs, compare_stats.summarize(runs), [plain])
     (legend,) = [a.get_legend() for a in fig.axes if a.get_legend()]
     assert f"plain: Δf {record['delta_f']:.2f}, {record['verdict']}" in [t.get_text() for t in legend.get_texts()]
     (tmp_path / "bad.json").write_text(json.dumps({"statistics": {}}))
@@ -512,7 +594,7 @@ def test_figures_are_fit_for_a_paper(report):
     from matplotlib.text import Text
 
     runs, _ = report
-    summary = compare.summarize(runs)
+    summary = compare_stats.summarize(runs)
     chosen = compare_figures.choose_montage(runs, None)
     figures = {
         "delta_f": compare_figures.fig_delta_f(runs, summary, []),
@@ -565,23 +647,15 @@ def test_cli_on_folders(folders, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "9 runs (7 finished, 1 diverged, 1 failed)" not in out  # version_0 has no status.json
     assert "9 runs (6 finished, 1 diverged, 1 failed, 1 unknown)" in out and "report:" in out
-    assert "T=2, width=split, batch=32, lr=0.01, epochs=2, data=demo: 3 of 3 seeds specialised" not in out
     assert "published fig3: specialised" in out
     lines = [line.strip() for line in out.splitlines()]
-    assert any(
-        line.startswith(
-            "T=2, width=split, precision=32-true, data=demo, root=data/demo, batch=32, "
-            "lr=0.01, epochs=2: 3 of 3 seeds specialised"
-        )
-        for line in lines
-    ), out
-    assert any(
-        line.startswith(
-            "T=2, width=per_tower, precision=None, data=None, root=None, batch=None, lr=0.02, "
-            "epochs=None: 0 of 1 seeds specialised"
-        )
-        for line in lines
-    ), out
+    settings = "batch: 32; data module: towers.data.CatsDogsDataModule; data folder: data/demo; data: demo; "
+    settings += "learning rate: 0.01; width policy: split; epochs: 2; precision: 32-true"
+    assert any(re.match(rf"towers: 2; {settings} \[T2-[0-9a-f]{{8}}\]: 3 of 3 seeds specialised", x) for x in lines), (
+        out
+    )
+    csv_run = r"towers: 2; learning rate: 0.02; width policy: per_tower; 6 settings not recorded \[T2-[0-9a-f]{8}\]: "
+    assert any(re.match(csv_run + "0 of 1 seeds specialised", x) for x in lines), out
     assert (tmp_path / "report.html").stat().st_size > 10000
     with pytest.raises(SystemExit, match="no run named nope"):
         compare.main([str(folders[0]), "--out", str(tmp_path), "--montage", "nope"])
@@ -697,7 +771,9 @@ def test_wandb_history_from_the_logged_scalars_when_no_history_file(folders, tmp
     (run,) = compare.collect_wandb(
         "me/towers", api=FakeApi([RunWithoutHistoryFile(folder, "run-004", "demo")]), cache=tmp_path
     )
-    assert [(h["step"], h["eta2"], h["p_value"], h["delta_f"], h["verdict"]) for h in run.history] == [
+    assert [
+        (h.step, h.value("eta2"), h.value("p_eta2"), h.value("delta_f"), h.value("verdict")) for h in run.history
+    ] == [
         (0, 0.05, 0.6, 0.1, "not specialised"),
         (10, 0.3, 0.01, 0.8, "specialised"),
         (20, 0.4, 0.001, 0.9, "specialised"),
@@ -892,15 +968,14 @@ def test_table_from_runs_written_by_the_real_callbacks(tmp_path, monkeypatch):
             "split",
         ), r
         assert r["status"] == "finished" and r["epochs"] == 2 and r["step"] == 4
-        assert r["eta2"] == bis["last"]["statistics"]["eta2"] and r["p_value"] == bis["last"]["statistics"]["p_value"]
+        last, init = (records.Record.from_dict(bis[k], bis["version"]) for k in ("last", "init"))
+        assert (r["eta2"], r["p_eta2"], r["omega2"]) == (last.value("eta2"), last.value("p_eta2"), last.value("omega2"))
         assert r["eta2_null"] == pytest.approx(1 / 11)  # 12 conv1 kernels at width 0.125, two groups
-        assert r["eta2_init"] == bis["init"]["statistics"]["eta2"]
-        assert r["precision"] == "32-true" and r["omega2"] == bis["last"]["statistics"]["omega2"]
+        assert r["eta2_init"] == init.value("eta2") and r["eta2"] is not None
+        assert r["precision"] == "32-true" and r["version"] == records.VERSION
         for key in (
             "verdict",
             "delta_f",
-            "delta_f_low",
-            "delta_f_high",
             "p_delta_f",
             "agnostic_tower",
             "specific_tower",
@@ -908,13 +983,32 @@ def test_table_from_runs_written_by_the_real_callbacks(tmp_path, monkeypatch):
             assert r[key] == bis["last"][key], key
         assert [r["tower1_colour_fraction"], r["tower2_colour_fraction"]] == bis["last"]["colour_fraction"]
         assert [r[f"tower{k}_score"] for k in range(1, towers + 1)] == bis["last"]["tower_median"]
-        assert [r[f"tower{k}_score_init"] for k in range(1, towers + 1)] == bis["init"]["tower_median"]
         assert 0 <= r["val_acc"] <= 1
     # test/acc logged after fit reaches metrics.csv; an offline W&B run keeps it only in its binary log
     # the test after fit reaches the table from status.json, for offline W&B runs as for CSV runs
     assert all(0 <= r["test_acc"] <= 1 for r in rows.values())
     assert rows["run-000"]["sweep"] == "grid" and rows["lightning_logs/version_0"]["sweep"] is None
-    assert [h["step"] for h in runs[1].history] == [0, 2, 4]
+    assert [h.step for h in runs[1].history] == [0, 2, 4]
+    # one record type through every writer and reader: bisection.json and the history (the callback), the
+    # W&B summary (the callback), the sweep's state (the agent), the table (compare), the dashboard's keys
+    folder = next((tmp_path / "grid" / "runs" / "run-001").rglob("bisection.json")).parent
+    last = records.read_bisection(folder / "bisection.json")["last"]
+    history, broken = records.read_history(folder / "bisection_history.jsonl")
+    assert broken == 0 and (history[-1].step, history[-1].verdict) == (last.step, last.verdict)
+    assert isinstance(last.verdict, Verdict) and last.kernels_file == records.KERNELS_NPY
+    assert records.Record.from_dict(json.loads(json.dumps(last.to_dict()))) == last  # to_dict <-> from_dict
+    summary = last.summary()
+    assert records.Record.from_dict(summary).summary() == summary and summary["version"] == records.VERSION
+    wandb_summary = (
+        json.loads((folder / "wandb-summary.json").read_text()) if (folder / "wandb-summary.json").exists() else None
+    )
+    if wandb_summary is not None:  # offline runs keep their summary in the binary log only
+        assert {k: wandb_summary[k] for k in summary} == summary
+    from towers.sweep_state import read_bisection
+
+    assert read_bisection(folder, folder) == {**summary, "file": str(folder / "bisection.json")}
+    row = rows["run-001"]
+    assert all(row[k] == last.value(k) for k in ("verdict", "delta_f", "p_delta_f", "eta2", "p_eta2", "permutations"))
     assert all(r.kernels_png is not None for r in runs)
     paths = compare.write_report(runs, tmp_path / "report")
     assert paths["report.html"].stat().st_size > 50000
@@ -940,40 +1034,83 @@ def test_table_from_runs_written_by_the_real_callbacks(tmp_path, monkeypatch):
         dashboard.tower_score(2),
         dashboard.tower_score(2, init=True),
     }
-    last = json.loads((tmp_path / "logs" / "lightning_logs" / "version_0" / "bisection.json").read_text())["last"]
-    if last["delta_f"] is None:  # 4 steps: every kernel still unstructured, so no delta f or fraction to log
-        scalars -= {dashboard.DELTA_F, dashboard.P_DELTA_F, dashboard.colour_fraction(1), dashboard.colour_fraction(2)}
+    # the verdict's scalars where the tiny run has them (a run without a split has no delta f; a tower of
+    # unstructured kernels no colour fraction): exactly what its record's metrics give
+    last = records.read_bisection(next((tmp_path / "logs").rglob("bisection.json")))["last"]
+    scalars = {k for k in scalars if k in last.metrics() or not k.startswith(("verdict/", "tower_"))} | {
+        k for k in last.metrics() if not k.endswith("kernel_change")
+    }
     assert scalars <= logged, scalars - logged
     media = next((tmp_path / "grid" / "runs" / "run-001").rglob("media")) / "images"
     images = {f"{p.parent.relative_to(media).as_posix()}/{p.name.split('_')[0]}" for p in media.rglob("*.png")}
     assert {dashboard.KERNELS, dashboard.SCORES} <= images, images
-    config = compare.read_config(next((tmp_path / "grid" / "runs" / "run-001").rglob("config.yaml")))
+    config = compare_read.read_config(next((tmp_path / "grid" / "runs" / "run-001").rglob("config.yaml")))
     assert {dashboard.NUM_TOWERS, dashboard.LR, dashboard.BATCH_SIZE, dashboard.SEED} <= set(config)
 
 
-def test_history_skips_only_a_line_cut_short(tmp_path):
+def test_a_broken_history_line_is_skipped_counted_and_reported(tmp_path):
+    """A line cut short by a killed process (anywhere in the file, a resumed run appends after it) is
+    skipped and counted; the other lines are kept and the run's row says so."""
+    record = records.history_line({"step": 5, "stage": "interval", "statistics": {"eta2": 0.1}})
     path = tmp_path / "bisection_history.jsonl"
-    record = json.dumps({"step": 5, "stage": "interval", "statistics": {"eta2": 0.1}})
-    path.write_text(record + "\n" + record[:20])  # a process killed while appending
-    with pytest.warns(UserWarning, match="cut short"):
-        assert [r["step"] for r in compare.read_history(path)] == [5]
-    path.write_text(record[:20] + "\n" + record + "\n")  # cut, then a resumed run appended after it
-    with pytest.warns(UserWarning, match="skipped 1 broken line: line 1"):
-        assert [r["step"] for r in compare.read_history(path)] == [5]
+    path.write_text(record + record[:20] + "\n" + record.replace('"step": 5', '"step": 9') + "[1, 2]\n")
+    found, broken = records.read_history(path)
+    assert [r.step for r in found] == [5, 9] and broken == 2
+    sweep = make_sweep(tmp_path / "sweep")
+    history = next((sweep / "runs" / "run-004").rglob("bisection_history.jsonl"))
+    history.write_text(history.read_text() + '{"step": 25, "sta')
+    rows = {r.name: r for r in compare.collect_local([sweep])}
+    run = rows["run-004"]
+    assert "bisection_history.jsonl: 1 broken line skipped" in run.row["message"]
+    assert len(run.history) == 4 and run.row["onset_step"] == 15 and run.judged
+
+
+def test_a_status_json_of_the_wrong_shape_is_a_row_with_its_reason(tmp_path):
+    sweep = make_sweep(tmp_path)
+    for name, text in (("run-003", "[1, 2]"), ("run-004", '{"summary": [1]}'), ("run-005", '"finished"')):
+        next((sweep / "runs" / name).rglob("status.json")).write_text(text)
+    (sweep / "sweep2").mkdir()
+    (sweep / "sweep2" / "sweep.json").write_text('{"runs": 3}')  # a sweep state of the wrong shape
+    with pytest.warns(UserWarning):
+        runs = compare.collect_local([sweep])
+    rows = {r.name: r.row for r in runs}
+    for name in ("run-003", "run-004", "run-005"):
+        assert "unreadable status.json: not a status.json" in rows[name]["message"], name
+        assert rows[name]["status"] == "finished"  # the sweep agent's word, the verdict kept
+    assert rows["run-004"]["verdict"] == "specialised"
+    assert (
+        rows["sweep2/sweep.json"]["status"] == "unreadable"
+        and "not a sweep's state" in rows["sweep2/sweep.json"]["message"]
+    )
+    paths = compare.write_report(runs, tmp_path / "out")  # the report is written with them
+    assert "sweep2/sweep.json (unreadable)" in paths["report.html"].read_text()
 
 
 def test_a_run_without_a_verdict_is_named_not_counted(tmp_path):
-    """A bisection.json of format 1 (before the verdict) stays a row, named in the report, in no statistic."""
+    """A bisection.json of format 1 (before the verdict) stays a row, named in the report, in no statistic;
+    one judged by an earlier rule (version 2) too, with the reason."""
     folder = write_run(tmp_path / "runs" / "old", 2, 0, seed=0)
     data = json.loads((folder / "bisection.json").read_text())
     for key in ("init", "last"):
-        data[key] = {k: v for k, v in data[key].items() if k not in records.VERDICT_KEYS}
+        data[key] = {k: v for k, v in data[key].items() if k not in records.VERDICT_FIELDS and k != "version"}
+        data[key]["statistics"] = {"eta2": 0.3, "p_value": 0.01}
     (folder / "bisection.json").write_text(json.dumps(dict(data, version=1)))
     (run,) = compare.collect_local([tmp_path / "runs"])
-    assert run.usable and not run.judged and run.row["verdict"] is None and run.row["eta2"] is not None
-    assert compare.summarize([run]) == []
+    assert run.usable and not run.judged and run.row["verdict"] is None and run.row["eta2"] == 0.3
+    assert compare_stats.summarize([run]) == []
     paths = compare.write_report([run], tmp_path / "out")
     assert "old (no verdict in its bisection.json)" in paths["report.html"].read_text()
+    folder = write_run(tmp_path / "runs2" / "rule2", 2, 0, seed=0)
+    data = json.loads((folder / "bisection.json").read_text())
+    for key in ("init", "last"):
+        data[key] = {k: v for k, v in data[key].items() if k != "version"}
+    (folder / "bisection.json").write_text(json.dumps(dict(data, version=2)))
+    (run,) = compare.collect_local([tmp_path / "runs2"])
+    assert (
+        run.row["verdict"] == "specialised"
+        and not run.judged
+        and "earlier rule (record version 2" in run.row["message"]
+    )
 
 
 def test_a_reference_without_a_verdict_is_one_line_with_status_2(folders, tmp_path, capsys):
@@ -990,8 +1127,34 @@ def test_three_towers_count_by_the_best_bipartition(tmp_path):
     (run,) = compare.collect_local([tmp_path / "runs"])
     last = json.loads((folder / "bisection.json").read_text())["last"]
     assert (last["agnostic_group"], last["specific_group"]) == ([1], [2, 3])
-    (s,) = compare.summarize([run])
-    assert (s["label"], s["specialised"], s["seeds"]) == ("T=3", 1, 1) and run.row["verdict"] == "specialised"
+    (s,) = compare_stats.summarize([run])
+    assert (s["label"], s["specialised"], s["seeds"]) == ("towers: 3", 1, 1) and run.row["verdict"] == "specialised"
     assert [run.row[f"tower{k}_colour_fraction"] for k in (1, 2, 3)] == last["colour_fraction"]
     _, labels = compare_figures.montage_grid(run)
     assert [label for label, _, _ in labels] == ["tower 1\nagnostic", "tower 2\nspecific", "tower 3\nspecific"]
+
+
+def test_the_control_is_judged_with_as_many_groups_as_the_towers(tmp_path):
+    """Towers against control at T = 3: the one-tower control's kernels split into 3 random groups and
+    judged by the verdict's own rule, exactly as towers.verdict.verdict(control_groups=3) judges them."""
+    from towers.verdict import verdict
+
+    for seed in range(3):
+        write_run(tmp_path / "runs" / f"three{seed}", 3, 1, seed=seed)
+        write_run(tmp_path / "runs" / f"one{seed}", 1, 0, seed=seed)
+    runs = compare.collect_local([tmp_path / "runs"])
+    (three,) = [s for s in compare_stats.summarize(runs) if s["num_towers"] == 3]
+    controls = [r for r in runs if r.row["num_towers"] == 1]
+    expected = []
+    for run in controls:
+        seed = run.last.value("seed")
+        direct = verdict(kernels(1, run.row["seed"], 0), permutations=999, seed=seed, control_groups=3).delta_f
+        assert compare_stats.control_delta_f(run, 3) == pytest.approx(compare_stats.seed_value(direct))
+        expected.append(compare_stats.seed_value(direct))
+    assert three["control_seeds"] == 3 and three["num_towers"] == 3
+    assert three["control_p"] == pytest.approx(
+        compare_stats.versus_control(
+            [compare_stats.seed_value(r.row["delta_f"]) for r in runs if r.row["num_towers"] == 3], expected
+        )
+    )
+    assert "one-tower control as 3 random groups (3 seeds)" in compare_stats.condition_line(three)

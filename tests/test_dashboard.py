@@ -4,6 +4,7 @@ import wandb_workspaces.reports.v2 as wr  # the dashboard extra, also in dev
 from wandb_workspaces import expr
 
 from analysis import dashboard
+from towers import records
 
 
 def _spec(panel) -> dict:
@@ -49,8 +50,11 @@ def test_verdict_panels_serialise_to_the_logged_keys():
         "summary:verdict/delta_f",
     )
     assert fraction["viewType"] == "Bar Chart" and fraction["config"]["metrics"] == ["verdict/specialised"]
-    assert (fraction["config"]["groupBy"], fraction["config"]["groupAgg"]) == ("model.value.num_towers", "mean")
+    # pooled by the one condition (towers.conditions.condition_id, logged in every run's W&B config)
+    assert (fraction["config"]["groupBy"], fraction["config"]["groupAgg"]) == ("condition.value", "mean")
     assert median["config"]["metrics"] == ["verdict/delta_f"] and median["config"]["groupAgg"] == "median"
+    assert median["config"]["groupBy"] == "condition.value"
+    assert dashboard.SUMMARY_KEYS == records.SUMMARY_FIELDS  # the comparer's summary keys are the record's
     assert steps["viewType"] == "Run History Line Plot" and steps["config"]["metrics"] == ["verdict/delta_f"]
     per_run, specialised, comparer = (_spec(p) for p in sections["The verdict run by run"])
     assert per_run["config"]["metrics"] == ["verdict/delta_f"] and "groupBy" not in per_run["config"]

@@ -259,7 +259,7 @@ class KernelBisectionCallback(Callback):
             self.init_record = record
         self.last_record = record
         self._write_json()
-        append_jsonl(self._dir / records.HISTORY_FILE, record)  # a whole line or nothing
+        append_jsonl(self._dir / records.HISTORY_FILE, records.as_record(record).to_dict())  # a whole line or nothing
         self._log(trainer, record, images)
         self._cost += time.perf_counter() - start
 

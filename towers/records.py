@@ -22,20 +22,25 @@ taken (stage, step, epoch, time) and which kernels file holds its weights.
 
 import json
 import logging
+import math
 import pickle
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from towers.files import read_jsonl, write_atomic
+from towers.files import write_atomic
 from towers.verdict import Verdict
 
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- the format
 FORMAT = "towers.bisection"
-VERSION = 2  # 2: the verdict's keys (towers.verdict.Verdict) in every record; the control's halves are random
+# 3: the verdict of towers.verdict's one engine (majority sides, unstructured kernels, eta2 and its p
+#    among the verdict's fields); 2: the earlier rule (best bipartition, binomial "largely" tests);
+#    1: before the verdict. Records of another version are read but never pooled with these.
+VERSION = 3
 
 # ----------------------------------------------------------------------------- file names
 BISECTION_FILE = "bisection.json"  # KernelBisectionCallback: the first and the latest record
@@ -101,20 +106,6 @@ def accuracy_key(stage: str, top_k: int = 1) -> str:
 
 
 TEST_ACC, VAL_ACC = accuracy_key("test"), accuracy_key("val")
-# The run's answer in its W&B summary, under the record's own keys (the last measurement wins).
-SUMMARY_KEYS = (
-    "verdict",
-    "delta_f",
-    "delta_f_low",
-    "delta_f_high",
-    "p_delta_f",
-    "colour_fraction",
-    "colour_fraction_low",
-    "colour_fraction_high",
-    "agnostic_tower",
-    "specific_tower",
-)
-SUMMARY_STATISTICS = ("eta2", "p_value")  # from the record's statistics
 
 
 def image_key(name: str) -> str:
@@ -135,47 +126,172 @@ def color_score_key(tower: int, part: str = "", init: bool = False) -> str:
     return f"tower_{tower}/color_score" + (f"_{part}" if part else "") + (INIT_SUFFIX if init else "")
 
 
-def record_metrics(record: dict) -> dict:
-    """The scalars the callback logs for one record, by key; None values left out."""
-    scalars = {}
-    stats = record["statistics"]
-    if stats is not None:
-        scalars.update({ETA2: stats["eta2"], P_VALUE: stats["p_value"], ETA2_NULL: stats["eta2_null"]})
-        if record["num_towers"] > 2:
-            scalars.update({ETA2_SPLIT: stats["eta2_split"], P_VALUE_SPLIT: stats["p_value_split"]})
-    if record.get("verdict") is not None:
-        scalars.update(
-            {
-                SPECIALISED: float(record["verdict"] == "specialised"),
-                DELTA_F: record["delta_f"],
-                P_DELTA_F: record["p_delta_f"],
-                AUC: record["auc"],
-            }
-        )
-        for k, fraction in enumerate(record["colour_fraction"], start=1):
-            scalars[colour_fraction_key(k)] = fraction
-    for k, change in enumerate(record.get("kernel_change") or (), start=1):
-        scalars[kernel_change_key(k)] = change
-    if record["tower_median"] is not None:
-        for k, (total, dc, ac) in enumerate(
-            zip(record["tower_median"], record["tower_median_dc"], record["tower_median_ac"]), start=1
-        ):
-            scalars.update({color_score_key(k): total, color_score_key(k, "dc"): dc, color_score_key(k, "ac"): ac})
-    if record["stage"] == "init":  # the baseline under its own names too, for side-by-side tables
-        scalars.update(
-            {
-                f"{key}{INIT_SUFFIX}": value
-                for key, value in list(scalars.items())
-                if key in (ETA2, P_VALUE) or key.endswith("/color_score")
-            }
-        )
-    return {k: v for k, v in scalars.items() if v is not None}
+# ----------------------------------------------------------------------------- the record
+VERDICT_FIELDS = tuple(Verdict.__dataclass_fields__)
+# The run's answer in its W&B summary and in the sweep's state (Record.summary): these verdict fields
+# (those the engine has), beside the record's identity.
+SUMMARY_FIELDS = (
+    "verdict",
+    "reason",
+    "margin",
+    "delta_f",
+    "delta_f_low",
+    "delta_f_high",
+    "p_delta_f",
+    "permutations",
+    "towers",
+    "colour_fraction",
+    "colour_fraction_low",
+    "colour_fraction_high",
+    "agnostic_tower",
+    "specific_tower",
+    "agnostic_group",
+    "specific_group",
+    "unstructured_count",
+    "frequency_median",
+    "eta2",
+    "eta2_null",
+    "p_eta2",
+    "omega2",
+)
+LEGACY_STATISTICS = {"eta2": "eta2", "eta2_null": "eta2_null", "p_eta2": "p_value", "omega2": "omega2"}
 
 
-def record_summary(record: dict) -> dict:
-    """The run's answer for its W&B summary: the verdict's keys and eta2 with its p."""
-    stats = record["statistics"] or {}
-    return {**{k: record[k] for k in SUMMARY_KEYS}, **{k: stats.get(k) for k in SUMMARY_STATISTICS}}
+@dataclass
+class Record:
+    """One measurement of a run's first-layer kernels, the one type every writer and reader of it uses:
+    ``bisection.json`` and ``bisection_history.jsonl`` (:meth:`to_dict`), the W&B summary and the sweep's
+    state (:meth:`summary`), the logged scalars (:meth:`metrics`), ``analysis/compare*.py`` and the
+    sweep table (:meth:`from_dict`, which reads all of these back).
+
+    The verdict (:class:`towers.verdict.Verdict`) is one typed sub-object, ``record.verdict``; on disk its
+    fields sit at the record's top level (``"verdict": "specialised"``, ``"delta_f"``, ...), as
+    :func:`towers.measure.measure` writes them. ``version`` is the rule the record was judged by
+    (:data:`VERSION`); a record of another version is read as it is but never pooled with this one's.
+    Keys this version does not know are kept in ``extra`` and written back.
+    """
+
+    version: int | None = VERSION
+    stage: str | None = None  # "init", "interval", "end"; None for a file measured afterwards
+    step: int | None = None
+    epoch: int | None = None
+    time: str | None = None
+    num_towers: int | None = None
+    kernels_per_tower: int | None = None
+    error: str | None = None  # why there is no verdict (e.g. weights not finite)
+    verdict: Verdict | None = None
+    statistics: dict | None = None  # eta2's block as towers.color.Bisection holds it (the score plot reads it)
+    tower: list | None = None  # per kernel, its tower
+    score: list | None = None  # per kernel, its colour score (total, dc, ac)
+    score_dc: list | None = None
+    score_ac: list | None = None
+    tower_median: list | None = None  # per tower, the median score (total, dc, ac)
+    tower_median_dc: list | None = None
+    tower_median_ac: list | None = None
+    kernel_change: list | None = None  # per tower ||W - W0|| / ||W0||
+    kernels_file: str | None = None  # the .npy beside bisection.json holding these kernels
+    extra: dict = field(default_factory=dict)
+
+    # --- reading and writing
+    @classmethod
+    def from_dict(cls, data: dict | None, version: int | None = None) -> "Record":
+        """A record from any of its forms (bisection.json's, a history line, a summary). ``version``: the
+        file's, for records written before each record carried its own (a missing one reads as 1)."""
+        data = dict(data or {})
+        own = {k: data.pop(k) for k in list(data) if k in RECORD_FIELDS}
+        judged = data.get("verdict") is not None
+        # eta2 and its p without a verdict to hold them (a summary or logged scalars): kept in statistics
+        legacy = {old: data.get(k) for k, old in LEGACY_STATISTICS.items() if not judged or k not in VERDICT_FIELDS}
+        if any(v is not None for v in legacy.values()):
+            own["statistics"] = {**{k: v for k, v in legacy.items() if v is not None}, **(own.get("statistics") or {})}
+        verdict = Verdict(**{k: data.get(k) for k in VERDICT_FIELDS}) if judged else None
+        for k in (*VERDICT_FIELDS, *LEGACY_STATISTICS):
+            data.pop(k, None)
+        own.setdefault("version", version or 1)
+        return cls(**own, verdict=verdict, extra=data)
+
+    def to_dict(self) -> dict:
+        """The record as bisection.json and the history file hold it (strict-JSON values)."""
+        out = {k: getattr(self, k) for k in RECORD_FIELDS}
+        fields = self.verdict.to_dict() if self.verdict is not None else dict.fromkeys(VERDICT_FIELDS)
+        return {**self.extra, **out, **fields}
+
+    def value(self, name: str):
+        """A verdict field by name (None without a verdict or when the engine has no such field); eta2
+        and its p from ``statistics`` for records of engines that kept them there."""
+        if self.verdict is not None and name in VERDICT_FIELDS and getattr(self.verdict, name) is not None:
+            return getattr(self.verdict, name)
+        if name in LEGACY_STATISTICS and self.statistics:
+            return self.statistics.get(LEGACY_STATISTICS[name])
+        return None
+
+    def summary(self) -> dict:
+        """The run's answer for its W&B summary and the sweep's state: identity and SUMMARY_FIELDS
+        (a form :meth:`from_dict` reads back)."""
+        identity = {k: getattr(self, k) for k in ("version", "stage", "step", "epoch", "num_towers", "error")}
+        return {**identity, **{k: self.value(k) for k in SUMMARY_FIELDS}}
+
+    def metrics(self) -> dict:
+        """The scalars the callback logs for this record, by key; None values left out."""
+        scalars = {ETA2: self.value("eta2"), P_VALUE: self.value("p_eta2"), ETA2_NULL: self.value("eta2_null")}
+        stats = self.statistics or {}
+        if (self.num_towers or 0) > 2:
+            scalars[ETA2_SPLIT] = (
+                self.value("eta2_split") if "eta2_split" in VERDICT_FIELDS else stats.get("eta2_split")
+            )
+            scalars[P_VALUE_SPLIT] = (
+                self.value("p_eta2_split") if "p_eta2_split" in VERDICT_FIELDS else stats.get("p_value_split")
+            )
+        if self.verdict is not None:
+            v = self.verdict
+            scalars.update(
+                {SPECIALISED: float(v.verdict == "specialised"), DELTA_F: v.delta_f, P_DELTA_F: v.p_delta_f, AUC: v.auc}
+            )
+            for k, fraction in enumerate(v.colour_fraction or (), start=1):
+                scalars[colour_fraction_key(k)] = fraction
+        for k, change in enumerate(self.kernel_change or (), start=1):
+            scalars[kernel_change_key(k)] = change
+        if self.tower_median is not None:
+            parts = zip(self.tower_median, self.tower_median_dc, self.tower_median_ac)
+            for k, (total, dc, ac) in enumerate(parts, start=1):
+                scalars.update({color_score_key(k): total, color_score_key(k, "dc"): dc, color_score_key(k, "ac"): ac})
+        if self.stage == "init":  # the baseline under its own names too, for side-by-side tables
+            scalars.update(
+                {
+                    f"{k}{INIT_SUFFIX}": v
+                    for k, v in list(scalars.items())
+                    if k in (ETA2, P_VALUE) or k.endswith("/color_score")
+                }
+            )
+        return {k: v for k, v in scalars.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+
+    @property
+    def judged(self) -> bool:
+        """Judged by this version's rule: what the statistics across seeds may pool."""
+        return self.verdict is not None and self.version == VERSION
+
+
+RECORD_FIELDS = tuple(f for f in Record.__dataclass_fields__ if f not in ("verdict", "extra"))
+
+
+def as_record(record) -> Record:
+    """A Record from a Record or any of its dict forms."""
+    return record if isinstance(record, Record) else Record.from_dict(record, VERSION)
+
+
+def record_metrics(record) -> dict:
+    """The scalars the callback logs for one record (:meth:`Record.metrics`)."""
+    return as_record(record).metrics()
+
+
+def record_summary(record) -> dict:
+    """The run's answer for its W&B summary (:meth:`Record.summary`)."""
+    return as_record(record).summary()
+
+
+def history_line(record) -> str:
+    """One line of ``bisection_history.jsonl``: the record as :meth:`Record.to_dict` writes it."""
+    return json.dumps(as_record(record).to_dict(), allow_nan=False) + "\n"
 
 
 # ----------------------------------------------------------------------------- writing
@@ -186,11 +302,12 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=1, allow_nan=False))
 
 
-def bisection_file(init: dict | None, last: dict | None, measurement_seconds: float, fit_seconds: float | None) -> dict:
-    """The contents of ``bisection.json``: the first and the latest record, each naming its kernels file."""
+def bisection_file(init, last, measurement_seconds: float, fit_seconds: float | None) -> dict:
+    """The contents of ``bisection.json``: the first and the latest record (:class:`Record` or its dict),
+    each naming its kernels file."""
 
     def with_file(record, name):
-        return None if record is None else dict(record, kernels_file=name)
+        return None if record is None else dict(as_record(record).to_dict(), kernels_file=name)
 
     return {
         "format": FORMAT,
@@ -216,58 +333,37 @@ def load_bisection(path: Path) -> dict:
     return data
 
 
-# the eta2 numbers are read from the record's statistics (older files have them only there)
-VERDICT_KEYS = [
-    k
-    for k in Verdict.__dataclass_fields__
-    if k not in ("control", "permutations", "eta2", "eta2_null", "omega2", "eta2_split")
-]
-
-
-def measurement(record: dict | None) -> dict:
-    """The numbers of one record of ``bisection.json`` / ``bisection_history.jsonl`` (empty: none)."""
-    if not record:
-        return {}
-    stats = record.get("statistics") or {}
-    return {
-        "step": record.get("step"),
-        "epoch": record.get("epoch"),
-        "stage": record.get("stage"),
-        "num_towers": record.get("num_towers"),
-        "kernels_per_tower": record.get("kernels_per_tower"),
-        "error": record.get("error"),
-        "score": record.get("score"),
-        "tower": record.get("tower"),
-        "tower_median": record.get("tower_median"),
-        "eta2": stats.get("eta2"),
-        "eta2_null": stats.get("eta2_null"),
-        "p_value": stats.get("p_value"),
-        "eta2_split": stats.get("eta2_split"),
-        "p_value_split": stats.get("p_value_split"),
-        "omega2": stats.get("omega2"),
-        "permutations": stats.get("permutations"),
-        # the verdict (bisection.json format 2; None in older files): every Verdict field by its name
-        **{k: record.get(k) for k in VERDICT_KEYS},
-        "control": record.get("control", stats.get("control")),
-        "p_permutations": record.get("permutations"),
-    }  # the verdict's (the p_delta_f floor)
-
-
 def read_bisection(path: Path) -> dict:
-    """``bisection.json``: {"init": measurement, "last": measurement} (format version 1 lacks the verdict's keys)."""
+    """``bisection.json``: {"init": Record | None, "last": Record | None}; ValueError when it is not one."""
     data = load_bisection(path)
-    return {"init": measurement(data.get("init")), "last": measurement(data.get("last"))}
+    version = data.get("version")
+    return {k: None if data.get(k) is None else Record.from_dict(data[k], version) for k in ("init", "last")}
 
 
-def read_history(path: Path) -> list[dict]:
-    """``bisection_history.jsonl``: one measurement per line (a last line cut short by a killed
-    process is dropped with a warning)."""
-    return [measurement(record) for record in read_jsonl(path)]
+def read_history(path: Path) -> tuple[list[Record], int]:
+    """``bisection_history.jsonl``: one Record per line, and how many lines were skipped because they do
+    not parse (a line cut short by a killed process; the reader names the count, never drops the file)."""
+    found, broken = [], 0
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError:
+            broken += 1
+            continue
+        if isinstance(data, dict):
+            found.append(Record.from_dict(data))  # a line without its version predates version 3
+        else:
+            broken += 1
+    return found, broken
 
 
 def read_status(path: Path) -> dict:
     """``status.json`` of ``towers.runs.RunStatus``: how the run ended and its last metrics."""
     data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("summary") or {}, dict):
+        raise ValueError(f"not a {STATUS_FILE} of towers.runs.RunStatus (a JSON {type(data).__name__})")
     return {
         "status": data.get("status"),
         "message": data.get("message") or "",

@@ -36,6 +36,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from towers.conditions import condition, condition_id
 from towers.errors import DamagedCheckpoint, Diverged, Interrupted
 from towers.files import atomic_path, write_atomic
 from towers.records import (  # noqa: F401  EXIT_DIVERGED and the checkpoint finders: Lightning-free, used from here by train.py
@@ -448,5 +449,6 @@ class SaveRunConfig(SaveConfigCallback):
         text = self.parser.dump(self.config, skip_none=False)
         write_atomic(run_dir(trainer) / self.config_filename, text)
         config = yaml.safe_load(text)
+        config["condition"] = condition_id(condition(config))  # what the dashboard groups by (towers.conditions)
         for logger in trainer.loggers:
             logger.log_hyperparams(config)

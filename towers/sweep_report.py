@@ -41,7 +41,7 @@ def table(sweep: Sweep) -> str:
         "p_delta_f",
         "colour_fraction",
         "eta2",
-        "p_value",
+        "p_eta2",
         "exit",
     ]
     rows = []
@@ -56,10 +56,10 @@ def table(sweep: Sweep) -> str:
                 _fmt(value),
                 b.get("verdict") or "",
                 _fmt(b.get("delta_f")),
-                p_text(b.get("p_delta_f"), b.get("p_permutations")),
+                p_text(b.get("p_delta_f"), b.get("permutations")),
                 _fractions(b),
                 _fmt(b.get("eta2")),
-                p_text(b.get("p_value"), b.get("permutations")),
+                p_text(b.get("p_eta2"), b.get("permutations")),
                 _fmt(run["exit_code"]),
             ]
         )

@@ -34,7 +34,7 @@ import yaml
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 from wandb.sdk.lib.runid import generate_id
 
-from towers import records
+from towers import conditions, records
 from towers.errors import UserError
 from towers.files import shown_path, write_atomic
 
@@ -47,7 +47,7 @@ LOCK_FILE = records.SWEEP_LOCK_FILE
 BACKUP_SUFFIX = ".bak"  # OUT/sweep.json.bak: the state as it was saved last, to restore a damaged sweep.json from
 STATUSES = ("pending", "running", "interrupted", "finished", "failed", "diverged", "stopped")
 STALE_SECONDS = 120  # a run held by an agent on another host whose heartbeat is this old is taken over
-SEED_KEYS = ("seed_everything",)  # swept values that are not part of a run's condition
+SEED_KEYS = ("seed_everything",)  # swept values that are not part of a run's condition (sweep_disk)
 HOST = socket.gethostname()
 
 
@@ -133,17 +133,19 @@ def grid_size(config: dict) -> int | None:
 
 
 def condition(config: dict, params: dict) -> str:
-    """The run's condition, for W&B's job type: its swept values but the seed, e.g. ``num_towers=2``; a
-    swept value that is a partial config (``model: {num_towers: 2, color_blind_towers: [1]}``) by its
-    leaves, ``num_towers=2,color_blind_towers=[1]``."""
-    swept = [k for k, spec in config["parameters"].items() if "value" not in spec and k not in SEED_KEYS]
+    """The run's condition within its sweep, for W&B's job type: the swept settings that are part of a
+    condition (:func:`towers.conditions.in_condition`; not the seed), as the report names them, e.g.
+    ``towers: 2``; a swept value that is a partial config (``model: {num_towers: 2, color_blind_towers:
+    [1]}``) by its leaves. Everything not swept is the same in every run of the sweep."""
+    swept = [k for k, spec in config["parameters"].items() if "value" not in spec]
 
     def leaves(key, value):
         if isinstance(value, dict):
-            return [leaf for k, v in value.items() for leaf in leaves(k, v)]
-        return [f"{key.rsplit('.', 1)[-1]}={value}".replace(" ", "")]
+            return [leaf for k, v in value.items() for leaf in leaves(f"{key}.{k}", v)]
+        return [(key, value)] if conditions.in_condition(key) else []
 
-    text = ",".join(leaf for k in swept if k in params for leaf in leaves(k, params[k]))
+    found = [leaf for k in swept if k in params for leaf in leaves(k, params[k])]
+    text = "; ".join(conditions.show(k, v) for k, v in found)
     return (text or "all")[:64]  # W&B's limit for a job type
 
 
@@ -371,7 +373,8 @@ def read_bisection(folder: Path, run_root: Path) -> dict | None:
 
     A run resumed from its final checkpoint trains no further and measures nothing, so its result
     is the one the earlier attempt wrote (its epoch and step say when it was measured). Returns the
-    verdict, delta f, eta2 and their p-values with the permutation counts (the p floors), or None.
+    record's summary (:meth:`towers.records.Record.summary`, what the sweep's state keeps and its
+    table shows) with the file it came from, or None.
     """
     own = folder / records.BISECTION_FILE
     found = (
@@ -382,25 +385,10 @@ def read_bisection(folder: Path, run_root: Path) -> dict | None:
     for path in found:
         try:
             last = records.read_bisection(path)["last"]
-        except (OSError, ValueError):  # vanished, or not a bisection record: the next one
+        except (OSError, ValueError, TypeError):  # vanished, or not a bisection record: the next one
             continue
-        if last.get("eta2") is not None or last.get("verdict") is not None:
-            return {
-                "verdict": last.get("verdict"),
-                "delta_f": last.get("delta_f"),
-                "p_delta_f": last.get("p_delta_f"),
-                "p_permutations": last.get("p_permutations"),
-                "towers": last.get("towers"),
-                "colour_fraction": last.get("colour_fraction"),
-                "colour_fraction_low": last.get("colour_fraction_low"),
-                "colour_fraction_high": last.get("colour_fraction_high"),
-                "eta2": last.get("eta2"),
-                "p_value": last.get("p_value"),
-                "permutations": last.get("permutations"),
-                "epoch": last.get("epoch"),
-                "step": last.get("step"),
-                "file": str(path),
-            }
+        if last is not None and (last.verdict is not None or last.value("eta2") is not None):
+            return {**last.summary(), "file": str(path)}
     return None
 
 
