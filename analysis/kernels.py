@@ -33,13 +33,11 @@ from towers import records
 from towers.color import RANDOM_KERNEL_SCORE, Bisection, color_specificity
 from towers.errors import UserError
 from towers.figure_reader import IMAGE_SUFFIXES, OFFSET_MODES, ORDERS, FigureError, parse_grid, read_figure
-from towers.figures import kernel_grid, score_plot, write_png
+from towers.figures import framed_kernels, kernel_grid, score_plot, write_png
 from towers.measure import measure, summary_line
 from towers.records import write_json
 from towers.verdict import format_p
 from towers.weights import CHANNELS, read_weights, weight_kind
-
-FRAMED = ("weak", "unstructured")  # kernel classes the verdict does not judge: framed in the grid
 
 
 def load(
@@ -60,7 +58,7 @@ def load(
     order). ``channels``, ``variables``: as :func:`towers.weights.read_weights`.
     """
     settings = {"channel_std": None, "axis": None, "permutations": None, "bootstrap": None, "seed": None}
-    out = {"kernels": None, "record": None, "init": None, "settings": settings, "figure": None}
+    out = {"kernels": None, "initial": None, "record": None, "init": None, "settings": settings, "figure": None}
     if not path.exists() and weight_kind(path) != "tf":
         raise SystemExit(f"{path}: no such file")
 
@@ -110,6 +108,9 @@ def load(
             source=f"{path} ({record} record: {rec['stage']}, step {rec['step']}, epoch {rec['epoch']})",
         )
         kernels_file = path.parent / rec.get("kernels_file", "")
+        initial_file = path.parent / records.kernels_file(init=True)
+        if initial_file.is_file():
+            out["initial"] = torch.from_numpy(np.load(initial_file))
         if rec.get("kernels_file") and kernels_file.is_file():
             kernels = torch.from_numpy(np.load(kernels_file))
             scores = color_specificity(kernels, rec["channel_std"], rec["axis"]).numpy()
@@ -139,6 +140,7 @@ def load(
     if state:
         settings.update({k: state.get(k) for k in settings})
         out["init"] = state.get("init")
+        out["initial"] = state.get("initial_kernels")
     elif conv1.checkpoint:
         print(
             "warning: the checkpoint has no KernelBisectionCallback state, so the input channel std is unknown; "
@@ -163,6 +165,16 @@ def table(rec: dict) -> str:
             lines.append(f"{name:>14} {n:>3} {med:>7.3f} {f'[{lo:.3f}, {hi:.3f}]':>16}")
     lines.append(stats.summary())
     return "\n".join(lines)
+
+
+def initial_kernels(loaded: dict, kernels: torch.Tensor) -> torch.Tensor | None:
+    """The kernels at initialisation where the file kept them (a checkpoint's callback state, the run
+    folder's kernels_init.npy), so untrained kernels are judged by how far they moved; else None, and the
+    verdict judges them by their spatial spectrum (pictures, weight files)."""
+    initial = loaded["initial"]
+    if initial is None or tuple(initial.shape) != tuple(kernels.shape):
+        return None
+    return initial.to(kernels.dtype)
 
 
 def analyse(path: Path, args, stem: str) -> dict:
@@ -193,6 +205,7 @@ def analyse(path: Path, args, stem: str) -> dict:
             settings["permutations"],
             settings["bootstrap"],
             settings["seed"],
+            initial=initial_kernels(loaded, kernels),
         )
     else:  # no kernels to judge again: the saved record as it was measured
         rec = dict(loaded["record"])
@@ -279,9 +292,7 @@ def grid_picture(kernels, rec: dict, args) -> np.ndarray:
     kernel), the kernels the verdict does not judge (weak, unstructured) framed."""
     shape = kernels.shape[:2]
     order = torch.tensor(rec["score"]).view(shape).argsort(1) if args.sort else None
-    classes = rec.get("kernel_class")
-    framed = None if not classes else np.isin(np.asarray(classes), FRAMED).reshape(shape)
-    return kernel_grid(kernels, not args.per_kernel_scale, order, weak=framed)
+    return kernel_grid(kernels, not args.per_kernel_scale, order, weak=framed_kernels(rec.get("kernel_class"), shape))
 
 
 def _stems(paths: list[Path], record: str, shared_out: bool) -> list[str]:

@@ -153,9 +153,16 @@ def test_run_folder_holds_grids_plots_weights_and_records(run):
     height, width = grid_size(2, 6)  # 12 kernels: 6 per tower, one row each
     assert grid.shape == (height, width, 3)
     gap_top = 2 + 46  # pad + one row of 44-pixel cells and its 2-pixel border
-    assert (grid[gap_top : gap_top + 12] == 255).all()
+    # the white gap between the towers, but its last 2 rows: the red frames of tower 2's cells, which are
+    # unstructured here (a fresh run barely moves) and framed like weak ones, reach into it
+    assert (grid[gap_top : gap_top + 10] == 255).all()
+    assert (grid[gap_top + 10 : gap_top + 12] == 255).all() or (
+        grid[gap_top + 10 : gap_top + 12] == (220, 30, 30)
+    ).any()
     assert (grid[2:46] != 255).any() and (grid[gap_top + 12 : gap_top + 12 + 44] != 255).any()
-    assert not np.array_equal(grid, np.asarray(Image.open(d / "kernels_init.png").convert("RGB")))  # it trained
+    # it trained (6 steps move the kernels by less than one grey level of the grid's one global scale, so
+    # the two pictures may be equal: the weights tell)
+    assert not np.array_equal(np.load(d / "kernels.npy"), np.load(d / "kernels_init.npy"))
     plot = Image.open(d / "scores.png")
     assert plot.size[0] > 300 and plot.size[1] > 300
 
@@ -267,8 +274,11 @@ def test_scalars_reach_the_csv_logger_and_images_tensorboard(run):
 
 def test_analysis_script_gives_the_callbacks_numbers(run, tmp_path, capsys):
     last = json.loads((run["dir"] / "bisection.json").read_text())["last"]
-    from_ckpt = analysis.main([str(run["ckpt"]), "--out", str(tmp_path), "--per-kernel-scale"])  # the callback's scale
+    from_ckpt = analysis.main([str(run["ckpt"]), "--out", str(tmp_path)])  # drawn as the callback draws, by default
     assert from_ckpt["score"] == last["score"]
+    # untrained kernels judged the callback's way: by movement from the initial kernels the checkpoint keeps
+    assert from_ckpt["structure_method"] == last["structure_method"] == "movement"
+    assert from_ckpt["kernel_class"] == last["kernel_class"] and from_ckpt["verdict"] == last["verdict"]
     for key in ("eta2", "p_value", "median", "ci_low", "ci_high", "color_group"):
         assert from_ckpt["statistics"][key] == last["statistics"][key], key
     printed = capsys.readouterr().out

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from towers import records
 from towers.color import Bisection, unit_axis
-from towers.figures import kernel_grid, png_bytes, score_plot, write_png
+from towers.figures import framed_kernels, kernel_grid, png_bytes, score_plot, write_png
 from towers.files import append_jsonl, atomic_path
 from towers.measure import floats, measure, summary_line
 from towers.runs import run_dir
@@ -44,10 +44,10 @@ class KernelBisectionCallback(Callback):
             the total cost and its share of the fit, and keeps both in bisection.json.
         every_n_steps: measure after every N-th optimizer step (None: never by step).
             Initialisation (before the first step) and the end of training are always measured.
-        permutations, bootstrap, seed: of :func:`towers.color.bisection`.
+        permutations, bootstrap, seed: of :func:`towers.verdict.verdict`.
         axis: ``"luminance"`` scores against u = (1, 1, 1)/sqrt(3); ``"pca"`` against the data's first
             RGB principal component (``trainer.datamodule.rgb_eigenvectors[:, 0]``, in raw-RGB units).
-        global_scale: one colour scale for all kernels in the grid (default: each kernel its own).
+        global_scale: one colour scale for all kernels in the grid (default; False: each kernel its own).
         sort_by_score: order the kernels of each tower by score in the grid (grey first).
         columns, zoom: grid layout, see :func:`towers.figures.kernel_grid`.
         keep_history_images: also keep the grid of every measurement as ``kernels/step_NNNNNNN.png``.
@@ -65,7 +65,7 @@ class KernelBisectionCallback(Callback):
         bootstrap: int = 2000,
         seed: int = 0,
         axis: Literal["luminance", "pca"] = "luminance",
-        global_scale: bool = False,
+        global_scale: bool = True,
         sort_by_score: bool = False,
         columns: int = 16,
         zoom: int = 4,
@@ -83,6 +83,9 @@ class KernelBisectionCallback(Callback):
         self.global_scale, self.sort_by_score, self.columns, self.zoom = global_scale, sort_by_score, columns, zoom
         self.keep_history_images = keep_history_images
         self.init_record: dict | None = None  # kept in checkpoints, so a resumed run keeps its baseline
+        # the kernels at initialisation, kept in checkpoints too: the verdict judges untrained kernels by how
+        # far they moved from them, also for a checkpoint read without its run folder (analysis/kernels.py)
+        self.initial_kernels: torch.Tensor | None = None
         self.last_record: dict | None = None
         self.channel_std = None
         self.axis_vector = None
@@ -96,6 +99,7 @@ class KernelBisectionCallback(Callback):
         return {
             "version": records.VERSION,
             "init": self.init_record,
+            "initial_kernels": self.initial_kernels,
             "channel_std": self.channel_std,
             "axis": self.axis_vector,
             "axis_name": self.axis,
@@ -106,6 +110,7 @@ class KernelBisectionCallback(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.init_record = state_dict.get("init")
+        self.initial_kernels = state_dict.get("initial_kernels")
 
     # --- hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -228,12 +233,8 @@ class KernelBisectionCallback(Callback):
         images = {}
         if record["score"] is not None:
             order = torch.tensor(record["score"]).view(kernels.shape[:2]).argsort(1) if self.sort_by_score else None
-            weak = (
-                None
-                if record.get("kernel_class") is None
-                else np.asarray(record["kernel_class"]).reshape(kernels.shape[:2]) == "weak"
-            )
-            images[records.GRID] = kernel_grid(kernels, self.global_scale, order, self.columns, self.zoom, weak=weak)
+            framed = framed_kernels(record.get("kernel_class"), kernels.shape[:2])
+            images[records.GRID] = kernel_grid(kernels, self.global_scale, order, self.columns, self.zoom, weak=framed)
             init_scores = None if self.init_record is None or stage == "init" else self.init_record["score"]
             images[records.SCORE_PLOT] = score_plot(
                 record["score"],
@@ -256,7 +257,7 @@ class KernelBisectionCallback(Callback):
 
         record["seconds"] = round(time.perf_counter() - start, 4)
         if stage == "init":
-            self.init_record = record
+            self.init_record, self.initial_kernels = record, kernels.clone()
         self.last_record = record
         self._write_json()
         append_jsonl(self._dir / records.HISTORY_FILE, records.as_record(record).to_dict())  # a whole line or nothing
@@ -268,9 +269,11 @@ class KernelBisectionCallback(Callback):
         (at initialisation: the kernels themselves; None without the file, e.g. resumed without it)."""
         if stage == "init":
             return kernels
+        initial = self.initial_kernels
         path = self._dir / records.kernels_file(init=True)
-        initial = torch.from_numpy(np.load(path)).to(kernels.dtype) if path.is_file() else None
-        return initial if initial is not None and initial.shape == kernels.shape else None
+        if initial is None and path.is_file():
+            initial = torch.from_numpy(np.load(path))
+        return initial.to(kernels.dtype) if initial is not None and initial.shape == kernels.shape else None
 
     def _kernel_change(self, kernels: torch.Tensor, stage: str) -> list | None:
         """Per tower ||W - W0|| / ||W0||, W0 the kernels at initialisation (its file; None without one):

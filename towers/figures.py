@@ -20,6 +20,17 @@ LABEL_FONT_PX = 14  # tower labels: 14 px is 10.5 pt at 96 dpi, 8.4 pt even read
 WEAK_FRAME = (220, 30, 30)  # the frame around a weak kernel (towers.verdict: too small to judge)
 
 
+FRAMED_CLASSES = ("weak", "unstructured")  # the verdict's kernel classes that are neither grey nor colour
+
+
+def framed_kernels(kernel_class, shape) -> np.ndarray | None:
+    """(T, n) bool: the kernels the verdict does not judge (weak, unstructured), to be framed in the grid;
+    None without classes."""
+    if not kernel_class:
+        return None
+    return np.isin(np.asarray(kernel_class), FRAMED_CLASSES).reshape(tuple(shape))
+
+
 def kernel_grid(
     kernels,
     global_scale: bool = False,
@@ -46,8 +57,8 @@ def kernel_grid(
             the three channels of a kernel share one scale, so grey stays grey.
         order: (T, n) indices: the order of the kernels within each tower (e.g. sorted by score).
         labels: the "tower k" margin on the left.
-        weak: (T, n) bool, in the input order: kernels framed in red (the verdict's weak kernels,
-            which per-kernel scaling would otherwise stretch to look like any other).
+        weak: (T, n) bool, in the input order: kernels framed in red (the verdict's weak and
+            unstructured kernels, :func:`framed_kernels`, which would otherwise look like any other).
     """
     k = torch.as_tensor(np.asarray(kernels) if not isinstance(kernels, torch.Tensor) else kernels)
     k = k.detach().to("cpu", torch.float64)
