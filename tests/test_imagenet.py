@@ -2,6 +2,7 @@
 the same classes, labels and splits from every layout; the archives' MD5 check; subsets."""
 
 import pytest
+import torch
 
 from tests.fixtures.ilsvrc import extract, make_archives, wnids
 from towers.data import ImageDataModule
@@ -96,3 +97,18 @@ def test_the_store_format_reaches_the_store(archives, tmp_path):
     a, b = raw.dataset(raw.train_files[:8]), jpeg.dataset(jpeg.train_files[:8])
     difference = [(a[i][0].float() - b[i][0].float()).abs().mean().item() for i in range(8)]
     assert 0 < max(difference) < 8  # re-encoded: close to the raw pixels, not equal
+
+
+def test_a_jpeg_store_decoded_on_the_device_gives_the_workers_pixels(archives, tmp_path):
+    """decode_on_device: the loader yields JPEG bytes and on_before_batch_transfer decodes the batch in one
+    call (nvJPEG on a GPU; here the CPU): the same uint8 pixels as the loader workers' decode."""
+    root = extract(archives, tmp_path / "flat")
+    workers = module(root, store_format="jpeg", cache_dir=str(tmp_path / "c"))
+    device = module(root, store_format="jpeg", cache_dir=str(tmp_path / "c"), decode_on_device=True)
+    files = workers.train_files[:6]
+    a = next(iter(workers._loader(files, 6)))
+    b = next(iter(device._loader(files, 6)))
+    assert isinstance(b[0], list) and b[0][0].dim() == 1  # bytes, not pixels, leave the loader
+    images, labels, draws = device.on_before_batch_transfer(b, 0)
+    assert images.dtype == torch.uint8 and torch.equal(images, a[0]) and torch.equal(labels, a[1])
+    assert draws is None  # no trainer: not training

@@ -110,7 +110,7 @@ def parse_train_args(argv):
 
     assert argv[0] == "fit"
     cli = ParseOnly(
-        train.TowerClassifier, train.CatsDogsDataModule, args=argv, save_config_callback=train.SaveRunConfig
+        train.TowerClassifier, train.ImageDataModule, args=argv, save_config_callback=train.SaveRunConfig
     )
     return cli.config["fit"]
 

@@ -56,7 +56,7 @@ def _parse_only_cli(program: Path, args: list):
 
     cli = ParseOnly(
         module.TowerClassifier,
-        module.CatsDogsDataModule,
+        module.ImageDataModule,
         args=args,
         save_config_callback=module.SaveRunConfig,
         parser_kwargs={"exit_on_error": False},  # an error is raised to us, not printed with the usage

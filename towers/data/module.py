@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from towers.data.augment import Preprocessing, draw_augmentation
 from towers.data.download import obtain
 from towers.data.files import ImageFiles, ImageStore
+from towers.data.shard_reader import StoreImages, collate_encoded, decode_batch
 from towers.data.sources import OFFICIAL_TEST_PREFIX, Subset, find
 from towers.data.store import Size, index_images, split_files, training_statistics
 from towers.errors import BadOption, MissingData
@@ -87,8 +88,10 @@ class ImageDataModule(L.LightningDataModule):
         fast_path: read from a pre-resized uint8 store (built once, rebuilt when files change)
             instead of decoding JPEGs every epoch.
         store_format: the store's format (:mod:`towers.data.shards`): ``raw`` uint8 rows (fastest
-            reads), or ``jpeg`` re-encoded at ``resize_size`` (about a tenth of the disk; decoded by the
-            loader workers on the CPU).
+            reads), or ``jpeg`` re-encoded at ``resize_size`` (about a tenth of the disk).
+        decode_on_device: a ``jpeg`` store's images are decoded in batches on the training device
+            (``torchvision.io.decode_jpeg(list, device=...)``, nvJPEG on a GPU) instead of by the loader
+            workers; None: on a CUDA device only (the workers then only read bytes).
         cache_dir: where the check results, the store, the statistics and the bad-file report
             live (None: ``root/.towers-cache``).
         num_workers: loader processes (None: CPU count - 1, at most 8).
@@ -130,6 +133,7 @@ class ImageDataModule(L.LightningDataModule):
         ten_patch_test: bool = False,
         fast_path: bool = True,
         store_format: Literal["raw", "jpeg"] = "raw",
+        decode_on_device: bool | None = None,
         cache_dir: str | None = None,
         num_workers: int | None = None,
         pin_memory: bool | None = None,
@@ -292,10 +296,22 @@ class ImageDataModule(L.LightningDataModule):
     def dataset(self, files: list[tuple[str, int]]) -> Dataset:
         labels = [label for _, label in files]
         if self.hparams.fast_path:
-            return ImageStore(self.store_path, [self.store_rows[f] for f, _ in files], labels)
+            rows = [self.store_rows[f] for f, _ in files]
+            if self._decode_on_device():
+                return StoreImages(self.store_path, rows, labels, decode="device")
+            return ImageStore(self.store_path, rows, labels)
         return ImageFiles(
             self.base, [f for f, _ in files], labels, self.hparams.resize_size, self.hparams.exif_transpose
         )
+
+    def _decode_on_device(self) -> bool:
+        """JPEG bytes from the loader, decoded in batches on the device in on_before_batch_transfer."""
+        hp = self.hparams
+        if not hp.fast_path or hp.store_format != "jpeg":
+            return False
+        if hp.decode_on_device is not None:
+            return hp.decode_on_device
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     # -------------------------------------------------------------- loaders
 
@@ -311,6 +327,7 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self._seed()),
+            collate_fn=collate_encoded if self._decode_on_device() else None,
         )
 
     def _seed(self) -> int:
@@ -358,6 +375,8 @@ class ImageDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         images, labels, indices = batch
         trainer = self.trainer
+        if isinstance(images, list):  # a JPEG store's bytes (decode_on_device): one batched decode there
+            images = decode_batch(images, trainer.strategy.root_device if trainer is not None else "cpu")
         draws = (
             self.draw_augmentation(indices, trainer.current_epoch) if trainer is not None and trainer.training else None
         )
