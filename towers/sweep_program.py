@@ -25,13 +25,24 @@ def parse_train_config(program: Path, args: list):
     try:
         if key in _parsers:
             module, cli = _parsers[key]
-            cli.parse_arguments(cli.parser, args)
+            try:
+                cli.parse_arguments(cli.parser, args)
+            except _Parsed:
+                pass
         else:
             module, cli = _parse_only_cli(program, args)
             _parsers[key] = module, cli
     finally:
         sys.argv = argv
     return module, cli.config[cli.config["subcommand"]]
+
+
+class _Parsed(Exception):
+    """Raised by the parse-only CLI once train.py's parser has parsed: it carries the CLI and its config."""
+
+    def __init__(self, cli):
+        super().__init__("parsed")
+        self.cli = cli
 
 
 def _parse_only_cli(program: Path, args: list):
@@ -42,25 +53,20 @@ def _parse_only_cli(program: Path, args: list):
         spec.loader.exec_module(module)
 
     class ParseOnly(module.TowersCLI):
-        def before_instantiate_classes(self):  # no W&B login check, no run name
-            pass
+        def parse_arguments(self, parser, args):  # LightningCLI's public hook: parse, then stop before the
+            super().parse_arguments(parser, args)  # seed is set or any class is built (no W&B, no run name)
+            raise _Parsed(self)
 
-        def instantiate_classes(self):
-            pass
-
-        def _set_seed(self):
-            pass
-
-        def _run_subcommand(self, subcommand):
-            pass
-
-    cli = ParseOnly(
-        module.TowerClassifier,
-        module.ImageDataModule,
-        args=args,
-        save_config_callback=module.SaveRunConfig,
-        parser_kwargs={"exit_on_error": False},  # an error is raised to us, not printed with the usage
-    )
+    try:
+        ParseOnly(
+            module.TowerClassifier,
+            module.ImageDataModule,
+            args=args,
+            save_config_callback=module.SaveRunConfig,
+            parser_kwargs={"exit_on_error": False},  # an error is raised to us, not printed with the usage
+        )
+    except _Parsed as parsed:
+        cli = parsed.cli
     return module, cli
 
 
