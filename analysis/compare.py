@@ -52,8 +52,14 @@ from analysis.compare_figures import (
 from analysis.compare_html import git_commit, report_html
 from analysis.compare_read import Run, collect_local, collect_wandb, read_reference, table_csv
 from analysis.compare_stats import condition_line, summarize
+from towers import reference
 from towers.files import write_atomic
 from towers.reference import write_paper_record
+
+
+def paper_reference(references: list[dict]) -> dict | None:
+    """The paper's Figure 3 among the references (shown unless --no-paper): what each condition is set beside."""
+    return next((ref for ref in references if ref["name"] == reference.NAME), None)
 
 
 def write_report(
@@ -72,7 +78,7 @@ def write_report(
         raise SystemExit(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     references = references or []
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(runs, alpha, level, seed=seed)
+    summary = summarize(runs, alpha, level, seed=seed, paper=paper_reference(references))
     chosen = choose_montage(runs, montage)
     figures = {
         "Δf against tower count": (
@@ -176,7 +182,7 @@ def main(argv=None) -> int:
     for r in runs:
         counts[r.row["status"] or "unknown"] = counts.get(r.row["status"] or "unknown", 0) + 1
     print(f"{len(runs)} runs ({', '.join(f'{v} {k}' for k, v in counts.items())})")
-    for s in summarize(runs, args.alpha, seed=args.seed):
+    for s in summarize(runs, args.alpha, seed=args.seed, paper=paper_reference(references)):
         print("  " + condition_line(s))
     for ref in references:
         print(
