@@ -849,7 +849,7 @@ def test_the_end_table_gives_every_towers_frequencies_and_sets_each_condition_be
     lines = printed.splitlines()
     assert lines[0].split()[-2:] == ["frequency", "exit"]
     # per tower its grey and colour kernels by band, as the record counts them (and every counted kernel once)
-    for (status, record), line in zip(results, lines[1:5]):
+    for (_status, record), line in zip(results, lines[1:5]):
         for t, g, c, n_grey, n_colour in zip(
             record["towers"],
             record["frequency_grey"],
