@@ -18,7 +18,10 @@ its record is written as ``OUT/krizhevsky2012_figure3.json``) is shown beside th
 One row per run: its settings (seed, tower count, width policy, precision, data, batch size, learning
 rate, epochs), accuracy, the verdict with delta f, its interval and p, the agnostic and specific tower
 (named only when specialised), the onset step, eta^2 with p and omega^2, and per tower its colour
-fraction with an exact interval. Written to ``OUT``:
+fraction with an exact interval and its grey and colour kernels by dominant spatial frequency (a
+description beside the verdict). Each condition is set beside the paper's Figure 3
+(``towers.reference.versus_paper``: its median delta f and sides' colour fractions beside Figure 3's, and
+how many seeds are at least as split). Written to ``OUT``:
 
     table.csv                  the table
     report.html                one self-contained file: the commit, the lines per condition, the
