@@ -18,7 +18,10 @@ its record is written as ``OUT/krizhevsky2012_figure3.json``) is shown beside th
 One row per run: its settings (seed, tower count, width policy, precision, data, batch size, learning
 rate, epochs), accuracy, the verdict with delta f, its interval and p, the agnostic and specific tower
 (named only when specialised), the onset step, eta^2 with p and omega^2, and per tower its colour
-fraction with an exact interval. Written to ``OUT``:
+fraction with an exact interval and its grey and colour kernels by dominant spatial frequency (a
+description beside the verdict). Each condition is set beside the paper's Figure 3
+(``towers.reference.versus_paper``: its median delta f and sides' colour fractions beside Figure 3's, and
+how many seeds are at least as split). Written to ``OUT``:
 
     table.csv                  the table
     report.html                one self-contained file: the commit, the lines per condition, the
@@ -52,8 +55,14 @@ from analysis.compare_figures import (
 from analysis.compare_html import git_commit, report_html
 from analysis.compare_read import Run, collect_local, collect_wandb, read_reference, table_csv
 from analysis.compare_stats import condition_line, summarize
+from towers import reference
 from towers.files import write_atomic
 from towers.reference import write_paper_record
+
+
+def paper_reference(references: list[dict]) -> dict | None:
+    """The paper's Figure 3 among the references (shown unless --no-paper): what each condition is set beside."""
+    return next((ref for ref in references if ref["name"] == reference.NAME), None)
 
 
 def write_report(
@@ -72,7 +81,7 @@ def write_report(
         raise SystemExit(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     references = references or []
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(runs, alpha, level, seed=seed)
+    summary = summarize(runs, alpha, level, seed=seed, paper=paper_reference(references))
     chosen = choose_montage(runs, montage)
     figures = {
         "Δf against tower count": (
@@ -176,7 +185,7 @@ def main(argv=None) -> int:
     for r in runs:
         counts[r.row["status"] or "unknown"] = counts.get(r.row["status"] or "unknown", 0) + 1
     print(f"{len(runs)} runs ({', '.join(f'{v} {k}' for k, v in counts.items())})")
-    for s in summarize(runs, args.alpha, seed=args.seed):
+    for s in summarize(runs, args.alpha, seed=args.seed, paper=paper_reference(references)):
         print("  " + condition_line(s))
     for ref in references:
         print(

@@ -16,6 +16,8 @@ from analysis.compare_read import Run, table_columns
 from analysis.compare_stats import condition_line
 from towers.conditions import show
 from towers.measure import p_text
+from towers.reference import versus_paper_text
+from towers.sweep_report import bands_legend, frequency_text
 
 SORT_SCRIPT = """
 document.querySelectorAll("table.sortable th").forEach((th, col) => th.addEventListener("click", () => {
@@ -116,6 +118,7 @@ def conditions_table(summary: list[dict], references: list[dict], level: float) 
         "median ω² [interval]",
         "onset step (median)",
         "at init: specialised / p < α",
+        "beside the paper's Figure 3 (a description)",
     ]
     rows = []
     for s in summary:
@@ -136,6 +139,7 @@ def conditions_table(summary: list[dict], references: list[dict], level: float) 
                 _interval(s["omega2_median"], s["omega2_low"], s["omega2_high"]),
                 "" if s["onset_median"] is None else f"{s['onset_median']:g} ({s['onsets']} seeds)",
                 f"{s['init_specialised']} of {s['init_judged']} / {s['init_significant']} of {s['init_p']}",
+                versus_paper_text(s["versus_paper"]) if s.get("versus_paper") else "",
             ]
         )
     for ref in references:
@@ -156,6 +160,7 @@ def conditions_table(summary: list[dict], references: list[dict], level: float) 
                 "" if ref["omega2"] is None else f"{ref['omega2']:.3f}",
                 "",
                 f"colour fractions {fractions}",
+                f"frequency {frequency_text(ref)}" if frequency_text(ref) else "",
             ]
         )
     return (
@@ -261,6 +266,14 @@ def report_html(
         f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         for title, (note, png) in figures.items()
     )
+    bands = next((r.last.value("frequency_bands") for r in runs if r.last and r.last.value("frequency_bands")), None)
+    frequency_note = (
+        f" towerK_frequency_grey / _colour: its grey / colour kernels counted by the dominant spatial frequency of "
+        f"their luminance part, {html.escape(bands_legend(bands))}; towerK_frequency_median: the median over its grey "
+        "and colour kernels, cycles per pixel (a description beside the verdict, not part of it)."
+        if bands
+        else ""
+    )
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -287,7 +300,7 @@ a score of <i>cut</i> on (the rule's cut is 1/3 ≈ 0.333; everything else in th
 {imgs}
 <h2>Runs</h2><p class=note>Click a column header to sort. towerK_colour_fraction: colour kernels / (grey + colour)
 of tower K (of half A, B for the one-tower control) with its exact 95% interval; agnostic/specific tower named
-only for specialised runs.</p>
+only for specialised runs.{frequency_note}</p>
 <div class=scroll><table class="runs sortable"><thead><tr>{head}</tr></thead><tbody>
 {body}
 </tbody></table></div>

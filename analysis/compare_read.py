@@ -142,6 +142,8 @@ PER_TOWER = (
     "colour_share",
     "unstructured_count",
     "frequency_median",
+    "frequency_grey",  # kernels per dominant-frequency band, low/mid/high: "13/23/9"
+    "frequency_colour",
 )
 
 
@@ -228,7 +230,7 @@ def make_run(
     # per tower (the one-tower control: its random groups)
     for part in PER_TOWER:
         for k, x in enumerate(value(last, part) or [], start=1):
-            row[f"tower{k}_{part}"] = x
+            row[f"tower{k}_{part}"] = "/".join(map(str, x)) if isinstance(x, list) else x
     for k, median in enumerate(getattr(last, "tower_median", None) or [], start=1):
         row[f"tower{k}_score"] = median
     row["status"] = _status(status.get("status") or fallback_status, last)

@@ -25,6 +25,8 @@ import numpy as np
 
 from analysis.compare_read import Run
 from towers import conditions as cond
+from towers import reference
+from towers.reference import seed_delta_f as seed_value  # a run without a split counts 0
 from towers.verdict import format_p
 
 
@@ -92,12 +94,6 @@ def versus_control(trained, control) -> float:
     return float(stats.mannwhitneyu(a, b, alternative="greater").pvalue)
 
 
-def seed_value(delta_f) -> float:
-    """A run's delta f as a seed counts it: a run with no agnostic or no specific side (no split) is 0,
-    below every split (whose delta f is positive by construction)."""
-    return 0.0 if delta_f is None or not math.isfinite(delta_f) else float(delta_f)
-
-
 def control_delta_f(run: Run, groups: int) -> float:
     """The one-tower control's delta f with its kernels split into ``groups`` random groups and judged by
     the verdict's own rule (the towers' selection, exactly): its record's own value when it was judged
@@ -149,12 +145,15 @@ def condition_labels(runs: list[Run], sep: str = "; ") -> dict:
     return {key: condition_label(c, varying, sep=sep) for key, c in first.items()}
 
 
-def summarize(runs: list[Run], alpha: float = 0.05, level: float = 0.95, seed: int = 0) -> list[dict]:
+def summarize(
+    runs: list[Run], alpha: float = 0.05, level: float = 0.95, seed: int = 0, paper: dict | None = None
+) -> list[dict]:
     """Per condition: k of n seeds specialised with the one-sided Clopper-Pearson lower bound (and the
     two-sided interval), the median delta f with its order-statistic interval, the seed-level test against
     the one-tower control judged with as many groups as the condition has towers, omega^2's median with
-    the same interval, the onset, and as a calibration check the verdict and eta^2's p at initialisation.
-    (``seed`` is kept for the command line; nothing here is random.)"""
+    the same interval, the onset, and as a calibration check the verdict and eta^2's p at initialisation;
+    with ``paper`` (Figure 3's record or its read_reference row) the seeds beside it
+    (towers.reference.versus_paper, a description). (``seed`` is kept for the command line; nothing here is random.)"""
     groups = conditions(runs)
     first = {key: group[0].condition for key, group in groups.items()}
     varying = cond.differences(list(first.values()))
@@ -221,6 +220,11 @@ def summarize(runs: list[Run], alpha: float = 0.05, level: float = 0.95, seed: i
                 "init_p": len(init_p),
                 "sensitivity": sensitivity(group),
                 "runs": [r.name for r in group],
+                "versus_paper": None
+                if paper is None
+                else reference.versus_paper(
+                    [{k: r.last.value(k) for k in reference.SIDE_FIELDS} for r in group], paper
+                ),
             }
         )
     return out
@@ -275,6 +279,8 @@ def condition_line(s: dict, level: float = 0.95) -> str:
             )
         else:
             line += "; no one-tower control with the same settings"
+    if s.get("versus_paper"):
+        line += f"; beside the paper's Figure 3: {reference.versus_paper_text(s['versus_paper'])}"
     if s["onsets"]:
         line += f"; appears at step {s['onset_median']:g} (median over {s['onsets']} specialised seeds)"
     return line

@@ -4,6 +4,7 @@ The runs' records are made by towers.measure.measure on constructed kernels, as 
 
 import csv
 import functools
+import html
 import io
 import json
 import os
@@ -20,7 +21,7 @@ import yaml
 
 from analysis import compare, compare_figures, compare_read, compare_stats
 from tests.fixtures.kernels import colour, gabor, noisy
-from towers import records
+from towers import records, sweep_report
 from towers.verdict import Verdict
 
 N = 16  # kernels per tower: small, and enough for the verdict to tell a planted split
@@ -1158,3 +1159,63 @@ def test_the_control_is_judged_with_as_many_groups_as_the_towers(tmp_path):
         )
     )
     assert "one-tower control as 3 random groups (3 seeds)" in compare_stats.condition_line(three)
+
+
+# ----------------------------------------------------------------------------- beside the paper's Figure 3
+
+
+def test_versus_paper_counts_seeds_at_least_as_split_as_figure_3():
+    from towers import reference
+
+    paper = {"delta_f": 0.55, "grey_fraction_agnostic": 0.9, "colour_fraction_specific": 0.6}
+    seeds = [
+        {"delta_f": 0.55, "grey_fraction_agnostic": 0.8, "colour_fraction_specific": 0.7},  # as split: counted
+        {"delta_f": 0.549, "grey_fraction_agnostic": 1.0, "colour_fraction_specific": 0.5},  # less: not
+        {"delta_f": None, "grey_fraction_agnostic": None, "colour_fraction_specific": 0.9},  # no split: Δf 0
+        {"delta_f": 0.9, "grey_fraction_agnostic": 0.95, "colour_fraction_specific": 0.95},
+    ]
+    v = reference.versus_paper(seeds, paper)
+    assert (v["seeds"], v["split"], v["as_split"]) == (4, 3, 2)
+    assert v["delta_f_median"] == pytest.approx((0.549 + 0.55) / 2)  # of 0, 0.549, 0.55, 0.9
+    assert v["agnostic_colour_median"] == pytest.approx(0.05) and v["specific_colour_median"] == pytest.approx(0.7)
+    assert (v["paper_delta_f"], v["paper_agnostic_colour"], v["paper_specific_colour"]) == pytest.approx(
+        (0.55, 0.1, 0.6)
+    )
+    assert "2 of 4 at least as split as Figure 3 (a split with Δf ≥ 0.55)" in reference.versus_paper_text(v)
+    # by default Figure 3's own record (towers.reference) is the one owner of its numbers: as split as itself
+    own = reference.paper_record()
+    v = reference.versus_paper([own])
+    assert (v["as_split"], v["paper_delta_f"]) == (1, own["delta_f"])
+    assert v["paper_specific_colour"] == own["colour_fraction_specific"]
+
+
+def test_the_report_gives_every_towers_frequencies_and_each_condition_beside_figure_3(folders, tmp_path, capsys):
+    from towers import reference
+
+    assert compare.main([str(f) for f in folders] + ["--out", str(tmp_path)]) == 0  # Figure 3 without being asked
+    out = capsys.readouterr().out
+    paper = reference.paper_record()
+    runs = compare.collect_local(list(folders))
+    two = [r for r in runs if r.judged and r.row["num_towers"] == 2 and r.row["lr"] == 0.01]
+    # the planted splits (swap 0, 2, 3 of 16: Δf 1, 0.75, 0.625) are all at least as split as Figure 3 (0.55)
+    assert sorted(r.row["delta_f"] for r in two) == pytest.approx([0.625, 0.75, 1.0])
+    (line,) = [x for x in out.splitlines() if "learning rate: 0.01" in x and x.strip().startswith("towers: 2")]
+    d = paper["delta_f"]
+    assert f"beside the paper's Figure 3: 3 seeds: median Δf 0.75 (Figure 3: {d:.2f};" in line
+    assert f"3 of 3 at least as split as Figure 3 (a split with Δf ≥ {d:.2f})" in line
+    (half,) = [x for x in out.splitlines() if "learning rate: 0.02" in x]  # half grey, half colour: no split
+    assert "1 seeds: median Δf 0.00" in half and "0 of 1 at least as split" in half
+    page = (tmp_path / "report.html").read_text()
+    assert "beside the paper&#x27;s Figure 3 (a description)" in page
+    assert html.escape(f"3 of 3 at least as split as Figure 3 (a split with Δf ≥ {d:.2f})") in page
+    assert html.escape(f"frequency {sweep_report.frequency_text(paper)}") in page  # the paper's row
+    # table.csv: per tower its grey and colour kernels by band, every grey / colour kernel counted once
+    rows = {r["run"]: r for r in csv.DictReader(io.StringIO((tmp_path / "table.csv").read_text()))}
+    for run in two:
+        for k, (grey, colour_) in enumerate(zip(run.last.value("grey_count"), run.last.value("colour_count")), 1):
+            bands_grey = [int(x) for x in rows[run.name][f"tower{k}_frequency_grey"].split("/")]
+            bands_colour = [int(x) for x in rows[run.name][f"tower{k}_frequency_colour"].split("/")]
+            assert (len(bands_grey), sum(bands_grey), sum(bands_colour)) == (3, grey, colour_)
+            assert float(rows[run.name][f"tower{k}_frequency_median"]) == pytest.approx(
+                run.last.value("frequency_median")[k - 1]
+            )

@@ -109,9 +109,7 @@ def parse_train_args(argv):
             pass
 
     assert argv[0] == "fit"
-    cli = ParseOnly(
-        train.TowerClassifier, train.ImageDataModule, args=argv, save_config_callback=train.SaveRunConfig
-    )
+    cli = ParseOnly(train.TowerClassifier, train.ImageDataModule, args=argv, save_config_callback=train.SaveRunConfig)
     return cli.config["fit"]
 
 
@@ -805,3 +803,73 @@ def test_the_sync_command_uploads_every_attempt_of_a_run_into_its_one_wandb_run(
         old["attempts"] = [{"wandb_dir": "w/offline-run-1-aaaa"}, {"wandb_dir": "w/offline-run-2-bbbb"}]
         old["wandb_dir"] = "w/offline-run-2-bbbb"
     assert sync_command(sweep).splitlines()[-1].split()[2:] == [*folders, "w/offline-run-2-bbbb"]
+
+
+# -- the end table beside the paper's Figure 3, and each tower's kernels by spatial frequency (issues 22, 23)
+def test_the_end_table_gives_every_towers_frequencies_and_sets_each_condition_beside_figure_3():
+    from types import SimpleNamespace
+
+    import torch
+
+    from tests.fixtures.kernels import colour, gabor, noisy
+    from towers import reference, sweep_report
+    from towers.measure import measure
+    from towers.records import VERSION, Record
+
+    def summary(record: dict) -> dict:  # what read_bisection keeps in the sweep's state (bisection.json's version)
+        return Record.from_dict(record, VERSION).summary()
+
+    paper = reference.paper_record()
+    grey, coloured = noisy(gabor(32, 3)), noisy(colour(32, 4))
+    planted = measure(torch.stack([grey[:16], coloured[:16]]), permutations=999, bootstrap=200)  # delta f 1
+    mixed = measure(  # half grey, half colour in both towers: no side largely grey, none largely colour
+        torch.stack([torch.cat([grey[16:24], coloured[16:24]]), torch.cat([grey[24:], coloured[24:]])]),
+        permutations=999,
+        bootstrap=200,
+    )
+    assert mixed["delta_f"] is None and planted["delta_f"] == 1.0  # what the counts below rest on
+    results = [("finished", paper), ("finished", planted), ("finished", mixed), ("failed", planted)]
+    sweep = SimpleNamespace(
+        config={"metric": {"name": "val/acc"}, "parameters": {"seed_everything": {"values": [0, 1, 2, 3]}}},
+        runs=[
+            {
+                "name": f"run-{i}",
+                "params": {"seed_everything": i},
+                "status": status,
+                "summary": {"val/acc": 0.5},
+                "bisection": summary(record),
+                "exit_code": 0 if status == "finished" else 1,
+                "message": "",
+                "log": "log.txt",
+            }
+            for i, (status, record) in enumerate(results)
+        ],
+    )
+    printed = sweep_report.table(sweep)
+    lines = printed.splitlines()
+    assert lines[0].split()[-2:] == ["frequency", "exit"]
+    # per tower its grey and colour kernels by band, as the record counts them (and every counted kernel once)
+    for (_status, record), line in zip(results, lines[1:5]):
+        for t, g, c, n_grey, n_colour in zip(
+            record["towers"],
+            record["frequency_grey"],
+            record["frequency_colour"],
+            record["grey_count"],
+            record["colour_count"],
+        ):
+            assert (sum(g), sum(c)) == (n_grey, n_colour)
+            assert f"{t}: g {'/'.join(map(str, g))} c {'/'.join(map(str, c))}" in line
+    assert "low/mid/high = period over 8 px / 4-8 px / under 4 px" in printed
+    # the one condition ("all": only the seed is swept), its 3 finished seeds beside Figure 3: the paper's
+    # own record is as split as itself, the planted split more, the mixed run has no split (counted 0)
+    (line,) = [x for x in lines if x.startswith("  all: ")]
+    d = paper["delta_f"]
+    agnostic = [1 - r["grey_fraction_agnostic"] for r in (paper, planted)]
+    specific = [r["colour_fraction_specific"] for r in (paper, planted)]
+    assert f"3 seeds: median Δf {d:.2f} (Figure 3: {d:.2f}; a seed without a split counted 0)" in line
+    assert (
+        f"{100 * sum(agnostic) / 2:.0f}% | {100 * sum(specific) / 2:.0f}% (Figure 3: {100 * agnostic[0]:.0f}% | "
+        f"{100 * specific[0]:.0f}%; median over the 2 seeds with a split)"
+    ) in line
+    assert f"2 of 3 at least as split as Figure 3 (a split with Δf ≥ {d:.2f})" in line
+    assert f"its frequency {sweep_report.frequency_text(paper)}" in printed

@@ -147,8 +147,13 @@ SUMMARY_FIELDS = (
     "specific_tower",
     "agnostic_group",
     "specific_group",
+    "grey_fraction_agnostic",  # with delta_f: the sides set beside Figure 3 (towers.reference.versus_paper)
+    "colour_fraction_specific",
     "unstructured_count",
     "frequency_median",
+    "frequency_bands",  # the dominant-frequency description beside the verdict (the sweep table, the report)
+    "frequency_grey",
+    "frequency_colour",
     "eta2",
     "eta2_null",
     "p_eta2",

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +95,63 @@ def write_paper_record(folder: Path, permutations: int = 9999, seed: int = 0) ->
     path = folder / f"{NAME}.json"
     write_json(path, paper_record(permutations, seed))
     return path
+
+
+# ----------------------------------------------------------------------------- runs beside Figure 3
+# What a run's record must carry to be set beside Figure 3 (towers.records.SUMMARY_FIELDS has them).
+SIDE_FIELDS = ("delta_f", "grey_fraction_agnostic", "colour_fraction_specific")
+
+
+def seed_delta_f(delta_f) -> float:
+    """A run's delta f as a seed counts it: a run with no largely grey or no largely colour side (no split,
+    delta f None or nan) is 0, below every split. The one convention of the report's and the sweep's medians."""
+    return 0.0 if delta_f is None or not math.isfinite(delta_f) else float(delta_f)
+
+
+def sides(record: dict) -> tuple[float, float, float] | None:
+    """(delta f, colour fraction of the agnostic side, of the specific side) of a record's fields (a
+    :meth:`towers.records.Record.summary` or a ``measure`` record); None when the run has no split (a side
+    empty: no delta f). Fractions are colour / (grey + colour) kernels pooled over the side."""
+    delta, grey, colour = (record.get(k) for k in SIDE_FIELDS)
+    if any(x is None or not math.isfinite(x) for x in (delta, grey, colour)):
+        return None
+    return float(delta), 1.0 - float(grey), float(colour)
+
+
+def versus_paper(results: list[dict], paper: dict | None = None) -> dict:
+    """How one condition's seeds compare with the paper's Figure 3 (a description, not a test): ``results``
+    per seed the record's fields (:data:`SIDE_FIELDS`); ``paper`` Figure 3's record (default
+    :func:`paper_record`, the one owner of its numbers). Returns the seeds, those with a split (both a
+    largely grey and a largely colour side, as Figure 3 has), those at least as split as Figure 3 (a split
+    with delta f >= Figure 3's), the median delta f over all seeds (no split counted 0), the median colour
+    fraction of each side over the seeds with a split, and Figure 3's own delta f and side fractions."""
+    paper_sides = sides(paper if paper is not None else paper_record())
+    found = [sides(r) for r in results]
+    split = [s for s in found if s is not None]
+    median = lambda xs: float(np.median(xs)) if len(xs) else math.nan  # noqa: E731
+    return {
+        "seeds": len(results),
+        "split": len(split),
+        "as_split": sum(paper_sides is not None and s[0] >= paper_sides[0] for s in split),
+        "delta_f_median": median([seed_delta_f(r.get("delta_f")) for r in results]),
+        "agnostic_colour_median": median([s[1] for s in split]),
+        "specific_colour_median": median([s[2] for s in split]),
+        "paper_delta_f": paper_sides[0] if paper_sides else math.nan,
+        "paper_agnostic_colour": paper_sides[1] if paper_sides else math.nan,
+        "paper_specific_colour": paper_sides[2] if paper_sides else math.nan,
+    }
+
+
+def versus_paper_text(v: dict) -> str:
+    """One line: ``5 seeds: median Δf 0.41 (Figure 3: 0.55); colour agnostic | specific side 10% | 50%
+    (Figure 3: 6% | 62%; median over the 4 seeds with a split); 2 of 5 at least as split as Figure 3``."""
+    pct = lambda x: "n/a" if not math.isfinite(x) else f"{100 * x:.0f}%"  # noqa: E731
+    num = lambda x: "n/a" if not math.isfinite(x) else f"{x:.2f}"  # noqa: E731
+    return (
+        f"{v['seeds']} seeds: median Δf {num(v['delta_f_median'])} (Figure 3: {num(v['paper_delta_f'])}; a seed "
+        f"without a split counted 0); colour fraction agnostic | specific side "
+        f"{pct(v['agnostic_colour_median'])} | {pct(v['specific_colour_median'])} (Figure 3: "
+        f"{pct(v['paper_agnostic_colour'])} | {pct(v['paper_specific_colour'])}; median over the {v['split']} "
+        f"seeds with a split); {v['as_split']} of {v['seeds']} at least as split as Figure 3 (a split with "
+        f"Δf ≥ {num(v['paper_delta_f'])})"
+    )
