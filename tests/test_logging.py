@@ -88,7 +88,7 @@ def wandb_records(path: Path):
 def wandb_run_contents(run_folder: Path):
     """(config, summary, run name) stored in an offline W&B run."""
     (log,) = run_folder.glob("*.wandb")
-    for _ in range(100):  # wandb.finish() can return before W&B's core has written the last records
+    for _ in range(600):  # wandb.finish() can return before W&B's core has written the last records (60 s under load)
         records = wandb_records(log)
         if any(r.WhichOneof("record_type") == "exit" for r in records):
             break
