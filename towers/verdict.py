@@ -26,6 +26,8 @@ One tower is the control: its kernels are split into ``control_groups`` seeded r
 exactly like that many towers.
 """
 
+import contextlib
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -258,13 +260,35 @@ def split_statistic(classes, groups, num_groups: int):
     return _sides((c == 0) @ onehot, (c == 1) @ onehot, total)
 
 
-def _arrangements(seed: int, permutations: int, k: int):
-    """The permutations, in chunks that bound memory: (b, K) int32, one random arrangement per row.
-    The same (seed, permutations, K) give the same arrangements, so every test shares them."""
+@functools.lru_cache(maxsize=1)
+def _arrangements(seed: int, permutations: int, k: int) -> tuple:
+    """The permutations, in chunks that bound memory: (b, K) int32, one random arrangement per row, with
+    its inverse.
+    The same (seed, permutations, K) give the same arrangements, so every test shares them: drawn once
+    (the sort is most of a test's cost) and kept, read-only, for the margin's tests (one entry: at most permutations x K x 8 bytes stay)."""
     rng = np.random.default_rng([seed, 3])
     chunk = max(1, min(permutations, 2**21 // max(k, 1)))
+    chunks = []
     for start in range(0, permutations, chunk):
-        yield rng.random((min(chunk, permutations - start), k)).argsort(1).astype(np.int32)
+        rows = rng.random((min(chunk, permutations - start), k)).argsort(1).astype(np.int32)
+        inverse = np.empty_like(rows)  # inverse[b, rows[b, i]] = i: where each kernel lands
+        np.put_along_axis(inverse, rows, np.arange(k, dtype=np.int32)[None], 1)
+        rows.flags.writeable = inverse.flags.writeable = False
+        chunks.append((rows, inverse))
+    return tuple(chunks)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run torch on one thread: the kernel tensors here are tiny (96 x 363), so splitting an op over
+    threads costs more than it saves (tens of ms per op when the other cores are busy). The results do
+    not depend on the thread count (tests/test_verdict.py pins them)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _best_cut(sums: np.ndarray, sizes: np.ndarray):
@@ -337,6 +361,7 @@ class _Test:
 
     def __init__(self, index: np.ndarray, g: int, seed: int, permutations: int):
         self.onehot, self.g, self.seed, self.permutations = np.eye(g)[index], g, seed, permutations
+        self.index = np.asarray(index, dtype=np.int64)
         self.total = self.onehot.sum(0)
 
     def counts(self, cls: np.ndarray):
@@ -344,17 +369,28 @@ class _Test:
 
     def run(self, class_vectors: list, x: np.ndarray | None = None):
         """p of delta f for every class vector (and of eta2 and its best split for centred scores x)."""
-        observed = [_sides(*self.counts(c), self.total)[0] for c in class_vectors]
+        observed = np.array([_sides(*self.counts(c), self.total)[0] for c in class_vectors], dtype=np.float64)
         hits = np.zeros(len(class_vectors))
         eta_hits = np.zeros(2)
         if x is not None:
             sums = x @ self.onehot
             eta_obs = np.array([(np.square(sums) / self.total).sum(), _best_cut(sums[None], self.total)[0][0]])
-        for rows in _arrangements(self.seed, self.permutations, len(self.onehot)):
-            for i, c in enumerate(class_vectors):
-                if np.isfinite(observed[i]):
-                    d = _sides(*self.counts(c[rows]), self.total)[0]
-                    hits[i] += np.sum(d >= observed[i] - 1e-12)
+        # Every class vector (the rule's cut and the sensitivity cuts) from one product per chunk: kernel
+        # rows[b, i] takes the group of position i, and the grey and colour counts of every vector are the
+        # (b, G, K) one-hot of those groups times the (K, 2m) indicators. The counts are small integers,
+        # exact in float32; _sides sees them as float64, as it did in the per-vector loop.
+        live = np.flatnonzero(np.isfinite(observed))
+        m = live.size
+        codes = np.asarray(class_vectors)[live]  # (m, K)
+        masks = np.concatenate([codes == 0, codes == 1]).T.astype(np.float32)  # (K, 2m): grey, then colour
+        groups = np.arange(self.g)[None, :, None]
+        for rows, inverse in _arrangements(self.seed, self.permutations, len(self.onehot)):
+            if m:
+                moved = self.index[inverse]  # (b, K): the group every kernel is moved to
+                counts = ((moved[:, None, :] == groups).astype(np.float32) @ masks).astype(np.float64)
+                counts = counts.transpose(2, 0, 1)  # (2m, b, G)
+                d = _sides(counts[:m], counts[m:], self.total)[0]  # (m, b)
+                hits[live] += np.sum(d >= observed[live, None] - 1e-12, axis=1)
             if x is not None:
                 sums = x[rows] @ self.onehot
                 eta = (np.square(sums) / self.total).sum(1)
@@ -512,6 +548,43 @@ def verdict(
         cut, weak_fraction, alpha: the rule's constants; keep the defaults for a verdict that compares
             with other runs (they are recorded in ``rule``).
     """
+    with _one_thread():
+        return _verdict(
+            kernels,
+            towers,
+            channel_std,
+            axis,
+            initial,
+            permutations,
+            seed,
+            ci_level,
+            bootstrap,
+            control_groups,
+            sensitivity,
+            margin,
+            cut,
+            weak_fraction,
+            alpha,
+        )
+
+
+def _verdict(
+    kernels,
+    towers,
+    channel_std,
+    axis,
+    initial,
+    permutations,
+    seed,
+    ci_level,
+    bootstrap,
+    control_groups,
+    sensitivity,
+    margin,
+    cut,
+    weak_fraction,
+    alpha,
+) -> Verdict:
     from scipy import stats
 
     w = torch.as_tensor(np.asarray(kernels) if not isinstance(kernels, torch.Tensor) else kernels)
