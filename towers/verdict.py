@@ -357,6 +357,7 @@ def _reason(names, label, grey_share, colour_share, spec, agn, p, permutations, 
     return "; ".join(why)
 
 
+@_one_thread()  # torch on one thread for these tiny tensors; the caller's count restored after
 def verdict(
     kernels,
     towers=None,
@@ -392,43 +393,6 @@ def verdict(
         cut, weak_fraction, alpha: the rule's constants; keep the defaults for a verdict that compares
             with other runs (they are recorded in ``rule``).
     """
-    with _one_thread():
-        return _verdict(
-            kernels,
-            towers,
-            channel_std,
-            axis,
-            initial,
-            permutations,
-            seed,
-            ci_level,
-            bootstrap,
-            control_groups,
-            sensitivity,
-            margin,
-            cut,
-            weak_fraction,
-            alpha,
-        )
-
-
-def _verdict(
-    kernels,
-    towers,
-    channel_std,
-    axis,
-    initial,
-    permutations,
-    seed,
-    ci_level,
-    bootstrap,
-    control_groups,
-    sensitivity,
-    margin,
-    cut,
-    weak_fraction,
-    alpha,
-) -> Verdict:
     from scipy import stats
 
     w = torch.as_tensor(np.asarray(kernels) if not isinstance(kernels, torch.Tensor) else kernels)
