@@ -64,6 +64,37 @@ from towers.model import TowerAlexNet
 STEP = "training step"
 
 
+def paper_augmentation(resize_size: int, image_size: int, device: torch.device):
+    """The paper's training augmentation (random crop, flip, pixel mean, PCA colour noise) with synthetic
+    statistics, as a function (uint8 batch, index of its first image) -> float batch on ``device``: what
+    the per-core and the GPU benchmarks time."""
+    from towers.data.augment import augment, draw_augmentation
+
+    g = torch.Generator().manual_seed(0)
+    mean_image = (torch.rand(3, resize_size, resize_size, generator=g) * 255).to(device)
+    vectors = torch.linalg.qr(torch.randn(3, 3, generator=g))[0].to(device)
+    values = torch.tensor([3000.0, 300.0, 30.0], device=device)
+
+    def augmented(images: torch.Tensor, first: int) -> torch.Tensor:
+        draws = draw_augmentation(torch.arange(len(images)) + first, 0, 0, resize_size, image_size, 0.1)
+        draws = {k: v.to(device, non_blocking=True) for k, v in draws.items()}
+        return augment(
+            images,
+            resize_size,
+            image_size,
+            draws,
+            False,
+            mean="pixel",
+            mean_image=mean_image,
+            channel_mean=mean_image.mean((1, 2)),
+            pca_noise_std=0.1,
+            rgb_eigenvalues=values,
+            rgb_eigenvectors=vectors,
+        )
+
+    return augmented
+
+
 def make_dataset(root: Path, count: int, long_side: tuple[int, int], seed: int = 0) -> dict:
     """``count`` JPEGs in the Kaggle layout (root/train/cat.N.jpg, dog.N.jpg); returns their sizes."""
     rng = np.random.default_rng(seed)
@@ -148,7 +179,6 @@ def per_core(count: int, batch_size: int, resize_size: int, image_size: int, tar
     """The host's cost per image of each stage, on one core, and the cores ``target`` images/s needs."""
     from torch.utils.data import DataLoader, RandomSampler
 
-    from towers.data.augment import augment, draw_augmentation
     from towers.data.files import ImageFiles
     from towers.data.shard_reader import StoreImages, collate_encoded, open_store
     from towers.data.store import index_images
@@ -211,25 +241,10 @@ def per_core(count: int, batch_size: int, resize_size: int, image_size: int, tar
             jpeg_psnr = 10 * np.log10(255**2 / mse)
 
             images = next(iter(loader(raw)))[0]
-            g = torch.Generator().manual_seed(0)
-            mean_image = torch.rand(3, resize_size, resize_size, generator=g) * 255
-            vectors = torch.linalg.qr(torch.randn(3, 3, generator=g))[0]
+            augmented = paper_augmentation(resize_size, image_size, torch.device("cpu"))
             n, start, cpu = 0, time.perf_counter(), time.process_time()
             while time.perf_counter() - start < 1.0:
-                draws = draw_augmentation(torch.arange(len(images)) + n, 0, 0, resize_size, image_size, 0.1)
-                augment(
-                    images,
-                    resize_size,
-                    image_size,
-                    draws,
-                    False,
-                    mean="pixel",
-                    mean_image=mean_image,
-                    channel_mean=mean_image.mean((1, 2)),
-                    pca_noise_std=0.1,
-                    rgb_eigenvalues=torch.tensor([3000.0, 300.0, 30.0]),
-                    rgb_eigenvectors=vectors,
-                )
+                augmented(images, n)
                 n += len(images)
             row(
                 "augmentation (CPU)",

@@ -164,8 +164,7 @@ def data_rows(args) -> list[dict]:
     import os
     import tempfile
 
-    from benchmarks.bench_data import make_dataset
-    from towers.data.augment import augment, draw_augmentation
+    from benchmarks.bench_data import make_dataset, paper_augmentation
     from towers.data.shard_reader import StoreImages, collate_encoded, decode_batch
     from towers.data.store import index_images
     from towers.model import TowerAlexNet
@@ -216,27 +215,10 @@ def data_rows(args) -> list[dict]:
         timed(f"(a) batched JPEG decode on {device.type}", lambda i: decode_batch(encoded, device), 2 if dry else 20)
 
         images = torch.stack([datasets["raw"][i][0] for i in range(batch)]).to(device)
-        g = torch.Generator().manual_seed(0)
-        mean_image = (torch.rand(3, resize, resize, generator=g) * 255).to(device)
-        vectors = torch.linalg.qr(torch.randn(3, 3, generator=g))[0].to(device)
-        values = torch.tensor([3000.0, 300.0, 30.0], device=device)
+        augment_batch = paper_augmentation(resize, size, device)
 
         def augmented(x, i):
-            draws = draw_augmentation(torch.arange(len(x)) + i * len(x), 0, 0, resize, size, 0.1)
-            draws = {k: v.to(device, non_blocking=True) for k, v in draws.items()}
-            return augment(
-                x,
-                resize,
-                size,
-                draws,
-                False,
-                mean="pixel",
-                mean_image=mean_image,
-                channel_mean=mean_image.mean((1, 2)),
-                pca_noise_std=0.1,
-                rgb_eigenvalues=values,
-                rgb_eigenvectors=vectors,
-            )
+            return augment_batch(x, i * len(x))
 
         timed(
             f"(b) augmentation on {device.type} (uint8 batch there)", lambda i: augmented(images, i), 2 if dry else 50
