@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from towers.data.shard_reader import StoreImages
 from towers.data.sources import FORMAT_OF_SUFFIX, find_images, link_problem  # noqa: F401  (re-exported)
 from towers.data.sources.catsdogs import CLASSES, KAGGLE_NAME  # noqa: F401  (re-exported)
 
@@ -149,22 +150,6 @@ class ImageFiles(Dataset):
         raise RuntimeError(f"no readable image left under {self.base}")
 
 
-class ImageStore(Dataset):
-    """The fast path: rows of the pre-resized store (:mod:`towers.data.shard_reader`), uint8 (3, R, R) each."""
-
-    def __init__(self, path: Path, rows: list[int], labels: list[int]):
-        self.path, self.rows, self.labels = path, rows, labels
-        self._array = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int):
-        if self._array is None:  # opened lazily, so each loader worker maps the file itself
-            from towers.data.shard_reader import open_store  # the sharded store (raw or JPEG), sizes checked
-
-            self._array = open_store(self.path, verify=False)
-        return torch.from_numpy(np.array(self._array[self.rows[index]])), self.labels[index], index
-
-    def __getstate__(self):
-        return {**self.__dict__, "_array": None}
+# The fast path's dataset: rows of the pre-resized store, uint8 (3, R, R) each, decoded on the CPU (its
+# one implementation, shared with the device-decode path, is towers.data.shard_reader.StoreImages).
+ImageStore = StoreImages

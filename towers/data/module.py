@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from towers.data.augment import Preprocessing, draw_augmentation
 from towers.data.download import obtain
-from towers.data.files import ImageFiles, ImageStore
+from towers.data.files import ImageFiles
 from towers.data.shard_reader import StoreImages, collate_encoded, decode_batch
 from towers.data.sources import OFFICIAL_TEST_PREFIX, Subset, find
 from towers.data.store import Size, index_images, split_files, training_statistics
@@ -299,7 +299,7 @@ class ImageDataModule(L.LightningDataModule):
             rows = [self.store_rows[f] for f, _ in files]
             if self._decode_on_device():
                 return StoreImages(self.store_path, rows, labels, decode="device")
-            return ImageStore(self.store_path, rows, labels)
+            return StoreImages(self.store_path, rows, labels)
         return ImageFiles(
             self.base, [f for f, _ in files], labels, self.hparams.resize_size, self.hparams.exif_transpose
         )
